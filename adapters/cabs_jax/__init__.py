@@ -1,0 +1,1 @@
+"""cabs_jax: placeholder package; the adapter lands with its issue."""

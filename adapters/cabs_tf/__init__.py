@@ -1,0 +1,1 @@
+"""cabs_tf: placeholder package; the adapter lands with its issue."""

@@ -1,0 +1,1 @@
+"""cabs_torch: placeholder package; the adapter lands with its issue."""

@@ -1,0 +1,48 @@
+"""cabs_core: Coupled Adaptive Batch Sizes (Balles, Romero, Hennig, UAI 2017),
+framework-agnostic.
+
+The core written against the Python Array API standard: the statistics an
+adapter delivers (:mod:`.stats`), estimators of tr(Sigma) (:mod:`.variance`),
+batch-size rules (:mod:`.rules`), the smoothed controller (:mod:`.controller`)
+and the batch sampler (:mod:`.sampler`). It imports no deep-learning framework.
+"""
+
+from .controller import CABSController, ControllerState, NonFiniteStatisticsError, StepInfo
+from .rules import (
+    cabs_batch_size,
+    discretise,
+    gradient_noise_scale,
+    inner_product_test_batch_size,
+    norm_test_batch_size,
+)
+from .sampler import SamplerState, epoch_permutation, next_batch, shard
+from .stats import BatchStats, ScalarStats, batch_stats_from_per_example, combine, reduce_stats, to_host
+from .variance import group_variance, inner_product_variance, two_pass_variance, within_batch_variance
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchStats",
+    "CABSController",
+    "ControllerState",
+    "NonFiniteStatisticsError",
+    "SamplerState",
+    "ScalarStats",
+    "StepInfo",
+    "batch_stats_from_per_example",
+    "cabs_batch_size",
+    "combine",
+    "discretise",
+    "epoch_permutation",
+    "gradient_noise_scale",
+    "group_variance",
+    "inner_product_test_batch_size",
+    "inner_product_variance",
+    "next_batch",
+    "norm_test_batch_size",
+    "reduce_stats",
+    "shard",
+    "to_host",
+    "two_pass_variance",
+    "within_batch_variance",
+]
