@@ -16,6 +16,7 @@ from .rules import (
     norm_test_batch_size,
 )
 from .sampler import SamplerState, epoch_permutation, next_batch, shard
+from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms
 from .stats import BatchStats, ScalarStats, batch_stats_from_per_example, combine, reduce_stats, to_host
 from .variance import group_variance, inner_product_variance, two_pass_variance, within_batch_variance
 
@@ -30,6 +31,9 @@ __all__ = [
     "ScalarStats",
     "StepInfo",
     "batch_stats_from_per_example",
+    "bias_sq_norms",
+    "embedding_sq_norms",
+    "linear_sq_norms",
     "cabs_batch_size",
     "combine",
     "discretise",
