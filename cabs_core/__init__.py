@@ -7,7 +7,7 @@ batch-size rules (:mod:`.rules`), the smoothed controller (:mod:`.controller`)
 and the batch sampler (:mod:`.sampler`). It imports no deep-learning framework.
 """
 
-from .controller import CABSController, ControllerState, NonFiniteStatisticsError, StepInfo
+from .controller import CABSController, ConfigError, ControllerState, NonFiniteStatisticsError, StepInfo
 from .rules import (
     cabs_batch_size,
     discretise,
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchStats",
     "CABSController",
+    "ConfigError",
     "ControllerState",
     "NonFiniteStatisticsError",
     "SamplerState",

@@ -31,6 +31,14 @@ Mode = Literal["paper", "reference"]
 _STATE_FORMAT = "cabs-controller-state/1"
 
 
+class ConfigError(ValueError):
+    """An invalid controller configuration; ``argument`` names the offending key."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
 class NonFiniteStatisticsError(FloatingPointError, ValueError):
     """A step's loss or gradient statistics are NaN or infinite."""
 
@@ -116,7 +124,7 @@ def _is_int(x: object) -> bool:
 
 def _finite_number(name: str, x: object) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {x!r}")
+        raise ConfigError(name, f"{name} must be a finite number, got {x!r}")
     return float(x)
 
 
@@ -151,54 +159,57 @@ class CABSController:
     def __post_init__(self) -> None:
         lr = _finite_number("lr", self.lr)
         if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+            raise ConfigError("lr", f"lr must be > 0, got {self.lr!r}")
         for name in ("bs_min", "bs_max"):
             if not _is_int(getattr(self, name)):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.bs_min < 1:
-            raise ValueError(f"bs_min must be >= 1, got {self.bs_min}")
+            raise ConfigError("bs_min", f"bs_min must be >= 1, got {self.bs_min}")
         if self.bs_min > self.bs_max:
-            raise ValueError(f"bs_min ({self.bs_min}) must be <= bs_max ({self.bs_max})")
+            raise ConfigError("bs_max", f"bs_min ({self.bs_min}) must be <= bs_max ({self.bs_max})")
         mu = _finite_number("mu", self.mu)
         if not 0.0 <= mu < 1.0:
-            raise ValueError(f"mu must lie in [0, 1), got {self.mu!r}")
+            raise ConfigError("mu", f"mu must lie in [0, 1), got {self.mu!r}")
         if _finite_number("c", self.c) <= 0:
-            raise ValueError(f"c must be > 0, got {self.c!r}")
+            raise ConfigError("c", f"c must be > 0, got {self.c!r}")
         if _finite_number("eps", self.eps) < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+            raise ConfigError("eps", f"eps must be >= 0, got {self.eps!r}")
         _finite_number("loss_floor", self.loss_floor)
         if self.mode not in ("paper", "reference"):
-            raise ValueError(f"mode must be 'paper' or 'reference', got {self.mode!r}")
+            raise ConfigError("mode", f"mode must be 'paper' or 'reference', got {self.mode!r}")
         if self.bs_init is not None and (
             not _is_int(self.bs_init) or not self.bs_min <= self.bs_init <= self.bs_max
         ):
-            raise ValueError(
+            raise ConfigError(
+                "bs_init",
                 f"bs_init must be an integer in [bs_min, bs_max] = [{self.bs_min}, {self.bs_max}], "
                 f"got {self.bs_init!r}"
             )
         if self.multiple_of is not None:
             k = self.multiple_of
             if not _is_int(k) or k < 1:
-                raise ValueError(f"multiple_of must be an integer >= 1, got {k!r}")
+                raise ConfigError("multiple_of", f"multiple_of must be an integer >= 1, got {k!r}")
             if self.bs_max // k * k < self.bs_min:
-                raise ValueError(
+                raise ConfigError(
+                    "multiple_of",
                     f"multiple_of={k} has no multiple in [bs_min, bs_max] = [{self.bs_min}, {self.bs_max}]"
                 )
         if self.buckets is not None:
             b = self.buckets
             if self.multiple_of is not None:
-                raise ValueError("buckets and multiple_of exclude each other; give one")
+                raise ConfigError("buckets", "buckets and multiple_of exclude each other; give one")
             if isinstance(b, (str, bytes)) or not isinstance(b, Sequence) or len(b) == 0:
-                raise ValueError(f"buckets must be a non-empty sequence of integers, got {b!r}")
+                raise ConfigError("buckets", f"buckets must be a non-empty sequence of integers, got {b!r}")
             if not all(_is_int(q) for q in b) or any(q2 <= q1 for q1, q2 in zip(b, b[1:])):
-                raise ValueError(f"buckets must be strictly increasing integers, got {b!r}")
+                raise ConfigError("buckets", f"buckets must be strictly increasing integers, got {b!r}")
             if b[0] < self.bs_min or b[-1] > self.bs_max:
-                raise ValueError(
+                raise ConfigError(
+                    "buckets",
                     f"buckets must lie in [bs_min, bs_max] = [{self.bs_min}, {self.bs_max}], got {b!r}"
                 )
             object.__setattr__(self, "buckets", tuple(int(q) for q in b))
         if self.nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
+            raise ConfigError("nonfinite", f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
 
     @property
     def ddof(self) -> int:
