@@ -8,6 +8,7 @@ and the batch sampler (:mod:`.sampler`). It imports no deep-learning framework.
 """
 
 from .controller import CABSController, ConfigError, ControllerState, NonFiniteStatisticsError, StepInfo
+from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms
 from .rules import (
     cabs_batch_size,
     discretise,
@@ -16,7 +17,6 @@ from .rules import (
     norm_test_batch_size,
 )
 from .sampler import SamplerState, epoch_permutation, next_batch, shard
-from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms
 from .stats import BatchStats, ScalarStats, batch_stats_from_per_example, combine, reduce_stats, to_host
 from .variance import group_variance, inner_product_variance, two_pass_variance, within_batch_variance
 

@@ -21,11 +21,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Literal
+from typing import Any, Literal
+
+import numpy as np
 
 from .rules import cabs_batch_size, discretise
 from .stats import BatchStats, ScalarStats, reduce_stats, to_host
-import numpy as np
 
 Mode = Literal["paper", "reference"]
 _STATE_FORMAT = "cabs-controller-state/1"
@@ -79,7 +80,7 @@ class ControllerState:
         if d.get("format") != _STATE_FORMAT:
             raise ValueError(f"not a controller state (format {d.get('format')!r}, expected {_STATE_FORMAT!r})")
         kinds = {"xi_avg": float, "loss_avg": float}
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in d:
                 raise ValueError(f"controller state is missing {f.name!r}")
@@ -177,13 +178,11 @@ class CABSController:
         _finite_number("loss_floor", self.loss_floor)
         if self.mode not in ("paper", "reference"):
             raise ConfigError("mode", f"mode must be 'paper' or 'reference', got {self.mode!r}")
-        if self.bs_init is not None and (
-            not _is_int(self.bs_init) or not self.bs_min <= self.bs_init <= self.bs_max
-        ):
+        if self.bs_init is not None and (not _is_int(self.bs_init) or not self.bs_min <= self.bs_init <= self.bs_max):
             raise ConfigError(
                 "bs_init",
                 f"bs_init must be an integer in [bs_min, bs_max] = [{self.bs_min}, {self.bs_max}], "
-                f"got {self.bs_init!r}"
+                f"got {self.bs_init!r}",
             )
         if self.multiple_of is not None:
             k = self.multiple_of
@@ -192,7 +191,7 @@ class CABSController:
             if self.bs_max // k * k < self.bs_min:
                 raise ConfigError(
                     "multiple_of",
-                    f"multiple_of={k} has no multiple in [bs_min, bs_max] = [{self.bs_min}, {self.bs_max}]"
+                    f"multiple_of={k} has no multiple in [bs_min, bs_max] = [{self.bs_min}, {self.bs_max}]",
                 )
         if self.buckets is not None:
             b = self.buckets
@@ -204,8 +203,7 @@ class CABSController:
                 raise ConfigError("buckets", f"buckets must be strictly increasing integers, got {b!r}")
             if b[0] < self.bs_min or b[-1] > self.bs_max:
                 raise ConfigError(
-                    "buckets",
-                    f"buckets must lie in [bs_min, bs_max] = [{self.bs_min}, {self.bs_max}], got {b!r}"
+                    "buckets", f"buckets must lie in [bs_min, bs_max] = [{self.bs_min}, {self.bs_max}], got {b!r}"
                 )
             object.__setattr__(self, "buckets", tuple(int(q) for q in b))
         if self.nonfinite not in ("raise", "skip"):
@@ -223,9 +221,7 @@ class CABSController:
             step=0, updates=0, xi_avg=0.0, loss_avg=0.0 if self.mode == "paper" else 1.0, batch_size=bs
         )
 
-    def update(
-        self, state: ControllerState, stats: BatchStats | ScalarStats
-    ) -> tuple[ControllerState, StepInfo]:
+    def update(self, state: ControllerState, stats: BatchStats | ScalarStats) -> tuple[ControllerState, StepInfo]:
         """One step: fold this batch's statistics into the averages and decide
         the next batch size. Pure: ``state`` is not modified."""
         s = reduce_stats(stats) if isinstance(stats, BatchStats) else stats

@@ -67,7 +67,9 @@ def embedding_sq_norms(tokens: Array, b: Array) -> Array:
     rows. Rows hit by equal ids add up: ||g_i||^2 = sum_{t,s} [id_it = id_is] (b_it . b_is).
     """
     if tokens.ndim != 2 or b.ndim != 3 or tokens.shape != b.shape[:2]:
-        raise ValueError(f"expected tokens (m, T) and gradients (m, T, q), got {tuple(tokens.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"expected tokens (m, T) and gradients (m, T, q), got {tuple(tokens.shape)} and {tuple(b.shape)}"
+        )
     xp = array_namespace(tokens, b)
     m, t = tokens.shape
     same = xp.astype(tokens[:, :, None] == tokens[:, None, :], b.dtype)  # (m, T, T)

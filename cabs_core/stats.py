@@ -70,9 +70,7 @@ def reduce_stats(stats: BatchStats) -> ScalarStats:
 def combine(a: BatchStats, b: BatchStats) -> BatchStats:
     """Statistics of the union of two disjoint batches (micro-batches, workers)."""
     if len(a.grad_sum) != len(b.grad_sum):
-        raise ValueError(
-            f"cannot combine statistics over {len(a.grad_sum)} and {len(b.grad_sum)} parameters"
-        )
+        raise ValueError(f"cannot combine statistics over {len(a.grad_sum)} and {len(b.grad_sum)} parameters")
     return BatchStats(
         a.count + b.count,
         a.loss_sum + b.loss_sum,
@@ -81,9 +79,7 @@ def combine(a: BatchStats, b: BatchStats) -> BatchStats:
     )
 
 
-def batch_stats_from_per_example(
-    losses: Array, grads: Sequence[Array], weights: Array | None = None
-) -> BatchStats:
+def batch_stats_from_per_example(losses: Array, grads: Sequence[Array], weights: Array | None = None) -> BatchStats:
     """:class:`BatchStats` from per-example losses ``(m,)`` and gradients.
 
     ``grads`` holds one array per parameter, each with a leading example axis
@@ -97,10 +93,7 @@ def batch_stats_from_per_example(
     m = losses.shape[0]
     for k, g in enumerate(grads):
         if g.ndim < 1 or g.shape[0] != m:
-            raise ValueError(
-                f"grads[{k}] must have a leading example axis of length {m}, "
-                f"got shape {tuple(g.shape)}"
-            )
+            raise ValueError(f"grads[{k}] must have a leading example axis of length {m}, got shape {tuple(g.shape)}")
     if not grads:
         raise ValueError("grads must hold at least one parameter's per-example gradients")
     w = xp.ones_like(losses) if weights is None else xp.astype(weights, losses.dtype)
@@ -122,6 +115,7 @@ def to_host(stats: ScalarStats) -> tuple[float, float, float, float]:
     objects (NumPy scalars, Python numbers, TensorFlow eager tensors) go
     through ``numpy.asarray``.
     """
+    host: Any
     try:
         xp = array_namespace(*stats)
     except TypeError:

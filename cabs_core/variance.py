@@ -43,9 +43,7 @@ def _weighted_sq_dev(arrays: Sequence[Array], weights: Array) -> Array:
     out = xp.zeros((), dtype=arrays[0].dtype)
     for a in arrays:
         if a.ndim < 1 or a.shape[0] != k:
-            raise ValueError(
-                f"every array needs a leading axis of length {k}, got shape {tuple(a.shape)}"
-            )
+            raise ValueError(f"every array needs a leading axis of length {k}, got shape {tuple(a.shape)}")
         w = xp.reshape(xp.astype(weights, a.dtype), (k,) + (1,) * (a.ndim - 1))
         mean = xp.sum(w * a, axis=0) / total
         d = a - mean
@@ -53,9 +51,7 @@ def _weighted_sq_dev(arrays: Sequence[Array], weights: Array) -> Array:
     return out
 
 
-def two_pass_variance(
-    grads: Sequence[Array], ddof: int = 1, weights: Array | None = None
-) -> Array:
+def two_pass_variance(grads: Sequence[Array], ddof: int = 1, weights: Array | None = None) -> Array:
     """1/(m - ddof) * sum_i ||g_i - g_bar||^2 from per-example gradients.
 
     ``grads``: one array per parameter with a leading example axis of length

@@ -23,13 +23,14 @@ Layout of this file:
 * ``build_*`` functions -- one per vector (or family of vectors).
 * ``encode`` / ``write_vector`` / ``main`` -- JSON output and final checks.
 
-Run:  ``python conformance/generate_vectors.py``
+Run:  ``python conformance/generate_vectors.py [OUT_DIR]``
 """
 
 import json
 import math
 import os
 import random
+import sys
 
 FORMAT = "cabs-conformance/1"
 TOLERANCE = {"rtol": 1e-12, "atol": 0.0}
@@ -786,9 +787,9 @@ def encode(value):
     return value
 
 
-def write_vector(vector):
+def write_vector(vector, out_dir=OUT_DIR):
     text = json.dumps(encode(vector), indent=1, sort_keys=True, allow_nan=False)
-    path = os.path.join(OUT_DIR, vector["name"] + ".json")
+    path = os.path.join(out_dir, vector["name"] + ".json")
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write(text + "\n")
     return path
@@ -816,7 +817,10 @@ def check_vector(vector):
             assert e["clamped"] == (s["sq_norm_sum"] < g2m)
 
 
-def main():
+def main(argv=None):
+    """``generate_vectors.py [OUT_DIR]``: write every vector (default: the package's folder)."""
+    argv = sys.argv[1:] if argv is None else argv
+    out_dir = argv[0] if argv else OUT_DIR
     vectors = []
     vectors += build_main_vectors()
     vectors += build_small_count()
@@ -827,11 +831,11 @@ def main():
     vectors += build_samplers()
     names = [v["name"] for v in vectors]
     assert len(names) == len(set(names))
-    os.makedirs(OUT_DIR, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     for vector in vectors:
         if vector["kind"] == "controller":
             check_vector(vector)
-        path = write_vector(vector)
+        path = write_vector(vector, out_dir)
         n = len(vector["steps"] if vector["kind"] == "controller" else vector["expect"])
         print(f"{os.path.relpath(path)}: {n} steps")
 

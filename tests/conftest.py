@@ -8,6 +8,7 @@ way array-api-extra parametrises over ``xp``. Each nox session selects its own.
 from __future__ import annotations
 
 import importlib.util
+
 import pytest
 from cabs_conformance.backends import get_backend
 from hypothesis import HealthCheck, settings

@@ -17,7 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--backend", choices=BACKENDS, default="numpy", help="array library (default: numpy)")
     p.add_argument(
-        "--vectors", nargs="+", type=Path, metavar="FILE",
+        "--vectors",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
         help="vector files or folders of *.json (default: the vectors shipped with this package)",
     )
     args = p.parse_args(argv)

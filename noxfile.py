@@ -1,0 +1,95 @@
+"""Test sessions, one virtual environment each: ``python3 dev.py test`` runs them all.
+
+numpy, array_api_strict, torch, jax, tensorflow: the core tests on that
+library's arrays, plus the framework's adapter tests (run in a separate
+pytest process, so that the core tests' float64 settings don't leak).
+conformance: every backend in one environment, the vectors through each.
+lint: ruff, and mypy on cabs_core. demo: the README's demo.
+All installs are pinned by constraints.txt (CPU builds of the frameworks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "numpy", "array_api_strict", "torch", "jax", "tensorflow", "conformance"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+PYTHON = None  # the interpreter nox runs on (>= 3.10)
+CONSTRAINTS = ("-c", "constraints.txt")
+PYTEST = ("python", "-m", "pytest", "-p", "no:cacheprovider", "--import-mode=importlib", "-q")
+BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "tensorflow")
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    session.install(*CONSTRAINTS, f".[{extras}]")
+
+
+def _adapter_tests(session: nox.Session, folder: str) -> None:
+    """Run an adapter's tests when its folder has any (they land with their issues)."""
+    if any(Path("tests", folder).glob("test_*.py")):
+        session.run(*PYTEST, f"tests/{folder}", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def numpy(session: nox.Session) -> None:
+    """Core tests on NumPy arrays, plus the conformance runner's own tests."""
+    _install(session, "dev")
+    session.run(*PYTEST, "tests/core", "tests/conformance", "--backends=numpy", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def array_api_strict(session: nox.Session) -> None:
+    """Core tests on array-api-strict: catches anything outside the standard."""
+    _install(session, "dev")
+    session.run(*PYTEST, "tests/core", "--backends=array_api_strict", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def torch(session: nox.Session) -> None:
+    """Core tests on torch tensors, then the PyTorch adapter's tests."""
+    _install(session, "torch,dev")
+    session.run(*PYTEST, "tests/core", "--backends=torch", *session.posargs)
+    _adapter_tests(session, "adapter_torch")
+
+
+@nox.session(python=PYTHON)
+def jax(session: nox.Session) -> None:
+    """Core tests on jax arrays (float64), then the JAX adapter's tests."""
+    _install(session, "jax,dev")
+    session.run(*PYTEST, "tests/core", "--backends=jax", *session.posargs)
+    _adapter_tests(session, "adapter_jax")
+
+
+@nox.session(python=PYTHON)
+def tensorflow(session: nox.Session) -> None:
+    """How TensorFlow values reach the core (no Array API namespace), then the TF adapter's tests."""
+    _install(session, "tf,dev")
+    session.run(*PYTEST, "tests/interop_tf", *session.posargs)
+    _adapter_tests(session, "adapter_tf")
+
+
+@nox.session(python=PYTHON)
+def conformance(session: nox.Session) -> None:
+    """All frameworks in one environment: every vector through every backend."""
+    _install(session, "all,dev")
+    for backend in BACKENDS:
+        session.run("python", "-m", "cabs_conformance", "--backend", backend)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff on everything, mypy on the core."""
+    session.install(*CONSTRAINTS, "ruff", "mypy", "numpy", "array-api-compat")
+    session.run("ruff", "check", ".")
+    session.run("mypy", "cabs_core")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The README's demo: CABS on a least-squares problem, NumPy backend."""
+    _install(session, "dev")
+    session.run("python", "examples/least_squares.py", *session.posargs)

@@ -1,0 +1,170 @@
+"""The batch sampler (host NumPy indices) and the batch-size rules (every backend)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cabs_core import (
+    SamplerState,
+    cabs_batch_size,
+    discretise,
+    epoch_permutation,
+    gradient_noise_scale,
+    inner_product_test_batch_size,
+    next_batch,
+    norm_test_batch_size,
+    shard,
+)
+
+MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """Python-int transcription of conformance/README.md, independent of NumPy."""
+    z = (x + 0x9E3779B97F4A7C15) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("seed,epoch,n", [(0, 0, 10), (123, 4, 57), (2**64 - 1, 2, 33)])
+def test_permutation_is_the_documented_keyed_sort(seed, epoch, n):
+    base = _splitmix64((_splitmix64(seed) + epoch) & MASK)
+    keys = [_splitmix64((base + i) & MASK) for i in range(n)]
+    expected = sorted(range(n), key=lambda i: (keys[i], i))
+    assert epoch_permutation(seed, epoch, n).tolist() == expected
+
+
+def test_splitmix64_known_outputs():
+    # the first outputs of the SplitMix64 generator seeded with 0
+    assert _splitmix64(0) == 0xE220A8397B1DCDAF
+    assert _splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
+
+
+@given(
+    n=st.integers(1, 60), seed=st.integers(0, 2**64 - 1), sizes=st.lists(st.integers(1, 50), min_size=1, max_size=40)
+)
+def test_every_example_once_per_epoch(n, seed, sizes):
+    state, stream = SamplerState(n, seed), []
+    for b in sizes:
+        idx, state = next_batch(state, b)
+        assert len(idx) == b and idx.dtype == np.int64
+        stream.extend(idx.tolist())
+    assert state.examples_seen == sum(sizes) and state.epoch == sum(sizes) / n
+    for e in range(len(stream) // n):
+        assert sorted(stream[e * n : (e + 1) * n]) == list(range(n))
+    tail = stream[(len(stream) // n) * n :]
+    assert len(set(tail)) == len(tail)  # a partial epoch repeats nothing
+
+
+@given(seed=st.integers(0, 2**32), sizes=st.lists(st.integers(1, 30), min_size=2, max_size=20), cut=st.integers(1, 19))
+def test_reproducible_from_seed_and_from_restored_state(seed, sizes, cut):
+    cut = min(cut, len(sizes) - 1)
+    a = b = SamplerState(25, seed)
+    first = []
+    for s in sizes:
+        idx, a = next_batch(a, s)
+        first.append(idx.tolist())
+    for s in sizes[:cut]:
+        _, b = next_batch(b, s)
+    b = SamplerState.from_dict(dict(b.to_dict()))
+    rest = []
+    for s in sizes[cut:]:
+        idx, b = next_batch(b, s)
+        rest.append(idx.tolist())
+    assert rest == first[cut:]
+
+
+def test_different_seeds_give_different_orders():
+    assert epoch_permutation(1, 0, 100).tolist() != epoch_permutation(2, 0, 100).tolist()
+    assert epoch_permutation(1, 0, 100).tolist() != epoch_permutation(1, 1, 100).tolist()
+
+
+@given(b=st.integers(0, 100), w=st.integers(1, 9))
+def test_shards_partition_the_batch_evenly(b, w):
+    idx = np.arange(b) * 3
+    parts = [shard(idx, w, r) for r in range(w)]
+    assert np.concatenate(parts).tolist() == idx.tolist()
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert [len(p) for p in parts] == sorted((len(p) for p in parts), reverse=True)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: SamplerState(0), "num_examples"),
+        (lambda: SamplerState(10, -1), "seed"),
+        (lambda: SamplerState(10, 2**64), "seed"),
+        (lambda: next_batch(SamplerState(10), 0), "batch_size"),
+        (lambda: next_batch(SamplerState(10), 2.5), "batch_size"),
+        (lambda: shard(np.arange(4), 0, 0), "world_size"),
+        (lambda: shard(np.arange(4), 2, 2), "rank"),
+        (lambda: SamplerState.from_dict({"format": "x"}), "not a sampler state"),
+    ],
+)
+def test_sampler_errors_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_rules_by_hand(xb):
+    a = xb.asarray
+    assert float(xb.to_numpy(cabs_batch_size(0.1, a(np.float64(50.0)), a(np.float64(2.0))))) == pytest.approx(2.5)
+    assert float(
+        xb.to_numpy(cabs_batch_size(0.1, a(np.float64(50.0)), a(np.float64(2.0)), c=2.0, loss_floor=1.0, eps=0.25))
+    ) == pytest.approx(10 / 1.25)
+    assert float(xb.to_numpy(cabs_batch_size(0.1, a(np.float64(50.0)), a(np.float64(1.0)), loss_floor=1.0))) == math.inf
+    # norm test: xi / (theta^2 ||g||^2) = 8 / (0.25 * 4)
+    assert float(xb.to_numpy(norm_test_batch_size(a(np.float64(8.0)), a(np.float64(4.0)), 0.5))) == pytest.approx(8.0)
+    # inner product test: 8 / (0.25 * 16)
+    assert float(
+        xb.to_numpy(inner_product_test_batch_size(a(np.float64(8.0)), a(np.float64(4.0)), 0.5))
+    ) == pytest.approx(2.0)
+    # noise scale: 10 / (3 - 10/10) = 5; and +inf when ||g||^2 <= xi / m
+    assert float(
+        xb.to_numpy(gradient_noise_scale(a(np.float64(10.0)), a(np.float64(3.0)), a(np.float64(10.0))))
+    ) == pytest.approx(5.0)
+    assert (
+        float(xb.to_numpy(gradient_noise_scale(a(np.float64(10.0)), a(np.float64(1.0)), a(np.float64(10.0)))))
+        == math.inf
+    )
+
+
+def test_rules_are_elementwise(xb):
+    v = xb.asarray(np.array([1.0, 2.0, 3.0]))
+    loss = xb.asarray(np.array([1.0, 0.0, 2.0]))
+    np.testing.assert_allclose(xb.to_numpy(cabs_batch_size(1.0, v, loss)), [1.0, math.inf, 1.5])
+
+
+@pytest.mark.parametrize(
+    "raw,kw,expected",
+    [
+        (16.5, {}, 16),
+        (17.5, {}, 18),
+        (2.0, {}, 16),
+        (math.inf, {}, 2048),
+        (1e300, {}, 2048),
+        (33.0, {"multiple_of": 32}, 64),
+        (2040.0, {"multiple_of": 1000}, 2000),
+        (40.0, {"buckets": (16, 48, 100)}, 48),
+        (150.0, {"buckets": (16, 48, 100)}, 100),
+    ],
+)
+def test_discretise_by_hand(raw, kw, expected):
+    assert discretise(raw, 16, 2048, **kw) == expected
+
+
+@given(raw=st.floats(0, 1e5), k=st.integers(1, 64))
+def test_discretise_monotone_and_bounded(raw, k):
+    lo, hi = discretise(raw, 16, 4096, multiple_of=k), discretise(raw * 1.5 + 1, 16, 4096, multiple_of=k)
+    assert 16 <= lo <= hi <= 4096 and lo % k == 0
+
+
+def test_discretise_refuses_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        discretise(math.nan, 16, 32)
