@@ -476,6 +476,16 @@ def dyadic_grad(rng, dims, scale=1):
     return [[rng.randint(-8, 8) * 0.125 * scale for _ in range(d)] for d in dims]
 
 
+def tiny_batch_stats(count, rng, dims, loss_sum):
+    """Statistics of a batch of 0 examples (all zero) or of 1 example with a
+    dyadic gradient, so that S - G2 is exactly 0."""
+    if count == 0:
+        return {"count": 0, "loss_sum": 0.0,
+                "grad_sum": [[0.0] * d for d in dims], "sq_norm_sum": 0.0}
+    g = dyadic_grad(rng, dims)
+    return {"count": 1, "loss_sum": loss_sum, "grad_sum": g, "sq_norm_sum": sum_sq(g)}
+
+
 def build_small_count():
     rng = random.Random(201)
     dims = (2, 3)
@@ -487,13 +497,8 @@ def build_small_count():
     steps = []
     plan = [0, 1, 0, "n", "n", 1, "n", 0, "n", "n", 1, 1, "n", 0, "n", "n"]
     for t, kind in enumerate(plan):
-        if kind == 0:
-            stats = {"count": 0, "loss_sum": 0.0,
-                     "grad_sum": [[0.0] * d for d in dims], "sq_norm_sum": 0.0}
-        elif kind == 1:
-            g = dyadic_grad(rng, dims)
-            stats = {"count": 1, "loss_sum": 1.75, "grad_sum": g,
-                     "sq_norm_sum": sum_sq(g)}
+        if kind in (0, 1):
+            stats = tiny_batch_stats(kind, rng, dims, 1.75)
         else:
             loss = loss_curve(t, len(plan), rng)
             xi = raw_target(t, len(plan), rng, 20, 3000) * loss / cfg["lr"]
@@ -514,13 +519,8 @@ def build_small_count():
     steps = []
     plan = [0, 1, "n", 1, 0, "n", 2, "n", 1, "n", 0, 0, "n", 1, "n", 3]
     for t, kind in enumerate(plan):
-        if kind == 0:
-            stats = {"count": 0, "loss_sum": 0.0,
-                     "grad_sum": [[0.0] * d for d in dims], "sq_norm_sum": 0.0}
-        elif kind == 1:
-            g = dyadic_grad(rng, dims)
-            stats = {"count": 1, "loss_sum": 2.25, "grad_sum": g,
-                     "sq_norm_sum": sum_sq(g)}
+        if kind in (0, 1):
+            stats = tiny_batch_stats(kind, rng, dims, 2.25)
         else:
             count = ctrl.batch_size if kind == "n" else kind
             loss = loss_curve(t, len(plan), rng)
