@@ -8,7 +8,7 @@ and the batch sampler (:mod:`.sampler`). It imports no deep-learning framework.
 """
 
 from .controller import CABSController, ConfigError, ControllerState, NonFiniteStatisticsError, StepInfo
-from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms
+from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_sq_norms
 from .rules import (
     cabs_batch_size,
     discretise,
@@ -46,6 +46,7 @@ __all__ = [
     "next_batch",
     "norm_test_batch_size",
     "reduce_stats",
+    "scale_sq_norms",
     "shard",
     "to_host",
     "two_pass_variance",

@@ -75,3 +75,16 @@ def embedding_sq_norms(tokens: Array, b: Array) -> Array:
     same = xp.astype(tokens[:, :, None] == tokens[:, None, :], b.dtype)  # (m, T, T)
     gb = xp.matmul(b, xp.permute_dims(b, (0, 2, 1)))
     return xp.sum(xp.reshape(same * gb, (m, t * t)), axis=1)
+
+
+def scale_sq_norms(xhat: Array, b: Array) -> Array:
+    """||sum_t xhat_it * b_it||^2 per example: the gain gamma of a normalisation
+    layer ``y = xhat * gamma + beta`` (elementwise over q), shapes (m, T, q);
+    the shift beta is :func:`bias_sq_norms`."""
+    if xhat.ndim != 3 or b.ndim != 3 or xhat.shape != b.shape:
+        raise ValueError(
+            f"expected normalised inputs and output gradients (m, T, q), got {tuple(xhat.shape)} and {tuple(b.shape)}"
+        )
+    xp = array_namespace(xhat, b)
+    s = xp.sum(xhat * b, axis=1)
+    return xp.sum(s * s, axis=1)

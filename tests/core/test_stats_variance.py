@@ -19,7 +19,7 @@ from cabs_core import (
     two_pass_variance,
     within_batch_variance,
 )
-from cabs_core.per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms
+from cabs_core.per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_sq_norms
 
 SHAPES = [(3,), (2, 2)]  # two parameters: a vector and a matrix
 
@@ -212,3 +212,10 @@ def test_embedding_sq_norms_against_loop(xb):
         expected.append(float(np.sum(table**2)))
     got = embedding_sq_norms(xb.asarray(tokens), xb.asarray(b))
     np.testing.assert_allclose(xb.to_numpy(got), expected, rtol=1e-12)
+
+
+def test_scale_sq_norms_against_loop(xb):
+    rng = np.random.default_rng(9)
+    xhat, b = rng.normal(size=(3, 4, 5)), rng.normal(size=(3, 4, 5))
+    expected = [float(np.sum(sum(xhat[i, t] * b[i, t] for t in range(4)) ** 2)) for i in range(3)]
+    np.testing.assert_allclose(xb.to_numpy(scale_sq_norms(xb.asarray(xhat), xb.asarray(b))), expected, rtol=1e-12)
