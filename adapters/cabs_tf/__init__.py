@@ -1,1 +1,33 @@
-"""cabs_tf: placeholder package; the adapter lands with its issue."""
+"""cabs_tf: CABS (Balles, Romero, Hennig, UAI 2017) for TensorFlow 2 and Keras 3.
+
+- :class:`StatsStep`: the per-step statistics of SPEC section 4 (exact
+  per-example squared gradient norms) for a Keras model or a list of
+  variables, as one float64 vector ``[m, sum l_i, S, ||sum g_i||^2]``.
+- :class:`CABSTrainer` / :func:`fit`: SGD with the CABS controller, bucketed
+  shapes (one trace per bucket), checkpoint/resume.
+- :class:`DecisionBatches`: batches whose size follows the decisions (also as
+  a ``tf.data.Dataset``).
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_shift_sq_norms  # noqa: E402
+from .stats import PforFallbackWarning, StatsStep, UnsupportedLayerError  # noqa: E402
+from .training import CABSTrainer, DecisionBatches, bucket_for, default_buckets, fit  # noqa: E402
+
+__all__ = [
+    "CABSTrainer",
+    "DecisionBatches",
+    "bucket_for",
+    "default_buckets",
+    "fit",
+    "PforFallbackWarning",
+    "StatsStep",
+    "UnsupportedLayerError",
+    "bias_sq_norms",
+    "embedding_sq_norms",
+    "linear_sq_norms",
+    "scale_shift_sq_norms",
+]

@@ -1,0 +1,215 @@
+"""Training with CABS: batches whose size follows the decisions, the SGD step,
+bucketed shapes and checkpoint/resume.
+
+One step (Balles et al. 2017, Algorithm 1):
+
+    indices <- sampler.next_batch(m_t)            (host, cabs_core sampler)
+    pad to the bucket >= m_t, mask w = 1 for the m_t real examples
+    grad_sum, v <- StatsStep(x, y, w)             (device, one tf.function per bucket)
+    theta <- theta - lr * grad_sum / m_t          (the current batch's mean gradient)
+    m_{t+1} <- controller.update(ScalarStats.from_vector(v.numpy()))   (one host copy)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cabs_core import CABSController, ControllerState, SamplerState, ScalarStats, StepInfo, next_batch
+
+from .stats import Method, StatsStep
+
+_TRAINER_FORMAT = "cabs-tf-trainer/1"
+
+
+def default_buckets(bs_min: int, bs_max: int) -> tuple[int, ...]:
+    """Padded batch sizes when the controller has no ``buckets``: bs_min and the
+    powers of two above it, up to bs_max (so at most ~log2(bs_max / bs_min) + 2 traces)."""
+    out, b = [bs_min], 1
+    while b < bs_max:
+        b *= 2
+        if bs_min < b < bs_max:
+            out.append(b)
+    if bs_max > bs_min:
+        out.append(bs_max)
+    return tuple(out)
+
+
+def bucket_for(batch_size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= batch_size (the padded size)."""
+    for b in buckets:
+        if b >= batch_size:
+            return int(b)
+    raise ValueError(f"batch size {batch_size} exceeds the largest bucket {buckets[-1]}")
+
+
+def _take(data: Any, idx: np.ndarray) -> Any:
+    return tf.nest.map_structure(lambda a: np.take(a, idx, axis=0), data)
+
+
+class DecisionBatches:
+    """Batches ``(x, y, mask)`` of in-memory data drawn by the core's sampler.
+
+    ``next(batch_size)`` returns the next ``batch_size`` examples of the
+    sampler's stream, padded to the smallest of ``buckets`` >= batch_size
+    (padding repeats the batch's first example with mask 0, so it is finite
+    and changes none of the statistics). ``x``/``y`` are arrays or nests of
+    arrays with a leading example axis.
+    """
+
+    def __init__(
+        self, x: Any, y: Any, *, buckets: Sequence[int] | None = None, seed: int = 0, mask_dtype: str = "float32"
+    ) -> None:
+        sizes = {len(a) for a in tf.nest.flatten((x, y))}
+        if len(sizes) != 1:
+            raise ValueError(f"x and y must have the same number of examples, got sizes {sorted(sizes)}")
+        self.x, self.y = x, y
+        self.buckets = tuple(buckets) if buckets else None
+        self.sampler = SamplerState(sizes.pop(), seed)
+        self.mask_dtype = mask_dtype
+
+    def next(self, batch_size: int) -> tuple[Any, Any, np.ndarray]:
+        idx, self.sampler = next_batch(self.sampler, batch_size)
+        size = bucket_for(batch_size, self.buckets) if self.buckets else batch_size
+        idx = np.concatenate([idx, np.full(size - batch_size, idx[0], dtype=idx.dtype)])
+        mask = np.zeros(size, dtype=self.mask_dtype)
+        mask[:batch_size] = 1
+        return _take(self.x, idx), _take(self.y, idx), mask
+
+    def dataset(self, batch_size: Callable[[], int]) -> tf.data.Dataset:
+        """An endless ``tf.data.Dataset`` of ``(x, y, mask)`` whose batch size is
+        ``batch_size()`` at the moment each batch is drawn (pass e.g.
+        ``lambda: trainer.state.batch_size``). No prefetching: the next size is
+        decided by the step that consumes the current batch."""
+
+        def spec(a: np.ndarray) -> tf.TensorSpec:
+            return tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype))
+
+        def gen() -> Iterator[tuple[Any, Any, np.ndarray]]:
+            while True:
+                yield self.next(int(batch_size()))
+
+        sig = (tf.nest.map_structure(spec, self.x), tf.nest.map_structure(spec, self.y),
+               tf.TensorSpec((None,), tf.as_dtype(self.mask_dtype)))
+        ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+        opts = tf.data.Options()
+        opts.autotune.enabled = False
+        opts.experimental_optimization.inject_prefetch = False
+        return ds.with_options(opts)
+
+
+class CABSTrainer:
+    """SGD with CABS batch sizes on in-memory data.
+
+    ``target``, ``loss``, ``method``, ``chunk_size``: as :class:`StatsStep`.
+    ``controller``: a :class:`cabs_core.CABSController` (its ``lr`` is the SGD
+    learning rate). Shapes are padded to ``controller.buckets`` if set, else
+    to :func:`default_buckets`: at most one trace per bucket.
+    """
+
+    def __init__(
+        self,
+        target: keras.Layer | Sequence[tf.Variable],
+        loss: Callable[..., tf.Tensor],
+        controller: CABSController,
+        x: Any,
+        y: Any,
+        *,
+        method: Method = "auto",
+        chunk_size: int = 32,
+        seed: int = 0,
+        buckets: Sequence[int] | None = None,
+    ) -> None:
+        self.stats = StatsStep(target, loss, method=method, chunk_size=chunk_size)
+        self.controller = controller
+        self.state: ControllerState = controller.init()
+        dtype = tf.as_dtype(self.stats.variables[0].dtype).name
+        self.buckets = tuple(buckets or controller.buckets or default_buckets(controller.bs_min, controller.bs_max))
+        if self.buckets[-1] < controller.bs_max:
+            raise ValueError(f"buckets must reach bs_max = {controller.bs_max}, got {self.buckets}")
+        self.batches = DecisionBatches(x, y, buckets=self.buckets, seed=seed, mask_dtype=dtype)
+        self.trace_count = 0
+        self._step = tf.function(self._train_step)
+
+    def _train_step(self, x: Any, y: Any, mask: tf.Tensor) -> tf.Tensor:
+        self.trace_count += 1  # Python side effect: runs once per trace
+        grads, vec = self.stats(x, y, mask)
+        finite = tf.reduce_all(tf.math.is_finite(vec))  # no update from a non-finite step
+        scale = tf.where(finite, self.controller.lr / tf.maximum(vec[0], 1.0), 0.0)  # lr * mean gradient
+        for v, g in zip(self.stats.variables, grads):
+            v.assign_sub(tf.cast(scale, v.dtype) * tf.where(finite, g, tf.zeros_like(g)))
+        return vec
+
+    def apply(self, x: Any, y: Any, mask: Any) -> StepInfo:
+        """One SGD step on a given (padded) batch, then the controller's decision."""
+        vec = self._step(x, y, mask)
+        self.state, info = self.controller.update(self.state, ScalarStats.from_vector(vec.numpy()))
+        return info
+
+    def step(self) -> StepInfo:
+        """Draw a batch of the decided size, take the SGD step, decide the next size."""
+        return self.apply(*self.batches.next(self.state.batch_size))
+
+    def run(self, steps: int, callback: Callable[[int, StepInfo], None] | None = None) -> list[StepInfo]:
+        infos = []
+        for k in range(steps):
+            infos.append(self.step())
+            if callback is not None:
+                callback(k, infos[-1])
+        return infos
+
+    @property
+    def epoch(self) -> float:
+        return self.batches.sampler.epoch
+
+    def state_dict(self) -> dict:
+        """Controller and sampler state (JSON-serialisable). Save the weights
+        with the framework (``model.save_weights``, ``tf.train.Checkpoint``)."""
+        return {"format": _TRAINER_FORMAT, "controller": self.state.to_dict(),
+                "sampler": self.batches.sampler.to_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("format") != _TRAINER_FORMAT:
+            raise ValueError(f"not a cabs_tf trainer state (format {d.get('format')!r})")
+        sampler = SamplerState.from_dict(d["sampler"])
+        if sampler.num_examples != self.batches.sampler.num_examples:
+            raise ValueError(
+                f"checkpoint is for {sampler.num_examples} examples, this data has "
+                f"{self.batches.sampler.num_examples}"
+            )
+        self.state = ControllerState.from_dict(d["controller"])
+        self.batches.sampler = sampler
+
+
+def fit(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    *,
+    loss: Callable[..., tf.Tensor],
+    controller: CABSController,
+    steps: int,
+    method: Method = "auto",
+    chunk_size: int = 32,
+    seed: int = 0,
+    verbose: bool = False,
+) -> dict[str, list[float]]:
+    """``model.fit``-like entry point: train ``model`` with CABS for ``steps``
+    steps and return a history ``{"loss", "batch_size", "epoch"}`` per step.
+    ``loss(y_true, y_pred)`` must return per-example losses (``reduction=None``)."""
+    trainer = CABSTrainer(model, loss, controller, x, y, method=method, chunk_size=chunk_size, seed=seed)
+    history: dict[str, list[float]] = {"loss": [], "batch_size": [], "epoch": []}
+
+    def log(k: int, info: StepInfo) -> None:
+        history["loss"].append(float("nan") if info.loss is None else info.loss)
+        history["batch_size"].append(info.batch_size)
+        history["epoch"].append(trainer.epoch)
+        if verbose:
+            print(f"step {k + 1}: loss {info.loss} next batch {info.batch_size} epoch {trainer.epoch:.3f}")
+
+    trainer.run(steps, log)
+    return history

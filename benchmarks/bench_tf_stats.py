@@ -1,0 +1,124 @@
+"""Cost of CABS statistics in TensorFlow/Keras 3, side by side in one run.
+
+For the MLP 784-512-512-10 and the paper's MNIST CNN (NHWC: conv5x5x32, pool,
+conv5x5x64, pool, dense 1024, dense 10), at several batch sizes:
+
+- plain:   a tf.function gradient step (mean loss, tape.gradient, ||g||^2 read)
+- fast:    cabs_tf.StatsStep(method="fast")   (one forward, one backward)
+- generic: cabs_tf.StatsStep(method="generic") (tf.vectorized_map, chunked)
+
+Prints milliseconds per step (median of --reps after a warm-up) and the
+ratios to plain; the last lines give the batch-128 ratios.
+
+    python benchmarks/bench_tf_stats.py                 # short default run
+    python benchmarks/bench_tf_stats.py --batches 32 128 512 --reps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import cabs_tf  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def mlp() -> keras.Model:
+    return keras.Sequential([
+        keras.Input((784,)),
+        keras.layers.Dense(512, activation="relu"),
+        keras.layers.Dense(512, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+
+
+def mnist_cnn() -> keras.Model:
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(32, 5, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(64, 5, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(1024, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+
+
+def xent(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+
+def plain_step(model: keras.Model):
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(xent(y, model(x, training=True)))
+        grads = tape.gradient(loss, model.trainable_variables)
+        return tf.add_n([tf.reduce_sum(g * g) for g in grads]) + loss
+
+    return step
+
+
+def stats_step(model: keras.Model, method: str, chunk_size: int):
+    step = cabs_tf.StatsStep(model, xent, method=method, chunk_size=chunk_size)
+    fn = tf.function(step)
+    return lambda x, y: fn(x, y)[1]
+
+
+def time_ms(fn, x, y, reps: int) -> float:
+    fn(x, y).numpy()  # trace and warm up
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(x, y).numpy()  # the one host copy a training step makes
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunk-size", type=int, default=128, help="generic path: examples per vectorized_map")
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    ap.add_argument("--no-generic-above", type=int, default=None,
+                    help="skip the (slow) generic path above this batch size")
+    args = ap.parse_args()
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
+          f"{[d.device_type for d in tf.config.list_physical_devices()]}, reps {args.reps}")
+    print(f"{'model':5} {'batch':>5} {'plain ms':>9} {'fast ms':>9} {'generic ms':>11} {'fast/plain':>10} "
+          f"{'generic/plain':>13}")
+    at128 = {}
+    rng = np.random.default_rng(0)
+    for name in args.models:
+        keras.utils.set_random_seed(0)
+        model = mlp() if name == "mlp" else mnist_cnn()
+        shape = model.inputs[0].shape[1:]
+        steps = {"plain": plain_step(model), "fast": stats_step(model, "fast", args.chunk_size),
+                 "generic": stats_step(model, "generic", args.chunk_size)}
+        for b in args.batches:
+            x = tf.constant(rng.normal(size=(b, *shape)).astype("float32"))
+            y = tf.constant(rng.integers(0, 10, size=(b,)).astype("int32"))
+            ms = {}
+            for k, fn in steps.items():
+                skip = k == "generic" and args.no_generic_above is not None and b > args.no_generic_above
+                ms[k] = float("nan") if skip else time_ms(fn, x, y, args.reps)
+            r_fast, r_gen = ms["fast"] / ms["plain"], ms["generic"] / ms["plain"]
+            print(f"{name:5} {b:>5} {ms['plain']:>9.2f} {ms['fast']:>9.2f} {ms['generic']:>11.2f} "
+                  f"{r_fast:>9.2f}x {r_gen:>12.2f}x", flush=True)
+            if b == 128:
+                at128[name] = (r_fast, r_gen)
+    for name, (rf, rg) in at128.items():
+        print(f"batch 128, {name}: fast {rf:.2f}x plain, generic {rg:.2f}x plain")
+
+
+if __name__ == "__main__":
+    main()
