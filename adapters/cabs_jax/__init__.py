@@ -1,1 +1,47 @@
-"""cabs_jax: placeholder package; the adapter lands with its issue."""
+"""cabs_jax: Coupled Adaptive Batch Sizes (Balles, Romero, Hennig, UAI 2017) for JAX.
+
+Exact per-step statistics of SPEC section 4 under ``jax.jit`` (the generic
+``vmap(grad)`` path for any ``loss(params, example)``, and a fast path for
+Flax linen models of Dense/Conv/Embed/LayerNorm layers), batches padded to a
+few bucket sizes with a 0/1 mask so that each bucket compiles once, and a
+drop-in training step driven by :class:`cabs_core.CABSController`.
+See ``docs/jax.md``.
+"""
+
+from __future__ import annotations
+
+from .dispatch import Method, batch_stats
+from .flax_fast import BatchNormTrainingError, FlaxLoss, UnsupportedLayerError, fast_stats, is_supported
+from .stats import generic_stats, grad_tree
+from .train import (
+    BatchIterator,
+    CABSTrainer,
+    TrainState,
+    bucket_for,
+    default_buckets,
+    load_checkpoint,
+    pad_batch,
+    save_checkpoint,
+    take_batch,
+)
+
+__all__ = [
+    "BatchIterator",
+    "BatchNormTrainingError",
+    "CABSTrainer",
+    "FlaxLoss",
+    "Method",
+    "TrainState",
+    "UnsupportedLayerError",
+    "batch_stats",
+    "bucket_for",
+    "default_buckets",
+    "fast_stats",
+    "generic_stats",
+    "grad_tree",
+    "is_supported",
+    "load_checkpoint",
+    "pad_batch",
+    "save_checkpoint",
+    "take_batch",
+]

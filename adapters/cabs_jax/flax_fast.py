@@ -1,0 +1,324 @@
+"""The fast exact path for Flax linen models built from standard layers.
+
+One forward and one backward pass of the summed loss sum_i w_i l_i. A method
+interceptor (``flax.linen.intercept_methods``) records the input ``a`` of every
+``nn.Dense``, ``nn.Conv``, ``nn.Embed`` and ``nn.LayerNorm`` call and adds a
+zero "perturbation" to its output, so that the gradient with respect to the
+perturbation is the output gradient ``b`` (Flax's ``perturb`` idea, without
+adding variables to the user's modules). The per-example squared norm of each
+layer's gradient then follows from ``a`` and ``b`` with the shared formulas of
+:mod:`cabs_core.per_example` (convolutions: unfolded patches); per-example
+gradients of the whole model are never formed.
+
+Requirements: the model maps examples independently along axis 0 (no
+BatchNorm in training mode, no cross-example operations), every parameter
+belongs to one of the four layer types and each such layer is called once per
+forward pass. Otherwise :func:`fast_stats` raises
+:class:`UnsupportedLayerError`, and ``method="auto"`` falls back to the generic
+path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
+
+from cabs_core import BatchStats, bias_sq_norms, embedding_sq_norms, linear_sq_norms
+
+from .stats import PyTree, batch_size_of, check_weights, float_dtype
+
+SUPPORTED = (nn.Dense, nn.Conv, nn.Embed, nn.LayerNorm)
+
+
+class UnsupportedLayerError(ValueError):
+    """The fast path cannot compute exact per-example norms for this model."""
+
+
+class BatchNormTrainingError(ValueError):
+    """BatchNorm in training mode couples the examples of a batch."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"BatchNorm at {path!r} runs in training mode (use_running_average=False): it normalises "
+            "with the statistics of the whole batch, so examples are coupled and per-example gradients "
+            "(hence CABS's within-batch variance estimate) are not defined. Options: call it with "
+            "use_running_average=True inside the loss, replace it by LayerNorm/GroupNorm, or estimate "
+            "the variance from micro-batch mean gradients with cabs_core.group_variance."
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class FlaxLoss:
+    """``loss(params, example) -> scalar`` for a linen module, in a form the fast path understands.
+
+    module: the ``flax.linen.Module``; params: its ``'params'`` collection.
+    output_loss(output, example) -> scalar: the loss of ONE example given the
+    model's output for it. inputs(example_or_batch): the model input (default:
+    item 0, for ``(x, y)`` examples). collections: other, constant variable
+    collections (e.g. ``{'batch_stats': ...}`` for BatchNorm in eval mode).
+    """
+
+    module: nn.Module
+    output_loss: Callable[[Any, PyTree], jax.Array]
+    inputs: Callable[[PyTree], Any] = operator.itemgetter(0)
+    collections: Mapping[str, Any] = field(default_factory=dict)
+
+    def apply(self, params: PyTree, x: Any) -> Any:
+        """The module's output on a batch of inputs, refusing BatchNorm in training mode."""
+        with nn.intercept_methods(_refuse_batchnorm_training):
+            return self.module.apply({"params": params, **self.collections}, x)
+
+    def __call__(self, params: PyTree, example: PyTree) -> jax.Array:
+        """The loss of one example (the generic signature)."""
+        x = jax.tree.map(lambda a: jnp.asarray(a)[None], self.inputs(example))
+        out = jax.tree.map(lambda a: a[0], self.apply(params, x))
+        return self.output_loss(out, example)
+
+    def batch_losses(self, params: PyTree, batch: PyTree) -> jax.Array:
+        """Per-example losses (m,) of a batch, from one batched forward pass."""
+        return jax.vmap(self.output_loss)(self.apply(params, self.inputs(batch)), batch)
+
+
+def _path(module: nn.Module) -> tuple[str, ...]:
+    return tuple(module.scope.path) if module.scope is not None else ()
+
+
+def _batchnorm_training(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    call_value = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    return not nn.merge_param("use_running_average", module.use_running_average, call_value)
+
+
+def _refuse_batchnorm_training(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+    mod = context.module
+    if isinstance(mod, nn.BatchNorm) and context.method_name == "__call__" and _batchnorm_training(mod, args, kwargs):
+        raise BatchNormTrainingError("/".join(_path(mod)) or type(mod).__name__)
+    return next_fun(*args, **kwargs)
+
+
+def _kind(module: nn.Module) -> str | None:
+    """Which supported layer this is (exact type, so subclasses with new behaviour are not trusted)."""
+    for cls in SUPPORTED:
+        if type(module) is cls:
+            return cls.__name__
+    return None
+
+
+def _check_config(kind: str, mod: nn.Module, where: str) -> None:
+    unshared = not getattr(mod, "shared_weights", True)
+    if kind == "Conv" and (mod.feature_group_count != 1 or mod.mask is not None or unshared):
+        raise UnsupportedLayerError(f"{where}: Conv with feature_group_count != 1, a mask or unshared weights")
+    if kind == "Conv" and (mod.conv_general_dilated is not None or mod.conv_general_dilated_cls is not None):
+        raise UnsupportedLayerError(f"{where}: Conv with a custom convolution function")
+    if kind == "LayerNorm":
+        red = mod.reduction_axes if isinstance(mod.reduction_axes, int) else tuple(mod.reduction_axes)
+        feat = mod.feature_axes if isinstance(mod.feature_axes, int) else tuple(mod.feature_axes)
+        if red not in (-1, (-1,)) or feat not in (-1, (-1,)) or mod.axis_name is not None:
+            raise UnsupportedLayerError(f"{where}: LayerNorm over axes other than the last one")
+    if kind == "Dense" and mod.dot_general is not None or kind == "Dense" and mod.dot_general_cls is not None:
+        raise UnsupportedLayerError(f"{where}: Dense with a custom dot_general")
+
+
+class _Recorder:
+    """Method interceptor: records supported layer calls, adds perturbations to their outputs."""
+
+    def __init__(self, perturbations: Mapping[tuple[str, ...], jax.Array] | None = None) -> None:
+        self.perturbations = perturbations
+        self.layers: dict[tuple[str, ...], tuple[str, nn.Module, Any, Any]] = {}
+
+    def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        mod, method = context.module, context.method_name
+        path = _path(mod)
+        where = "/".join(path) or type(mod).__name__
+        if isinstance(mod, nn.BatchNorm) and method == "__call__" and _batchnorm_training(mod, args, kwargs):
+            raise BatchNormTrainingError(where)
+        kind = _kind(mod)
+        if kind is None or method == "setup":
+            return next_fun(*args, **kwargs)
+        if method != "__call__":
+            raise UnsupportedLayerError(f"{where}: {kind}.{method} (e.g. weight tying) is not supported")
+        if path in self.layers:
+            raise UnsupportedLayerError(f"{where}: {kind} called more than once per forward pass (shared weights)")
+        if kwargs or len(args) != 1:
+            raise UnsupportedLayerError(f"{where}: {kind} called with extra arguments")
+        _check_config(kind, mod, where)
+        y = next_fun(*args, **kwargs)
+        self.layers[path] = (kind, mod, args[0], y)
+        if self.perturbations is not None:
+            y = y + self.perturbations[path]
+        return y
+
+
+Plan = dict[tuple[str, ...], tuple[str, nn.Module, jax.ShapeDtypeStruct]]
+
+
+def _plan(floss: FlaxLoss, params: PyTree, x: Any) -> Plan:
+    """Abstractly trace one forward pass: each supported layer's kind, module and output
+    shape, refusing models whose parameters are not all covered."""
+    recorder = _Recorder()
+
+    def forward(p: PyTree, x: Any) -> Any:
+        with nn.intercept_methods(recorder):
+            floss.module.apply({"params": p, **floss.collections}, x)
+        return {path: y for path, (_k, _m, _a, y) in recorder.layers.items()}
+
+    outputs = jax.eval_shape(forward, params, x)
+    plan = {path: (kind, mod, outputs[path]) for path, (kind, mod, _a, _y) in recorder.layers.items()}
+    owned = {path + (name,) for path, (kind, _m, _s) in plan.items() for name in _PARAM_NAMES[kind]}
+    for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        p = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+        if p not in owned:
+            raise UnsupportedLayerError(
+                f"parameter {'/'.join(p)!r} does not belong to a Dense, Conv, Embed or LayerNorm layer "
+                f"the fast path knows"
+            )
+    return plan
+
+
+_PARAM_NAMES = {
+    "Dense": ("kernel", "bias"),
+    "Conv": ("kernel", "bias"),
+    "Embed": ("embedding",),
+    "LayerNorm": ("scale", "bias"),
+}
+
+
+def _per_position(x: jax.Array, m: int, where: str) -> jax.Array:
+    """(m, ..., f) -> (m, T, f): every non-example, non-feature axis is a position sharing the weights."""
+    if x.ndim < 2 or x.shape[0] != m:
+        raise UnsupportedLayerError(f"{where}: layer input/output {tuple(x.shape)} has no leading example axis {m}")
+    return x.reshape(m, -1, x.shape[-1])
+
+
+def _sliced_patches(
+    x: jax.Array, ks: tuple[int, ...], strides: tuple[int, ...], k_dil: tuple[int, ...], padding: Any
+) -> jax.Array:
+    """Patches (N, *out_spatial, prod(ks), c_in) by strided slicing: no arithmetic, unlike an
+    identity-filter convolution, whose cost grows with (prod(ks) * c_in)^2."""
+    spatial = x.shape[1:-1]
+    window = tuple((k - 1) * d + 1 for k, d in zip(ks, k_dil))
+    pads = jax.lax.padtype_to_pads(spatial, window, strides, padding) if isinstance(padding, str) else padding
+    x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
+    out = tuple((n - w) // s + 1 for n, w, s in zip(x.shape[1:-1], window, strides))
+    slices = []
+    for offsets in itertools.product(*(range(k) for k in ks)):
+        start = tuple(o * d for o, d in zip(offsets, k_dil))
+        limit = tuple(b + (o - 1) * s + 1 for b, o, s in zip(start, out, strides))
+        slices.append(
+            jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
+        )
+    return jnp.stack(slices, axis=-2)
+
+
+def _conv_patches(mod: nn.Conv, x: jax.Array, m: int) -> jax.Array:
+    """The unfolded input patches of a Conv call, shape (m, T, k * c_in)."""
+    ks = (mod.kernel_size,) if isinstance(mod.kernel_size, int) else tuple(mod.kernel_size)
+    n = len(ks)
+
+    def bc(v: Any) -> tuple[int, ...]:
+        v = 1 if v is None else v
+        return (v,) * n if isinstance(v, int) else tuple(v)
+
+    x = x.reshape((-1,) + x.shape[x.ndim - n - 1 :])
+    strides, in_dil, k_dil = bc(mod.strides), bc(mod.input_dilation), bc(mod.kernel_dilation)
+    padding = canonicalize_padding(mod.padding, n)
+    if padding in ("CIRCULAR", "REFLECT"):  # as flax pads before a VALID convolution
+        dil = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dil] + [(0, 0)]
+        x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+        padding = "VALID"
+    elif padding == "CAUSAL":
+        x = jnp.pad(x, [(0, 0), (k_dil[0] * (ks[0] - 1), 0), (0, 0)])
+        padding = "VALID"
+    if all(d == 1 for d in in_dil):
+        return _sliced_patches(x, ks, strides, k_dil, padding).reshape(m, -1, x.shape[-1] * math.prod(ks))
+    nd = x.ndim
+    spec = (0, nd - 1) + tuple(range(1, nd - 1))
+    dn = jax.lax.ConvDimensionNumbers(spec, (nd - 1, nd - 2) + tuple(range(nd - 2)), spec)
+    patches = jax.lax.conv_general_dilated_patches(
+        x, ks, strides, padding, lhs_dilation=in_dil, rhs_dilation=k_dil,
+        dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST,
+    )  # (N, *out_spatial, c_in * prod(ks)); the order of the features does not change norms
+    return patches.reshape(m, -1, patches.shape[-1])
+
+
+def _layer_sq_norms(kind: str, mod: nn.Module, a: Any, b: jax.Array, m: int, where: str) -> jax.Array:
+    """Per-example squared norm (m,) of the gradient of this layer's parameters."""
+    b3 = _per_position(b, m, where)
+    if kind == "Dense":
+        sq = linear_sq_norms(_per_position(a, m, where).astype(b.dtype), b3)
+    elif kind == "Conv":
+        assert isinstance(mod, nn.Conv)
+        patches = _conv_patches(mod, a.astype(b.dtype), m)
+        if patches.shape[1] != b3.shape[1]:
+            raise UnsupportedLayerError(f"{where}: unfolded positions {patches.shape[1]} != outputs {b3.shape[1]}")
+        sq = linear_sq_norms(patches, b3)
+    elif kind == "Embed":
+        return embedding_sq_norms(jnp.reshape(a, (m, -1)), b3)
+    else:  # LayerNorm: d scale_i = sum_t b_it * xhat_it, d bias_i = sum_t b_it
+        x = _per_position(a, m, where).astype(jnp.promote_types(b.dtype, jnp.float32))
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        if mod.use_fast_variance:
+            var = jnp.maximum(0.0, jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean)
+        else:
+            var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+        xhat = ((x - mean) * jax.lax.rsqrt(var + mod.epsilon)).astype(b.dtype)
+        sq = jnp.zeros((m,), b.dtype)
+        if mod.use_scale:
+            sq = sq + jnp.sum(jnp.sum(b3 * xhat, axis=1) ** 2, axis=1)
+        return sq + bias_sq_norms(b3) if mod.use_bias else sq
+    return sq + bias_sq_norms(b3) if mod.use_bias else sq
+
+
+def fast_stats(floss: FlaxLoss, params: PyTree, batch: PyTree, weights: jax.Array | None = None) -> BatchStats:
+    """Exact :class:`~cabs_core.BatchStats` from one forward and one backward pass.
+
+    Same contract as :func:`cabs_jax.generic_stats` (``weights`` a 0/1 mask);
+    raises :class:`UnsupportedLayerError` for models it does not cover.
+    """
+    m = batch_size_of(batch)
+    dtype = float_dtype(params)
+    w = check_weights(weights, m, dtype)
+    x = floss.inputs(batch)
+    layers = _plan(floss, params, x)
+    zeros = {path: jnp.zeros(y.shape, y.dtype) for path, (_k, _m, y) in layers.items()}
+
+    def weighted_loss(p: PyTree, eps: dict) -> tuple[jax.Array, tuple]:
+        recorder = _Recorder(eps)
+        with nn.intercept_methods(recorder):
+            out = floss.module.apply({"params": p, **floss.collections}, x)
+        losses = jax.vmap(floss.output_loss)(out, batch).astype(dtype)
+        losses = jnp.where(w != 0, losses, 0)
+        return jnp.sum(w * losses), (losses, {k: v[2] for k, v in recorder.layers.items()})
+
+    grads, (losses, inputs) = jax.grad(weighted_loss, argnums=(0, 1), has_aux=True)(params, zeros)
+    param_grads, out_grads = grads
+    sq = jnp.zeros((m,), dtype)
+    with jax.default_matmul_precision("highest"):  # no reduced-precision (e.g. TF32) products in the norms
+        for path, (kind, mod, _y) in layers.items():
+            where = "/".join(path) or kind
+            sq = sq + _layer_sq_norms(kind, mod, inputs[path], out_grads[path], m, where).astype(dtype)
+    # b carries the factor w_i, so the norms carry w_i^2 = w_i for a 0/1 mask
+    sq_sum = jnp.sum(jnp.where(w != 0, sq, 0))
+    grad_sum = tuple(g.astype(dtype) for g in jax.tree.leaves(param_grads))
+    return BatchStats(jnp.sum(w), jnp.sum(w * losses), grad_sum, sq_sum)
+
+
+def is_supported(floss: FlaxLoss, params: PyTree, batch: PyTree) -> tuple[bool, str | None]:
+    """Whether :func:`fast_stats` covers this model (and why not)."""
+    try:
+        _plan(floss, params, floss.inputs(batch))
+    except UnsupportedLayerError as e:
+        return False, str(e)
+    return True, None
+
+
+__all__ = ["BatchNormTrainingError", "FlaxLoss", "UnsupportedLayerError", "fast_stats", "is_supported"]

@@ -1,0 +1,132 @@
+"""Cost of CABS's exact statistics in JAX: plain jit(grad) step vs the fast and the generic statistics step.
+
+Models: the MLP 784-512-512-10 and the paper's MNIST CNN (conv5x5x32, pool,
+conv5x5x64, pool, dense 1024, dense 10), float32, random 28x28 inputs. Each
+step returns the summed gradient; the statistics steps also return the four
+scalars CABS needs (m, sum l_i, S, ||sum g_i||^2). Prints best-of-n times
+(plain and fast interleaved, so that other load on the machine hits both
+alike) and the ratios to the plain step side by side. Not a test: nothing is
+asserted.
+
+    python benchmarks/bench_jax_stats.py                      # batches 32 128 512
+    python benchmarks/bench_jax_stats.py --batches 128 --models cnn --chunk 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import cabs_jax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cabs_core import reduce_stats
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(512)(x))
+        x = nn.relu(nn.Dense(512)(x))
+        return nn.Dense(10)(x)
+
+
+class PaperCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Conv(64, (5, 5), padding="SAME")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Dense(1024)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10)(x)
+
+
+def cross_entropy(logits: jax.Array, example: tuple) -> jax.Array:
+    return -jax.nn.log_softmax(logits)[example[1]]
+
+
+def once(fn: Callable, *args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def best_times(calls: dict[str, tuple], reps: int, min_time: float) -> dict[str, float]:
+    """Best-of-n seconds per step, the steps interleaved so that load on a shared
+    machine hits them alike; the first (compiling) call is not timed."""
+    for fn, *args in calls.values():
+        once(fn, *args)
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    while min(len(t) for t in times.values()) < reps or sum(times[next(iter(calls))]) < min_time:
+        for k, (fn, *args) in calls.items():
+            times[k].append(once(fn, *args))
+    return {k: min(t) for k, t in times.items()}
+
+
+def steps(floss: cabs_jax.FlaxLoss, chunk: int) -> tuple[Callable, Callable, Callable]:
+    """The plain gradient step and the two statistics steps, jitted."""
+
+    @jax.jit
+    def plain(p, batch):
+        return jax.grad(lambda q: jnp.sum(floss.batch_losses(q, batch)))(p)
+
+    def stats_step(method: str) -> Callable:
+        @jax.jit
+        def step(p, batch, mask):
+            s = cabs_jax.batch_stats(floss, p, batch, mask, method=method, chunk_size=chunk)
+            return s.grad_sum, reduce_stats(s)
+
+        return step
+
+    return plain, stats_step("fast"), stats_step("generic")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    ap.add_argument("--chunk", type=int, default=64, help="generic path: examples per chunk")
+    ap.add_argument("--reps", type=int, default=5, help="plain and fast: at least this many timed calls")
+    ap.add_argument("--min-time", type=float, default=0.5, help="plain: and at least this many seconds of them")
+    ap.add_argument("--generic-reps", type=int, default=1, help="generic (slow): timed calls")
+    args = ap.parse_args()
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {jax.devices()[0].device_kind}")
+    header = (
+        f"{'model':5} {'batch':>5} {'plain ms':>9} {'fast ms':>9} {'generic ms':>11} "
+        f"{'fast/plain':>11} {'generic/plain':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(0)
+    for name in args.models:
+        module = MLP() if name == "mlp" else PaperCNN()
+        floss = cabs_jax.FlaxLoss(module, cross_entropy)
+        params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+
+        plain, fast, generic = steps(floss, args.chunk)
+        for m in args.batches:
+            batch = (
+                jnp.asarray(rng.normal(size=(m, 28, 28, 1)), jnp.float32),
+                jnp.asarray(rng.integers(0, 10, size=m)),
+            )
+            mask = jnp.ones((m,), bool)
+            t = best_times(
+                {"plain": (plain, params, batch), "fast": (fast, params, batch, mask)}, args.reps, args.min_time
+            )
+            tp, tf = t["plain"], t["fast"]
+            tg = best_times({"generic": (generic, params, batch, mask)}, args.generic_reps, 0.0)["generic"]
+            print(
+                f"{name:5} {m:5d} {1e3 * tp:9.2f} {1e3 * tf:9.2f} {1e3 * tg:11.2f} {tf / tp:10.2f}x {tg / tp:13.2f}x",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

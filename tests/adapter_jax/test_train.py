@@ -1,0 +1,246 @@
+"""The training step: buckets and compilations, SGD/optax equivalence, decisions, checkpoints, digits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cabs_jax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from cabs_jax import CABSTrainer, FlaxLoss
+from jax_test_models import MLP, cross_entropy, init_f64, loop_oracle
+
+import cabs_core
+from cabs_core import CABSController, SamplerState, next_batch
+
+
+def random_data(n: int = 200, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4))
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)
+    return x, y
+
+
+def test_buckets_and_padding() -> None:
+    assert cabs_jax.default_buckets(16, 128) == (16, 23, 33, 47, 67, 95, 128)
+    assert cabs_jax.default_buckets(16, 64, ratio=2) == (16, 32, 64)
+    assert cabs_jax.default_buckets(3, 3) == (3,)
+    assert cabs_jax.bucket_for(24, (16, 23, 33)) == 33
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        cabs_jax.bucket_for(34, (16, 23, 33))
+    with pytest.raises(ValueError, match="ratio"):
+        cabs_jax.default_buckets(16, 64, ratio=1.0)
+    batch, mask = cabs_jax.pad_batch((np.arange(3.0), np.array([5, 6, 7])), 5)
+    np.testing.assert_array_equal(batch[0], [0, 1, 2, 0, 0])
+    np.testing.assert_array_equal(mask, [1, 1, 1, 0, 0])
+    x, y = random_data(10)
+    batch, mask, state = cabs_jax.take_batch((x, jnp.asarray(y)), SamplerState(10, seed=3), 6, (4, 8))
+    idx, _ = next_batch(SamplerState(10, seed=3), 6)
+    assert mask.tolist() == [True] * 6 + [False] * 2 and state.examples_seen == 6
+    np.testing.assert_array_equal(batch[0][:6], x[idx])
+    np.testing.assert_array_equal(np.asarray(batch[1][:6]), y[idx])  # jax arrays are gathered on the device
+    with pytest.raises(ValueError, match="expects 11"):
+        cabs_jax.take_batch((x, y), SamplerState(11), 6, (8,))
+
+
+def test_batch_iterator_follows_the_sampler_and_resumes() -> None:
+    x, y = random_data(30)
+    sizes = [7, 12, 3, 20, 9]
+    it = cabs_jax.BatchIterator((jnp.asarray(x), y), (4, 8, 16, 32), seed=2)
+    sampler, saved, later = SamplerState(30, seed=2), None, []
+    for k, b in enumerate(sizes):
+        if k == 2:
+            saved = it.state
+        batch, mask = it.next(b)
+        if k >= 2:
+            later.append(batch[1])
+        idx, sampler = next_batch(sampler, b)
+        assert batch[0].shape[0] == cabs_jax.bucket_for(b, (4, 8, 16, 32)) and int(mask.sum()) == b
+        np.testing.assert_array_equal(np.asarray(batch[0])[:b], x[idx])
+        np.testing.assert_array_equal(batch[1][:b], y[idx])
+    assert it.state == sampler and it.epoch == sum(sizes) / 30
+    resumed = cabs_jax.BatchIterator((jnp.asarray(x), y), (4, 8, 16, 32), state=saved)
+    for b, want in zip(sizes[2:], later):
+        np.testing.assert_array_equal(resumed.next(b)[0][1], want)
+    assert resumed.state == it.state
+
+
+def test_one_compilation_per_bucket() -> None:
+    x, y = random_data(300)
+    controller = CABSController(lr=0.05, bs_min=8, bs_max=64)
+    trainer = CABSTrainer(FlaxLoss(MLP(), cross_entropy), controller, (x, y), method="fast")
+    state = trainer.init(init_f64(MLP(), x[:1]))
+    sizes = list(range(8, 65, 5)) + [64, 9, 50, 27]  # forced decisions across the whole range
+    for b in sizes:
+        state = state._replace(controller=dataclasses.replace(state.controller, batch_size=b))
+        state, info = trainer.step(state)
+    visited = {cabs_jax.bucket_for(b, trainer.buckets) for b in sizes}
+    assert len(set(sizes)) > len(visited) > 4
+    assert trainer.traces == len(visited)
+    for _ in range(10):  # the controller's own decisions compile no more than their buckets
+        before = state.controller.batch_size
+        state, info = trainer.step(state)
+        visited.add(cabs_jax.bucket_for(before, trainer.buckets))
+    assert trainer.traces == len(visited)
+
+
+def test_step_is_sgd_on_the_mean_gradient_and_the_controller_decides() -> None:
+    x, y = random_data(120)
+    floss = FlaxLoss(MLP(), cross_entropy)
+    controller = CABSController(lr=0.3, bs_min=4, bs_max=64, bs_init=10, mode="reference")
+    params = init_f64(MLP(), x[:1])
+    trainer = CABSTrainer(floss, controller, (x, y), seed=5)
+    state = trainer.init(params)
+    opt = optax.sgd(0.3)
+    opt_state, cstate, sampler = opt.init(params), controller.init(), SamplerState(120, seed=5)
+    for _ in range(3):
+        idx, sampler = next_batch(sampler, cstate.batch_size)
+        batch = (jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+        oracle = loop_oracle(floss, params, batch)
+        mean_grad = jax.grad(lambda p, batch=batch: jnp.mean(jax.vmap(floss, (None, 0))(p, batch)))(params)
+        updates, opt_state = opt.update(mean_grad, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        cstate, want = controller.update(cstate, oracle)
+        state, info = trainer.step(state)
+        assert info.batch_size == want.batch_size and info.skipped is False
+        np.testing.assert_allclose(info.variance, want.variance, rtol=1e-9)
+        np.testing.assert_allclose(info.loss, want.loss, rtol=1e-12)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert state.sampler == sampler and state.controller.updates == 3
+
+
+def test_optax_optimizer_gets_the_mean_gradient() -> None:
+    x, y = random_data(64)
+    floss = FlaxLoss(MLP(), cross_entropy)
+    controller = CABSController(lr=0.1, bs_min=8, bs_max=32)
+    params = init_f64(MLP(), x[:1])
+    opt = optax.adam(1e-2)
+    trainer = CABSTrainer(floss, controller, (x, y), optimizer=opt, method="generic", chunk_size=3)
+    state, _ = trainer.step(trainer.init(params))
+    idx, _ = next_batch(SamplerState(64), 8)
+    batch = (jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+    g = jax.grad(lambda p: jnp.mean(jax.vmap(floss, (None, 0))(p, batch)))(params)
+    updates, _ = opt.update(g, opt.init(params), params)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(optax.apply_updates(params, updates))):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_only_the_controller_copies_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = random_data(50)
+    calls = []
+    real_to_host = cabs_core.controller.to_host
+
+    def counting_to_host(stats):
+        calls.append(stats)
+        return real_to_host(stats)
+
+    monkeypatch.setattr(cabs_core.controller, "to_host", counting_to_host)
+    trainer = CABSTrainer(FlaxLoss(MLP(), cross_entropy), CABSController(0.1, 4, 16), (jnp.asarray(x), jnp.asarray(y)))
+    state = trainer.init(init_f64(MLP(), x[:1]))
+    for _ in range(3):
+        state, _ = trainer.step(state)
+    assert len(calls) == 3
+    for s in calls:  # four 0-d arrays still on the device when the controller asks for them
+        assert isinstance(s, cabs_core.ScalarStats) and all(isinstance(v, jax.Array) and v.shape == () for v in s)
+    assert all(isinstance(p, jax.Array) for p in jax.tree.leaves(state.params))
+
+
+def test_checkpoint_resume_makes_the_same_decisions(tmp_path) -> None:
+    x, y = random_data(150)
+    floss = FlaxLoss(MLP(), cross_entropy)
+    controller = CABSController(lr=0.2, bs_min=3, bs_max=60, c=20.0)
+
+    def trainer() -> CABSTrainer:
+        return CABSTrainer(floss, controller, (x, y), optimizer=optax.sgd(0.2, momentum=0.9), seed=11)
+
+    t1 = trainer()
+    state = t1.init(init_f64(MLP(), x[:1]))
+    sizes = []
+    for k in range(8):
+        if k == 4:
+            cabs_jax.save_checkpoint(tmp_path / "ckpt.npz", state)
+            saved = state
+        state, info = t1.step(state)
+        sizes.append(info.batch_size)
+    assert len(set(sizes)) > 1
+    t2 = trainer()
+    resumed = cabs_jax.load_checkpoint(tmp_path / "ckpt.npz", like=t2.init(init_f64(MLP(), x[:1], seed=9)))
+    assert resumed.controller == saved.controller and resumed.sampler == saved.sampler
+    for k in range(4, 8):
+        resumed, info = t2.step(resumed)
+        assert info.batch_size == sizes[k]
+    assert resumed.controller == state.controller and resumed.sampler == state.sampler
+    resumed_arrays = jax.tree.leaves((resumed.params, resumed.opt_state))
+    for a, b in zip(resumed_arrays, jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="shape"):
+        cabs_jax.load_checkpoint(tmp_path / "ckpt.npz", like=t2.init(init_f64(MLP(hidden=(6, 5)), x[:1])))
+
+
+def test_nonfinite_statistics_raise_or_skip_without_touching_params() -> None:
+    x, y = random_data(40)
+    x[np.arange(40) % 2 == 0] = np.nan  # every batch of >= 2 holds a NaN example (sampler permutes)
+    floss = FlaxLoss(MLP(), cross_entropy)
+    params = init_f64(MLP(), x[:1])
+    t = CABSTrainer(floss, CABSController(0.1, 8, 16), (x, y))
+    with pytest.raises(cabs_core.NonFiniteStatisticsError, match="loss_sum"):
+        t.step(t.init(params))
+    t = CABSTrainer(floss, CABSController(0.1, 8, 16, nonfinite="skip"), (x, y))
+    state, info = t.step(t.init(params))
+    assert info.skipped and info.reason == "nonfinite" and state.controller.nonfinite == 1
+    assert state.sampler.examples_seen == 8
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_trainer_configuration_errors() -> None:
+    x, y = random_data(20)
+    floss = FlaxLoss(MLP(), cross_entropy)
+    with pytest.raises(ValueError, match="bs_max"):
+        CABSTrainer(floss, CABSController(0.1, 4, 64), (x, y), buckets=(4, 8, 32))
+    with pytest.raises(ValueError, match="method"):
+        CABSTrainer(floss, CABSController(0.1, 4, 64), (x, y), method="exact")
+    with pytest.raises(ValueError, match="CABSController"):
+        CABSTrainer(floss, {"lr": 0.1}, (x, y))
+
+
+def test_training_on_digits_lowers_the_loss() -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.data.astype(np.float32) / 16.0, digits.target.astype(np.int32)
+    module = MLP(hidden=(32,), classes=10)
+    floss = FlaxLoss(module, cross_entropy)
+    params = module.init(jax.random.key(0), x[:1])["params"]  # float32 training
+    controller = CABSController(lr=0.5, bs_min=4, bs_max=256, c=10.0)  # c scales the rule (beyond the paper)
+    trainer = CABSTrainer(floss, controller, (x, y))
+    full_loss = jax.jit(lambda p: jnp.mean(floss.batch_losses(p, (x, y))))
+    state = trainer.init(params)
+    before = float(full_loss(state.params))
+    sizes = []
+    for _ in range(40):
+        state, info = trainer.step(state)
+        sizes.append(info.batch_size)
+    after = float(full_loss(state.params))
+    assert after < 0.3 * before, (before, after)
+    assert sizes[-1] > sizes[0] >= 4  # CABS: the batch grows as the loss falls
+    assert trainer.traces <= len(trainer.buckets)
+
+
+def test_a_batch_of_one_updates_params_but_the_controller_skips() -> None:
+    """SPEC 5: m < 2 in paper mode leaves the controller as it was; SGD still takes the step."""
+    x, y = random_data(20)
+    floss = FlaxLoss(MLP(), cross_entropy)
+    params = init_f64(MLP(), x[:1])
+    trainer = CABSTrainer(floss, CABSController(0.1, bs_min=1, bs_max=8), (x, y), buckets=(2, 8))
+    state, info = trainer.step(trainer.init(params))
+    assert info.skipped and info.reason == "count" and state.controller.batch_size == 1
+    assert state.controller.updates == 0 and state.controller.skipped == 1
+    idx, _ = next_batch(SamplerState(20), 1)
+    g = jax.grad(floss)(params, (jnp.asarray(x[idx[0]]), jnp.asarray(y[idx[0]])))
+    for a, p, gi in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), jax.tree.leaves(g)):
+        np.testing.assert_allclose(a, p - 0.1 * gi, rtol=1e-12, atol=1e-14)  # padded to 2, masked
