@@ -16,7 +16,15 @@ from .rules import (
     inner_product_test_batch_size,
     norm_test_batch_size,
 )
-from .sampler import SamplerState, epoch_permutation, next_batch, shard
+from .sampler import (
+    SamplerState,
+    bucket_for,
+    epoch_permutation,
+    geometric_buckets,
+    next_batch,
+    pad_indices,
+    shard,
+)
 from .stats import BatchStats, ScalarStats, batch_stats_from_per_example, combine, reduce_stats, to_host
 from .variance import group_variance, inner_product_variance, two_pass_variance, within_batch_variance
 
@@ -33,18 +41,21 @@ __all__ = [
     "StepInfo",
     "batch_stats_from_per_example",
     "bias_sq_norms",
+    "bucket_for",
     "embedding_sq_norms",
     "linear_sq_norms",
     "cabs_batch_size",
     "combine",
     "discretise",
     "epoch_permutation",
+    "geometric_buckets",
     "gradient_noise_scale",
     "group_variance",
     "inner_product_test_batch_size",
     "inner_product_variance",
     "next_batch",
     "norm_test_batch_size",
+    "pad_indices",
     "reduce_stats",
     "scale_sq_norms",
     "shard",

@@ -15,6 +15,8 @@ not NumPy's generator, so that a port in any language draws the same examples.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -105,3 +107,39 @@ def shard(indices: np.ndarray, world_size: int, rank: int) -> np.ndarray:
     base, extra = divmod(b, world_size)
     start = rank * base + min(rank, extra)
     return indices[start : start + base + (1 if rank < extra else 0)]
+
+
+def geometric_buckets(bs_min: int, bs_max: int, ratio: float = 2.0) -> tuple[int, ...]:
+    """bs_min, ceil(bs_min * ratio), ..., bs_max: the padded batch sizes of a
+    compiled step (one compilation each; padding wastes less than ratio - 1).
+    Pass them as the controller's ``buckets`` to make padding unnecessary."""
+    for name, v in (("bs_min", bs_min), ("bs_max", bs_max)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if bs_min > bs_max:
+        raise ValueError(f"bs_min ({bs_min}) must be <= bs_max ({bs_max})")
+    if not ratio > 1:
+        raise ValueError(f"ratio must be > 1, got {ratio!r}")
+    out, b = [], int(bs_min)
+    while b < bs_max:
+        out.append(b)
+        b = max(math.ceil(b * ratio), b + 1)
+    return (*out, int(bs_max))
+
+
+def bucket_for(batch_size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= batch_size: the size a batch is padded to."""
+    for b in buckets:
+        if b >= batch_size:
+            return int(b)
+    raise ValueError(f"batch size {batch_size} exceeds the largest bucket {buckets[-1]}; add a larger bucket")
+
+
+def pad_indices(indices: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``indices`` padded to ``size`` with copies of the first index (real,
+    finite data) and the 0/1 mask (bool) that marks the real examples."""
+    m = len(indices)
+    if m < 1 or m > size:
+        raise ValueError(f"cannot pad a batch of {m} indices to size {size}")
+    padded = np.concatenate([np.asarray(indices, np.int64), np.full(size - m, indices[0], np.int64)])
+    return padded, np.arange(size) < m

@@ -11,7 +11,6 @@ A program is compiled once per bucket, not once per batch size.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -27,7 +26,10 @@ from cabs_core import (
     SamplerState,
     ScalarStats,
     StepInfo,
+    bucket_for,
+    geometric_buckets,
     next_batch,
+    pad_indices,
     reduce_stats,
 )
 
@@ -37,34 +39,13 @@ from .stats import LossFn, PyTree, batch_size_of
 _CHECKPOINT_FORMAT = "cabs-jax-checkpoint/1"
 
 
-def default_buckets(bs_min: int, bs_max: int, ratio: float = math.sqrt(2)) -> tuple[int, ...]:
-    """Geometric grid bs_min, ~bs_min * ratio, ..., bs_max (padding wastes < ratio - 1)."""
-    if not isinstance(bs_min, int) or not isinstance(bs_max, int) or not 1 <= bs_min <= bs_max:
-        raise ValueError(f"need integers 1 <= bs_min <= bs_max, got bs_min={bs_min!r}, bs_max={bs_max!r}")
-    if not ratio > 1:
-        raise ValueError(f"ratio must be > 1, got {ratio!r}")
-    out, b = [], bs_min
-    while b < bs_max:
-        out.append(b)
-        b = max(math.ceil(b * ratio), b + 1)
-    return tuple(out) + (bs_max,)
-
-
-def bucket_for(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= n."""
-    for b in buckets:
-        if b >= n:
-            return int(b)
-    raise ValueError(f"batch size {n} exceeds the largest bucket {buckets[-1]}; add a larger bucket")
-
-
 def pad_batch(batch: PyTree, size: int) -> tuple[PyTree, np.ndarray]:
     """Pad a batch of m <= size examples to ``size`` with copies of example 0 and the 0/1 mask."""
     m = batch_size_of(batch)
     if m > size:
         raise ValueError(f"cannot pad a batch of {m} examples down to {size}")
-    idx = np.concatenate([np.arange(m), np.zeros(size - m, np.int64)])
-    return _gather(batch, idx), np.arange(size) < m
+    idx, mask = pad_indices(np.arange(m), size)
+    return _gather(batch, idx), mask
 
 
 def _gather(data: PyTree, idx: np.ndarray) -> PyTree:
@@ -89,9 +70,8 @@ def take_batch(
     if n != sampler.num_examples:
         raise ValueError(f"data holds {n} examples but the sampler state expects {sampler.num_examples}")
     idx, sampler = next_batch(sampler, batch_size)
-    size = bucket_for(batch_size, buckets)
-    padded = np.concatenate([idx, np.full(size - batch_size, idx[0], np.int64)])
-    return _gather(data, padded), np.arange(size) < batch_size, sampler
+    padded, mask = pad_indices(idx, bucket_for(batch_size, buckets))
+    return _gather(data, padded), mask, sampler
 
 
 class BatchIterator:
@@ -133,7 +113,7 @@ class CABSTrainer:
     SGD learning rate). optimizer: None for plain SGD, theta <- theta - lr *
     g_bar (the paper's update), or any optax transformation applied to the
     mean gradient g_bar. buckets: padded sizes to compile for (default: the
-    controller's buckets, else :func:`default_buckets`). ``traces`` counts
+    controller's buckets, else :func:`cabs_core.geometric_buckets`). ``traces`` counts
     compilations of the step.
     """
 
@@ -153,7 +133,7 @@ class CABSTrainer:
             raise ValueError(f"controller must be a cabs_core.CABSController, got {type(controller).__name__}")
         if method not in ("auto", "fast", "generic"):
             raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
-        buckets = tuple(controller.buckets or buckets or default_buckets(controller.bs_min, controller.bs_max))
+        buckets = tuple(controller.buckets or buckets or geometric_buckets(controller.bs_min, controller.bs_max))
         if any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:])) or buckets[0] < 1:
             raise ValueError(f"buckets must be strictly increasing positive integers, got {buckets}")
         if buckets[-1] < controller.bs_max:

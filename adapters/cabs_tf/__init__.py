@@ -15,13 +15,11 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_shift_sq_norms  # noqa: E402
 from .stats import PforFallbackWarning, StatsStep, UnsupportedLayerError  # noqa: E402
-from .training import CABSTrainer, DecisionBatches, bucket_for, default_buckets, fit  # noqa: E402
+from .training import CABSTrainer, DecisionBatches, fit  # noqa: E402
 
 __all__ = [
     "CABSTrainer",
     "DecisionBatches",
-    "bucket_for",
-    "default_buckets",
     "fit",
     "PforFallbackWarning",
     "StatsStep",

@@ -19,32 +19,21 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cabs_core import CABSController, ControllerState, SamplerState, ScalarStats, StepInfo, next_batch
+from cabs_core import (
+    CABSController,
+    ControllerState,
+    SamplerState,
+    ScalarStats,
+    StepInfo,
+    bucket_for,
+    geometric_buckets,
+    next_batch,
+    pad_indices,
+)
 
 from .stats import Method, StatsStep
 
 _TRAINER_FORMAT = "cabs-tf-trainer/1"
-
-
-def default_buckets(bs_min: int, bs_max: int) -> tuple[int, ...]:
-    """Padded batch sizes when the controller has no ``buckets``: bs_min and the
-    powers of two above it, up to bs_max (so at most ~log2(bs_max / bs_min) + 2 traces)."""
-    out, b = [bs_min], 1
-    while b < bs_max:
-        b *= 2
-        if bs_min < b < bs_max:
-            out.append(b)
-    if bs_max > bs_min:
-        out.append(bs_max)
-    return tuple(out)
-
-
-def bucket_for(batch_size: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= batch_size (the padded size)."""
-    for b in buckets:
-        if b >= batch_size:
-            return int(b)
-    raise ValueError(f"batch size {batch_size} exceeds the largest bucket {buckets[-1]}")
 
 
 def _take(data: Any, idx: np.ndarray) -> Any:
@@ -74,11 +63,8 @@ class DecisionBatches:
 
     def next(self, batch_size: int) -> tuple[Any, Any, np.ndarray]:
         idx, self.sampler = next_batch(self.sampler, batch_size)
-        size = bucket_for(batch_size, self.buckets) if self.buckets else batch_size
-        idx = np.concatenate([idx, np.full(size - batch_size, idx[0], dtype=idx.dtype)])
-        mask = np.zeros(size, dtype=self.mask_dtype)
-        mask[:batch_size] = 1
-        return _take(self.x, idx), _take(self.y, idx), mask
+        idx, real = pad_indices(idx, bucket_for(batch_size, self.buckets) if self.buckets else batch_size)
+        return _take(self.x, idx), _take(self.y, idx), real.astype(self.mask_dtype)
 
     def dataset(self, batch_size: Callable[[], int]) -> tf.data.Dataset:
         """An endless ``tf.data.Dataset`` of ``(x, y, mask)`` whose batch size is
@@ -108,7 +94,7 @@ class CABSTrainer:
     ``target``, ``loss``, ``method``, ``chunk_size``: as :class:`StatsStep`.
     ``controller``: a :class:`cabs_core.CABSController` (its ``lr`` is the SGD
     learning rate). Shapes are padded to ``controller.buckets`` if set, else
-    to :func:`default_buckets`: at most one trace per bucket.
+    to :func:`cabs_core.geometric_buckets`: at most one trace per bucket.
     """
 
     def __init__(
@@ -128,7 +114,7 @@ class CABSTrainer:
         self.controller = controller
         self.state: ControllerState = controller.init()
         dtype = tf.as_dtype(self.stats.variables[0].dtype).name
-        self.buckets = tuple(buckets or controller.buckets or default_buckets(controller.bs_min, controller.bs_max))
+        self.buckets = tuple(buckets or controller.buckets or geometric_buckets(controller.bs_min, controller.bs_max))
         if self.buckets[-1] < controller.bs_max:
             raise ValueError(f"buckets must reach bs_max = {controller.bs_max}, got {self.buckets}")
         self.batches = DecisionBatches(x, y, buckets=self.buckets, seed=seed, mask_dtype=dtype)

@@ -12,15 +12,6 @@ from tf_adapter_helpers import brute_force, data_for, mlp, xent
 import cabs_core
 
 
-def test_default_buckets():
-    assert cabs_tf.default_buckets(16, 2048) == (16, 32, 64, 128, 256, 512, 1024, 2048)
-    assert cabs_tf.default_buckets(3, 20) == (3, 4, 8, 16, 20)
-    assert cabs_tf.default_buckets(5, 5) == (5,)
-    assert cabs_tf.bucket_for(17, (16, 32)) == 32
-    with pytest.raises(ValueError, match="exceeds the largest bucket"):
-        cabs_tf.bucket_for(33, (16, 32))
-
-
 def test_step_is_sgd_on_the_batch_mean_and_decides_like_the_controller():
     model, ref = mlp(seed=0), mlp(seed=0)
     x, y = data_for(model, 40)
@@ -39,7 +30,9 @@ def test_step_is_sgd_on_the_batch_mean_and_decides_like_the_controller():
             v.assign(v.numpy() - 0.3 * g / len(idx))
         for a, b in zip(model.get_weights(), ref.get_weights()):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    assert tr.state == state
+    # padded sums and the brute-force loop add in different orders: equal up to rounding
+    assert dataclasses.replace(tr.state, xi_avg=0.0, loss_avg=0.0) == dataclasses.replace(state, xi_avg=0.0, loss_avg=0.0)
+    np.testing.assert_allclose([tr.state.xi_avg, tr.state.loss_avg], [state.xi_avg, state.loss_avg], rtol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["fast", "generic"])
@@ -52,7 +45,7 @@ def test_at_most_one_trace_per_bucket(method):
     for b in sizes:
         tr.state = dataclasses.replace(tr.state, batch_size=b)
         tr.step()
-    visited = {cabs_tf.bucket_for(b, tr.buckets) for b in sizes}
+    visited = {cabs_core.bucket_for(b, tr.buckets) for b in sizes}
     assert tr.trace_count == len(visited) == 6  # 2, 4, 8, 16, 32, 64
     # a controller-driven run adds no traces beyond new buckets
     before = tr.trace_count
@@ -86,7 +79,7 @@ def test_dataset_follows_the_decisions():
     ds = cabs_tf.DecisionBatches(x, y, buckets=tr.buckets, seed=3).dataset(size)
     got = [(int(xb.shape[0]), int(tf.reduce_sum(w))) for xb, _, w in ds.take(5)]
     assert [m for _, m in got] == requested == [3, 9, 2, 16, 5]
-    assert [b for b, _ in got] == [cabs_tf.bucket_for(m, tr.buckets) for m in requested]
+    assert [b for b, _ in got] == [cabs_core.bucket_for(m, tr.buckets) for m in requested]
     # in a training loop: each batch has the size the previous step decided
     ds = tr.batches.dataset(lambda: tr.state.batch_size)
     sizes, decided = [], [tr.state.batch_size]

@@ -11,13 +11,16 @@ from hypothesis import strategies as st
 
 from cabs_core import (
     SamplerState,
+    bucket_for,
     cabs_batch_size,
     discretise,
     epoch_permutation,
+    geometric_buckets,
     gradient_noise_scale,
     inner_product_test_batch_size,
     next_batch,
     norm_test_batch_size,
+    pad_indices,
     shard,
 )
 
@@ -168,3 +171,32 @@ def test_discretise_monotone_and_bounded(raw, k):
 def test_discretise_refuses_nan():
     with pytest.raises(ValueError, match="NaN"):
         discretise(math.nan, 16, 32)
+
+
+def test_geometric_buckets_and_bucket_for():
+    assert geometric_buckets(16, 2048) == (16, 32, 64, 128, 256, 512, 1024, 2048)
+    assert geometric_buckets(16, 128, ratio=2**0.5) == (16, 23, 33, 47, 67, 95, 128)
+    assert geometric_buckets(3, 20) == (3, 6, 12, 20)
+    assert geometric_buckets(5, 5) == (5,)
+    assert bucket_for(17, (16, 32)) == 32 and bucket_for(16, (16, 32)) == 16
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        bucket_for(33, (16, 32))
+    for bad, match in (((16, 64, 1.0), "ratio"), ((0, 4, 2.0), "bs_min"), ((8, 4, 2.0), "bs_min")):
+        with pytest.raises(ValueError, match=match):
+            geometric_buckets(*bad)
+
+
+@given(lo=st.integers(1, 100), span=st.integers(0, 5000), ratio=st.floats(1.05, 4.0))
+def test_geometric_buckets_bound_the_padding(lo, span, ratio):
+    buckets = geometric_buckets(lo, lo + span, ratio)
+    assert buckets[0] == lo and buckets[-1] == lo + span and list(buckets) == sorted(set(buckets))
+    for n in range(lo, lo + span + 1, max(1, span // 50)):
+        b = bucket_for(n, buckets)
+        assert n <= b and (b == n or b <= math.ceil((n - 1) * ratio) + 1 or b == buckets[0])
+
+
+def test_pad_indices_repeats_a_real_example():
+    idx, mask = pad_indices(np.array([7, 3, 9]), 5)
+    assert idx.tolist() == [7, 3, 9, 7, 7] and mask.tolist() == [True, True, True, False, False]
+    with pytest.raises(ValueError, match="cannot pad"):
+        pad_indices(np.array([1, 2, 3]), 2)
