@@ -1,1 +1,44 @@
-"""cabs_torch: placeholder package; the adapter lands with its issue."""
+"""cabs_torch: the PyTorch adapter of CABS (Balles, Romero, Hennig, UAI 2017).
+
+- :class:`PerExampleStats` / :func:`per_example_stats`: the exact statistics of
+  SPEC section 4 (count, sum of losses, gradient sum, S = sum_i ||g_i||^2) for
+  an ``nn.Module`` and a per-example loss; a fast hook-based path for common
+  layers and a generic ``torch.func`` path for any model.
+- :class:`MicroBatchStats`: the group estimator over micro-batches (BatchNorm
+  in training mode).
+- :class:`CABSSGD`: an SGD step with lr times the batch's mean gradient that
+  updates the core's controller and returns the next batch size.
+- :class:`CABSBatchSampler`: a ``batch_sampler`` for ``DataLoader`` driven by
+  the core's sampler.
+
+See ``docs/torch.md``.
+"""
+
+from .groups import MicroBatchStats
+from .layers import RULES
+from .stats import (
+    BatchNormTrainingError,
+    PerExampleStats,
+    UnsupportedModelError,
+    check_batch_norm,
+    per_example_stats,
+    resolve_method,
+    trainable_parameters,
+    unsupported_reasons,
+)
+from .training import CABSSGD, CABSBatchSampler
+
+__all__ = [
+    "RULES",
+    "BatchNormTrainingError",
+    "CABSBatchSampler",
+    "CABSSGD",
+    "MicroBatchStats",
+    "PerExampleStats",
+    "UnsupportedModelError",
+    "check_batch_norm",
+    "per_example_stats",
+    "resolve_method",
+    "trainable_parameters",
+    "unsupported_reasons",
+]

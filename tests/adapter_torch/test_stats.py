@@ -1,0 +1,399 @@
+"""Exact per-example statistics: fast and generic paths against a brute-force
+loop of single-example backward passes, in float64."""
+
+from __future__ import annotations
+
+import cabs_torch
+import cabs_torch.layers
+import cabs_torch.stats
+import pytest
+import torch
+import torch.nn.functional as F
+from cabs_torch import (
+    BatchNormTrainingError,
+    PerExampleStats,
+    UnsupportedModelError,
+    per_example_stats,
+    resolve_method,
+)
+from torch import nn
+
+from cabs_core import CABSController, two_pass_variance, within_batch_variance
+
+M = 5  # examples per test batch
+METHODS = ["fast", "generic"]
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class Head(nn.Module):
+    """A layer under test followed by a flatten and a linear head to 3 classes."""
+
+    def __init__(self, layer: nn.Module, out_features: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.head = nn.Linear(out_features, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(x)).flatten(1))
+
+
+def _layer_cases():
+    f = torch.randn
+    return {
+        "linear": (nn.Linear(6, 4), lambda: f(M, 6), 4),
+        "linear_nobias": (nn.Linear(6, 4, bias=False), lambda: f(M, 6), 4),
+        "linear_seq": (nn.Linear(6, 4), lambda: f(M, 7, 6), 28),
+        "linear_seq4d": (nn.Linear(3, 4), lambda: f(M, 2, 5, 3), 40),
+        "conv1d": (nn.Conv1d(3, 4, 3), lambda: f(M, 3, 11), 36),
+        "conv1d_stride_pad": (nn.Conv1d(3, 4, 3, stride=2, padding=2), lambda: f(M, 3, 11), 28),
+        "conv1d_dil_groups": (nn.Conv1d(4, 6, 3, dilation=2, groups=2), lambda: f(M, 4, 11), 42),
+        "conv1d_same_circular": (nn.Conv1d(2, 4, 4, padding="same", padding_mode="circular"),
+                                 lambda: f(M, 2, 9), 36),
+        "conv2d": (nn.Conv2d(2, 3, 3), lambda: f(M, 2, 6, 6), 48),
+        "conv2d_stride_pad": (nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 2)), lambda: f(M, 2, 7, 6),
+                              4 * 4 * 9),
+        "conv2d_dilation": (nn.Conv2d(2, 3, 3, dilation=2, padding=1), lambda: f(M, 2, 8, 8), 3 * 6 * 6),
+        "conv2d_groups": (nn.Conv2d(4, 6, 3, groups=2, padding=1), lambda: f(M, 4, 5, 5), 150),
+        "conv2d_depthwise": (nn.Conv2d(3, 3, 3, groups=3), lambda: f(M, 3, 5, 5), 27),
+        "conv2d_same_reflect": (nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"),
+                                lambda: f(M, 2, 5, 5), 75),
+        "conv2d_valid_nobias": (nn.Conv2d(2, 3, 2, padding="valid", bias=False), lambda: f(M, 2, 5, 5), 48),
+        "embedding": (nn.Embedding(7, 4), lambda: torch.randint(0, 7, (M, 6)), 24),
+        "embedding_1d": (nn.Embedding(7, 4), lambda: torch.randint(0, 7, (M,)), 4),
+        "embedding_padding_idx": (nn.Embedding(5, 4, padding_idx=1), lambda: torch.randint(0, 5, (M, 8)), 32),
+        "layernorm": (nn.LayerNorm(6), lambda: f(M, 4, 6), 24),
+        "layernorm_2d_shape": (nn.LayerNorm((3, 4)), lambda: f(M, 2, 3, 4), 24),
+        "groupnorm": (nn.GroupNorm(2, 4), lambda: f(M, 4, 3, 3), 36),
+        "groupnorm_1d": (nn.GroupNorm(2, 4), lambda: f(M, 4, 5), 20),
+        "rmsnorm": (nn.RMSNorm(6), lambda: f(M, 3, 6), 18),
+        "batchnorm2d_eval": (nn.BatchNorm2d(3).eval(), lambda: f(M, 3, 4, 4), 48),
+        "batchnorm1d_eval": (nn.BatchNorm1d(5).eval(), lambda: f(M, 5), 5),
+    }
+
+
+LAYER_CASES = sorted(_layer_cases())
+
+
+def _layer_model(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    seeded(LAYER_CASES.index(name))
+    layer, make_x, features = _layer_cases()[name]
+    model = Head(layer, features).double()
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        layer.running_mean.uniform_(-0.5, 0.5)
+        layer.running_var.uniform_(0.5, 2.0)
+    for p in layer.parameters():  # non-trivial affine parameters
+        with torch.no_grad():
+            p.add_(0.3 * torch.randn_like(p))
+    x = make_x()
+    x = x.double() if x.is_floating_point() else x
+    y = torch.randint(0, 3, (M,))
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", LAYER_CASES)
+@pytest.mark.parametrize("method", METHODS)
+def test_each_layer_type_matches_brute_force(name, method, oracle, check):
+    model, x, y = _layer_model(name)
+    assert resolve_method(model, "auto") == "fast"
+    check(per_example_stats(model, ce, x, y, method=method), oracle(model, ce, x, y))
+
+
+@pytest.mark.parametrize("name", [n for n in LAYER_CASES if n.startswith("conv")])
+@pytest.mark.parametrize("gram", [True, False])
+def test_conv_both_formulas(name, gram, monkeypatch, oracle, check):
+    """Gram form (unfold) and per-example weight gradients (grouped convolution)."""
+    monkeypatch.setattr(cabs_torch.layers, "gram_is_cheaper", lambda t, p, q: gram)
+    model, x, y = _layer_model(name)
+    check(per_example_stats(model, ce, x, y, method="fast"), oracle(model, ce, x, y))
+
+
+def test_frozen_weight_trainable_bias(oracle, check):
+    model, x, y = _layer_model("conv2d_groups")
+    model.layer.weight.requires_grad_(False)
+    model.head.bias.requires_grad_(False)
+    stats = per_example_stats(model, ce, x, y, method="fast")
+    assert len(stats.grad_sum) == 2
+    check(stats, oracle(model, ce, x, y))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def paper_cnn() -> nn.Module:
+    """The paper's MNIST CNN: conv5x5x32, maxpool 2, conv5x5x64, maxpool 2, dense 1024, dense 10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(7 * 7 * 64, 1024), nn.ReLU(), nn.Linear(1024, 10),
+    )
+
+
+def groups_dilation_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4), nn.ReLU(),
+        nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 5 * 5, 10),
+    )
+
+
+class SeqModel(nn.Module):
+    """Embedding + LayerNorm sequence model; one Linear is applied twice."""
+
+    def __init__(self, vocab: int = 13, d: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.norm = nn.LayerNorm(d)
+        self.mix = nn.Linear(d, d)
+        self.out = nn.Linear(d, 10)
+
+    def forward(self, tokens):
+        h = self.norm(self.emb(tokens))
+        h = self.mix(torch.tanh(self.mix(h)))
+        return self.out(h.mean(1))
+
+
+MODELS = {
+    "mlp": (mlp, lambda m: torch.randn(m, 64)),
+    "paper_cnn": (paper_cnn, lambda m: torch.randn(m, 1, 28, 28)),
+    "groups_dilation_cnn": (groups_dilation_cnn, lambda m: torch.randn(m, 3, 10, 10)),
+    "seq": (SeqModel, lambda m: torch.randint(0, 13, (m, 9))),
+}
+
+
+def _model(name: str, m: int = 4, seed: int = 0):
+    seeded(seed)
+    make, make_x = MODELS[name]
+    model = make().double()
+    x = make_x(m)
+    return model, (x.double() if x.is_floating_point() else x), torch.randint(0, 10, (m,))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_auto_fast_generic_agree_with_brute_force(name, oracle, check):
+    model, x, y = _model(name, m=3 if name == "paper_cnn" else 6)
+    ref = oracle(model, ce, x, y)
+    assert resolve_method(model, "auto") == "fast"
+    for method in ("auto", "fast", "generic"):
+        check(per_example_stats(model, ce, x, y, method=method), ref)
+
+
+@pytest.mark.parametrize("name", ["mlp", "groups_dilation_cnn", "seq"])
+@pytest.mark.parametrize("method", METHODS)
+def test_masked_equals_unmasked(name, method, check):
+    """Padding examples with weight 0 change none of the sums."""
+    model, x, y = _model(name, m=7, seed=1)
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.float64)
+    real = keep.bool()
+    masked = per_example_stats(model, ce, x, y, weights=keep, method=method)
+    plain = per_example_stats(model, ce, x[real], y[real], method=method)
+    ref = {"count": 4, "loss_sum": float(plain.loss_sum), "grad_sum": list(plain.grad_sum),
+           "sq_norm_sum": float(plain.sq_norm_sum)}
+    check(masked, ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "seq"])
+def test_generic_chunked_equals_unchunked(name, check):
+    model, x, y = _model(name, m=7, seed=2)
+    whole = per_example_stats(model, ce, x, y, method="generic", chunk_size=7)
+    ref = {"count": 7, "loss_sum": float(whole.loss_sum), "grad_sum": list(whole.grad_sum),
+           "sq_norm_sum": float(whole.sq_norm_sum)}
+    for chunk in (1, 3):
+        check(per_example_stats(model, ce, x, y, method="generic", chunk_size=chunk), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["groups_dilation_cnn", "seq", "paper_cnn"])
+def test_fast_chunked_equals_unchunked(name, monkeypatch, check):
+    """The fast path's per-layer work in chunks of examples gives the same sums."""
+    model, x, y = _model(name, m=5, seed=3)
+    whole = per_example_stats(model, ce, x, y, method="fast")
+    ref = {"count": 5, "loss_sum": float(whole.loss_sum), "grad_sum": list(whole.grad_sum),
+           "sq_norm_sum": float(whole.sq_norm_sum)}
+    monkeypatch.setattr(cabs_torch.stats, "DEFAULT_CHUNK_ELEMENTS", 1)  # one example per chunk
+    check(per_example_stats(model, ce, x, y, method="fast"), ref, rtol=1e-12)
+
+
+def test_float32_close_to_float64(oracle):
+    model, x, y = _model("groups_dilation_cnn", m=8, seed=4)
+    ref = oracle(model, ce, x, y)
+    model32 = model.float()
+    stats = per_example_stats(model32, ce, x.float(), y, method="fast")
+    assert stats.sq_norm_sum.dtype == torch.float64
+    assert float(stats.sq_norm_sum) == pytest.approx(ref["sq_norm_sum"], rel=1e-5)
+
+
+def test_variance_matches_two_pass_definition(oracle):
+    """xi from the sums equals 1/(m-1) sum_i ||g_i - g_bar||^2 from per-example gradients."""
+    model, x, y = _model("seq", m=6, seed=5)
+    ref = oracle(model, ce, x, y)
+    stats = per_example_stats(model, ce, x, y)
+    xi = within_batch_variance(stats, ddof=1)
+    assert float(xi) == pytest.approx(float(two_pass_variance(ref["per_example"], ddof=1)), rel=1e-9)
+    state, info = CABSController(lr=0.1).update(CABSController(lr=0.1).init(), stats)
+    assert info.variance == pytest.approx(float(xi), rel=1e-12)
+
+
+def test_params_grad_untouched():
+    model, x, y = _model("mlp")
+    per_example_stats(model, ce, x, y, method="fast")
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- refusals and method choice
+
+
+@pytest.mark.parametrize("method", ["auto", "fast", "generic"])
+@pytest.mark.parametrize("bn", ["train", "no_running_stats"])
+def test_batchnorm_with_batch_statistics_is_refused(method, bn):
+    layer = nn.BatchNorm2d(4) if bn == "train" else nn.BatchNorm2d(4, track_running_stats=False).eval()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), layer, nn.Flatten(), nn.Linear(4 * 16, 3))
+    x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 3, (4,))
+    with pytest.raises(BatchNormTrainingError, match=r"'1'.*eval mode.*GroupNorm.*micro_batch"):
+        per_example_stats(model, ce, x, y, method=method)
+    if bn == "train":  # switching to eval mode makes the same engine work
+        engine = PerExampleStats(model, ce, method=method)
+        model.eval()
+        assert float(engine(x, y).count) == 4
+
+
+class Scaled(nn.Module):
+    """A module with its own parameter and no fast rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_unsupported_module_auto_uses_generic(oracle, check):
+    seeded(6)
+    model = Scaled().double()
+    x, y = torch.randn(5, 5, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.raises(UnsupportedModelError, match=r"Scaled.*no fast rule.*generic"):
+        per_example_stats(model, ce, x, y, method="fast")
+    assert resolve_method(model, "auto") == "generic"
+    check(per_example_stats(model, ce, x, y, method="auto"), oracle(model, ce, x, y))
+
+
+def test_tied_weights_refused_by_fast_exact_with_auto(oracle, check):
+    seeded(7)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.out = nn.Linear(4, 6, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, t):
+            return self.out(self.emb(t).mean(1))
+
+    model = Tied().double()
+    x, y = torch.randint(0, 6, (5, 3)), torch.randint(0, 6, (5,))
+    with pytest.raises(UnsupportedModelError, match="shared between emb.weight, out.weight"):
+        per_example_stats(model, ce, x, y, method="fast")
+    check(per_example_stats(model, ce, x, y), oracle(model, ce, x, y))
+
+
+def test_functional_use_of_a_layer_weight_is_detected():
+    class Sneaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(F.linear(x, self.a.weight, self.a.bias))
+
+    x, y = torch.randn(3, 4), torch.randint(0, 3, (3,))
+    with pytest.raises(UnsupportedModelError, match=r"a\.weight.*never called"):
+        per_example_stats(Sneaky(), ce, x, y, method="fast")
+
+
+def test_bad_arguments_are_named():
+    model, x, y = _model("mlp")
+    with pytest.raises(ValueError, match="method"):
+        per_example_stats(model, ce, x, y, method="quick")
+    with pytest.raises(ValueError, match=r"shape \(4,\).*reduction='none'"):
+        per_example_stats(model, lambda o, t: F.cross_entropy(o, t), x, y)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        per_example_stats(model, ce, x, y, weights=torch.ones(3))
+    with pytest.raises(ValueError, match="chunk_size"):
+        PerExampleStats(model, ce, chunk_size=0)
+
+
+def test_plan_follows_requires_grad_changes(oracle, check):
+    model, x, y = _model("mlp", m=4, seed=8)
+    engine = PerExampleStats(model, ce)
+    assert len(engine(x, y).grad_sum) == 6
+    model[1].weight.requires_grad_(False)
+    stats = engine(x, y)
+    assert len(stats.grad_sum) == 5
+    check(stats, oracle(model, ce, x, y))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fast_path_has_no_host_sync():
+    model, x, y = _model("groups_dilation_cnn", m=8)
+    model, x, y = model.float().cuda(), x.float().cuda(), y.cuda()
+    engine = PerExampleStats(model, ce, method="fast")
+    engine(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = engine(x, y, torch.ones(8, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.sq_norm_sum.device.type == "cuda"
+
+
+class TwiceConv(nn.Module):
+    """One convolution applied twice (its per-example gradient sums both calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 5 * 5, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(torch.tanh(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("gram", [True, False])
+def test_layer_called_twice(gram, monkeypatch, oracle, check):
+    monkeypatch.setattr(cabs_torch.layers, "gram_is_cheaper", lambda t, p, q: gram)
+    seeded(9)
+    model = TwiceConv().double()
+    x, y = torch.randn(5, 3, 5, 5, dtype=torch.float64), torch.randint(0, 4, (5,))
+    check(per_example_stats(model, ce, x, y, method="fast"), oracle(model, ce, x, y))
+
+
+def test_an_error_leaves_no_hooks_behind(oracle, check):
+    """A failing loss must not leave hooks or captured tensors on the model."""
+    model, x, y = _model("groups_dilation_cnn", m=3)
+    engine = PerExampleStats(model, ce, method="fast")
+
+    def broken(out, t):
+        raise RuntimeError("loss failed")
+
+    engine.loss_fn = broken
+    with pytest.raises(RuntimeError, match="loss failed"):
+        engine(x, y)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    engine.loss_fn = ce
+    check(engine(x, y), oracle(model, ce, x, y))
