@@ -4,7 +4,8 @@ numpy, array_api_strict, torch, jax, tensorflow: the core tests on that
 library's arrays, plus the framework's adapter tests (run in a separate
 pytest process, so that the core tests' float64 settings don't leak).
 conformance: every backend in one environment, the vectors through each.
-lint: ruff, and mypy on cabs_core. demo: the README's demo.
+experiments: the experiment command end to end on every framework.
+lint: ruff, and mypy on cabs_core. demo: the README's demo (the default experiment).
 All installs are pinned by constraints.txt (CPU builds of the frameworks).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "numpy", "array_api_strict", "torch", "jax", "tensorflow", "conformance"]
+nox.options.sessions = ["lint", "numpy", "array_api_strict", "torch", "jax", "tensorflow", "conformance", "experiments"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
 
@@ -81,6 +82,13 @@ def conformance(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def experiments(session: nox.Session) -> None:
+    """The experiment command (data loaders, reports, every backend) on tiny budgets."""
+    _install(session, "all,dev")
+    session.run(*PYTEST, "tests/experiments", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff on everything, mypy on the core."""
     session.install(*CONSTRAINTS, "ruff", "mypy", "numpy", "array-api-compat")
@@ -90,6 +98,6 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
-    """The README's demo: CABS on a least-squares problem, NumPy backend."""
-    _install(session, "dev")
-    session.run("python", "examples/least_squares.py", *session.posargs)
+    """The README's demo: CABS against SGD baselines on scikit-learn's digits (torch, CPU)."""
+    _install(session, "torch,experiments")
+    session.run("cabs-experiment", "--out", "runs/demo", *session.posargs)

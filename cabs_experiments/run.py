@@ -1,0 +1,419 @@
+"""The experiment: CABS against SGD baselines on one data set and one backend,
+the same budget of examples for every method; log, figures and summary.
+
+Methods (``--methods``):
+
+- ``cabs``: SGD with constant learning rate ``--cabs-lr`` (0.1; a comma-separated list
+  gives one CABS run per value) and batch sizes
+  decided by :class:`cabs_core.CABSController` (first batch 16, bounds 16..2048,
+  the upper bound capped at the training set size);
+- ``sgd``: constant batch size (each of ``--batch-sizes``) and constant learning
+  rate (each of ``--lrs``);
+- ``sgd-decay``: the same grid with a decaying learning rate (``--decay``:
+  ``step`` divides it by 10 at 50% and 75% of the budget, ``exp`` decays it
+  smoothly to 1% of its start value at the end).
+
+The driver is framework-free: it owns the sampler (:func:`cabs_core.next_batch`,
+the same example order for every method under one ``--seed``), the batch
+sizes, the learning rate schedules and the log; the backend
+(:mod:`cabs_experiments.backends`) owns parameters and arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cabs_core import CABSController, NonFiniteStatisticsError, SamplerState, next_batch
+
+from .backends import BACKENDS, Trainer, make_trainer
+from .backends.models import MODELS, default_model
+from .data import DATASETS, Dataset, load_dataset
+from .report import LOG_NAME, SUMMARY_MD, JsonlLog, Summary, summary_markdown, verdict, write_report
+
+FAMILIES = ("cabs", "sgd", "sgd-decay")
+DECAYS = ("step", "exp")
+DEFAULT_EPOCHS = {"digits": 30.0, "mnist": 10.0, "cifar10": 20.0, "svhn": 10.0}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training run: a family, a learning rate and (for SGD) a batch size."""
+
+    family: str
+    lr: float
+    batch_size: int | None = None
+    decay: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        if self.family == "cabs":
+            return f"cabs_lr{self.lr:g}"
+        name = "sgd" if self.decay is None else f"sgd-{self.decay}"
+        return f"{name}_bs{self.batch_size}_lr{self.lr:g}"
+
+    @property
+    def group(self) -> str:
+        """Runs of one group differ only in the learning rate; figures show each group's best."""
+        if self.family == "cabs":
+            return f"CABS, lr {self.lr:g}"  # every CABS learning rate is shown, none is picked as "best"
+        return f"SGD bs {self.batch_size}" + ("" if self.decay is None else f", {self.decay} decay")
+
+    @property
+    def label(self) -> str:
+        return self.group if self.family == "cabs" else f"{self.group}, lr {self.lr:g}"
+
+    def lr_at(self, examples_seen: int, budget: int) -> float:
+        """The learning rate of the step that starts after ``examples_seen`` of ``budget`` examples."""
+        if self.decay is None:
+            return self.lr
+        frac = examples_seen / budget
+        if self.decay == "step":
+            return self.lr * 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
+        return self.lr * 0.01**frac  # exp: 1% of the start value at the end of the budget
+
+
+@dataclass
+class ExperimentConfig:
+    """Every setting of one experiment (the command-line options)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    backend: str = "torch"
+    model: str | None = None  # None: mlp for digits/MNIST, cnn for CIFAR-10/SVHN
+    epochs: float | None = None  # None: DEFAULT_EPOCHS[dataset]
+    seed: int = 0
+    out: str = "runs/cabs-experiment"
+    methods: tuple[str, ...] = FAMILIES
+    batch_sizes: tuple[int, ...] = (16, 128)
+    lrs: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+    decay: str = "step"
+    cabs_lr: tuple[float, ...] = (0.1,)
+    cabs_bs_min: int = 16
+    cabs_bs_max: int = 2048
+    cabs_bs_init: int = 16
+    cabs_mode: str = "paper"
+    eval_every: float | None = None  # epochs; None: epochs / 20
+    eval_train_examples: int = 10_000
+    target_loss: float | None = None
+    progress: bool | None = None  # None: when stderr is a terminal
+    log_every: int = 1
+    threads: int | None = None  # None: 1 for the mlp (small matrices), the framework's default for the cnn
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.model is None:
+            self.model = default_model(self.dataset)
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS[self.dataset]
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        bad = [m for m in self.methods if m not in FAMILIES]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {', '.join(FAMILIES)}, got {list(self.methods)}")
+        if any(b < 1 for b in self.batch_sizes) or (not self.batch_sizes and set(self.methods) - {"cabs"}):
+            raise ValueError(f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
+        if isinstance(self.cabs_lr, (int, float)):
+            self.cabs_lr = (float(self.cabs_lr),)
+        if not self.cabs_lr or any(not lr > 0 for lr in self.cabs_lr):
+            raise ValueError(f"CABS learning rates must be > 0, got {list(self.cabs_lr)}")
+        if any(not lr > 0 for lr in self.lrs) or (not self.lrs and set(self.methods) - {"cabs"}):
+            raise ValueError(f"learning rates must be > 0, got {list(self.lrs)}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        if self.eval_every is None:
+            self.eval_every = self.epochs / 20
+        if not self.eval_every > 0:
+            raise ValueError(f"eval_every must be > 0, got {self.eval_every}")
+        if self.threads is None and self.model == "mlp":
+            self.threads = 1
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.eval_train_examples < 1 or self.log_every < 1:
+            raise ValueError("eval_train_examples and log_every must be >= 1")
+
+    def method_list(self) -> list[Method]:
+        """The runs, CABS first, then every (batch size, lr) of each SGD family."""
+        out = []
+        if "cabs" in self.methods:
+            out += [Method("cabs", lr) for lr in self.cabs_lr]
+        for fam in ("sgd", "sgd-decay"):
+            if fam in self.methods:
+                decay = None if fam == "sgd" else self.decay
+                out += [Method(fam, lr, b, decay) for b in self.batch_sizes for lr in self.lrs]
+        return out
+
+
+@dataclass
+class RunOutcome:
+    """How one run ended."""
+
+    method: Method
+    status: str  # "ok" or "diverged"
+    reason: str | None
+    steps: int
+    wall_time: float
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Progress:
+    """A tqdm bar over all runs' examples (or nothing)."""
+
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        self.bar = None
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="ex", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def run_method(
+    trainer: Trainer,
+    method: Method,
+    cfg: ExperimentConfig,
+    num_examples: int,
+    log: JsonlLog,
+    progress: _Progress,
+    train_subset: np.ndarray | None,
+) -> RunOutcome:
+    """Train ``method`` from the seed's initial parameters for the budget; log every step and evaluation."""
+    assert cfg.epochs is not None and cfg.eval_every is not None
+    epochs = cfg.epochs
+    budget = round(epochs * num_examples)
+    # evaluations at the same points of every run: k / K of the budget, k = 1..K (and before the first step)
+    n_evals = max(1, round(cfg.epochs / cfg.eval_every))
+    eval_points = [max(1, round(k * budget / n_evals)) for k in range(1, n_evals + 1)]
+    trainer.reset(cfg.seed)
+    sampler = SamplerState(num_examples, cfg.seed)
+    ctl = state = None
+    if method.family == "cabs":
+        ctl = CABSController(
+            lr=method.lr,
+            bs_min=min(cfg.cabs_bs_min, num_examples),
+            bs_max=min(cfg.cabs_bs_max, num_examples),
+            bs_init=min(cfg.cabs_bs_init, num_examples),
+            mode=cfg.cabs_mode,  # type: ignore[arg-type]
+        )
+        state = ctl.init()
+    rid = method.run_id
+    log.write({"kind": "run", "run": rid, "family": method.family, "group": method.group, "label": method.label,
+               "lr": method.lr, "batch_size": method.batch_size, "decay": method.decay,
+               "controller": None if ctl is None else {k: v for k, v in asdict(ctl).items() if v is not None}})
+    progress.describe(method.label)
+    wall, step, evals = 0.0, 0, []
+    status, reason = "ok", None
+
+    def evaluate(point: int) -> None:
+        train_loss, _ = trainer.evaluate("train", train_subset)
+        test_loss, test_acc = trainer.evaluate("test")
+        rec = {"kind": "eval", "run": rid, "step": step, "examples": sampler.examples_seen,
+               "epoch": sampler.epoch, "point_epoch": epochs * point / n_evals,
+               "train_loss": train_loss, "test_loss": test_loss,
+               "test_accuracy": test_acc, "wall_time": wall}
+        evals.append(rec)
+        log.write(rec)
+
+    evaluate(0)
+    next_eval = 0  # index into eval_points
+    while sampler.examples_seen < budget:
+        b = state.batch_size if state is not None else method.batch_size
+        assert b is not None
+        b = min(b, budget - sampler.examples_seen)  # the last batch fills the budget exactly
+        lr = method.lr_at(sampler.examples_seen, budget)
+        t0 = time.perf_counter()
+        idx, sampler = next_batch(sampler, b)
+        loss: float | None
+        variance = raw = None
+        if ctl is not None and state is not None:
+            stats = trainer.cabs_step(idx, lr)
+            try:
+                state, info = ctl.update(state, stats)
+            except NonFiniteStatisticsError as e:
+                loss, status, reason = math.nan, "diverged", str(e)
+            else:
+                loss, variance, raw = info.loss, info.variance, info.raw
+        else:
+            loss = trainer.sgd_step(idx, lr)
+        wall += time.perf_counter() - t0
+        step += 1
+        if status == "ok" and loss is not None and not math.isfinite(loss):
+            status, reason = "diverged", f"non-finite mini-batch loss {loss} at step {step}"
+        if step % cfg.log_every == 0 or status != "ok" or sampler.examples_seen >= budget:
+            log.write({"kind": "step", "run": rid, "step": step, "examples": sampler.examples_seen,
+                       "epoch": sampler.epoch, "batch_size": b, "loss": loss if _finite(loss) else None,
+                       "variance": variance, "raw": raw if _finite(raw) else None, "lr": lr,
+                       "wall_time": wall})
+        progress.update(b)
+        if status != "ok":
+            progress.update(budget - sampler.examples_seen)
+            break
+        if sampler.examples_seen >= eval_points[next_eval]:
+            while next_eval < len(eval_points) - 1 and eval_points[next_eval + 1] <= sampler.examples_seen:
+                next_eval += 1  # a large batch crossed several points: evaluate once, at the last
+            evaluate(next_eval + 1)
+            next_eval = min(next_eval + 1, len(eval_points) - 1)
+    log.write({"kind": "end", "run": rid, "status": status, "reason": reason, "steps": step,
+               "examples": sampler.examples_seen, "wall_time": wall})
+    return RunOutcome(method, status, reason, step, wall, evals)
+
+
+def run_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Summary:
+    """Train every method, write ``log.jsonl``, the figures and the summary to ``cfg.out``."""
+    if dataset is None:
+        dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    assert cfg.model is not None and cfg.epochs is not None
+    n = len(dataset.y_train)
+    if n < 2:
+        raise ValueError(f"{dataset.name}: at least 2 training examples are needed, got {n}")
+    trainer = make_trainer(cfg.backend, dataset, cfg.model, cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = cfg.method_list()
+    train_subset = None
+    if n > cfg.eval_train_examples:
+        rng = np.random.default_rng(cfg.seed)
+        train_subset = np.sort(rng.choice(n, cfg.eval_train_examples, replace=False))
+    budget = round(cfg.epochs * n)
+    header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "data_dir")}
+    header.update(kind="config", data=dataset.describe(), num_train=n, num_test=len(dataset.y_test),
+                  budget_examples=budget, num_parameters=trainer.num_parameters,
+                  eval_train_subset=train_subset is not None, runs=[m.run_id for m in methods])
+    progress = _Progress(budget * len(methods), cfg.progress)
+    try:
+        with JsonlLog(out / LOG_NAME) as log:
+            log.write(header)
+            for m in methods:
+                run_method(trainer, m, cfg, n, log, progress, train_subset)
+    finally:
+        progress.close()
+    return write_report(out, cfg.target_loss)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ExperimentConfig()
+    p = argparse.ArgumentParser(
+        prog="cabs-experiment",
+        description="CABS (Balles, Romero, Hennig 2017) against SGD with constant and decaying learning "
+        "rates, the same budget of examples for each; writes a JSONL log, PNG figures and a markdown summary.",
+    )
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="default: %(default)s (no download)")
+    p.add_argument("--data-dir", default=None, help="where the MNIST / CIFAR-10 / SVHN files are")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="default: %(default)s")
+    p.add_argument("--model", choices=MODELS, default=None, help="default: mlp for digits/mnist, cnn otherwise")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="budget per method in epochs (default: " +
+                   ", ".join(f"{k} {v:g}" for k, v in DEFAULT_EPOCHS.items()) + ")")
+    p.add_argument("--seed", type=int, default=d.seed, help="initial parameters and example order (default 0)")
+    p.add_argument("--out", default=d.out, help="output directory (default: %(default)s)")
+    p.add_argument("--methods", type=_names, default=d.methods, help="comma-separated subset of "
+                   + ",".join(FAMILIES) + " (default: all)")
+    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="SGD batch sizes (default: 16,128)")
+    p.add_argument("--lrs", type=_floats, default=d.lrs, help="SGD learning-rate grid (default: 0.03,0.1,0.3,1)")
+    p.add_argument("--decay", choices=DECAYS, default=d.decay, help="sgd-decay schedule (default: step)")
+    p.add_argument("--cabs-lr", type=_floats, default=d.cabs_lr,
+                   help="CABS learning rate(s), comma-separated: one run each (default: 0.1)")
+    p.add_argument("--cabs-bs-min", type=int, default=d.cabs_bs_min, help="default: %(default)s")
+    p.add_argument("--cabs-bs-max", type=int, default=d.cabs_bs_max,
+                   help="default: %(default)s (capped at the training set size)")
+    p.add_argument("--cabs-bs-init", type=int, default=d.cabs_bs_init, help="first batch (default: %(default)s)")
+    p.add_argument("--cabs-mode", choices=("paper", "reference"), default=d.cabs_mode, help="default: %(default)s")
+    p.add_argument("--eval-every", type=float, default=None, help="epochs between evaluations (default: epochs/20)")
+    p.add_argument("--eval-train-examples", type=int, default=d.eval_train_examples,
+                   help="training loss on a fixed subset of this many examples (default: %(default)s)")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="training loss to reach (default: the highest of the families' lowest losses)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="log every k-th step (default: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the framework (default: 1 for the mlp, the framework's default otherwise)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: redraw the figures and summary from OUT/log.jsonl (e.g. with --target-loss)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console command: run the experiment and print where the results are."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    report_only = args.pop("report_only")
+    try:
+        cfg = ExperimentConfig(**args)
+    except ValueError as e:
+        parser.error(str(e))
+    t0 = time.perf_counter()
+    try:
+        if report_only:
+            if not (Path(cfg.out) / LOG_NAME).is_file():
+                raise ValueError(f"--report-only: no {Path(cfg.out) / LOG_NAME} to read")
+            s = write_report(cfg.out, cfg.target_loss)
+        else:
+            s = run_experiment(cfg)
+    except (ValueError, ImportError) as e:  # DataError is a ValueError
+        print(f"cabs-experiment: error: {e}", file=sys.stderr)
+        return 2
+    md = summary_markdown(s)
+    table = md.split("## Best learning rate per method\n\n", 1)[1].split("\n\n", 1)[0]
+    print(table)
+    for line in verdict(s):
+        print("-", line)
+    if s.best_baseline is not None:
+        print(f"best baseline: {s.best_baseline.label}")
+    print(f"target training loss {s.target_loss:.4g}; wrote {Path(cfg.out) / SUMMARY_MD} and the log, "
+          f"figures next to it ({time.perf_counter() - t0:.0f} s)")
+    return 0
