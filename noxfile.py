@@ -75,10 +75,13 @@ def tensorflow(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def conformance(session: nox.Session) -> None:
-    """All frameworks in one environment: every vector through every backend."""
+    """All frameworks in one environment: every vector through every backend, then the
+    model-level checks (same statistics and decisions in torch, JAX and TensorFlow)."""
     _install(session, "all,dev")
     for backend in BACKENDS:
         session.run("python", "-m", "cabs_conformance", "--backend", backend)
+    session.run("python", "-m", "cabs_conformance.e2e")
+    session.run(*PYTEST, "tests/conformance_e2e", *session.posargs)
 
 
 @nox.session(python=PYTHON)
