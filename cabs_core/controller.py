@@ -17,6 +17,7 @@ backend and device reaches the same decision from the same statistics.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -96,6 +97,13 @@ class ControllerState:
     def to_json(self) -> str:
         """JSON text; floats are written so that they read back bit for bit."""
         return json.dumps(self.to_dict(), allow_nan=False)
+
+    def digest(self) -> int:
+        """A 63-bit fingerprint of the whole state (averages bit for bit, the
+        decision, the counters). Data-parallel ranks compare digests to detect
+        that their controllers have diverged (they must agree after every step)."""
+        h = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).digest()
+        return int.from_bytes(h[:8], "big") >> 1
 
     @classmethod
     def from_json(cls, text: str) -> ControllerState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -287,3 +288,13 @@ def test_corrupt_state_is_refused(bad, match):
     del d["updates"]
     with pytest.raises(ValueError, match="missing 'updates'"):
         ControllerState.from_dict(d)
+
+
+def test_digest_tells_states_apart(xb):
+    ctl = CABSController(lr=0.1)
+    a, _ = ctl.update(ctl.init(), stats(xb, 8, 8.0, [[1.0]], 100.0))
+    b = ControllerState.from_json(a.to_json())
+    assert a.digest() == b.digest() and 0 <= a.digest() < 2**63
+    nudged = dataclasses.replace(a, xi_avg=math.nextafter(a.xi_avg, math.inf))
+    assert nudged.digest() != a.digest()
+    assert dataclasses.replace(a, batch_size=a.batch_size + 1).digest() != a.digest()
