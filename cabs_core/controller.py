@@ -28,6 +28,7 @@ import numpy as np
 
 from .rules import cabs_batch_size, discretise
 from .stats import BatchStats, ScalarStats, reduce_stats, to_host
+from .variance import within_batch_variance
 
 Mode = Literal["paper", "reference"]
 _STATE_FORMAT = "cabs-controller-state/1"
@@ -246,7 +247,7 @@ class CABSController:
             return new, StepInfo(state.batch_size, skipped=True, reason="count")
 
         loss = loss_sum / m
-        xi = (sq_norm_sum - g2 / m) / (m - self.ddof)
+        xi = float(within_batch_variance(ScalarStats(m, loss_sum, sq_norm_sum, g2), self.ddof))
         clamped = xi < 0
         xi = max(xi, 0.0)
         xi_avg = self.mu * state.xi_avg + (1 - self.mu) * xi
