@@ -55,6 +55,7 @@ def torch(session: nox.Session) -> None:
     _install(session, "torch,dev")
     session.run(*PYTEST, "tests/core", "--backends=torch", *session.posargs)
     _adapter_tests(session, "adapter_torch")
+    _adapter_tests(session, "distributed_torch")
 
 
 @nox.session(python=PYTHON)

@@ -10,10 +10,13 @@
   updates the core's controller and returns the next batch size.
 - :class:`CABSBatchSampler`: a ``batch_sampler`` for ``DataLoader`` driven by
   the core's sampler.
+- :class:`DistributedCABSSGD`: data-parallel CABSSGD on ``torch.distributed``
+  (all-reduced statistics, desync detection; ``docs/distributed/torch.md``).
 
 See ``docs/torch.md``.
 """
 
+from .distributed import DesyncError, DistributedCABSSGD, all_reduce_stats, check_in_sync, config_digest
 from .groups import MicroBatchStats
 from .layers import RULES
 from .stats import (
@@ -33,10 +36,15 @@ __all__ = [
     "BatchNormTrainingError",
     "CABSBatchSampler",
     "CABSSGD",
+    "DesyncError",
+    "DistributedCABSSGD",
     "MicroBatchStats",
     "PerExampleStats",
     "UnsupportedModelError",
+    "all_reduce_stats",
     "check_batch_norm",
+    "check_in_sync",
+    "config_digest",
     "per_example_stats",
     "resolve_method",
     "trainable_parameters",
