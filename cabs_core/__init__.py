@@ -7,7 +7,15 @@ batch-size rules (:mod:`.rules`), the smoothed controller (:mod:`.controller`)
 and the batch sampler (:mod:`.sampler`). It imports no deep-learning framework.
 """
 
-from .controller import CABSController, ConfigError, ControllerState, NonFiniteStatisticsError, StepInfo
+from .controller import (
+    CABSController,
+    ConfigError,
+    ControllerState,
+    DesyncError,
+    NonFiniteStatisticsError,
+    StepInfo,
+    check_digests,
+)
 from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_sq_norms
 from .rules import (
     cabs_batch_size,
@@ -23,7 +31,9 @@ from .sampler import (
     geometric_buckets,
     next_batch,
     pad_indices,
+    padded_shards,
     shard,
+    shard_buckets,
 )
 from .stats import BatchStats, ScalarStats, batch_stats_from_per_example, combine, reduce_stats, to_host
 from .variance import group_variance, inner_product_variance, two_pass_variance, within_batch_variance
@@ -35,6 +45,7 @@ __all__ = [
     "CABSController",
     "ConfigError",
     "ControllerState",
+    "DesyncError",
     "NonFiniteStatisticsError",
     "SamplerState",
     "ScalarStats",
@@ -45,6 +56,7 @@ __all__ = [
     "embedding_sq_norms",
     "linear_sq_norms",
     "cabs_batch_size",
+    "check_digests",
     "combine",
     "discretise",
     "epoch_permutation",
@@ -56,9 +68,11 @@ __all__ = [
     "next_batch",
     "norm_test_batch_size",
     "pad_indices",
+    "padded_shards",
     "reduce_stats",
     "scale_sq_norms",
     "shard",
+    "shard_buckets",
     "to_host",
     "two_pass_variance",
     "within_batch_variance",

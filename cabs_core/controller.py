@@ -56,6 +56,42 @@ class NonFiniteStatisticsError(FloatingPointError, ValueError):
         self.step = step
 
 
+class DesyncError(RuntimeError):
+    """Data-parallel workers whose controllers disagree: their decisions diverged."""
+
+    def __init__(
+        self, message: str, step: int | None = None, digests: Sequence[int] = (), names: Sequence[str] = ()
+    ) -> None:
+        super().__init__(message)
+        self.step, self.digests, self.names = step, [int(d) for d in digests], list(names)
+
+
+def check_digests(digests: Sequence[int], step: int, names: Sequence[str] | None = None) -> None:
+    """Raise :class:`DesyncError` naming ``step`` unless every worker's
+    :meth:`ControllerState.digest` in ``digests`` is the same. ``names`` labels
+    them (default ``"worker 0"``, ...). Gathering the digests is the engine's job."""
+    digests = [int(d) for d in digests]
+    if not digests:
+        raise ValueError("check_digests needs at least one digest")
+    names = [f"worker {i}" for i in range(len(digests))] if names is None else list(names)
+    if len(names) != len(digests):
+        raise ValueError(f"got {len(digests)} digests but {len(names)} names")
+    if any(d != digests[0] for d in digests[1:]):
+        groups: dict[int, list[str]] = {}
+        for d, n in zip(digests, names):
+            groups.setdefault(d, []).append(n)
+        parts = "; ".join(f"{', '.join(ns)}: {d:#018x}" for d, ns in groups.items())
+        raise DesyncError(
+            f"CABS controllers diverged at step {step}: their state digests differ ({parts}). The workers "
+            f"no longer make the same batch-size decisions: check that every worker runs the same "
+            f"controller configuration, seed and checkpoint, and that statistics are all-reduced before "
+            f"controller.update.",
+            step,
+            digests,
+            names,
+        )
+
+
 @dataclass(frozen=True)
 class ControllerState:
     """Everything a resumed controller needs (all plain Python numbers).

@@ -143,3 +143,35 @@ def pad_indices(indices: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(f"cannot pad a batch of {m} indices to size {size}")
     padded = np.concatenate([np.asarray(indices, np.int64), np.full(size - m, indices[0], np.int64)])
     return padded, np.arange(size) < m
+
+
+def shard_buckets(buckets: Sequence[int], world_size: int) -> tuple[int, ...]:
+    """Per-worker padded sizes ceil(q / world_size) for global ``buckets`` q: a
+    global batch b <= q has shards of at most ceil(b / world_size) examples, so
+    there is at most one compiled program per global bucket."""
+    if not isinstance(world_size, (int, np.integer)) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    return tuple(sorted({-(-int(q) // int(world_size)) for q in buckets}))
+
+
+def padded_shards(indices: np.ndarray, world_size: int, buckets: Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """A global batch split with :func:`shard` and every shard padded to one
+    per-worker bucket (from ``buckets``, e.g. :func:`shard_buckets`).
+
+    Returns (indices, mask, size): arrays of length world_size * size, worker
+    r's rows at [r * size, (r + 1) * size). A shard left empty (a global batch
+    smaller than world_size) is all padding, copies of a real example, mask 0.
+    """
+    if len(indices) < 1:
+        raise ValueError("cannot shard an empty batch")
+    size = bucket_for(-(-len(indices) // world_size), buckets)
+    idx, mask = [], []
+    for r in range(world_size):
+        part = shard(indices, world_size, r)
+        if len(part) == 0:
+            i, k = np.full(size, indices[0], np.int64), np.zeros(size, bool)
+        else:
+            i, k = pad_indices(part, size)
+        idx.append(i)
+        mask.append(k)
+    return np.concatenate(idx), np.concatenate(mask), size

@@ -29,3 +29,19 @@ __all__ = [
     "linear_sq_norms",
     "scale_shift_sq_norms",
 ]
+
+from .distributed import (  # noqa: E402
+    DistributedCABSTrainer,
+    gather_digests,
+    load_checkpoint,
+    logical_cpu_devices,
+    save_checkpoint,
+)
+
+__all__ += [
+    "DistributedCABSTrainer",
+    "gather_digests",
+    "load_checkpoint",
+    "logical_cpu_devices",
+    "save_checkpoint",
+]
