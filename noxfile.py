@@ -64,6 +64,7 @@ def jax(session: nox.Session) -> None:
     _install(session, "jax,dev")
     session.run(*PYTEST, "tests/core", "--backends=jax", *session.posargs)
     _adapter_tests(session, "adapter_jax")
+    _adapter_tests(session, "distributed_jax")
 
 
 @nox.session(python=PYTHON)
@@ -72,6 +73,7 @@ def tensorflow(session: nox.Session) -> None:
     _install(session, "tf,dev")
     session.run(*PYTEST, "tests/interop_tf", *session.posargs)
     _adapter_tests(session, "adapter_tf")
+    _adapter_tests(session, "distributed_tf")
 
 
 @nox.session(python=PYTHON)

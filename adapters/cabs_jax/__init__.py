@@ -41,3 +41,17 @@ __all__ = [
     "save_checkpoint",
     "take_batch",
 ]
+
+from .distributed import (  # noqa: E402  data parallelism (docs/distributed/jax.md)
+    DataParallelCABSTrainer,
+    allgather_digests,
+    data_mesh,
+    verify_sync,
+)
+
+__all__ += [
+    "DataParallelCABSTrainer",
+    "allgather_digests",
+    "data_mesh",
+    "verify_sync",
+]

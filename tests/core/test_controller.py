@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cabs_core import BatchStats, CABSController, ConfigError, ControllerState, NonFiniteStatisticsError
+from cabs_core import (
+    BatchStats,
+    CABSController,
+    ConfigError,
+    ControllerState,
+    DesyncError,
+    NonFiniteStatisticsError,
+    check_digests,
+)
 
 
 def stats(xb, count, loss_sum, grad_sum, sq_norm_sum) -> BatchStats:
@@ -298,3 +306,20 @@ def test_digest_tells_states_apart(xb):
     nudged = dataclasses.replace(a, xi_avg=math.nextafter(a.xi_avg, math.inf))
     assert nudged.digest() != a.digest()
     assert dataclasses.replace(a, batch_size=a.batch_size + 1).digest() != a.digest()
+
+
+def test_check_digests_names_the_step_and_the_odd_workers(xb):
+    ctl = CABSController(lr=0.1)
+    a, _ = ctl.update(ctl.init(), stats(xb, 8, 8.0, [[1.0]], 100.0))
+    b, _ = ctl.update(ctl.init(), stats(xb, 8, 8.0, [[1.0]], 100.000001))  # another worker's statistics
+    check_digests([a.digest()] * 3, step=1)  # agreement: no error
+    with pytest.raises(DesyncError, match="diverged at step 42") as e:
+        check_digests([a.digest(), a.digest(), b.digest()], step=42)
+    assert e.value.step == 42 and e.value.names == ["worker 0", "worker 1", "worker 2"]
+    assert f"worker 2: {b.digest():#018x}" in str(e.value)
+    with pytest.raises(DesyncError, match="host-b"):
+        check_digests([1, 2], step=3, names=["host-a", "host-b"])
+    with pytest.raises(ValueError, match="at least one digest"):
+        check_digests([], step=1)
+    with pytest.raises(ValueError, match="2 digests but 1 names"):
+        check_digests([1, 1], step=1, names=["a"])

@@ -21,7 +21,9 @@ from cabs_core import (
     next_batch,
     norm_test_batch_size,
     pad_indices,
+    padded_shards,
     shard,
+    shard_buckets,
 )
 
 MASK = (1 << 64) - 1
@@ -200,3 +202,21 @@ def test_pad_indices_repeats_a_real_example():
     assert idx.tolist() == [7, 3, 9, 7, 7] and mask.tolist() == [True, True, True, False, False]
     with pytest.raises(ValueError, match="cannot pad"):
         pad_indices(np.array([1, 2, 3]), 2)
+
+
+def test_shard_buckets_and_padded_shards():
+    assert shard_buckets((3, 6, 12, 24, 40), 4) == (1, 2, 3, 6, 10)
+    idx = np.arange(100, 114)  # 14 examples over 4 workers: 4, 4, 3, 3
+    gidx, mask, size = padded_shards(idx, 4, (1, 2, 3, 6, 10))
+    assert size == 6 and gidx.shape == mask.shape == (24,)
+    for r in range(4):
+        part = shard(idx, 4, r)
+        rows, keep = gidx[r * 6 : (r + 1) * 6], mask[r * 6 : (r + 1) * 6]
+        assert rows[keep].tolist() == part.tolist() and keep.sum() == len(part)
+        assert np.all(rows[~keep] == part[0])  # padding copies a real example of the shard
+    gidx, mask, size = padded_shards(np.array([7, 9]), 4, (1, 2))  # two workers get nothing
+    assert size == 1 and mask.tolist() == [True, True, False, False] and gidx.tolist() == [7, 9, 7, 7]
+    with pytest.raises(ValueError, match="world_size"):
+        shard_buckets((4,), 0)
+    with pytest.raises(ValueError, match="empty batch"):
+        padded_shards(np.array([], dtype=np.int64), 2, (2,))

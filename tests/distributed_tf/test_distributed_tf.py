@@ -109,21 +109,3 @@ def test_injected_desync_is_detected_through_the_collective(run):
 def test_refusals_name_the_problem(run):
     assert "strategy.scope()" in run["outside_scope"] and "kernel" in run["outside_scope"]
     assert "already initialised" in run["late_split"]
-
-
-def test_check_digests_on_per_worker_digests():
-
-    import cabs_core
-
-    state = cabs_core.CABSController(lr=0.1).init()
-    cabs_core.check_digests([state.digest()] * 3, step=0)  # agreement: no error
-    moved = cabs_core.ControllerState(**{**state.__dict__, "batch_size": state.batch_size + 1})
-    with pytest.raises(cabs_core.DesyncError, match="diverged at step 42") as e:
-        cabs_core.check_digests([state.digest(), state.digest(), moved.digest()], step=42)
-    assert e.value.step == 42 and "worker 0, worker 1" in str(e.value) and "worker 2" in str(e.value)
-    with pytest.raises(cabs_core.DesyncError, match="host-b"):
-        cabs_core.check_digests([1, 2], step=3, names=["host-a", "host-b"])
-    with pytest.raises(ValueError, match="at least one"):
-        cabs_core.check_digests([], step=1)
-    with pytest.raises(ValueError, match="2 digests but 1 names"):
-        cabs_core.check_digests([1, 1], step=1, names=["a"])
