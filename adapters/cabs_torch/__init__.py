@@ -16,7 +16,7 @@
 See ``docs/torch.md``.
 """
 
-from .distributed import DesyncError, DistributedCABSSGD, all_reduce_stats, check_in_sync, config_digest
+from .distributed import DistributedCABSSGD, all_reduce_stats, check_in_sync, config_digest
 from .groups import MicroBatchStats
 from .layers import RULES
 from .stats import (
@@ -36,7 +36,6 @@ __all__ = [
     "BatchNormTrainingError",
     "CABSBatchSampler",
     "CABSSGD",
-    "DesyncError",
     "DistributedCABSSGD",
     "MicroBatchStats",
     "PerExampleStats",

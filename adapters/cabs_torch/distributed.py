@@ -16,7 +16,7 @@ a global batch are the sums of its shards' statistics. One step on each rank:
 
 Every ``check_every`` steps the ranks compare :meth:`ControllerState.digest`
 (and a digest of the controller's configuration and the sampler's position)
-with one ``all_gather`` and raise :class:`DesyncError` on every rank if they
+with one ``all_gather`` and raise :class:`cabs_core.DesyncError` on every rank if they
 differ (:func:`check_in_sync`).
 
 DDP's own gradient all-reduce is not used: it runs inside ``loss.backward()``,
@@ -37,15 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cabs_core import BatchStats, CABSController
+from cabs_core import BatchStats, CABSController, DesyncError
 
 from .stats import LossFn, Method
 from .training import CABSSGD, CABSBatchSampler
-
-
-class DesyncError(RuntimeError):
-    """Data-parallel ranks hold different controller states (or configurations,
-    or sampler positions): their batch-size decisions have diverged."""
 
 
 def _group_info(group: Any) -> tuple[int, int]:
@@ -88,7 +83,7 @@ def config_digest(controller: CABSController) -> int:
 
 
 def check_in_sync(values: dict[str, int], step: int, group: Any = None, device: torch.device | None = None) -> None:
-    """Raise :class:`DesyncError` on every rank unless all ranks pass the same
+    """Raise :class:`cabs_core.DesyncError` on every rank unless all ranks pass the same
     ``values`` (named integers in [-2**63, 2**63)). One ``all_gather``; collective."""
     world_size, rank = _group_info(group)
     names = list(values)
@@ -104,7 +99,8 @@ def check_in_sync(values: dict[str, int], step: int, group: Any = None, device: 
             f"data-parallel CABS ranks disagree after step {step} (this is rank {rank} of {world_size}): "
             f"{detail}. Every rank must run the same controller configuration on the same all-reduced "
             f"statistics; a rank that changed its state, skipped a step or loaded another checkpoint "
-            f"diverges. Restart all ranks from one checkpoint."
+            f"diverges. Restart all ranks from one checkpoint.",
+            step,
         )
 
 
@@ -200,7 +196,7 @@ class DistributedCABSSGD(CABSSGD):
         }
 
     def check_sync(self) -> None:
-        """Raise :class:`DesyncError` on every rank if the ranks disagree (collective)."""
+        """Raise :class:`cabs_core.DesyncError` on every rank if the ranks disagree (collective)."""
         check_in_sync(self.sync_values(), self.state.step, self.group, self.device)
 
     def state_dict(self) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from cabs_torch import DesyncError, DistributedCABSSGD
+from cabs_torch import DistributedCABSSGD
 
-from cabs_core import CABSController
+from cabs_core import CABSController, DesyncError
 
 torch.set_num_threads(1)
 _spec = importlib.util.spec_from_file_location("dist_common", Path(__file__).with_name("common.py"))
