@@ -20,7 +20,7 @@ One step (SPEC sections 2 and 4; issue 8):
 Multi-host (``jax.distributed.initialize()``): the mesh spans the devices of
 all processes; each process gathers only the rows its own devices hold.
 Processes compare :meth:`cabs_core.ControllerState.digest` every
-``sync_every`` steps (:func:`allgather_digests`, :func:`cabs_core.check_digests`) and
+``check_every`` steps (:func:`allgather_digests`, :func:`cabs_core.check_digests`) and
 raise :class:`cabs_core.DesyncError` naming the step when they differ.
 See ``docs/distributed/jax.md``.
 """
@@ -114,7 +114,7 @@ class DataParallelCABSTrainer:
     Same arguments and results as :class:`cabs_jax.CABSTrainer` (``loss``,
     ``controller``, ``data``, ``optimizer``, ``method``, ``chunk_size``, global
     ``buckets``, ``seed``), plus ``mesh`` (default :func:`data_mesh`: all devices),
-    ``sync_every`` (compare controller digests across processes every this many
+    ``check_every`` (compare controller digests across processes every this many
     steps; 0: never; single-process runs have one controller and skip the check
     unless ``gather`` is given) and ``gather`` (how digests are collected,
     default :func:`allgather_digests`). ``data`` must be host (numpy) arrays
@@ -134,7 +134,7 @@ class DataParallelCABSTrainer:
         chunk_size: int | None = None,
         buckets: Sequence[int] | None = None,
         seed: int = 0,
-        sync_every: int = 100,
+        check_every: int = 100,
         gather: DigestGather | None = None,
     ) -> None:
         if not isinstance(controller, CABSController):
@@ -144,8 +144,8 @@ class DataParallelCABSTrainer:
         mesh = data_mesh() if mesh is None else mesh
         if not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1:
             raise ValueError(f"mesh must be a 1-D jax.sharding.Mesh (data parallelism), got {mesh!r}")
-        if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 0:
-            raise ValueError(f"sync_every must be an integer >= 0 (0: never check), got {sync_every!r}")
+        if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0:
+            raise ValueError(f"check_every must be an integer >= 0 (0: never check), got {check_every!r}")
         buckets = tuple(controller.buckets or buckets or geometric_buckets(controller.bs_min, controller.bs_max))
         if any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:])) or buckets[0] < 1:
             raise ValueError(f"buckets must be strictly increasing positive integers, got {buckets}")
@@ -159,7 +159,7 @@ class DataParallelCABSTrainer:
         self.optimizer, self.method, self.chunk_size = optimizer, method, chunk_size
         self.buckets, self.seed = buckets, seed
         self.device_buckets = shard_buckets(buckets, self.world_size)
-        self.sync_every, self.gather = sync_every, gather
+        self.check_every, self.gather = check_every, gather
         self.traces = 0
         self._batch_sharding = NamedSharding(mesh, P(self.axis_name))
         sharded = jax.shard_map(
@@ -223,7 +223,7 @@ class DataParallelCABSTrainer:
         """One data-parallel CABS step with ``state.controller.batch_size`` examples in the global batch.
 
         A step the controller skips for non-finite statistics (``nonfinite="skip"``)
-        leaves parameters and optimizer state unchanged. Every ``sync_every`` steps
+        leaves parameters and optimizer state unchanged. Every ``check_every`` steps
         the processes' controller digests are compared (:class:`cabs_core.DesyncError`).
         """
         batch, mask, sampler, _ = self.shard_batch(state.sampler, state.controller.batch_size)
@@ -232,7 +232,7 @@ class DataParallelCABSTrainer:
         cstate, info = self.controller.update(state.controller, scalars)
         if info.skipped and info.reason == "nonfinite":
             params, opt_state = state.params, state.opt_state
-        if self.sync_every and cstate.step % self.sync_every == 0 and (self.gather or jax.process_count() > 1):
+        if self.check_every and cstate.step % self.check_every == 0 and (self.gather or jax.process_count() > 1):
             verify_sync(cstate, self.gather or allgather_digests)
         return TrainState(params, opt_state, cstate, sampler), info
 

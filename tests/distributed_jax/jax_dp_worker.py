@@ -128,7 +128,7 @@ def main(out_path: str, tmp: str) -> None:
         return [d, d, d ^ 1, d]
 
     t = cabs_jax.DataParallelCABSTrainer(loss, ctrl, data, seed=3, mesh=cabs_jax.data_mesh(devs[:4]),
-                                         sync_every=3, gather=bad_gather)
+                                         check_every=3, gather=bad_gather)
     st = t.init(params)
     desync: dict = {"error": None}
     for k in range(1, 7):
@@ -140,7 +140,7 @@ def main(out_path: str, tmp: str) -> None:
                       "gathered": len(seen_digests)}
             break
     good = cabs_jax.DataParallelCABSTrainer(loss, ctrl, data, seed=3, mesh=cabs_jax.data_mesh(devs[:4]),
-                                            sync_every=1, gather=cabs_jax.allgather_digests)
+                                            check_every=1, gather=cabs_jax.allgather_digests)
     st = good.init(params)
     for _ in range(3):
         st, _ = good.step(st)  # real single-process gather: one digest, in sync

@@ -101,7 +101,7 @@ def test_resume_on_the_same_or_another_device_count(result: dict) -> None:
 def test_injected_desync_is_detected_at_the_check_step(result: dict) -> None:
     d = result["desync"]
     assert d["error"] is not None, "the injected desync was not detected"
-    assert d["step"] == 3 and d["at_call"] == 3 and d["gathered"] == 1  # sync_every=3: first check at step 3
+    assert d["step"] == 3 and d["at_call"] == 3 and d["gathered"] == 1  # check_every=3: first check at step 3
     assert d["processes"] == ["process 2"]
     assert "diverged at step 3" in d["error"] and "process 2:" in d["error"]
     assert d["allgather_single_process"]
