@@ -54,7 +54,7 @@ from cabs_core import (
 
 from .dispatch import Method, batch_stats
 from .stats import LossFn, PyTree, batch_size_of
-from .train import TrainState, load_checkpoint, save_checkpoint
+from .train import TrainState, apply_mean_gradient, load_checkpoint, save_checkpoint
 
 DigestGather = Callable[[int], Sequence[int]]
 
@@ -188,14 +188,7 @@ class DataParallelCABSTrainer:
         self.traces += 1
         local = batch_stats(self.loss, params, batch, mask, method=self.method, chunk_size=self.chunk_size)
         stats = jax.lax.psum(local, self.axis_name)  # count, loss_sum, grad_sum, sq_norm_sum in one call
-        inv_m = 1 / jnp.maximum(stats.count, 1)
-        mean_grad = jax.tree.unflatten(jax.tree.structure(params), [g * inv_m for g in stats.grad_sum])
-        if self.optimizer is None:
-            lr = self.controller.lr
-            params = jax.tree.map(lambda p, g: p - jnp.asarray(lr, p.dtype) * g.astype(p.dtype), params, mean_grad)
-        else:
-            updates, opt_state = self.optimizer.update(mean_grad, opt_state, params)
-            params = optax.apply_updates(params, updates)
+        params, opt_state = apply_mean_gradient(params, opt_state, stats, self.controller.lr, self.optimizer)
         scalars = reduce_stats(stats)
         dtype = stats.loss_sum.dtype
         return params, opt_state, jnp.stack([jnp.reshape(jnp.asarray(v).astype(dtype), ()) for v in scalars])

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from cabs_core import (
+    BatchStats,
     CABSController,
     ControllerState,
     SamplerState,
@@ -96,6 +97,19 @@ class BatchIterator:
         return self.state.epoch
 
 
+def apply_mean_gradient(
+    params: PyTree, opt_state: PyTree, stats: BatchStats, lr: float, optimizer: optax.GradientTransformation | None
+) -> tuple[PyTree, PyTree]:
+    """theta <- theta - lr * grad_sum / count (the paper's update), or ``optimizer``
+    applied to that mean gradient; traceable."""
+    inv_m = 1 / jnp.maximum(stats.count, 1)
+    mean_grad = jax.tree.unflatten(jax.tree.structure(params), [g * inv_m for g in stats.grad_sum])
+    if optimizer is None:
+        return jax.tree.map(lambda p, g: p - jnp.asarray(lr, p.dtype) * g.astype(p.dtype), params, mean_grad), opt_state
+    updates, opt_state = optimizer.update(mean_grad, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
 class TrainState(NamedTuple):
     """Everything a resumed run needs: parameters, optimizer, controller and sampler states."""
 
@@ -156,14 +170,7 @@ class CABSTrainer:
         """Statistics, the update with the mean gradient, four scalars; traced once per bucket."""
         self.traces += 1
         stats = batch_stats(self.loss, params, batch, mask, method=self.method, chunk_size=self.chunk_size)
-        inv_m = 1 / jnp.maximum(stats.count, 1)
-        mean_grad = jax.tree.unflatten(jax.tree.structure(params), [g * inv_m for g in stats.grad_sum])
-        if self.optimizer is None:
-            lr = self.controller.lr
-            params = jax.tree.map(lambda p, g: p - jnp.asarray(lr, p.dtype) * g.astype(p.dtype), params, mean_grad)
-        else:
-            updates, opt_state = self.optimizer.update(mean_grad, opt_state, params)
-            params = optax.apply_updates(params, updates)
+        params, opt_state = apply_mean_gradient(params, opt_state, stats, self.controller.lr, self.optimizer)
         return params, opt_state, reduce_stats(stats)
 
     def step(self, state: TrainState) -> tuple[TrainState, StepInfo]:
