@@ -105,7 +105,8 @@ def check_statistics(
             methods[fw] = results[fw]["method"]
         except Exception as e:  # reported in the table, not raised
             results[fw] = e
-    row = _compare(f"stats {dtype.replace('float', 'f')} {model}", results, stats_dev, STATS_RTOL[dtype])
+    label = f"stats {dtype.replace('float', 'f')} {model}" + ("" if method == "auto" else f" ({method})")
+    row = _compare(label, results, stats_dev, STATS_RTOL[dtype])
     for fw, how in methods.items():
         ok, text = row.cells[fw]
         row.cells[fw] = (ok, f"{text} ({how})")
