@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .rules import cabs_batch_size, discretise
+from .sampler import geometric_buckets
 from .stats import BatchStats, ScalarStats, reduce_stats, to_host
 from .variance import within_batch_variance
 
@@ -258,6 +259,21 @@ class CABSController:
     def ddof(self) -> int:
         """1 (the paper's unbiased estimator) or 0 (the reference implementation)."""
         return 1 if self.mode == "paper" else 0
+
+    def padding_buckets(self, buckets: Sequence[int] | None = None) -> tuple[int, ...]:
+        """The batch sizes a compiled step pads to (one program each): this
+        controller's own ``buckets`` (decisions are then buckets and nothing is
+        padded), else ``buckets``, else :func:`cabs_core.geometric_buckets`."""
+        if self.buckets is not None:
+            return self.buckets
+        if buckets is None:
+            return geometric_buckets(self.bs_min, self.bs_max)
+        b = tuple(int(q) for q in buckets)
+        if not b or b[0] < 1 or any(q2 <= q1 for q1, q2 in zip(b, b[1:])):
+            raise ValueError(f"buckets must be strictly increasing positive integers, got {b}")
+        if b[-1] < self.bs_max:
+            raise ValueError(f"the largest bucket {b[-1]} is below bs_max = {self.bs_max}: every decision needs one")
+        return b
 
     def init(self) -> ControllerState:
         """The state before the first step: averages as the mode says."""

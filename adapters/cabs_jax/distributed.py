@@ -45,7 +45,6 @@ from cabs_core import (
     ScalarStats,
     StepInfo,
     check_digests,
-    geometric_buckets,
     next_batch,
     padded_shards,
     reduce_stats,
@@ -146,11 +145,7 @@ class DataParallelCABSTrainer:
             raise ValueError(f"mesh must be a 1-D jax.sharding.Mesh (data parallelism), got {mesh!r}")
         if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0:
             raise ValueError(f"check_every must be an integer >= 0 (0: never check), got {check_every!r}")
-        buckets = tuple(controller.buckets or buckets or geometric_buckets(controller.bs_min, controller.bs_max))
-        if any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:])) or buckets[0] < 1:
-            raise ValueError(f"buckets must be strictly increasing positive integers, got {buckets}")
-        if buckets[-1] < controller.bs_max:
-            raise ValueError(f"the largest bucket {buckets[-1]} is below bs_max={controller.bs_max}")
+        buckets = controller.padding_buckets(buckets)
         self.loss, self.controller, self.mesh = loss, controller, mesh
         self.axis_name = mesh.axis_names[0]
         self.world_size = int(mesh.devices.size)

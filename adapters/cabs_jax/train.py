@@ -28,7 +28,6 @@ from cabs_core import (
     ScalarStats,
     StepInfo,
     bucket_for,
-    geometric_buckets,
     next_batch,
     pad_indices,
     reduce_stats,
@@ -147,11 +146,7 @@ class CABSTrainer:
             raise ValueError(f"controller must be a cabs_core.CABSController, got {type(controller).__name__}")
         if method not in ("auto", "fast", "generic"):
             raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
-        buckets = tuple(controller.buckets or buckets or geometric_buckets(controller.bs_min, controller.bs_max))
-        if any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:])) or buckets[0] < 1:
-            raise ValueError(f"buckets must be strictly increasing positive integers, got {buckets}")
-        if buckets[-1] < controller.bs_max:
-            raise ValueError(f"the largest bucket {buckets[-1]} is below bs_max={controller.bs_max}")
+        buckets = controller.padding_buckets(buckets)
         self.loss, self.controller, self.data = loss, controller, data
         self.num_examples = batch_size_of(data)
         self.optimizer, self.method, self.chunk_size = optimizer, method, chunk_size

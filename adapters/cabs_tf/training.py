@@ -26,7 +26,6 @@ from cabs_core import (
     ScalarStats,
     StepInfo,
     bucket_for,
-    geometric_buckets,
     next_batch,
     pad_indices,
 )
@@ -93,8 +92,8 @@ class CABSTrainer:
 
     ``target``, ``loss``, ``method``, ``chunk_size``: as :class:`StatsStep`.
     ``controller``: a :class:`cabs_core.CABSController` (its ``lr`` is the SGD
-    learning rate). Shapes are padded to ``controller.buckets`` if set, else
-    to :func:`cabs_core.geometric_buckets`: at most one trace per bucket.
+    learning rate). Shapes are padded to ``controller.padding_buckets(buckets)``
+    (its own buckets, else ``buckets``, else a geometric grid): at most one trace per bucket.
     """
 
     def __init__(
@@ -114,9 +113,7 @@ class CABSTrainer:
         self.controller = controller
         self.state: ControllerState = controller.init()
         dtype = tf.as_dtype(self.stats.variables[0].dtype).name
-        self.buckets = tuple(buckets or controller.buckets or geometric_buckets(controller.bs_min, controller.bs_max))
-        if self.buckets[-1] < controller.bs_max:
-            raise ValueError(f"buckets must reach bs_max = {controller.bs_max}, got {self.buckets}")
+        self.buckets = controller.padding_buckets(buckets)
         self.batches = DecisionBatches(x, y, buckets=self.buckets, seed=seed, mask_dtype=dtype)
         self.trace_count = 0
         self._step = tf.function(self._train_step)

@@ -323,3 +323,14 @@ def test_check_digests_names_the_step_and_the_odd_workers(xb):
         check_digests([], step=1)
     with pytest.raises(ValueError, match="2 digests but 1 names"):
         check_digests([1, 1], step=1, names=["a"])
+
+
+def test_padding_buckets_prefer_the_controllers_own():
+    assert CABSController(lr=0.1, bs_min=16, bs_max=128).padding_buckets() == (16, 32, 64, 128)
+    own = CABSController(lr=0.1, bs_min=16, bs_max=128, buckets=(16, 100, 128))
+    assert own.padding_buckets((8, 256)) == (16, 100, 128)  # decisions are buckets: nothing to pad
+    assert CABSController(lr=0.1, bs_min=16, bs_max=128).padding_buckets([24, 128]) == (24, 128)
+    with pytest.raises(ValueError, match="below bs_max = 128"):
+        CABSController(lr=0.1, bs_min=16, bs_max=128).padding_buckets((16, 64))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        CABSController(lr=0.1, bs_min=16, bs_max=128).padding_buckets((64, 32, 128))
