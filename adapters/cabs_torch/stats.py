@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 from torch.utils._pytree import tree_map
 
 from cabs_core import BatchStats
@@ -148,16 +149,18 @@ class _Record:
 
     name: str
     rule: Rule
+    rank_one: bool = False  # an nn.Linear: on (m, p) inputs, the rank-one formula applies
     inputs: list[Tensor] = field(default_factory=list)
     grads: dict[int, Tensor] = field(default_factory=dict)
     totals: list[Tensor] = field(default_factory=list)
     called: bool = False
+    deferred: bool = False  # some call's output gradient comes from autograd.grad, not a hook
 
     def reset(self) -> None:
         self.inputs.clear()
         self.grads.clear()
         self.totals.clear()
-        self.called = False
+        self.called = self.deferred = False
 
     def finish(self, mod: Any, chunk_elements: int) -> None:
         """Append the layer's share of S to ``totals`` and free the captured tensors."""
@@ -175,6 +178,45 @@ class _Record:
                 self.totals.extend(piece_sq_norm_sum(piece) for piece in pieces.values())
         self.inputs.clear()
         self.grads.clear()
+
+
+@dataclass(frozen=True)
+class _ViewOf:
+    """Where a layer's output lies in the tensor it is a view of (its base)."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    base_size: tuple[int, ...]
+    base_stride: tuple[int, ...]
+
+
+def _output_edge(out: Tensor) -> tuple[Any, int, _ViewOf | None]:
+    """The autograd node and output number that receive the gradient of a layer's
+    output, recorded in the forward pass.
+
+    The node stays in the graph when the output is later modified in place
+    (``nn.ReLU(inplace=True)``), so its gradient is the one of the layer's own
+    output. A view (``nn.Linear`` on (m, T, p) inputs returns a view of its
+    matmul) is rebased by an in-place change: its own node leaves the graph and
+    the gradient arrives at its base instead, created inside the layer. Then the
+    base's node is used and :class:`_ViewOf` maps its gradient back to the output.
+    """
+    base = out._base if out._is_view() else None
+    if base is None:
+        return out.grad_fn, out.output_nr, None
+    view = _ViewOf(tuple(out.shape), out.stride(), out.storage_offset() - base.storage_offset(),
+                   tuple(base.shape), base.stride())
+    return base.grad_fn, base.output_nr, view
+
+
+def _view_grad(g: Tensor, view: _ViewOf | None) -> Tensor:
+    """The gradient of a layer's output from the gradient ``g`` at its node."""
+    if view is None:
+        return g.detach()
+    if g.stride() != view.base_stride:  # lay it out like the base, so the view's strides apply
+        g = torch.empty_strided(view.base_size, view.base_stride, dtype=g.dtype, device=g.device).copy_(g)
+    return g.detach().as_strided(view.size, view.stride, view.offset)
 
 
 def _work_per_example(mod: nn.Module, a: Tensor, b: Tensor) -> int:
@@ -306,7 +348,7 @@ class PerExampleStats:
                 for name, mod in self.model.named_modules():
                     rule = rule_for(mod)
                     if rule is not None and any(p.requires_grad for p in mod.parameters(recurse=False)):
-                        records[mod] = _Record(name, rule)
+                        records[mod] = _Record(name, rule, rank_one=type(mod) is nn.Linear)
             bns: list[tuple[str, nn.Module]] = [
                 (n, m) for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             ]
@@ -345,21 +387,33 @@ class PerExampleStats:
     def _fast(self, plan: _Plan, inputs: tuple[Any, ...], targets: Any, weights: Tensor | None, m: int
               ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
         records = plan.records
+        deferred: list[GradientEdge] = []  # output edges of rank-one Linear calls, sent to autograd.grad
+        owners: list[tuple[_Record, int, _ViewOf | None]] = []
+
         def forward_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             rec = records[mod]
             rec.called = True
             if not isinstance(out, Tensor) or not out.requires_grad:
                 return
-            a = args[0] if args else next(iter(kwargs.values()))
-            rec.inputs.append(a.detach())
+            a = (args[0] if args else next(iter(kwargs.values()))).detach()
+            rec.inputs.append(a)
             k = len(rec.inputs) - 1
+            node, nr, view = _output_edge(out)
+            if rec.rank_one and a.dim() == 2:  # its output gradient is small: collect it with the parameters'
+                rec.deferred = True
+                deferred.append(GradientEdge(node, nr))
+                owners.append((rec, k, view))
+                return
 
-            def grad_hook(g: Tensor) -> None:
-                rec.grads[k] = g.detach()
-                if len(rec.grads) == len(rec.inputs):  # every call's gradient is in: reduce now
+            def prehook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+                g = grad_outputs[nr]
+                if g is None:
+                    return
+                rec.grads[k] = _view_grad(g, view)
+                if not rec.deferred and len(rec.grads) == len(rec.inputs):  # all calls in: reduce now
                     rec.finish(mod, DEFAULT_CHUNK_ELEMENTS)  # (backward runs without grad mode)
 
-            out.register_hook(grad_hook)
+            node.register_prehook(prehook)
 
         params = plan.params
         handles = [mod.register_forward_hook(forward_hook, with_kwargs=True) for mod in records]
@@ -368,11 +422,15 @@ class PerExampleStats:
             losses = self.loss_fn(out, targets)
             _check_losses(losses, m)
             weighted = losses if weights is None else losses * weights.to(losses.dtype)
-            grads = torch.autograd.grad(weighted.sum(), params, allow_unused=True)
+            grads = torch.autograd.grad(weighted.sum(), [*params, *deferred], allow_unused=True)
             with torch.no_grad():
+                for (rec, k, view), g in zip(owners, grads[len(params):]):
+                    if g is not None:
+                        rec.grads[k] = _view_grad(g, view)
                 for mod, rec in records.items():
-                    if rec.grads:  # a layer used several times, some of its outputs unused
+                    if rec.grads:  # deferred, or a layer used several times with some outputs unused
                         rec.finish(mod, DEFAULT_CHUNK_ELEMENTS)
+            grads = grads[: len(params)]
             device = params[0].device
             dtype = _stat_dtype(device)
             totals: list[Tensor] = []

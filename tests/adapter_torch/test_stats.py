@@ -397,3 +397,39 @@ def test_an_error_leaves_no_hooks_behind(oracle, check):
     assert all(p.requires_grad for p in model.parameters())
     engine.loss_fn = ce
     check(engine(x, y), oracle(model, ce, x, y))
+
+
+def _inplace_cases():
+    relu = nn.ReLU(inplace=True)
+    return {
+        "linear": (nn.Sequential(nn.Linear(6, 5), relu, nn.Linear(5, 3)), lambda: torch.randn(M, 6)),
+        "linear_seq": (nn.Sequential(nn.Linear(6, 5), relu, nn.Flatten(), nn.Linear(20, 3)),
+                       lambda: torch.randn(M, 4, 6)),
+        "linear_seq4d": (nn.Sequential(nn.Linear(3, 4), relu, nn.Flatten(), nn.Linear(40, 3)),
+                         lambda: torch.randn(M, 2, 5, 3)),
+        "conv2d": (nn.Sequential(nn.Conv2d(2, 3, 3), relu, nn.Flatten(), nn.Linear(27, 3)),
+                   lambda: torch.randn(M, 2, 5, 5)),
+        "conv1d": (nn.Sequential(nn.Conv1d(2, 3, 3), relu, nn.Flatten(), nn.Linear(15, 3)),
+                   lambda: torch.randn(M, 2, 7)),
+        "embedding": (nn.Sequential(nn.Embedding(7, 4), relu, nn.Flatten(), nn.Linear(24, 3)),
+                      lambda: torch.randint(0, 7, (M, 6))),
+        "layernorm": (nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4), relu, nn.Flatten(), nn.Linear(12, 3)),
+                      lambda: torch.randn(M, 3, 6)),
+        "groupnorm": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), relu, nn.Flatten(), nn.Linear(36, 3)),
+                      lambda: torch.randn(M, 2, 5, 5)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_inplace_cases()))
+def test_output_modified_in_place(name, oracle, check):
+    """nn.ReLU(inplace=True) after a layer: the statistics use the gradient of
+    the layer's own output (for an N-d Linear, a view, hooks on the output get
+    the gradient after the ReLU instead, which was wrong before)."""
+    seeded(3)
+    model, make_x = _inplace_cases()[name]
+    model = model.double()
+    x = make_x()
+    x = x.double() if x.is_floating_point() else x
+    y = torch.randint(0, 3, (M,))
+    assert resolve_method(model, "auto") == "fast"
+    check(per_example_stats(model, ce, x, y, method="fast"), oracle(model, ce, x, y))
