@@ -57,7 +57,7 @@ def linear_rank_one_sq_sum(mod: nn.Linear, a: Tensor, b: Tensor) -> Tensor:
     if not _trainable(mod.weight):
         return bsq.sum()
     asq = torch.linalg.vecdot(a, a)
-    return torch.dot(asq + 1 if _trainable(mod.bias) else asq, bsq)
+    return torch.dot(asq.add_(1) if _trainable(mod.bias) else asq, bsq)
 
 
 def conv_pieces(mod: nn.Conv1d | nn.Conv2d, a: Tensor, b: Tensor) -> Pieces:

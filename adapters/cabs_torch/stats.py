@@ -422,6 +422,9 @@ class PerExampleStats:
             losses = self.loss_fn(out, targets)
             _check_losses(losses, m)
             weighted = losses if weights is None else losses * weights.to(losses.dtype)
+            device = params[0].device
+            dtype = _stat_dtype(device)
+            count, loss_sum = _count_and_loss(losses.detach(), weights, dtype)
             grads = torch.autograd.grad(weighted.sum(), [*params, *deferred], allow_unused=True)
             with torch.no_grad():
                 for (rec, k, view), g in zip(owners, grads[len(params):]):
@@ -431,8 +434,6 @@ class PerExampleStats:
                     if rec.grads:  # deferred, or a layer used several times with some outputs unused
                         rec.finish(mod, DEFAULT_CHUNK_ELEMENTS)
             grads = grads[: len(params)]
-            device = params[0].device
-            dtype = _stat_dtype(device)
             totals: list[Tensor] = []
             for mod, rec in records.items():
                 if not rec.called:
@@ -450,7 +451,7 @@ class PerExampleStats:
         else:
             sq = torch.stack([t.to(device=device, dtype=dtype) for t in totals]).sum()
         grad_sum = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-        return _count_and_loss(losses.detach(), weights, dtype) + (grad_sum, sq)
+        return count, loss_sum, grad_sum, sq
 
     @staticmethod
     def _check_unused(mod: nn.Module, rec: _Record, params: list[nn.Parameter], grads: tuple[Any, ...]) -> None:
