@@ -5,6 +5,10 @@ process, the time of one training step's gradient computation:
 
 - ``plain``: ``loss.mean().backward()`` (forward + backward, gradients in ``.grad``)
 - ``fast``: ``cabs_torch.PerExampleStats(method="fast")`` (hooks; exact S)
+- ``capture``: the fast path with every layer's rule and reduction replaced by a constant:
+  not a statistic, only the cost of capturing the layers' inputs and output
+  gradients (hooks, autograd edges, bookkeeping); ``fast`` minus ``capture`` is
+  the cost of the sums of squares themselves
 - ``generic``: ``cabs_torch.PerExampleStats(method="generic")`` (torch.func vmap(grad), chunked)
 - ``backpack``: BackPACK ``BatchL2Grad`` (when ``backpack-for-pytorch`` is installed)
 - ``opacus_ghost``: Opacus ghost-clipping per-sample norms (when ``opacus`` is installed)
@@ -18,7 +22,8 @@ conv5x5x64, maxpool 2, dense 1024, dense 10), float32, random data.
     python benchmarks/bench_torch_stats.py --device cuda
 
 Every (model, batch, method) runs in a fresh process, ``--reps`` timed steps
-after ``--warmup`` steps (the slow generic path: ``--generic-reps``); the
+after ``--warmup`` steps (the slow generic path: ``--generic-reps`` after
+``--generic-warmup``); the
 methods take turns, and the whole rotation is repeated ``--rounds`` times.
 The time reported is the minimum over all rounds and repetitions, which is
 the figure least disturbed by other processes on a shared machine. Not a
@@ -34,7 +39,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ["plain", "fast", "generic", "backpack", "opacus_ghost"]
+METHODS = ["plain", "fast", "capture", "generic", "backpack", "opacus_ghost"]
 MODELS = ["mlp", "cnn"]
 
 
@@ -64,10 +69,21 @@ def make_step(method: str, model, x, y):
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
         return step
-    if method in ("fast", "generic"):
+    if method in ("fast", "generic", "capture"):
         from cabs_torch import PerExampleStats
 
-        engine = PerExampleStats(model, per_example_loss, method=method)
+        if method == "capture":  # diagnostic: drop the sums of squares, keep everything else
+            import cabs_torch.stats
+
+            zero = torch.zeros((), device=x.device)
+
+            def finish(rec, mod, chunk_elements):
+                rec.totals.append(zero)
+                rec.inputs.clear()
+                rec.grads.clear()
+
+            cabs_torch.stats._Record.finish = finish
+        engine = PerExampleStats(model, per_example_loss, method="generic" if method == "generic" else "fast")
         return lambda: engine(x, y)
     if method == "backpack":
         try:
@@ -136,6 +152,7 @@ def main() -> None:
     ap.add_argument("--generic-reps", type=int, default=1, help="timed steps per process, generic path")
     ap.add_argument("--rounds", type=int, default=2, help="rotations over all methods")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (caches, allocator)")
+    ap.add_argument("--generic-warmup", type=int, default=1, help="untimed steps first, generic path")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     ap.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "BATCH"), help=argparse.SUPPRESS)
@@ -161,8 +178,9 @@ def main() -> None:
                     if key in results and results[key] is None:
                         continue  # unavailable or failed
                     reps = args.generic_reps if method == "generic" else args.reps
+                    warmup = args.generic_warmup if method == "generic" else args.warmup
                     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_name, method, str(batch),
-                           "--reps", str(reps), "--warmup", str(args.warmup), "--device", args.device,
+                           "--reps", str(reps), "--warmup", str(warmup), "--device", args.device,
                            "--threads", str(args.threads)]
                     out = subprocess.run(cmd, capture_output=True, text=True)
                     if out.returncode != 0:
