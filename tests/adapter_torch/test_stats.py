@@ -220,7 +220,7 @@ def test_fast_chunked_equals_unchunked(name, monkeypatch, check):
     whole = per_example_stats(model, ce, x, y, method="fast")
     ref = {"count": 5, "loss_sum": float(whole.loss_sum), "grad_sum": list(whole.grad_sum),
            "sq_norm_sum": float(whole.sq_norm_sum)}
-    monkeypatch.setattr(cabs_torch.stats, "DEFAULT_CHUNK_ELEMENTS", 1)  # one example per chunk
+    monkeypatch.setattr(cabs_torch.stats, "FAST_CHUNK_ELEMENTS", 1)  # one example per chunk
     check(per_example_stats(model, ce, x, y, method="fast"), ref, rtol=1e-12)
 
 
