@@ -6,6 +6,7 @@ pytest process, so that the core tests' float64 settings don't leak).
 conformance: every backend in one environment, the vectors through each.
 experiments: the experiment command end to end on every framework.
 lint: ruff, and mypy on cabs_core. demo: the README's demo (the default experiment).
+bench: the torch statistics benchmark beside BackPACK and Opacus (not a test).
 All installs are pinned by constraints.txt (CPU builds of the frameworks).
 """
 
@@ -100,6 +101,16 @@ def lint(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "ruff", "mypy", "numpy", "array-api-compat")
     session.run("ruff", "check", ".")
     session.run("mypy", "cabs_core")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The torch statistics benchmark beside BackPACK and Opacus (not a test; not in the defaults).
+
+    ``nox -s bench -- --quick`` passes its arguments to benchmarks/bench_torch_stats.py.
+    """
+    _install(session, "bench")
+    session.run("python", "benchmarks/bench_torch_stats.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)

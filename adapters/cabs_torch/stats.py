@@ -39,9 +39,9 @@ LossFn = Callable[[Any, Any], Tensor]
 
 #: elements of scratch memory per chunk of the fast path's per-layer work. Small
 #: enough that a chunk's per-example weight gradients stay in cache while they
-#: are squared and summed: on the paper's CNN at batch 128 (2 CPU cores) 2**22
-#: made the fast step ~1.5x of a plain step where 2**25 gave ~1.65-1.8x
-#: (benchmarks/bench_torch_stats.py); the statistics are the same.
+#: are squared and summed: on the paper's CNN at batch 128 (2 CPU cores),
+#: alternating runs of benchmarks/bench_torch_stats.py gave the fast step 1.48x
+#: and 1.49x of a plain step with 2**22, 1.52x and 1.79x with 2**25.
 FAST_CHUNK_ELEMENTS = 2**22
 
 #: elements of per-example gradients per chunk of the generic path, when no
