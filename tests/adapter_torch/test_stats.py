@@ -433,3 +433,30 @@ def test_output_modified_in_place(name, oracle, check):
     y = torch.randint(0, 3, (M,))
     assert resolve_method(model, "auto") == "fast"
     check(per_example_stats(model, ce, x, y, method="fast"), oracle(model, ce, x, y))
+
+
+class TwiceLinear(nn.Module):
+    """One Linear applied to a (m, p) input and again to a (m, T, p) input, and
+    another applied twice to (m, p) inputs, one output unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.twice = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(x[:, 0]))  # 2-D call: the rank-one path on its own
+        seq = torch.tanh(self.shared(x[:, 1:]))  # 3-D call of the same layer
+        self.twice(h)  # output unused: no gradient reaches it
+        h = self.twice(h + seq.mean(1))
+        return self.head(h)
+
+
+def test_linear_called_on_2d_and_3d_inputs(oracle, check):
+    """A Linear's 2-D calls take their output gradient from autograd.grad; with a
+    second call the layer's calls are combined (cross terms included)."""
+    seeded(11)
+    model = TwiceLinear().double()
+    x, y = torch.randn(M, 3, 4, dtype=torch.float64), torch.randint(0, 3, (M,))
+    check(per_example_stats(model, ce, x, y, method="fast"), oracle(model, ce, x, y))
