@@ -143,6 +143,18 @@ def _take(tree: Any, sl: slice) -> Any:
     return tree_map(lambda t: t[sl] if isinstance(t, Tensor) else t, tree)
 
 
+def _parameter_key(model: nn.Module) -> tuple[tuple[int, bool], ...]:
+    """Identity and ``requires_grad`` of every parameter, checked each step to
+    notice a changed model: a direct walk of the module tree, several times
+    cheaper than ``model.parameters()`` (which matters for models of many modules)."""
+    key, stack = [], [model]
+    while stack:
+        mod = stack.pop()
+        key.extend((id(p), p.requires_grad) for p in mod._parameters.values() if p is not None)
+        stack.extend(m for m in mod._modules.values() if m is not None)
+    return tuple(key)
+
+
 def _as_tuple(inputs: Any) -> tuple[Any, ...]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
@@ -344,7 +356,7 @@ class PerExampleStats:
         return self.plan().how
 
     def plan(self) -> _Plan:
-        key = tuple((id(p), p.requires_grad) for p in self.model.parameters())
+        key = _parameter_key(self.model)
         if self._plan is None or self._plan.key != key:
             params = trainable_parameters(self.model)
             if not params:
