@@ -9,6 +9,9 @@ process, the time of one training step's gradient computation:
   not a statistic, only the cost of capturing the layers' inputs and output
   gradients (hooks, autograd edges, bookkeeping); ``fast`` minus ``capture`` is
   the cost of the sums of squares themselves
+- ``compiled``: ``cabs_torch.PerExampleStats(method="fast", compile=True)`` (one
+  ``torch.compile``d function; compiled during the warm-up; n/a for the CNN,
+  whose convolutions it refuses)
 - ``generic``: ``cabs_torch.PerExampleStats(method="generic")`` (torch.func vmap(grad), chunked)
 - ``backpack``: BackPACK ``BatchL2Grad`` (when ``backpack-for-pytorch`` is installed)
 - ``opacus_ghost``: Opacus ghost-clipping per-sample norms (when ``opacus`` is installed)
@@ -39,7 +42,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ["plain", "fast", "capture", "generic", "backpack", "opacus_ghost"]
+METHODS = ["plain", "fast", "compiled", "capture", "generic", "backpack", "opacus_ghost"]
 MODELS = ["mlp", "cnn"]
 
 
@@ -69,6 +72,15 @@ def make_step(method: str, model, x, y):
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
         return step
+    if method == "compiled":
+        from cabs_torch import PerExampleStats, UnsupportedModelError
+
+        try:
+            engine = PerExampleStats(model, per_example_loss, method="fast", compile=True)
+            engine.plan()
+        except UnsupportedModelError:
+            return None
+        return lambda: engine(x, y)
     if method in ("fast", "generic", "capture"):
         from cabs_torch import PerExampleStats
 

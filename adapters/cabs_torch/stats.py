@@ -184,19 +184,29 @@ class _Record:
     def finish(self, mod: Any, chunk_elements: int) -> None:
         """Append the layer's share of S to ``totals`` and free the captured tensors."""
         calls = sorted(self.grads)
-        if len(calls) == 1 and isinstance(mod, nn.Linear) and self.inputs[calls[0]].dim() == 2:
-            self.totals.append(linear_rank_one_sq_sum(mod, self.inputs[calls[0]], self.grads[calls[0]]))
-        elif calls:
-            n = self.inputs[calls[0]].shape[0]
-            per_example = sum(_work_per_example(mod, self.inputs[c], self.grads[c]) for c in calls)
-            step = max(1, min(n, chunk_elements // max(1, per_example)))
-            for s in range(0, n, step):
-                pieces = combine_pieces(
-                    [self.rule(mod, self.inputs[c][s : s + step], self.grads[c][s : s + step]) for c in calls]
-                )
-                self.totals.extend(piece_sq_norm_sum(piece) for piece in pieces.values())
+        if calls:
+            self.totals.extend(layer_sq_norm_sums(
+                mod, self.rule, [self.inputs[c] for c in calls], [self.grads[c] for c in calls], chunk_elements))
         self.inputs.clear()
         self.grads.clear()
+
+
+def layer_sq_norm_sums(mod: Any, rule: Rule, inputs: list[Tensor], grads: list[Tensor],
+                       chunk_elements: int) -> list[Tensor]:
+    """One layer's share of S, as 0-d tensors to add up, from its calls' inputs
+    and output gradients (the calls whose output reached the loss): the
+    rank-one formula for a Linear layer called once on (m, p) inputs, the
+    layer's rule in chunks of examples otherwise."""
+    if len(inputs) == 1 and isinstance(mod, nn.Linear) and inputs[0].dim() == 2:
+        return [linear_rank_one_sq_sum(mod, inputs[0], grads[0])]
+    n = inputs[0].shape[0]
+    per_example = sum(_work_per_example(mod, a, b) for a, b in zip(inputs, grads))
+    step = max(1, min(n, chunk_elements // max(1, per_example)))
+    totals = []
+    for s in range(0, n, step):
+        pieces = combine_pieces([rule(mod, a[s : s + step], b[s : s + step]) for a, b in zip(inputs, grads)])
+        totals.extend(piece_sq_norm_sum(piece) for piece in pieces.values())
+    return totals
 
 
 @dataclass(frozen=True)
@@ -319,6 +329,7 @@ class _Plan:
     how: Literal["fast", "generic"]
     records: dict[nn.Module, _Record]
     batch_norms: list[tuple[str, nn.Module]]
+    compiled: Any = None  # a CompiledFastStats when compile=True and the method is fast
 
 
 class PerExampleStats:
@@ -331,18 +342,28 @@ class PerExampleStats:
         otherwise), ``"fast"`` (refuse unsupported models) or ``"generic"``.
     chunk_size: examples per ``vmap`` call of the generic path (default: about
         2**25 gradient elements per chunk).
+    compile: run the fast path as one ``torch.compile``d function
+        (:mod:`.compiled`: the model traced by ``torch.fx``, output gradients
+        from zero perturbations), which fuses the sums of squares into the
+        kernels that produce them. Needs a model ``torch.fx`` can trace and a C++
+        compiler on CPU; compiles on the first call and again when shapes
+        change (pad batches to a few sizes, ``CABSController.padding_buckets``).
+        Layers: Linear, Embedding, LayerNorm, RMSNorm; models with others raise
+        :class:`UnsupportedModelError` (convolutions: see :mod:`.compiled`). The
+        generic path is never compiled.
 
     The analysis of the model (supported layers, method) is cached and redone
     when the set of trainable parameters changes. Call the object once per step.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, method: Method = "auto",
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, compile: bool = False) -> None:
         if method not in ("auto", "fast", "generic"):
             raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         self.model, self.loss_fn, self.method, self.chunk_size = model, loss_fn, method, chunk_size
+        self.compile = compile
         self._plan: _Plan | None = None
 
     @property
@@ -372,6 +393,11 @@ class PerExampleStats:
                 (n, m) for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             ]
             self._plan = _Plan(key, params, how, records, bns)
+            if self.compile and how == "fast":
+                from .compiled import CompiledFastStats
+
+                self._plan.compiled = CompiledFastStats(
+                    self.model, self.loss_fn, params, {rec.name for rec in records.values()})
         return self._plan
 
     def __call__(self, inputs: Any, targets: Any = None, weights: Tensor | None = None) -> BatchStats:
@@ -395,7 +421,9 @@ class PerExampleStats:
         m = _batch_size(inputs)
         if weights is not None and tuple(weights.shape) != (m,):
             raise ValueError(f"weights must have shape ({m},), got {tuple(weights.shape)}")
-        if plan.how == "fast":
+        if plan.compiled is not None:
+            count, loss_sum, grad_sum, sq = plan.compiled(inputs, targets, weights, m)
+        elif plan.how == "fast":
             count, loss_sum, grad_sum, sq = self._fast(plan, inputs, targets, weights, m)
         else:
             count, loss_sum, grad_sum, sq = _generic(
@@ -494,7 +522,10 @@ def per_example_stats(
     weights: Tensor | None = None,
     method: Method = "auto",
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> BatchStats:
-    """One-off :class:`PerExampleStats` ``(model, loss_fn, method, chunk_size)(inputs, targets, weights)``;
-    in a training loop keep a :class:`PerExampleStats` (it caches the model's analysis)."""
-    return PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size)(inputs, targets, weights)
+    """One-off :class:`PerExampleStats` ``(model, loss_fn, method, chunk_size, compile)(inputs, targets,
+    weights)``; in a training loop keep a :class:`PerExampleStats` (it caches the model's analysis and,
+    with ``compile=True``, the compiled function)."""
+    return PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, compile=compile)(
+        inputs, targets, weights)

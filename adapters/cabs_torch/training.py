@@ -117,7 +117,8 @@ class CABSSGD:
     ``micro_batches=k`` estimates the variance from k micro-batches instead
     (:class:`MicroBatchStats`, for BatchNorm in training mode).
     ``weight_decay`` adds ``weight_decay * theta`` to the update (decoupled
-    from the statistics; consider ``loss_floor`` then).
+    from the statistics; consider ``loss_floor`` then). ``compile=True`` runs
+    the statistics compiled (see :class:`PerExampleStats`).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class CABSSGD:
         chunk_size: int | None = None,
         micro_batches: int | None = None,
         weight_decay: float = 0.0,
+        compile: bool = False,
     ) -> None:
         if not isinstance(controller, CABSController):
             raise TypeError(f"controller must be a cabs_core.CABSController, got {type(controller).__name__}")
@@ -138,7 +140,7 @@ class CABSSGD:
         self.model, self.controller, self.weight_decay = model, controller, weight_decay
         self.stats_fn: PerExampleStats | MicroBatchStats
         if micro_batches is None:
-            self.stats_fn = PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size)
+            self.stats_fn = PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, compile=compile)
         else:
             self.stats_fn = MicroBatchStats(model, loss_fn, micro_batches, ddof=controller.ddof)
         self.state: ControllerState = controller.init()

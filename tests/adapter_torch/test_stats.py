@@ -4,12 +4,14 @@ loop of single-example backward passes, in float64."""
 from __future__ import annotations
 
 import cabs_torch
+import cabs_torch.compiled
 import cabs_torch.layers
 import cabs_torch.stats
 import pytest
 import torch
 import torch.nn.functional as F
 from cabs_torch import (
+    CABSSGD,
     BatchNormTrainingError,
     PerExampleStats,
     UnsupportedModelError,
@@ -460,3 +462,73 @@ def test_linear_called_on_2d_and_3d_inputs(oracle, check):
     model = TwiceLinear().double()
     x, y = torch.randn(M, 3, 4, dtype=torch.float64), torch.randint(0, 3, (M,))
     check(per_example_stats(model, ce, x, y, method="fast"), oracle(model, ce, x, y))
+
+
+# ----------------------------------------------------------------------------- compile=True
+# PerExampleStats(..., compile=True): the fast path as one torch.compile'd function.
+
+
+def norms_model() -> nn.Module:
+    """A Linear without bias on sequences, RMSNorm, and a Linear head."""
+    return nn.Sequential(nn.Linear(6, 5, bias=False), nn.RMSNorm(5), nn.Tanh(), nn.Flatten(), nn.Linear(20, 3))
+
+
+@pytest.mark.parametrize("name", ["mlp", "seq", "norms"])
+def test_compiled_matches_brute_force(name, oracle, check):
+    """MLP (rank-one Linear), Embedding with padding_idx + LayerNorm + a Linear
+    applied twice to sequences, RMSNorm after a bias-free sequence Linear."""
+    if name == "norms":
+        seeded(4)
+        model, x, y = norms_model().double(), torch.randn(6, 4, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    else:
+        model, x, y = _model(name, m=6)
+    stats = PerExampleStats(model, ce, method="fast", compile=True)
+    check(stats(x, y), oracle(model, ce, x, y))
+    assert stats.plan().compiled is not None  # the compiled function ran, not the eager path
+
+
+def test_compiled_masked_and_other_batch_sizes(oracle, check):
+    """Padding with weight 0 changes nothing; new batch sizes recompile and stay exact."""
+    model, x, y = _model("mlp", m=7, seed=1)
+    stats = PerExampleStats(model, ce, compile=True)
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.float64)
+    check(stats(x, y, keep), oracle(model, ce, x[keep.bool()], y[keep.bool()]))
+    for m in (3, 11):
+        model2, x2, y2 = _model("mlp", m=m, seed=m)
+        model.load_state_dict(model2.state_dict())
+        check(stats(x2, y2), oracle(model, ce, x2, y2))
+
+
+def test_compiled_refuses_convolutions():
+    model, x, y = _model("paper_cnn", m=2)
+    with pytest.raises(UnsupportedModelError, match=r"compile=True supports .*0 \(Conv2d\).*compile=False"):
+        per_example_stats(model, ce, x, y, method="fast", compile=True)
+    assert nn.Conv2d not in cabs_torch.compiled.COMPILED_LAYERS
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)  # data-dependent: torch.fx cannot trace it
+
+
+def test_compiled_needs_an_fx_traceable_model():
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    with pytest.raises(UnsupportedModelError, match="torch.fx"):
+        per_example_stats(Branchy(), ce, x, y, compile=True)
+
+
+def test_cabssgd_compiled_equals_eager():
+    """Two CABS steps with compile=True make the same decisions and parameters as eager."""
+    results = []
+    for compile in (False, True):
+        model, x, y = _model("mlp", m=8, seed=5)
+        opt = CABSSGD(model, ce, CABSController(lr=0.1, bs_min=4, bs_max=64), compile=compile)
+        sizes = [opt.step(x, y) for _ in range(2)]
+        results.append((sizes, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

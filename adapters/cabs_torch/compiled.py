@@ -1,0 +1,158 @@
+"""The fast path as one function for ``torch.compile`` (``PerExampleStats(..., compile=True)``).
+
+The eager fast path reads each layer's output gradient b with hooks and then
+sums squares over b and the layer input a: extra passes over memory that the
+plain step does not make. Here the model is traced with ``torch.fx`` and
+rewritten: after each call of a supported layer the graph adds a zero
+*perturbation* (an extra input), and the layer's input becomes an extra
+output. The gradient of the loss with respect to a perturbation is b (the
+JAX adapter's method). ``torch.func.grad_and_value`` over the parameters and
+the perturbations, and the layer rules of :mod:`.layers`, run in one function
+that ``torch.compile`` compiles, fusing the sums into the kernels that
+produce a and b.
+
+Perturbation shapes come from one forward pass without gradients per shape of
+the non-example axes of the inputs; the example axis is taken from the batch.
+
+Layers: ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``.
+Convolutions and GroupNorm/BatchNorm are refused: with them, inductor (torch
+2.13, CPU) returned wrong parameter gradients for this construction (the first
+convolution of the paper's CNN; exact with ``backend="aot_eager"``), or failed
+to compile; they stay on the eager fast path.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.func import functional_call, grad_and_value
+
+from .layers import rule_for
+from .stats import (
+    FAST_CHUNK_ELEMENTS,
+    LossFn,
+    UnsupportedModelError,
+    _batch_size,
+    _check_losses,
+    _count_and_loss,
+    _stat_dtype,
+    layer_sq_norm_sums,
+)
+
+
+def rewrite_for_statistics(model: nn.Module, layers: set[str]) -> tuple[fx.GraphModule, list[str]]:
+    """The model as an fx graph that takes ``(*inputs, *perturbations)`` and
+    returns ``(output, [input of each call of a layer in layers])``, each such
+    call's output plus its perturbation. Also the called layers' names, one per
+    call, in the order of the perturbations."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many types for untraceable Python
+        raise UnsupportedModelError(
+            f"compile=True needs a model that torch.fx can trace, and tracing failed: {err}. "
+            f"Use compile=False (the eager fast path handles any control flow)."
+        ) from err
+    graph = gm.graph
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target in layers]
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    inputs = []
+    for i, node in enumerate(calls):
+        with graph.inserting_after(anchor):
+            anchor = graph.placeholder(f"_cabs_perturbation_{i}")
+        with graph.inserting_after(node):
+            perturbed = graph.call_function(operator.add, (node, anchor))
+        node.replace_all_uses_with(perturbed, delete_user_cb=lambda user, p=perturbed: user is not p)
+        inputs.append(node.args[0])
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = ((output.args[0], inputs),)
+    graph.lint()
+    return fx.GraphModule(gm, graph), [str(n.target) for n in calls]
+
+
+#: the layer types whose compiled statistics are checked against the loop oracle
+COMPILED_LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+class CompiledFastStats:
+    """``(inputs, targets, weights) -> (count, loss_sum, grad_sum, S)`` for one
+    model analysis (``params`` in ``grad_sum`` order, the supported ``layers``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], layers: set[str],
+                 chunk_elements: int = FAST_CHUNK_ELEMENTS, **compile_options: Any) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        modules = dict(model.named_modules())
+        refused = sorted(f"{name} ({type(modules[name]).__name__})" for name in layers
+                         if not isinstance(modules[name], COMPILED_LAYERS))
+        if refused:
+            raise UnsupportedModelError(
+                f"compile=True supports {', '.join(t.__name__ for t in COMPILED_LAYERS)}; this model has "
+                f"{', '.join(refused)}: torch.compile returned wrong gradients for convolutions in this "
+                f"construction (torch 2.13, CPU). Use compile=False (the eager fast path)."
+            )
+        self.graph, self.calls = rewrite_for_statistics(model, layers)
+        ids = {id(p) for p in params}
+        named = dict(model.named_parameters())
+        by_id = {id(p): n for n, p in named.items()}
+        self.names = [by_id[id(p)] for p in params]  # grad_sum order
+        self.frozen = [n for n, p in named.items() if id(p) not in ids]
+        self.call_modules = [modules[name] for name in self.calls]
+        self.chunk_elements = chunk_elements
+        self._shapes: dict[tuple[Any, ...], list[tuple[int, ...]]] = {}
+        self._step = torch.compile(self._step_fn, **compile_options)
+
+    def _output_shapes(self, inputs: tuple[Tensor, ...]) -> list[tuple[int, ...]]:
+        """Per layer call, its output's shape without the example axis (cached)."""
+        key = tuple((tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else t for t in inputs)
+        if key not in self._shapes:
+            seen: list[tuple[int, ...]] = []
+            hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(tuple(out.shape[1:])))
+                     for m in set(self.call_modules)]
+            try:
+                with torch.no_grad():
+                    self.model(*(t[:1] if isinstance(t, Tensor) else t for t in inputs))
+            finally:
+                for h in hooks:
+                    h.remove()
+            self._shapes[key] = seen
+        return self._shapes[key]
+
+    def _step_fn(self, train: dict[str, Tensor], fixed: dict[str, Tensor], inputs: tuple[Tensor, ...],
+                 targets: Any, weights: Tensor | None, perturbations: list[Tensor]
+                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
+        def loss(train: dict[str, Tensor], perturbations: list[Tensor]) -> tuple[Tensor, Any]:
+            out, layer_inputs = functional_call(self.graph, {**train, **fixed}, (*inputs, *perturbations))
+            losses = self.loss_fn(out, targets)
+            _check_losses(losses, _batch_size(inputs))
+            weighted = losses if weights is None else losses * weights.to(losses.dtype)
+            return weighted.sum(), (losses.detach(), [a.detach() for a in layer_inputs])
+
+        (grads, output_grads), (_, (losses, layer_inputs)) = grad_and_value(loss, argnums=(0, 1), has_aux=True)(
+            train, perturbations)
+        dtype = _stat_dtype(losses.device)
+        count, loss_sum = _count_and_loss(losses, weights, dtype)
+        per_module: dict[nn.Module, tuple[list[Tensor], list[Tensor]]] = {}
+        for mod, a, b in zip(self.call_modules, layer_inputs, output_grads):
+            per_module.setdefault(mod, ([], []))
+            per_module[mod][0].append(a)
+            per_module[mod][1].append(b)
+        totals = []
+        for mod, (a_list, b_list) in per_module.items():
+            rule = rule_for(mod)
+            assert rule is not None  # the layers were chosen by rule_for
+            totals.extend(layer_sq_norm_sums(mod, rule, a_list, b_list, self.chunk_elements))
+        sq = torch.stack([t.to(dtype) for t in totals]).sum()
+        return count, loss_sum, tuple(grads[n] for n in self.names), sq
+
+    def __call__(self, inputs: tuple[Tensor, ...], targets: Any, weights: Tensor | None, m: int
+                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
+        named = dict(self.model.named_parameters())
+        train = {n: named[n].detach() for n in self.names}
+        fixed = {n: named[n].detach() for n in self.frozen}
+        fixed.update(dict(self.model.named_buffers()))
+        ref = next(iter(train.values()))
+        perturbations = [torch.zeros((m, *shape), dtype=ref.dtype, device=ref.device)
+                         for shape in self._output_shapes(inputs)]
+        return self._step(train, fixed, inputs, targets, weights, perturbations)
