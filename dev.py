@@ -21,14 +21,18 @@ ROOT = Path(__file__).resolve().parent
 TOOLS = ROOT / ".venv-tools"
 
 
+def _works(py: Path, module: str) -> bool:
+    return py.exists() and subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
 def _tools_python() -> Path:
     py = TOOLS / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    if not py.exists():
+    if _works(py, "nox"):
+        return py
+    if not _works(py, "pip"):  # absent, or left half-made by an interrupted first run
         print(f"dev.py: creating {TOOLS.name} with nox", flush=True)
-        venv.EnvBuilder(with_pip=True).create(TOOLS)
-    probe = subprocess.run([str(py), "-c", "import nox"], capture_output=True)
-    if probe.returncode != 0:
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), "nox"], check=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(TOOLS)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), "nox"], check=True)
     return py
 
 
