@@ -89,8 +89,9 @@ class CompiledFastStats:
         if refused:
             raise UnsupportedModelError(
                 f"compile=True supports {', '.join(t.__name__ for t in COMPILED_LAYERS)}; this model has "
-                f"{', '.join(refused)}: torch.compile returned wrong gradients for convolutions in this "
-                f"construction (torch 2.13, CPU). Use compile=False (the eager fast path)."
+                f"{', '.join(refused)} (for convolutions torch.compile returned wrong gradients in this "
+                f"construction, torch 2.13 on CPU; the other types are not checked yet). "
+                f"Use compile=False (the eager fast path)."
             )
         self.graph, self.calls = rewrite_for_statistics(model, layers)
         ids = {id(p) for p in params}

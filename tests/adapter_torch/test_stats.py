@@ -473,13 +473,18 @@ def norms_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5, bias=False), nn.RMSNorm(5), nn.Tanh(), nn.Flatten(), nn.Linear(20, 3))
 
 
-@pytest.mark.parametrize("name", ["mlp", "seq", "norms"])
+@pytest.mark.parametrize("name", ["mlp", "seq", "norms", "inplace_relu"])
 def test_compiled_matches_brute_force(name, oracle, check):
     """MLP (rank-one Linear), Embedding with padding_idx + LayerNorm + a Linear
-    applied twice to sequences, RMSNorm after a bias-free sequence Linear."""
+    applied twice to sequences, RMSNorm after a bias-free sequence Linear, and
+    an in-place ReLU after a sequence Linear."""
     if name == "norms":
         seeded(4)
         model, x, y = norms_model().double(), torch.randn(6, 4, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    elif name == "inplace_relu":
+        seeded(5)
+        model, make_x = _inplace_cases()["linear_seq"]
+        model, x, y = model.double(), make_x().double(), torch.randint(0, 3, (M,))
     else:
         model, x, y = _model(name, m=6)
     stats = PerExampleStats(model, ce, method="fast", compile=True)
