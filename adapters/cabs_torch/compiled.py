@@ -39,6 +39,7 @@ from .stats import (
     _check_losses,
     _count_and_loss,
     _stat_dtype,
+    functional_state,
     layer_sq_norm_sums,
 )
 
@@ -94,11 +95,7 @@ class CompiledFastStats:
                 f"Use compile=False (the eager fast path)."
             )
         self.graph, self.calls = rewrite_for_statistics(model, layers)
-        ids = {id(p) for p in params}
-        named = dict(model.named_parameters())
-        by_id = {id(p): n for n, p in named.items()}
-        self.names = [by_id[id(p)] for p in params]  # grad_sum order
-        self.frozen = [n for n, p in named.items() if id(p) not in ids]
+        self.params = params  # grad_sum order
         self.call_modules = [modules[name] for name in self.calls]
         self.chunk_elements = chunk_elements
         self._shapes: dict[tuple[Any, ...], list[tuple[int, ...]]] = {}
@@ -145,14 +142,11 @@ class CompiledFastStats:
             assert rule is not None  # the layers were chosen by rule_for
             totals.extend(layer_sq_norm_sums(mod, rule, a_list, b_list, self.chunk_elements))
         sq = torch.stack([t.to(dtype) for t in totals]).sum()
-        return count, loss_sum, tuple(grads[n] for n in self.names), sq
+        return count, loss_sum, tuple(grads[n] for n in train), sq
 
     def __call__(self, inputs: tuple[Tensor, ...], targets: Any, weights: Tensor | None, m: int
                  ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
-        named = dict(self.model.named_parameters())
-        train = {n: named[n].detach() for n in self.names}
-        fixed = {n: named[n].detach() for n in self.frozen}
-        fixed.update(dict(self.model.named_buffers()))
+        train, fixed = functional_state(self.model, self.params)
         ref = next(iter(train.values()))
         perturbations = [torch.zeros((m, *shape), dtype=ref.dtype, device=ref.device)
                          for shape in self._output_shapes(inputs)]

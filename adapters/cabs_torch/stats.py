@@ -155,6 +155,18 @@ def _parameter_key(model: nn.Module) -> tuple[tuple[int, bool], ...]:
     return tuple(key)
 
 
+def functional_state(model: nn.Module, params: list[nn.Parameter]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The model's state for ``torch.func.functional_call``, detached: ``params``
+    by name (in the order of ``params``, that of ``grad_sum``), and the other
+    parameters and the buffers."""
+    named = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
+    train = {by_id[id(p)]: p.detach() for p in params}
+    fixed = {n: p.detach() for n, p in named.items() if n not in train}
+    fixed.update(dict(model.named_buffers()))
+    return train, fixed
+
+
 def _as_tuple(inputs: Any) -> tuple[Any, ...]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
@@ -275,11 +287,8 @@ def _generic(
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
     from torch.func import functional_call, grad_and_value, vmap
 
-    ids = {id(p) for p in params}
-    names = [n for n, p in model.named_parameters() if id(p) in ids]
-    train = {n: p.detach() for n, p in model.named_parameters() if id(p) in ids}
-    fixed = {n: p.detach() for n, p in model.named_parameters() if id(p) not in ids}
-    fixed.update(dict(model.named_buffers()))
+    train, fixed = functional_state(model, params)
+    names = list(train)
     m = _batch_size(inputs)
 
     def one(tp: dict[str, Tensor], x: tuple[Any, ...], y: Any) -> Tensor:
