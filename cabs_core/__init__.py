@@ -4,7 +4,8 @@ framework-agnostic.
 The core written against the Python Array API standard: the statistics an
 adapter delivers (:mod:`.stats`), estimators of tr(Sigma) (:mod:`.variance`),
 batch-size rules (:mod:`.rules`), the smoothed controller (:mod:`.controller`)
-and the batch sampler (:mod:`.sampler`). It imports no deep-learning framework.
+the batch sampler (:mod:`.sampler`), and what a fast path must establish
+before it returns S (:mod:`.exactness`). It imports no deep-learning framework.
 """
 
 from .controller import (
@@ -15,6 +16,17 @@ from .controller import (
     NonFiniteStatisticsError,
     StepInfo,
     check_digests,
+)
+from .exactness import (
+    BatchNormTrainingError,
+    FastPathFallbackWarning,
+    UnsupportedModelError,
+    accounting_scale,
+    check_close,
+    probe_batch_size,
+    relative_error,
+    rtol_for,
+    verify_due,
 )
 from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_sq_norms
 from .rules import (
@@ -41,6 +53,15 @@ from .variance import group_variance, inner_product_variance, two_pass_variance,
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormTrainingError",
+    "FastPathFallbackWarning",
+    "UnsupportedModelError",
+    "accounting_scale",
+    "check_close",
+    "probe_batch_size",
+    "relative_error",
+    "rtol_for",
+    "verify_due",
     "BatchStats",
     "CABSController",
     "ConfigError",
