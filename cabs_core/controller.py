@@ -185,7 +185,8 @@ class CABSController:
     loss_floor: L*, the minimal loss (beyond the paper, which assumes 0).
     mode: "paper" (ddof 1, bias-corrected averages from 0) or "reference"
     (ddof 0, averages start at xi = 0 and L = 1: the authors' TF code).
-    bs_init: the first batch size (default bs_min).
+    bs_init: the first batch size (default: bs_min, discretised). Like every
+    decision it obeys ``multiple_of`` / ``buckets``; one that does not is refused.
     multiple_of / buckets: optional discretisation after clipping.
     nonfinite: "raise" (default) or "skip" steps with NaN/inf statistics.
     """
@@ -254,6 +255,16 @@ class CABSController:
             object.__setattr__(self, "buckets", tuple(int(q) for q in b))
         if self.nonfinite not in ("raise", "skip"):
             raise ConfigError("nonfinite", f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
+        if self.bs_init is not None and self._discretise(self.bs_init) != self.bs_init:
+            allowed = f"a multiple of {self.multiple_of}" if self.multiple_of is not None else f"one of {self.buckets}"
+            raise ConfigError(
+                "bs_init",
+                f"bs_init={self.bs_init} is not a batch size this controller can decide: it must be {allowed} "
+                f"(e.g. {self._discretise(self.bs_init)}), like every other decision",
+            )
+
+    def _discretise(self, raw: float) -> int:
+        return discretise(raw, self.bs_min, self.bs_max, self.multiple_of, self.buckets)
 
     @property
     def ddof(self) -> int:
@@ -276,8 +287,10 @@ class CABSController:
         return b
 
     def init(self) -> ControllerState:
-        """The state before the first step: averages as the mode says."""
-        bs = self.bs_min if self.bs_init is None else int(self.bs_init)
+        """The state before the first step: averages as the mode says; the first
+        batch size is ``bs_init``, by default the smallest size the
+        discretisation allows (``bs_min`` without ``multiple_of``/``buckets``)."""
+        bs = self._discretise(self.bs_min if self.bs_init is None else self.bs_init)
         return ControllerState(
             step=0, updates=0, xi_avg=0.0, loss_avg=0.0 if self.mode == "paper" else 1.0, batch_size=bs
         )
@@ -316,7 +329,7 @@ class CABSController:
                 eps=self.eps,
             )
         )
-        bs = discretise(raw, self.bs_min, self.bs_max, self.multiple_of, self.buckets)
+        bs = self._discretise(raw)
         new = ControllerState(
             step=step,
             updates=updates,

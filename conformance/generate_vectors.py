@@ -169,6 +169,20 @@ def validate_config(cfg):
             raise ConfigError("buckets")
     if cfg["nonfinite"] not in ("raise", "skip"):
         raise ConfigError("nonfinite")
+    if init is not None and discretise_size(cfg, init) != init:
+        raise ConfigError("bs_init")  # a first batch no later decision could be
+
+
+def discretise_size(cfg, b):
+    """Step 9 of the README on an integer b already in [bs_min, bs_max]."""
+    k, buckets = cfg["multiple_of"], cfg["buckets"]
+    if k is not None:
+        up = -(-b // k) * k
+        return up if up <= cfg["bs_max"] else (cfg["bs_max"] // k) * k
+    if buckets is not None:
+        above = [x for x in buckets if x >= b]
+        return above[0] if above else buckets[-1]
+    return b
 
 
 class NonFiniteError(ValueError):
@@ -189,7 +203,8 @@ class Controller:
         self.updates = 0
         self.xi_avg = 0.0
         self.loss_avg = 0.0 if paper else 1.0
-        self.batch_size = cfg["bs_init"] if cfg["bs_init"] is not None else cfg["bs_min"]
+        first = cfg["bs_init"] if cfg["bs_init"] is not None else cfg["bs_min"]
+        self.batch_size = discretise_size(cfg, first)
         self.skipped = 0
         self.clamped = 0
         self.nonfinite = 0
@@ -207,17 +222,6 @@ class Controller:
                 "skipped_total": self.skipped,
                 "clamped_total": self.clamped,
                 "nonfinite_total": self.nonfinite}
-
-    def _discretise(self, b):
-        cfg = self.cfg
-        k, buckets = cfg["multiple_of"], cfg["buckets"]
-        if k is not None:
-            up = -(-b // k) * k
-            b = up if up <= cfg["bs_max"] else (cfg["bs_max"] // k) * k
-        elif buckets is not None:
-            above = [x for x in buckets if x >= b]
-            b = above[0] if above else buckets[-1]
-        return b
 
     def step(self, stats):
         """Steps 1-10 of the README. Returns the expect dict of the step."""
@@ -260,7 +264,7 @@ class Controller:
             b = cfg["bs_max"]
         else:
             b = min(max(round(raw), cfg["bs_min"]), cfg["bs_max"])
-        self.batch_size = self._discretise(b)
+        self.batch_size = discretise_size(cfg, b)
         return self._report(False, None, xi, loss, clamped, raw)
 
 
@@ -687,6 +691,43 @@ def build_loss_floor_above_loss():
         cfg, steps)]
 
 
+def build_init_discretised():
+    """The first decision obeys multiple_of / buckets like every later one: a
+    skipped first step (count 1 in paper mode) reports the decision in force."""
+    rng = random.Random(301)
+    dims = (2, 3)
+    cases = [
+        ("edge_init_multiple_of",
+         "Paper mode, bs 10..1000, multiple_of 16, bs_init null: the first batch "
+         "size is bs_min discretised like every decision (10 -> 16), so the "
+         "skipped first steps (count 1) report 16, not 10.",
+         config(bs_min=10, bs_max=1000, bs_init=None, multiple_of=16), 16),
+        ("edge_init_buckets",
+         "Paper mode, bs 5..1000, buckets [24, 100, 1000], bs_init null: the "
+         "first batch size is the smallest bucket >= bs_min (24), reported by the "
+         "skipped first steps (count 1).",
+         config(bs_min=5, bs_max=1000, bs_init=None, buckets=[24, 100, 1000]), 24),
+    ]
+    vectors = []
+    for name, description, cfg, first in cases:
+        ctrl = Controller(cfg)
+        steps = []
+        plan = [1, 1, "n", "n", "n", "n", "n", "n", "n"]
+        for t, kind in enumerate(plan):
+            if kind == 1:
+                stats = tiny_batch_stats(1, rng, dims, 1.5)
+            else:
+                loss = loss_curve(t, len(plan), rng)
+                xi = raw_target(t, len(plan), rng, 8, 600) * loss / cfg["lr"]
+                stats = make_stats(ctrl.batch_size, loss, grad_mean(t, 16, rng, dims), xi)
+            stats, expect = checked_step(ctrl, stats)
+            steps.append({"stats": stats, "expect": expect})
+        assert [s["expect"]["batch_size"] for s in steps[:2]] == [first, first], name
+        assert steps[0]["expect"]["skipped"] and not steps[2]["expect"]["skipped"]
+        vectors.append(controller_vector(name, description, cfg, steps))
+    return vectors
+
+
 def build_config_errors():
     cases = [
         ("bs_min_zero", {"bs_min": 0}, "bs_min"),
@@ -713,6 +754,9 @@ def build_config_errors():
         ("buckets_outside_bounds", {"buckets": [16, 64, 4096]}, "buckets"),
         ("multiple_of_and_buckets", {"multiple_of": 16, "buckets": [16, 32]}, "buckets"),
         ("nonfinite_unknown", {"nonfinite": "ignore"}, "nonfinite"),
+        ("bs_init_not_a_multiple",
+         {"bs_min": 10, "bs_max": 1000, "bs_init": 20, "multiple_of": 16}, "bs_init"),
+        ("bs_init_not_a_bucket", {"bs_init": 16, "buckets": [32, 64]}, "bs_init"),
     ]
     vectors = []
     for suffix, overrides, argument in cases:
@@ -827,6 +871,7 @@ def main(argv=None):
     vectors += build_nonfinite()
     vectors += build_clamp()
     vectors += build_loss_floor_above_loss()
+    vectors += build_init_discretised()
     vectors += build_config_errors()
     vectors += build_samplers()
     names = [v["name"] for v in vectors]

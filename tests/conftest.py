@@ -8,6 +8,7 @@ way array-api-extra parametrises over ``xp``. Each nox session selects its own.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 from cabs_conformance.backends import get_backend
@@ -15,10 +16,17 @@ from hypothesis import HealthCheck, settings
 
 ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
 
-settings.register_profile(
-    "cabs", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-settings.load_profile("cabs")
+# Hypothesis profiles, chosen by CABS_HYPOTHESIS_PROFILE (default: "ci" where the
+# CI variable is set, else "dev"). "ci" is deterministic: the same examples on
+# every run, nothing read from or written to the example database, so no run goes
+# red by luck or by a failure another checkout stored. "dev" draws new examples on
+# every run and replays stored failures; "explore" draws many more (tests that fix
+# their own max_examples keep it). A failure found there is a finding about the code.
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture], "print_blob": True}
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_COMMON)
+settings.register_profile("dev", max_examples=40, **_COMMON)
+settings.register_profile("explore", max_examples=2000, **_COMMON)
+settings.load_profile(os.environ.get("CABS_HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -150,13 +150,47 @@ def test_decision_always_within_bounds(xb, steps, bounds, disc):
         kw["buckets"] = sorted({bs_min, (bs_min + bs_max) // 2, bs_max})
     ctl = CABSController(lr=0.5, bs_min=bs_min, bs_max=bs_max, **kw)
     state = ctl.init()
+    sizes = [state.batch_size]  # the first decision obeys the discretisation too
     for m, loss_sum, g2, s in steps:
         state, info = ctl.update(state, stats(xb, m, loss_sum, [[math.sqrt(g2)]], s))
-        assert bs_min <= info.batch_size <= bs_max
+        sizes += [info.batch_size, state.batch_size]
+    for b in sizes:
+        assert bs_min <= b <= bs_max
         if "multiple_of" in kw:
-            assert info.batch_size % 8 == 0
+            assert b % 8 == 0
         if "buckets" in kw:
-            assert info.batch_size in kw["buckets"]
+            assert b in kw["buckets"]
+
+
+@pytest.mark.parametrize(
+    "kw,first",
+    [
+        ({"bs_min": 3, "bs_max": 100, "multiple_of": 8}, 8),
+        ({"bs_min": 5, "bs_max": 100, "buckets": [8, 50, 100]}, 8),
+        ({"bs_min": 1, "bs_max": 8, "multiple_of": 8}, 8),
+        ({"bs_min": 16, "bs_max": 2048}, 16),
+    ],
+)
+def test_first_decision_is_discretised(xb, kw, first):
+    ctl = CABSController(lr=0.5, **kw)
+    state = ctl.init()
+    assert state.batch_size == first
+    # a skipped first step (count below 1 + ddof) keeps reporting it
+    state, info = ctl.update(state, stats(xb, 1, 1.0, [[0.0]], 0.0))
+    assert info.skipped and info.reason == "count" and info.batch_size == state.batch_size == first
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"bs_min": 3, "bs_max": 100, "multiple_of": 8, "bs_init": 3},
+        {"bs_min": 5, "bs_max": 100, "buckets": [8, 50, 100], "bs_init": 20},
+    ],
+)
+def test_bs_init_outside_the_discretisation_is_refused(kw):
+    with pytest.raises(ConfigError, match="bs_init=") as e:
+        CABSController(lr=0.5, **kw)
+    assert e.value.argument == "bs_init"
 
 
 @pytest.mark.parametrize(
