@@ -255,6 +255,12 @@ class CABSController:
             object.__setattr__(self, "buckets", tuple(int(q) for q in b))
         if self.nonfinite not in ("raise", "skip"):
             raise ConfigError("nonfinite", f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
+        # plain Python numbers from here on (NumPy scalars would break to_json and digest)
+        for name in ("lr", "mu", "c", "eps", "loss_floor"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("bs_min", "bs_max", "bs_init", "multiple_of"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
         if self.bs_init is not None and self._discretise(self.bs_init) != self.bs_init:
             allowed = f"a multiple of {self.multiple_of}" if self.multiple_of is not None else f"one of {self.buckets}"
             raise ConfigError(
@@ -295,40 +301,51 @@ class CABSController:
             step=0, updates=0, xi_avg=0.0, loss_avg=0.0 if self.mode == "paper" else 1.0, batch_size=bs
         )
 
+    def _nonfinite(self, state: ControllerState, name: str, value: float) -> tuple[ControllerState, StepInfo]:
+        """The ``nonfinite`` policy for step ``state.step + 1``: raise, or skip and count it."""
+        if self.nonfinite == "raise":
+            raise NonFiniteStatisticsError(name, value, state.step + 1)
+        new = replace(state, step=state.step + 1, skipped=state.skipped + 1, nonfinite=state.nonfinite + 1)
+        return new, StepInfo(state.batch_size, skipped=True, reason="nonfinite")
+
     def update(self, state: ControllerState, stats: BatchStats | ScalarStats) -> tuple[ControllerState, StepInfo]:
         """One step: fold this batch's statistics into the averages and decide
         the next batch size. Pure: ``state`` is not modified."""
-        s = reduce_stats(stats) if isinstance(stats, BatchStats) else stats
-        m, loss_sum, sq_norm_sum, g2 = to_host(s)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as inf, handled by name below
+            s = reduce_stats(stats) if isinstance(stats, BatchStats) else stats
+            m, loss_sum, sq_norm_sum, g2 = to_host(s)
         step = state.step + 1
         for name, v in (("count", m), ("loss_sum", loss_sum), ("sq_norm_sum", sq_norm_sum), ("grad_sum", g2)):
             if not math.isfinite(v):
-                if self.nonfinite == "raise":
-                    raise NonFiniteStatisticsError(name, v, step)
-                new = replace(state, step=step, skipped=state.skipped + 1, nonfinite=state.nonfinite + 1)
-                return new, StepInfo(state.batch_size, skipped=True, reason="nonfinite")
+                return self._nonfinite(state, name, v)
         if m < 1 or m < 1 + self.ddof:
             new = replace(state, step=step, skipped=state.skipped + 1)
             return new, StepInfo(state.batch_size, skipped=True, reason="count")
 
         loss = loss_sum / m
-        xi = float(within_batch_variance(ScalarStats(m, loss_sum, sq_norm_sum, g2), self.ddof))
-        clamped = xi < 0
-        xi = max(xi, 0.0)
-        xi_avg = self.mu * state.xi_avg + (1 - self.mu) * xi
-        loss_avg = self.mu * state.loss_avg + (1 - self.mu) * loss
-        updates = state.updates + 1
-        debias = 1.0 - self.mu**updates if self.mode == "paper" else 1.0
-        raw = float(
-            cabs_batch_size(
-                self.lr,
-                np.float64(xi_avg / debias),
-                np.float64(loss_avg / debias),
-                c=self.c,
-                loss_floor=self.loss_floor,
-                eps=self.eps,
+        with np.errstate(over="ignore", invalid="ignore"):
+            xi = float(within_batch_variance(ScalarStats(m, loss_sum, sq_norm_sum, g2), self.ddof))
+            clamped = xi < 0
+            xi = max(xi, 0.0)
+            xi_avg = self.mu * state.xi_avg + (1 - self.mu) * xi
+            loss_avg = self.mu * state.loss_avg + (1 - self.mu) * loss
+            updates = state.updates + 1
+            debias = 1.0 - self.mu**updates if self.mode == "paper" else 1.0
+            raw = float(
+                cabs_batch_size(
+                    self.lr,
+                    np.float64(xi_avg / debias),
+                    np.float64(loss_avg / debias),
+                    c=self.c,
+                    loss_floor=self.loss_floor,
+                    eps=self.eps,
+                )
             )
-        )
+        # finite statistics so large that a derived quantity overflows: the same policy
+        # as non-finite statistics (raw = +inf alone is a valid decision, bs_max)
+        for name, v in (("variance", xi), ("xi_avg", xi_avg), ("loss_avg", loss_avg), ("raw", raw)):
+            if math.isnan(v) or (name != "raw" and not math.isfinite(v)):
+                return self._nonfinite(state, name, v)
         bs = self._discretise(raw)
         new = ControllerState(
             step=step,

@@ -115,4 +115,4 @@ def verify_due(step: int, verify_every: int | None) -> bool:
         raise ValueError(f"verify_every must be None or an integer >= 0, got {verify_every!r}")
     if step == 0:
         return True
-    return bool(verify_every) and step % verify_every == 0
+    return verify_every is not None and verify_every > 0 and step % verify_every == 0

@@ -57,7 +57,10 @@ class ScalarStats(NamedTuple):
 
 
 def _sum_of_squares(x: Array) -> Array:
+    """sum(x^2), accumulated in at least float32 (a float16 sum of 300 squares to inf)."""
     xp = array_namespace(x)
+    if xp.isdtype(x.dtype, "real floating") and xp.finfo(x.dtype).bits < 32:
+        x = xp.astype(x, xp.float32)
     return xp.sum(x * x)
 
 
@@ -71,6 +74,17 @@ def combine(a: BatchStats, b: BatchStats) -> BatchStats:
     """Statistics of the union of two disjoint batches (micro-batches, workers)."""
     if len(a.grad_sum) != len(b.grad_sum):
         raise ValueError(f"cannot combine statistics over {len(a.grad_sum)} and {len(b.grad_sum)} parameters")
+    for k, (x, y) in enumerate(zip(a.grad_sum, b.grad_sum)):
+        if tuple(x.shape) != tuple(y.shape):
+            raise ValueError(
+                f"cannot combine statistics: grad_sum[{k}] has shape {tuple(x.shape)} in one and "
+                f"{tuple(y.shape)} in the other (different models or parameter orders?)"
+            )
+    for name in ("count", "loss_sum", "sq_norm_sum"):
+        for side in (a, b):
+            shape = tuple(getattr(getattr(side, name), "shape", ()))
+            if shape not in ((), (1,)):
+                raise ValueError(f"cannot combine statistics: {name} must be a scalar, got shape {shape}")
     return BatchStats(
         a.count + b.count,
         a.loss_sum + b.loss_sum,
@@ -123,6 +137,8 @@ def to_host(stats: ScalarStats) -> tuple[float, float, float, float]:
     else:
         vals = [xp.asarray(v) for v in stats]
         dtype = next((v.dtype for v in vals if xp.isdtype(v.dtype, "real floating")), None)
+        if dtype is not None and xp.finfo(dtype).bits < 32:  # bfloat16/float16: no DLPack export, few digits
+            dtype = xp.float32
         stacked = xp.stack([xp.reshape(xp.astype(v, dtype) if dtype else v, ()) for v in vals])
         if is_torch_array(stacked):  # statistics are values: leave the autograd graph
             host = np.from_dlpack(to_device(stacked.detach(), "cpu"))

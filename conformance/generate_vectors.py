@@ -248,18 +248,28 @@ class Controller:
         clamped = xi < 0
         if clamped:
             xi = 0.0
-            self.clamped += 1
         mu = cfg["mu"]
-        self.xi_avg = mu * self.xi_avg + (1 - mu) * xi
-        self.loss_avg = mu * self.loss_avg + (1 - mu) * loss
-        self.updates += 1
+        xi_avg = mu * self.xi_avg + (1 - mu) * xi
+        loss_avg = mu * self.loss_avg + (1 - mu) * loss
+        updates = self.updates + 1
         if cfg["mode"] == "paper":
-            corr = 1 - mu ** self.updates
-            xi_e, loss_e = self.xi_avg / corr, self.loss_avg / corr
+            corr = 1 - mu ** updates
+            xi_e, loss_e = xi_avg / corr, loss_avg / corr
         else:
-            xi_e, loss_e = self.xi_avg, self.loss_avg
+            xi_e, loss_e = xi_avg, loss_avg
         d = loss_e - cfg["loss_floor"] + cfg["eps"]
         raw = math.inf if d <= 0 else cfg["c"] * cfg["lr"] * xi_e / d
+        # finite statistics whose derived values overflow: step 2's policy
+        bad = [name for name, v in (("variance", xi), ("xi_avg", xi_avg), ("loss_avg", loss_avg))
+               if not math.isfinite(v)] + (["raw"] if math.isnan(raw) else [])
+        if bad:
+            if cfg["nonfinite"] == "raise":
+                raise NonFiniteError(bad[0])
+            self.skipped += 1
+            self.nonfinite += 1
+            return self._report(True, "nonfinite", None, None, False, None)
+        self.clamped += clamped
+        self.xi_avg, self.loss_avg, self.updates = xi_avg, loss_avg, updates
         if math.isinf(raw):
             b = cfg["bs_max"]
         else:
@@ -691,6 +701,45 @@ def build_loss_floor_above_loss():
         cfg, steps)]
 
 
+def build_overflow():
+    """Finite statistics whose derived values overflow (c * lr * xi and
+    L - loss_floor both reach inf, so raw = inf / inf): the non-finite policy,
+    naming the derived quantity ("raw"), never a NaN state."""
+    overflow = {"count": 2, "loss_sum": 1.7e308, "grad_sum": [[0.0, 0.0], [0.0, 0.0, 0.0]],
+                "sq_norm_sum": 1.7e308}
+    vectors = []
+    for policy, plan in (("skip", ["n", "n", "o", "n", "n", "o", "n", "n"]), ("raise", ["n"] * 6 + ["o"])):
+        rng = random.Random(401)
+        cfg = config(mode="reference", lr=1e150, c=1e150, mu=0.0, loss_floor=-1.7e308, nonfinite=policy)
+        ctrl = Controller(cfg)
+        steps = []
+        for t, kind in enumerate(plan):
+            if kind == "o":
+                try:
+                    expect = ctrl.step(overflow)
+                except NonFiniteError as err:
+                    steps.append({"stats": overflow, "expect": {"error": "nonfinite", "field": err.field}})
+                    break
+                assert expect["reason"] == "nonfinite", expect
+                steps.append({"stats": overflow, "expect": expect})
+            else:
+                stats = make_stats(ctrl.batch_size, loss_curve(t, len(plan), rng), grad_mean(t, 16, rng, (2, 3)),
+                                   rng.uniform(1.0, 50.0))
+                stats, expect = checked_step(ctrl, stats)
+                steps.append({"stats": stats, "expect": expect})
+        assert steps[-1]["expect"].get("field", "raw") == "raw"
+        vectors.append(controller_vector(
+            f"edge_overflow_{policy}",
+            f"Reference mode, lr 1e150, c 1e150, mu 0, loss_floor -1.7e308, nonfinite '{policy}': "
+            "finite statistics (count 2, loss_sum = S = 1.7e308) make c * lr * xi and "
+            "L - loss_floor overflow to inf, so raw = inf / inf is NaN: the step follows the "
+            "non-finite policy naming 'raw' (" + ("skipped, reason 'nonfinite'" if policy == "skip"
+                                                  else "an error on 'raw' ends the vector") + "); "
+            "normal steps around it decide as usual.",
+            cfg, steps))
+    return vectors
+
+
 def build_init_discretised():
     """The first decision obeys multiple_of / buckets like every later one: a
     skipped first step (count 1 in paper mode) reports the decision in force."""
@@ -872,6 +921,7 @@ def main(argv=None):
     vectors += build_clamp()
     vectors += build_loss_floor_above_loss()
     vectors += build_init_discretised()
+    vectors += build_overflow()
     vectors += build_config_errors()
     vectors += build_samplers()
     names = [v["name"] for v in vectors]

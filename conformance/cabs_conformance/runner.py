@@ -179,4 +179,7 @@ def run_sampler(v: dict) -> Result:
 def run(paths: list[Path], backend: Backend) -> Iterator[Result]:
     for path in paths:
         v = load(path)
-        yield run_controller(v, backend) if v["kind"] == "controller" else run_sampler(v)
+        try:
+            yield run_controller(v, backend) if v["kind"] == "controller" else run_sampler(v)
+        except Exception as e:  # an implementation that crashes fails this vector; the others still run
+            yield Result(v["name"], v["kind"], 0, False, f"unexpected {type(e).__name__}: {e}")
