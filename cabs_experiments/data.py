@@ -299,9 +299,14 @@ def read_svhn_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(mat["X"]), np.asarray(mat["y"])
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3):
         raise DataError(f"{path}: 'X' must have shape (32, 32, 3, n), got {x.shape}")
+    if x.dtype != np.uint8:  # the published files hold uint8 pixels; a cast would mangle floats in 0..1
+        raise DataError(f"{path}: 'X' must hold uint8 pixels (0..255) as the SVHN files do, got {x.dtype}")
     y = y.reshape(-1)
     if y.shape != (x.shape[3],):
         raise DataError(f"{path}: 'X' holds {x.shape[3]} images but 'y' has {y.size} labels")
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+        raise DataError(f"{path}: 'y' must hold whole-number labels, got {y.dtype} values such as "
+                        f"{y[np.flatnonzero(y != np.round(y))[:1]] if np.issubdtype(y.dtype, np.floating) else y[:1]}")
     if len(y) and not (1 <= y.min() and y.max() <= 10):
         raise DataError(f"{path}: labels must lie in 1..10 (10 = digit 0), found {y.min()}..{y.max()}")
     images = np.ascontiguousarray(x.transpose(3, 0, 1, 2)).astype(np.uint8)
