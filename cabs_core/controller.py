@@ -1,7 +1,7 @@
 """The smoothed CABS controller: optax-style ``init`` / ``update`` on an
 immutable state.
 
-Algorithm (SPEC sections 2, 3 and 5; ``conformance/README.md`` step by step)::
+Algorithm (docs/spec.md sections 2, 3 and 5; ``conformance/README.md`` step by step)::
 
     m, L_sum, S, G2  <- the step's statistics (one device-to-host copy)
     if not finite:     raise, or skip (policy ``nonfinite``)

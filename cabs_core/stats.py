@@ -1,4 +1,4 @@
-"""The per-step statistics of SPEC section 4, and their reduction to four scalars.
+"""The per-step statistics of docs/spec.md section 4, and their reduction to four scalars.
 
 An adapter delivers a :class:`BatchStats` per step: sums over the examples of
 the batch, which add up across micro-batches and data-parallel workers
@@ -26,7 +26,7 @@ Array = Any  # an Array API array (numpy, array-api-strict, torch, jax, ...)
 
 
 class BatchStats(NamedTuple):
-    """Sums over the (unmasked) examples i of one batch (SPEC section 4).
+    """Sums over the (unmasked) examples i of one batch (docs/spec.md section 4).
 
     count:       m, the number of examples (0-d array)
     loss_sum:    sum_i l_i (0-d array)

@@ -2,7 +2,7 @@
 
 Three ways to the same quantity, by what the caller has:
 
-- :func:`within_batch_variance`: from the sums of SPEC section 4 (no
+- :func:`within_batch_variance`: from the sums of docs/spec.md section 4 (no
   per-example gradients kept); the paper's estimator with ``ddof = 1``, the
   reference implementation's with ``ddof = 0``.
 - :func:`two_pass_variance`: from per-example gradients, subtracting the mean
@@ -24,7 +24,7 @@ from .stats import Array, BatchStats, ScalarStats, reduce_stats
 
 
 def within_batch_variance(stats: BatchStats | ScalarStats, ddof: int = 1) -> Array:
-    """xi = (S - ||sum_i g_i||^2 / m) / (m - ddof)  (SPEC section 2).
+    """xi = (S - ||sum_i g_i||^2 / m) / (m - ddof)  (docs/spec.md section 2).
 
     Equals 1/(m - ddof) * sum_i ||g_i - g_bar||^2. Undefined (division by
     zero or a negative count) for m <= ddof: the caller checks m first.

@@ -3,7 +3,7 @@
 
 This is an *independent* float64 transcription of the controller and sampler
 semantics fixed in ``conformance/README.md`` (which in turn follows
-``shared/SPEC.md``).  It uses only the Python standard library (``math``,
+``docs/spec.md``).  It uses only the Python standard library (``math``,
 ``json``, ``random``) and deliberately imports nothing from ``cabs_core`` or
 any array library: the vectors and the project's core are two separate
 implementations of the same contract, and the conformance runner checks that

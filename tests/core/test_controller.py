@@ -1,4 +1,4 @@
-"""The controller against SPEC sections 2, 3 and 5, on every backend."""
+"""The controller against docs/spec.md sections 2, 3 and 5, on every backend."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def stats(xb, count, loss_sum, grad_sum, sq_norm_sum) -> BatchStats:
 
 
 def test_reference_mode_by_hand(xb):
-    """Two steps computed by hand from SPEC section 2 (ddof 0, xi_avg 0, L_avg 1)."""
+    """Two steps computed by hand from docs/spec.md section 2 (ddof 0, xi_avg 0, L_avg 1)."""
     ctl = CABSController(lr=0.1, mode="reference")
     s0 = ctl.init()
     assert (s0.xi_avg, s0.loss_avg, s0.batch_size) == (0.0, 1.0, 16)
@@ -62,7 +62,7 @@ def test_paper_mode_first_step_is_the_unsmoothed_ratio(xb):
 
 
 def transcription(lr, mu, steps, bs_min=16, bs_max=2048):
-    """SPEC section 2 written out literally, reference mode (the test's own oracle)."""
+    """docs/spec.md section 2 written out literally, reference mode (the test's own oracle)."""
     xi_avg, l_avg, out = 0.0, 1.0, []
     for m, loss_sum, g2, s in steps:
         xi = max((s - m * (g2 / m**2)) / m, 0.0)
