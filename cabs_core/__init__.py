@@ -5,9 +5,12 @@ The core written against the Python Array API standard: the statistics an
 adapter delivers (:mod:`.stats`), estimators of tr(Sigma) (:mod:`.variance`),
 batch-size rules (:mod:`.rules`), the smoothed controller (:mod:`.controller`)
 the batch sampler (:mod:`.sampler`), and what a fast path must establish
-before it returns S (:mod:`.exactness`). It imports no deep-learning framework.
+before it returns S (:mod:`.exactness`), and the one checkpoint envelope
+(:mod:`.checkpoint`). It imports no deep-learning framework.
 """
 
+from . import checkpoint
+from .checkpoint import CheckpointMismatchError
 from .controller import (
     CABSController,
     ConfigError,
@@ -53,6 +56,8 @@ from .variance import group_variance, inner_product_variance, two_pass_variance,
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointMismatchError",
+    "checkpoint",
     "BatchNormTrainingError",
     "FastPathFallbackWarning",
     "UnsupportedModelError",

@@ -261,15 +261,17 @@ class CABSController:
         for name in ("bs_min", "bs_max", "bs_init", "multiple_of"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
-        if self.bs_init is not None and self._discretise(self.bs_init) != self.bs_init:
+        if self.bs_init is not None and self.discretise(self.bs_init) != self.bs_init:
             allowed = f"a multiple of {self.multiple_of}" if self.multiple_of is not None else f"one of {self.buckets}"
             raise ConfigError(
                 "bs_init",
                 f"bs_init={self.bs_init} is not a batch size this controller can decide: it must be {allowed} "
-                f"(e.g. {self._discretise(self.bs_init)}), like every other decision",
+                f"(e.g. {self.discretise(self.bs_init)}), like every other decision",
             )
 
-    def _discretise(self, raw: float) -> int:
+    def discretise(self, raw: float) -> int:
+        """The decision for a raw size: clip to [bs_min, bs_max], round half to even, then
+        ``multiple_of`` / ``buckets`` (:func:`cabs_core.discretise` with this configuration)."""
         return discretise(raw, self.bs_min, self.bs_max, self.multiple_of, self.buckets)
 
     @property
@@ -296,7 +298,7 @@ class CABSController:
         """The state before the first step: averages as the mode says; the first
         batch size is ``bs_init``, by default the smallest size the
         discretisation allows (``bs_min`` without ``multiple_of``/``buckets``)."""
-        bs = self._discretise(self.bs_min if self.bs_init is None else self.bs_init)
+        bs = self.discretise(self.bs_min if self.bs_init is None else self.bs_init)
         return ControllerState(
             step=0, updates=0, xi_avg=0.0, loss_avg=0.0 if self.mode == "paper" else 1.0, batch_size=bs
         )
@@ -346,7 +348,7 @@ class CABSController:
         for name, v in (("variance", xi), ("xi_avg", xi_avg), ("loss_avg", loss_avg), ("raw", raw)):
             if math.isnan(v) or (name != "raw" and not math.isfinite(v)):
                 return self._nonfinite(state, name, v)
-        bs = self._discretise(raw)
+        bs = self.discretise(raw)
         new = ControllerState(
             step=step,
             updates=updates,
