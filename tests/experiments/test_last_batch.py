@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pytest
 
+import cabs_experiments.report as report_module
 import cabs_experiments.run as run_module
 from cabs_core import ScalarStats
 from cabs_experiments.data import Dataset
@@ -81,6 +82,7 @@ def fake(monkeypatch) -> FakeTrainer:
         return trainer
 
     monkeypatch.setattr(run_module, "make_trainer", make)
+    monkeypatch.setattr(report_module, "write_figures", lambda s, out_dir: {})  # figures: tested in test_report
     return trainer
 
 
