@@ -10,7 +10,8 @@ line with a ``kind``:
   ``lr``, ``wall_time``);
 - ``eval``: an evaluation (``train_loss`` on the training set, ``test_loss``, ``test_accuracy``)
   after the step that reaches the evaluation point ``point_epoch`` (k/K of the budget, the same
-  points for every run; ``epoch`` is where the run actually is, up to one batch later);
+  points for every run; ``epoch`` is where the run actually is, up to one batch later, or, at the
+  last point of a run that stopped short of the budget, where it stopped);
 - ``end``: the run finished (``status`` "ok" or "diverged", with a ``reason``; ``steps``, the
   ``examples`` it trained on, the ``examples_left`` of the budget and the ``next_batch_size`` that did
   not fit in them).
