@@ -10,8 +10,17 @@ line with a ``kind``:
   ``lr``, ``wall_time``);
 - ``eval``: an evaluation (``train_loss`` on the training set, ``test_loss``, ``test_accuracy``)
   after the step that reaches the evaluation point ``point_epoch`` (k/K of the budget, the same
-  points for every run; ``epoch`` is where the run actually is, up to one batch later);
-- ``end``: the run finished (``status`` "ok" or "diverged", with a ``reason``).
+  points for every run; ``epoch`` is where the run actually is, up to one batch later, or, at the
+  last point of a run that stopped short of the budget, where it stopped);
+- ``end``: the run finished (``status`` "ok" or "diverged", with a ``reason``; ``steps``, the
+  ``examples`` it trained on, the ``examples_left`` of the budget and the ``next_batch_size`` that did
+  not fit in them).
+
+Every step uses the batch size its method decided; a run stops when that
+batch does not fit in what is left of the budget (:data:`LAST_BATCH`), so it
+may use fewer examples than the budget, never a smaller last batch. The
+"final" figures are those of the evaluation after a run's last step, and
+only of a run that ended normally.
 
 ``wall_time`` is the run's training time in seconds so far, evaluations excluded.
 The figures and the summary are computed from the log alone, so
@@ -30,6 +39,8 @@ from typing import IO, Any
 LOG_NAME = "log.jsonl"
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
+#: the budget rule, written into the log's config record (a log without it predates the rule)
+LAST_BATCH = "whole batches: a run stops when its next decided batch does not fit in the rest of the budget"
 FIGURES = {
     "loss": "training_loss.png",
     "accuracy": "test_accuracy.png",
@@ -97,6 +108,8 @@ class RunSummary:
     best_train_loss: float
     final_test_accuracy: float
     wall_time: float
+    examples: int | None = None  # examples trained on (None: the run has no end record)
+    examples_left: int | None = None  # of the budget, fewer than the batch that did not fit
     epochs_to_target: float | None = None
     wall_to_target: float | None = None
     evals: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -188,6 +201,10 @@ def summarize(records: Iterable[dict[str, Any]], target_loss: float | None = Non
     config, grouped = _group_records(records)
     if not grouped:
         raise ValueError("the log holds no runs")
+    if "last_batch" not in config:
+        raise ValueError("the log was written before the whole-batch budget rule (no 'last_batch' in its config "
+                         "record): its runs may end with a step on the budget's remainder, and their final figures "
+                         "with it; run the experiment again")
     runs = []
     for rid, slot in grouped.items():
         info, evals, end = slot["info"], slot["evals"], slot["end"]
@@ -195,7 +212,9 @@ def summarize(records: Iterable[dict[str, Any]], target_loss: float | None = Non
         finite = [_num(e["train_loss"]) for e in evals if e["step"] > 0 and math.isfinite(_num(e["train_loss"]))]
         last = evals[-1] if evals else {}
         status = end["status"] if end else "incomplete"
-        if status == "diverged":  # its last evaluation predates the divergence
+        # final figures: the evaluation after the last step of a run that ended normally, else none
+        final = status == "ok" and bool(evals) and last["step"] == end["steps"]
+        if not final:  # diverged, unfinished, or steps after the last evaluation
             losses.append(math.nan)
         runs.append(
             RunSummary(
@@ -208,8 +227,10 @@ def summarize(records: Iterable[dict[str, Any]], target_loss: float | None = Non
                 final_epoch=float(last.get("epoch", 0.0)),
                 final_train_loss=losses[-1] if losses else math.nan,
                 best_train_loss=min(finite) if finite else math.nan,
-                final_test_accuracy=math.nan if status == "diverged" else _num(last.get("test_accuracy")),
+                final_test_accuracy=_num(last.get("test_accuracy")) if final else math.nan,
                 wall_time=float(end["wall_time"]) if end else float(last.get("wall_time", 0.0)),
+                examples=int(end["examples"]) if end else None,
+                examples_left=int(end["examples_left"]) if end and end.get("examples_left") is not None else None,
                 evals=evals,
                 steps=slot["steps"],
             )
@@ -255,12 +276,23 @@ def _loss(v: float) -> str:
     return _fmt(v, ".4f" if not math.isfinite(v) or abs(v) < 1000 else ".3g")
 
 
+def _examples(r: RunSummary) -> str:
+    if r.examples is None:
+        return "n/a"
+    return f"{r.examples}" + ("" if r.examples_left is None else f" ({r.examples_left} left)")
+
+
 def _row(r: RunSummary) -> str:
     status = "" if r.status == "ok" else f" ({r.status})"
     return (
         f"| {r.label}{status} | {_fmt(r.epochs_to_target, '.2f')} | {_fmt(r.wall_to_target, '.1f')} | "
-        f"{_loss(r.final_train_loss)} | {_fmt(r.final_test_accuracy * 100, '.1f')} | {r.wall_time:.1f} |"
+        f"{_loss(r.final_train_loss)} | {_fmt(r.final_test_accuracy * 100, '.1f')} | {r.wall_time:.1f} | "
+        f"{_examples(r)} |"
     )
+
+
+_HEAD = ("| {} | epochs to target | wall time to target (s) | final training loss | final test accuracy (%) "
+         "| total wall time (s) | examples used |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 
 FAMILY_NAMES = {"cabs": "CABS", "sgd": "SGD, constant batch size and learning rate", "sgd-decay": "SGD with decay"}
@@ -301,8 +333,11 @@ def summary_markdown(s: Summary, figures: dict[str, str] | None = None) -> str:
     lines = [
         f"# CABS vs SGD: {c.get('dataset', '?')}, {c.get('model', '?')}, {c.get('backend', '?')}",
         "",
-        f"- budget: {c.get('epochs', '?')} epochs = {c.get('budget_examples', '?')} examples seen per method; "
+        f"- budget: {c.get('epochs', '?')} epochs = {c.get('budget_examples', '?')} examples per method; "
         f"seed {c.get('seed', '?')}",
+        "- every step uses the batch size its method decided; a run stops when that batch does not fit in the "
+        "rest of the budget, so it may use fewer examples (column \"examples used\", with what was left), "
+        "never a smaller last batch",
         f"- {c.get('data', '')}",
         f"- target training loss: **{s.target_loss:.4g}** ({s.target_rule})",
         "- training loss: mean cross-entropy over the training set"
@@ -310,12 +345,12 @@ def summary_markdown(s: Summary, figures: dict[str, str] | None = None) -> str:
         + f", evaluated every {c.get('eval_every', '?')} epochs (the same points for every method, each "
         "after the step that reaches it); epochs to target are read at those points",
         "- wall time: training only (evaluations excluded), seconds",
+        "- final training loss and test accuracy: the evaluation after the run's last step; n/a for a run that "
+        "did not end normally",
         "",
         "## Best learning rate per method",
         "",
-        "| method | epochs to target | wall time to target (s) | final training loss | final test accuracy (%) "
-        "| total wall time (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        _HEAD.format("method"),
     ]
     lines += [_row(r) for r in s.best_per_group.values()]
     lines.append("")
@@ -334,9 +369,7 @@ def summary_markdown(s: Summary, figures: dict[str, str] | None = None) -> str:
     lines += [
         "## Every run (the learning-rate grid)",
         "",
-        "| run | epochs to target | wall time to target (s) | final training loss | final test accuracy (%) "
-        "| total wall time (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        _HEAD.format("run"),
     ]
     lines += [_row(r) for r in s.runs]
     return "\n".join(lines) + "\n"

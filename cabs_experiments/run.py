@@ -15,8 +15,14 @@ Methods (``--methods``):
 
 The driver is framework-free: it owns the sampler (:func:`cabs_core.next_batch`,
 the same example order for every method under one ``--seed``), the batch
-sizes, the learning rate schedules and the log; the backend
+sizes, the learning rate schedules, the budget and the log; the backend
 (:mod:`cabs_experiments.backends`) owns parameters and arithmetic.
+
+The budget (``--epochs`` times the training set size) is spent in whole
+batches: every step of every method uses the batch size the method decided
+(the controller's decision, or the constant one), and a run stops when that
+batch no longer fits in what is left of the budget. No step is taken on a
+smaller remainder; the examples left unused (fewer than one batch) are logged.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from cabs_core import CABSController, NonFiniteStatisticsError, SamplerState, ne
 from .backends import BACKENDS, Trainer, make_trainer
 from .backends.models import MODELS, default_model
 from .data import DATASETS, Dataset, load_dataset
-from .report import LOG_NAME, SUMMARY_MD, JsonlLog, Summary, summary_markdown, verdict, write_report
+from .report import LAST_BATCH, LOG_NAME, SUMMARY_MD, JsonlLog, Summary, summary_markdown, verdict, write_report
 
 FAMILIES = ("cabs", "sgd", "sgd-decay")
 DECAYS = ("step", "exp")
@@ -200,6 +206,13 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def _decided(method: Method, state: Any) -> int:
+    """The batch size ``method`` takes next: the controller's decision (CABS) or the constant one."""
+    b = state.batch_size if state is not None else method.batch_size
+    assert b is not None
+    return int(b)
+
+
 def run_method(
     trainer: Trainer,
     method: Method,
@@ -247,11 +260,11 @@ def run_method(
         log.write(rec)
 
     evaluate(0)
-    next_eval = 0  # index into eval_points
-    while sampler.examples_seen < budget:
-        b = state.batch_size if state is not None else method.batch_size
-        assert b is not None
-        b = min(b, budget - sampler.examples_seen)  # the last batch fills the budget exactly
+    next_eval = 0  # index into eval_points of the next point to evaluate at
+    # Whole batches only (docs/experiments.md, "The budget"): every step uses the batch size the method
+    # decided, and the run stops when that batch does not fit in what is left of the budget.
+    b = _decided(method, state)
+    while sampler.examples_seen + b <= budget:
         lr = method.lr_at(sampler.examples_seen, budget)
         t0 = time.perf_counter()
         idx, sampler = next_batch(sampler, b)
@@ -271,22 +284,28 @@ def run_method(
         step += 1
         if status == "ok" and loss is not None and not math.isfinite(loss):
             status, reason = "diverged", f"non-finite mini-batch loss {loss} at step {step}"
-        if step % cfg.log_every == 0 or status != "ok" or sampler.examples_seen >= budget:
+        next_b = _decided(method, state)
+        last = status != "ok" or sampler.examples_seen + next_b > budget
+        if step % cfg.log_every == 0 or last:
             log.write({"kind": "step", "run": rid, "step": step, "examples": sampler.examples_seen,
                        "epoch": sampler.epoch, "batch_size": b, "loss": loss if _finite(loss) else None,
                        "variance": variance, "raw": raw if _finite(raw) else None, "lr": lr,
                        "wall_time": wall})
         progress.update(b)
         if status != "ok":
-            progress.update(budget - sampler.examples_seen)
             break
-        if sampler.examples_seen >= eval_points[next_eval]:
-            while next_eval < len(eval_points) - 1 and eval_points[next_eval + 1] <= sampler.examples_seen:
+        b = next_b
+        if next_eval < n_evals and sampler.examples_seen >= eval_points[next_eval]:
+            while next_eval < n_evals - 1 and eval_points[next_eval + 1] <= sampler.examples_seen:
                 next_eval += 1  # a large batch crossed several points: evaluate once, at the last
-            evaluate(next_eval + 1)
-            next_eval = min(next_eval + 1, len(eval_points) - 1)
+            next_eval += 1
+            evaluate(next_eval)
+    if status == "ok" and next_eval < n_evals:
+        evaluate(n_evals)  # the next batch did not fit before the last point: the final state, at that point
+    progress.update(budget - sampler.examples_seen)
     log.write({"kind": "end", "run": rid, "status": status, "reason": reason, "steps": step,
-               "examples": sampler.examples_seen, "wall_time": wall})
+               "examples": sampler.examples_seen, "examples_left": budget - sampler.examples_seen,
+               "next_batch_size": b if status == "ok" else None, "wall_time": wall})
     return RunOutcome(method, status, reason, step, wall, evals)
 
 
@@ -298,18 +317,25 @@ def run_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Sum
     n = len(dataset.y_train)
     if n < 2:
         raise ValueError(f"{dataset.name}: at least 2 training examples are needed, got {n}")
+    methods = cfg.method_list()
+    budget = round(cfg.epochs * n)
+    for m in methods:
+        first = min(cfg.cabs_bs_init, n) if m.family == "cabs" else m.batch_size
+        assert first is not None
+        if first > budget:
+            raise ValueError(f"the budget of {budget} examples ({cfg.epochs:g} epochs of {n}) is smaller than the "
+                             f"first batch ({first}) of {m.label}: it could take no step; raise --epochs or lower "
+                             "the batch size")
     trainer = make_trainer(cfg.backend, dataset, cfg.model, cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = cfg.method_list()
     train_subset = None
     if n > cfg.eval_train_examples:
         rng = np.random.default_rng(cfg.seed)
         train_subset = np.sort(rng.choice(n, cfg.eval_train_examples, replace=False))
-    budget = round(cfg.epochs * n)
     header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "data_dir")}
     header.update(kind="config", data=dataset.describe(), num_train=n, num_test=len(dataset.y_test),
-                  budget_examples=budget, num_parameters=trainer.num_parameters,
+                  budget_examples=budget, last_batch=LAST_BATCH, num_parameters=trainer.num_parameters,
                   eval_train_subset=train_subset is not None, runs=[m.run_id for m in methods])
     progress = _Progress(budget * len(methods), cfg.progress)
     try:

@@ -11,21 +11,25 @@ from cabs_experiments.report import JsonlLog, read_jsonl, summarize, summary_mar
 
 
 def fake_log(path, curves):
-    """curves: {run_id: (family, group, [(epoch, train_loss, acc), ...])}."""
+    """curves: {run_id: (family, group, [(epoch, train_loss, acc), ...])}: point k is the evaluation after step k
+    (k = 0: before the first step); every run ends normally after its last point, 10 examples short of the budget."""
     with JsonlLog(path) as log:
-        log.write({"kind": "config", "dataset": "digits", "model": "mlp", "backend": "numpy", "epochs": 3})
+        log.write({"kind": "config", "dataset": "digits", "model": "mlp", "backend": "numpy", "epochs": 3,
+                   "budget_examples": 40, "last_batch": "whole batches"})
         for rid, (family, group, points) in curves.items():
             log.write({"kind": "run", "run": rid, "family": family, "group": group, "label": f"{group}, lr 0.1",
                        "lr": 0.1})
             for k, (ep, loss, acc) in enumerate(points):
-                log.write({"kind": "step", "run": rid, "step": k + 1, "examples": 10 * (k + 1), "epoch": ep,
-                           "batch_size": 16 * (k + 1), "loss": loss, "variance": 2.0 * loss if family == "cabs"
-                           else None, "raw": 16.0 * (k + 1) if family == "cabs" else None, "lr": 0.1,
-                           "wall_time": ep * 2})
+                if k:
+                    log.write({"kind": "step", "run": rid, "step": k, "examples": 10 * k, "epoch": ep,
+                               "batch_size": 16 * k, "loss": loss, "variance": 2.0 * loss if family == "cabs"
+                               else None, "raw": 16.0 * k if family == "cabs" else None, "lr": 0.1,
+                               "wall_time": ep * 2})
                 log.write({"kind": "eval", "run": rid, "step": k, "examples": 10 * k, "epoch": ep,
                            "train_loss": loss, "test_loss": loss, "test_accuracy": acc, "wall_time": ep * 2})
-            log.write({"kind": "end", "run": rid, "status": "ok", "reason": None, "steps": len(points),
-                       "wall_time": points[-1][0] * 2})
+            n = len(points) - 1
+            log.write({"kind": "end", "run": rid, "status": "ok", "reason": None, "steps": n, "examples": 10 * n,
+                       "examples_left": 40 - 10 * n, "next_batch_size": 16 * (n + 1), "wall_time": points[-1][0] * 2})
 
 
 CURVES = {
@@ -55,7 +59,8 @@ def test_summary_numbers(tmp_path):
     assert v[1].startswith("Tie: CABS, lr 0.1 reaches the target in 2.0000 epochs")
     md = summary_markdown(s)
     assert "**Best baseline:** SGD bs 16, step decay, lr 0.1" in md
-    assert "| SGD bs 16, lr 0.1 | not reached | not reached | 0.3000 | 85.0 | 6.0 |" in md
+    assert "| SGD bs 16, lr 0.1 | not reached | not reached | 0.3000 | 85.0 | 6.0 | 30 (10 left) |" in md
+    assert by["sgd_a"].examples == 30 and by["sgd_a"].examples_left == 10
 
 
 def test_given_target(tmp_path):

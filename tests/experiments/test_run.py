@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cabs_core import ScalarStats, reduce_stats, to_host
+from cabs_core import ScalarStats, discretise, reduce_stats, to_host
 from cabs_experiments.backends import make_trainer
 from cabs_experiments.data import load_digits_dataset
 from cabs_experiments.report import read_jsonl
@@ -110,22 +110,27 @@ def test_pipeline_end_to_end(backend, tmp_path, digits):
         steps = [r for r in records if r["kind"] == "step" and r["run"] == rid]
         evals = [r for r in records if r["kind"] == "eval" and r["run"] == rid]
         end = next(r for r in records if r["kind"] == "end" and r["run"] == rid)
-        assert end["status"] == "ok" and end["examples"] == budget == steps[-1]["examples"]
-        assert sum(r["batch_size"] for r in steps) == budget  # the same budget for every method
-        assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
-        assert all(math.isfinite(r["loss"]) for r in steps[:-1])
+        # the same budget for every method, spent in whole batches: the next one would not have fit
+        assert end["status"] == "ok" and end["examples"] == steps[-1]["examples"] == sum(r["batch_size"] for r in steps)
+        assert end["examples_left"] == budget - end["examples"] < end["next_batch_size"]
+        assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and end["steps"] == len(steps)
+        assert all(math.isfinite(r["loss"]) for r in steps)
         assert [e["point_epoch"] for e in evals] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
-        assert all(e["epoch"] >= e["point_epoch"] for e in evals)
+        assert all(e["epoch"] >= e["point_epoch"] for e in evals[:-1])
+        assert evals[-1]["step"] == len(steps) and evals[-1]["examples"] == end["examples"]  # after the last step
         assert all(0 <= e["test_accuracy"] <= 1 for e in evals)
         assert evals[-1]["train_loss"] < evals[0]["train_loss"]  # it learns
         walls = [r["wall_time"] for r in steps]
         assert walls == sorted(walls)
         if rid.startswith("cabs"):
-            assert steps[0]["batch_size"] == 16 and all(16 <= r["batch_size"] <= 1437 for r in steps[:-1])
-            assert all(r["variance"] > 0 and r["raw"] > 0 for r in steps[:-1])
+            assert all(r["variance"] > 0 and r["raw"] > 0 for r in steps)
+            # every step uses the controller's decision after the step before, the last one included
+            decided = [16] + [discretise(r["raw"], 16, 1437) for r in steps]
+            assert [r["batch_size"] for r in steps] == decided[:-1] and end["next_batch_size"] == decided[-1]
         else:
             assert all(r["variance"] is None for r in steps)
-            assert {r["batch_size"] for r in steps[:-1]} == {int(rid.split("_bs")[1].split("_")[0])}
+            bs = int(rid.split("_bs")[1].split("_")[0])
+            assert {r["batch_size"] for r in steps} == {bs} and len(steps) == budget // bs
         if rid.startswith("sgd-step"):
             assert steps[0]["lr"] == 0.1 and steps[-1]["lr"] == pytest.approx(0.001)
     for name in ("training_loss.png", "test_accuracy.png", "batch_size.png", "cabs_statistics.png"):
@@ -146,7 +151,7 @@ def test_divergence_stops_the_run(tmp_path, digits):
     end = {r["run"]: r for r in records if r["kind"] == "end"}
     bad = end["sgd_bs16_lr100000"]
     assert bad["status"] == "diverged" and "non-finite mini-batch loss" in bad["reason"]
-    assert bad["examples"] < records[0]["budget_examples"] == end["sgd_bs16_lr0.1"]["examples"]
+    assert bad["examples"] < end["sgd_bs16_lr0.1"]["examples"] == records[0]["budget_examples"] // 16 * 16
     by = {r.run: r for r in s.runs}
     assert math.isnan(by["sgd_bs16_lr100000"].final_train_loss) and by["sgd_bs16_lr100000"].epochs_to_target is None
     assert s.best_baseline.run == "sgd_bs16_lr0.1"
