@@ -117,4 +117,4 @@ def bench(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The README's demo: CABS against SGD baselines on scikit-learn's digits (torch, CPU)."""
     _install(session, "torch,experiments")
-    session.run("cabs-experiment", "--out", "runs/demo", *session.posargs)
+    session.run("cabs-experiment", "--out", "runs/demo", "--overwrite", *session.posargs)

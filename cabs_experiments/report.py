@@ -73,20 +73,24 @@ class JsonlLog:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a malformed line raises ValueError naming file and line."""
+    """The records of a JSON-lines file; a malformed line raises ValueError naming file and line,
+    except an unterminated last line (a run interrupted mid-write), which is left out."""
     path = Path(path)
     out = []
     with path.open(encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{k}: not JSON ({e})") from e
-            if not isinstance(rec, dict) or "kind" not in rec:
-                raise ValueError(f"{path}:{k}: expected an object with a 'kind'")
-            out.append(rec)
+        lines = f.readlines()
+    for k, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if k == len(lines) and not line.endswith("\n"):
+                break  # the last line of an interrupted run, cut mid-write: the records before it stand
+            raise ValueError(f"{path}:{k}: not JSON ({e})") from e
+        if not isinstance(rec, dict) or "kind" not in rec:
+            raise ValueError(f"{path}:{k}: expected an object with a 'kind'")
+        out.append(rec)
     return out
 
 
@@ -241,7 +245,17 @@ def summarize(records: Iterable[dict[str, Any]], target_loss: float | None = Non
             if math.isfinite(r.best_train_loss):
                 family_best[r.family] = min(family_best.get(r.family, math.inf), r.best_train_loss)
         if not family_best:
-            raise ValueError("no run has a finite training loss: every run diverged")
+            cut = [r for r in runs if r.status == "incomplete"]
+            if cut:
+                r = cut[-1]
+                at = r.steps[-1]["step"] if r.steps else 0
+                raise ValueError(f"the log was interrupted at step {at} of {r.label}, before any run "
+                                 "had an evaluation after its first step: nothing to report yet")
+            if all(r.status == "diverged" for r in runs):
+                raise ValueError("no run has a finite training loss: every run diverged")
+            if not any(r.steps for r in runs):
+                raise ValueError("no run took a step (a zero budget?): nothing to report")
+            raise ValueError("no run has a finite training loss in an evaluation after its first step")
         target = max(family_best.values())
         rule = "automatic: the highest of the families' lowest training losses (" + ", ".join(
             f"{f} {v:.4g}" for f, v in sorted(family_best.items())
@@ -283,7 +297,10 @@ def _examples(r: RunSummary) -> str:
 
 
 def _row(r: RunSummary) -> str:
-    status = "" if r.status == "ok" else f" ({r.status})"
+    if r.status == "incomplete":
+        status = f" (interrupted at step {r.steps[-1]['step'] if r.steps else 0})"
+    else:
+        status = "" if r.status == "ok" else f" ({r.status})"
     return (
         f"| {r.label}{status} | {_fmt(r.epochs_to_target, '.2f')} | {_fmt(r.wall_to_target, '.1f')} | "
         f"{_loss(r.final_train_loss)} | {_fmt(r.final_test_accuracy * 100, '.1f')} | {r.wall_time:.1f} | "

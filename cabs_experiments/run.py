@@ -34,11 +34,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from cabs_core import CABSController, NonFiniteStatisticsError, SamplerState, next_batch
+from cabs_core import CABSController, ConfigError, NonFiniteStatisticsError, SamplerState, next_batch
 
 from .backends import BACKENDS, Trainer, make_trainer
 from .backends.models import MODELS, default_model
@@ -97,7 +97,8 @@ class ExperimentConfig:
     model: str | None = None  # None: mlp for digits/MNIST, cnn for CIFAR-10/SVHN
     epochs: float | None = None  # None: DEFAULT_EPOCHS[dataset]
     seed: int = 0
-    out: str = "runs/cabs-experiment"
+    out: str | None = None  # None: runs/<dataset>-<model>-<backend>
+    overwrite: bool = False  # replace what a previous run left in ``out``
     methods: tuple[str, ...] = FAMILIES
     batch_sizes: tuple[int, ...] = (16, 128)
     lrs: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
@@ -116,42 +117,66 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.model is None:
             self.model = default_model(self.dataset)
         if self.model not in MODELS:
-            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+            raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS[self.dataset]
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"--epochs must be a finite number > 0, got {self.epochs}")
+        if self.out is None:
+            self.out = f"runs/{self.dataset}-{self.model}-{self.backend}"
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         bad = [m for m in self.methods if m not in FAMILIES]
         if bad or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {', '.join(FAMILIES)}, got {list(self.methods)}")
+            raise ValueError(f"--methods must be a non-empty subset of {', '.join(FAMILIES)}, got {list(self.methods)}")
         if any(b < 1 for b in self.batch_sizes) or (not self.batch_sizes and set(self.methods) - {"cabs"}):
-            raise ValueError(f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
+            raise ValueError(f"--batch-sizes must be integers >= 1, got {list(self.batch_sizes)}")
         if isinstance(self.cabs_lr, (int, float)):
             self.cabs_lr = (float(self.cabs_lr),)
-        if not self.cabs_lr or any(not lr > 0 for lr in self.cabs_lr):
-            raise ValueError(f"CABS learning rates must be > 0, got {list(self.cabs_lr)}")
-        if any(not lr > 0 for lr in self.lrs) or (not self.lrs and set(self.methods) - {"cabs"}):
-            raise ValueError(f"learning rates must be > 0, got {list(self.lrs)}")
+        if not self.cabs_lr or any(not (math.isfinite(lr) and lr > 0) for lr in self.cabs_lr):
+            raise ValueError(f"--cabs-lr: CABS learning rates must be finite and > 0, got {list(self.cabs_lr)}")
+        bad_lr = any(not (math.isfinite(lr) and lr > 0) for lr in self.lrs)
+        if bad_lr or (not self.lrs and set(self.methods) - {"cabs"}):
+            raise ValueError(f"--lrs: learning rates must be finite and > 0, got {list(self.lrs)}")
         if self.decay not in DECAYS:
-            raise ValueError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+            raise ValueError(f"--decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if self.eval_every is None:
             self.eval_every = self.epochs / 20
-        if not self.eval_every > 0:
-            raise ValueError(f"eval_every must be > 0, got {self.eval_every}")
+        if not (math.isfinite(self.eval_every) and self.eval_every > 0):
+            raise ValueError(f"--eval-every must be a finite number > 0, got {self.eval_every}")
         if self.threads is None and self.model == "mlp":
             self.threads = 1
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.eval_train_examples < 1 or self.log_every < 1:
-            raise ValueError("eval_train_examples and log_every must be >= 1")
+            raise ValueError("--eval-train-examples and --log-every must be >= 1")
+        if self.target_loss is not None and not math.isfinite(self.target_loss):
+            raise ValueError(f"--target-loss must be finite, got {self.target_loss}")
+        if "cabs" in self.methods:  # refuse a bad controller now, before any output is touched
+            flags = {"lr": "--cabs-lr", "bs_min": "--cabs-bs-min", "bs_max": "--cabs-bs-max",
+                     "bs_init": "--cabs-bs-init", "mode": "--cabs-mode"}
+            for lr in self.cabs_lr:
+                try:
+                    self.controller(lr, None)
+                except ConfigError as e:
+                    raise ValueError(f"{flags.get(e.argument, e.argument)}: {e}") from e
+
+    def controller(self, lr: float, num_examples: int | None) -> CABSController:
+        """The CABS controller of a run at ``lr``; the bounds are capped at ``num_examples``."""
+        cap = num_examples if num_examples is not None else max(self.cabs_bs_max, self.cabs_bs_init)
+        return CABSController(
+            lr=lr,
+            bs_min=min(self.cabs_bs_min, cap),
+            bs_max=min(self.cabs_bs_max, cap),
+            bs_init=min(self.cabs_bs_init, cap),
+            mode=self.cabs_mode,  # type: ignore[arg-type]
+        )
 
     def method_list(self) -> list[Method]:
         """The runs, CABS first, then every (batch size, lr) of each SGD family."""
@@ -233,13 +258,7 @@ def run_method(
     sampler = SamplerState(num_examples, cfg.seed)
     ctl = state = None
     if method.family == "cabs":
-        ctl = CABSController(
-            lr=method.lr,
-            bs_min=min(cfg.cabs_bs_min, num_examples),
-            bs_max=min(cfg.cabs_bs_max, num_examples),
-            bs_init=min(cfg.cabs_bs_init, num_examples),
-            mode=cfg.cabs_mode,  # type: ignore[arg-type]
-        )
+        ctl = cfg.controller(method.lr, num_examples)
         state = ctl.init()
     rid = method.run_id
     log.write({"kind": "run", "run": rid, "family": method.family, "group": method.group, "label": method.label,
@@ -309,8 +328,24 @@ def run_method(
     return RunOutcome(method, status, reason, step, wall, evals)
 
 
+def check_output_dir(out: str | Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that cannot be a folder, or that holds a previous run unless ``overwrite``:
+    nothing of an earlier run is replaced before everything else has been validated, and never silently."""
+    path = Path(out)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+            break
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"--out {path} already holds files (a previous run?): choose another --out, or pass "
+                         "--overwrite to replace them")
+
+
 def run_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Summary:
     """Train every method, write ``log.jsonl``, the figures and the summary to ``cfg.out``."""
+    assert cfg.out is not None
+    check_output_dir(cfg.out, cfg.overwrite)
     if dataset is None:
         dataset = load_dataset(cfg.dataset, cfg.data_dir)
     assert cfg.model is not None and cfg.epochs is not None
@@ -333,7 +368,7 @@ def run_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Sum
     if n > cfg.eval_train_examples:
         rng = np.random.default_rng(cfg.seed)
         train_subset = np.sort(rng.choice(n, cfg.eval_train_examples, replace=False))
-    header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "data_dir")}
+    header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "progress", "data_dir")}
     header.update(kind="config", data=dataset.describe(), num_train=n, num_test=len(dataset.y_test),
                   budget_examples=budget, last_batch=LAST_BATCH, num_parameters=trainer.num_parameters,
                   eval_train_subset=train_subset is not None, runs=[m.run_id for m in methods])
@@ -369,9 +404,16 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line naming the flag, exit status 2 (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = ExperimentConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cabs-experiment",
         description="CABS (Balles, Romero, Hennig 2017) against SGD with constant and decaying learning "
         "rates, the same budget of examples for each; writes a JSONL log, PNG figures and a markdown summary.",
@@ -384,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget per method in epochs (default: " +
                    ", ".join(f"{k} {v:g}" for k, v in DEFAULT_EPOCHS.items()) + ")")
     p.add_argument("--seed", type=int, default=d.seed, help="initial parameters and example order (default 0)")
-    p.add_argument("--out", default=d.out, help="output directory (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: runs/DATASET-MODEL-BACKEND); refused if it holds files")
+    p.add_argument("--overwrite", action="store_true", help="replace the files a previous run left in --out")
     p.add_argument("--methods", type=_names, default=d.methods, help="comma-separated subset of "
                    + ",".join(FAMILIES) + " (default: all)")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="SGD batch sizes (default: 16,128)")
@@ -413,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_EXTRA = {"torch": "torch", "jax": "jax", "tensorflow": "tf"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The console command: run the experiment and print where the results are."""
     parser = build_parser()
@@ -420,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report_only = args.pop("report_only")
     try:
         cfg = ExperimentConfig(**args)
+        assert cfg.out is not None
+        if not report_only:
+            check_output_dir(cfg.out, cfg.overwrite)
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()
@@ -430,9 +480,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             s = write_report(cfg.out, cfg.target_loss)
         else:
             s = run_experiment(cfg)
-    except (ValueError, ImportError) as e:  # DataError is a ValueError
+    except ValueError as e:  # DataError is a ValueError
         print(f"cabs-experiment: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        print(f"cabs-experiment: error: {e.name or e} is not installed. From a checkout: pip install "
+              f"'.[experiments]' for the experiment's own needs, plus '.[{_EXTRA.get(cfg.backend, cfg.backend)}]' "
+              f"for --backend {cfg.backend}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"cabs-experiment: error: cannot write to --out {cfg.out}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cabs-experiment: interrupted; {Path(cfg.out) / LOG_NAME} holds complete records up to here, and "
+              f"`cabs-experiment --out {cfg.out} --report-only` reports the runs that finished", file=sys.stderr)
+        return 130
     md = summary_markdown(s)
     table = md.split("## Best learning rate per method\n\n", 1)[1].split("\n\n", 1)[0]
     print(table)

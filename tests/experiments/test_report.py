@@ -100,6 +100,15 @@ def test_read_jsonl_errors(tmp_path):
 
 
 def test_all_diverged(tmp_path):
-    fake_log(tmp_path / "log.jsonl", {"a": ("sgd", "SGD bs 16", [(0, math.nan, 0.1)])})
+    fake_log(tmp_path / "log.jsonl", {"a": ("sgd", "SGD bs 16", [(0, 2.0, 0.1), (1, math.nan, 0.1)])})
+    text = (tmp_path / "log.jsonl").read_text().replace('"status": "ok"', '"status": "diverged"')
+    (tmp_path / "log.jsonl").write_text(text)
     with pytest.raises(ValueError, match="every run diverged"):
+        summarize(read_jsonl(tmp_path / "log.jsonl"))
+
+
+def test_a_log_without_steps_is_not_called_diverged(tmp_path):
+    """Issue 14: a zero-budget log used to be reported as "every run diverged"."""
+    fake_log(tmp_path / "log.jsonl", {"a": ("sgd", "SGD bs 16", [(0, math.nan, 0.1)])})
+    with pytest.raises(ValueError, match="no run took a step"):
         summarize(read_jsonl(tmp_path / "log.jsonl"))
