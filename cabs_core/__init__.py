@@ -29,6 +29,7 @@ from .exactness import (
     verify_due,
 )
 from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_sq_norms
+from .per_example import embedding_linear_cross_sq_norms, linear_cross_sq_norms
 from .rules import (
     cabs_batch_size,
     discretise,
@@ -75,6 +76,8 @@ __all__ = [
     "bias_sq_norms",
     "bucket_for",
     "embedding_sq_norms",
+    "embedding_linear_cross_sq_norms",
+    "linear_cross_sq_norms",
     "linear_sq_norms",
     "cabs_batch_size",
     "check_digests",
