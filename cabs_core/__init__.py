@@ -28,8 +28,14 @@ from .exactness import (
     rtol_for,
     verify_due,
 )
-from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_sq_norms
-from .per_example import embedding_linear_cross_sq_norms, linear_cross_sq_norms
+from .per_example import (
+    bias_sq_norms,
+    embedding_linear_cross_sq_norms,
+    embedding_sq_norms,
+    linear_cross_sq_norms,
+    linear_sq_norms,
+    scale_sq_norms,
+)
 from .rules import (
     cabs_batch_size,
     discretise,

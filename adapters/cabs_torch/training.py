@@ -27,7 +27,6 @@ from cabs_core import (
     next_batch,
     shard,
 )
-
 from cabs_core.exactness import VERIFY_EVERY
 
 from .groups import MicroBatchStats
