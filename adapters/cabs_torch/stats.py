@@ -501,7 +501,8 @@ class _Plan:
     tie_groups: list[_TieGroup] = field(default_factory=list)
     owners: list[list[tuple[_Record, str]]] = field(default_factory=list)  # per parameter, its layers
     names: list[str] = field(default_factory=list)  # per parameter, its qualified name
-    dims: set[int] = field(default_factory=set)  # the parameters' and buffers' dimensions
+    param_dims: set[int] = field(default_factory=set)  # the parameters' dimensions
+    buffer_dims: set[int] = field(default_factory=set)  # the buffers' dimensions
     rtol: float = 0.0  # the checks' tolerance: the loosest of the parameters' dtypes
     verdicts: dict[Any, _Verdict] = field(default_factory=dict)
 
@@ -605,7 +606,8 @@ class PerExampleStats:
             plan.owners = [owned.get(id(p), []) for p in params]
             by_id = {id(p): n for n, p in self.model.named_parameters()}
             plan.names = [by_id[id(p)] for p in params]
-            plan.dims = {d for t in [*self.model.parameters(), *self.model.buffers()] for d in t.shape}
+            plan.param_dims = {d for t in self.model.parameters() for d in t.shape}
+            plan.buffer_dims = {d for t in self.model.buffers() for d in t.shape}
             plan.rtol = max(rtol_for(str(p.dtype)) for p in params)
             plan.tie_groups = _tie_groups(params, plan.owners)
             self._plan = plan
@@ -696,7 +698,11 @@ class PerExampleStats:
         accounting, S against the generic path). Returns the signature's updated
         verdict, or None when this batch cannot decide (no probe size fits, or a
         non-finite result): then the generic path answers this call."""
-        k = probe_batch_size(m, plan.dims | _other_dims(inputs) | _other_dims(targets))
+        # k differs from every dimension of the inputs, targets and buffers, and if a k <= m
+        # allows, of the parameters (those are second lines of defence: a layer applied to
+        # a weight is an unseen use for the accounting check, and fast S != generic S)
+        strict = plan.buffer_dims | _other_dims(inputs) | _other_dims(targets)
+        k = probe_batch_size(m, strict | plan.param_dims) or probe_batch_size(m, strict)
         if k is None:
             return None
         self.probes += 1

@@ -44,12 +44,14 @@ def assert_steps_aside(model: nn.Module, x, y, layer: str, loss=ce, **kw) -> Non
 
 
 def assert_exact_fast(model: nn.Module, x, y, loss=ce, **kw) -> None:
-    """fast and auto: the oracle's statistics, no warning."""
+    """fast and auto: the oracle's statistics, no warning, from the verified fast path."""
     ref = brute_force(model, loss, x, y)
     for method in ("fast", "auto"):
-        stats, warned = run(model, x, y, method, loss, **kw)
-        assert not warned, [str(w.message) for w in warned]
-        assert_stats_match(stats, ref)
+        engine = PerExampleStats(model, loss, method=method, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FastPathFallbackWarning)
+            assert_stats_match(engine(x, y), ref)
+        assert [v.ok for v in engine.plan().verdicts.values()] == [True]  # probed and passed, not generic
 
 
 def seeded(seed: int) -> None:
