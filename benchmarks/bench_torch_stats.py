@@ -4,7 +4,13 @@ Measures, side by side in one run and each (model, batch, method) in its own
 process, the time of one training step's gradient computation:
 
 - ``plain``: ``loss.mean().backward()`` (forward + backward, gradients in ``.grad``)
-- ``fast``: ``cabs_torch.PerExampleStats(method="fast")`` (hooks; exact S)
+- ``fast``: ``cabs_torch.PerExampleStats(method="fast")`` (hooks; exact S), a
+  step that does not probe (each step compares its layer calls with the probed ones)
+- ``verified``: the same amortised over a run with the default ``verify_every``
+  (issue 12's checks): fast + (probe step - fast) / VERIFY_EVERY, where the probe
+  step (a step that also runs the probe: the fast path and the generic path on a
+  few examples, the accounting check) is timed on an engine with
+  ``verify_every=1``; the probe step's own ratio is printed as ``probe_step``
 - ``capture``: the fast path with every layer's rule and reduction replaced by a constant:
   not a statistic, only the cost of capturing the layers' inputs and output
   gradients (hooks, autograd edges, bookkeeping); ``fast`` minus ``capture`` is
@@ -42,7 +48,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ["plain", "fast", "compiled", "capture", "generic", "backpack", "opacus_ghost"]
+METHODS = ["plain", "fast", "verified", "compiled", "capture", "generic", "backpack", "opacus_ghost"]
 MODELS = ["mlp", "cnn"]
 
 
@@ -138,19 +144,39 @@ def worker(model_name: str, method: str, batch: int, reps: int, warmup: int, dev
     model = build(model_name).to(device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(step, warmup: int, reps: int) -> list[float]:
+        for _ in range(warmup):
+            step()
+        sync()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t)
+        return times
+
+    if method == "verified":  # amortised: fast steps, plus one probe step per VERIFY_EVERY steps
+        import torch.nn.functional as F
+        from cabs_torch import PerExampleStats
+
+        from cabs_core.exactness import VERIFY_EVERY
+
+        def per_example_loss(out, t):
+            return F.cross_entropy(out, t, reduction="none")
+
+        fast = PerExampleStats(model, per_example_loss, method="fast")
+        probing = PerExampleStats(model, per_example_loss, method="fast", verify_every=1)
+        fast_t = min(timed(lambda: fast(x, y), warmup, reps))
+        probe_t = min(timed(lambda: probing(x, y), 1, max(3, reps // 5)))
+        assert probing.probes >= 2 and fast.probes == 1
+        return {"time": fast_t + (probe_t - fast_t) / VERIFY_EVERY, "probe_step": probe_t}
     step = make_step(method, model, x, y)
     if step is None:
         return {"time": None}
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
+    times = timed(step, warmup, reps)
     return {"time": min(times), "median": sorted(times)[len(times) // 2]}
 
 
@@ -182,6 +208,7 @@ def main() -> None:
           f"threads {args.threads or torch.get_num_threads()}, float32, "
           f"min over {args.rounds} rounds x {args.reps} steps ({args.generic_reps} for generic)")
     results: dict[tuple[str, str, int], float | None] = {}
+    probe_steps: dict[tuple[str, int], float] = {}
     for _ in range(args.rounds):
         for model_name in args.models:
             for batch in args.batches:
@@ -199,7 +226,11 @@ def main() -> None:
                         print(f"  {model_name} {method} {batch}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                         results[key] = None
                         continue
-                    t = json.loads(out.stdout.strip().splitlines()[-1])["time"]
+                    res = json.loads(out.stdout.strip().splitlines()[-1])
+                    t = res["time"]
+                    if "probe_step" in res:
+                        probe_steps[(model_name, batch)] = min(res["probe_step"], probe_steps.get((model_name, batch),
+                                                                                              float("inf")))
                     results[key] = t if t is None or key not in results else min(t, results[key])  # type: ignore[type-var]
 
     col = 11
@@ -218,6 +249,13 @@ def main() -> None:
                 t, p = results.get((m, method, b)), results.get((m, "plain", b))
                 cells.append(f"{t / p:>{col}.2f}x" if t and p else f"{'n/a':>{col + 1}}")
         print(f"{method:<14}" + "".join(cells))
+    if probe_steps:
+        cells = []
+        for m in args.models:
+            for b in args.batches:
+                t, p = probe_steps.get((m, b)), results.get((m, "plain", b))
+                cells.append(f"{t / p:>{col}.2f}x" if t and p else f"{'n/a':>{col + 1}}")
+        print(f"{'probe_step':<14}" + "".join(cells))
 
 
 if __name__ == "__main__":

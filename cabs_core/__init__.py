@@ -31,7 +31,14 @@ from .exactness import (
     rtol_for,
     verify_due,
 )
-from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_sq_norms
+from .per_example import (
+    bias_sq_norms,
+    embedding_linear_cross_sq_norms,
+    embedding_sq_norms,
+    linear_cross_sq_norms,
+    linear_sq_norms,
+    scale_sq_norms,
+)
 from .rules import (
     cabs_batch_size,
     discretise,
@@ -80,6 +87,8 @@ __all__ = [
     "bias_sq_norms",
     "bucket_for",
     "embedding_sq_norms",
+    "embedding_linear_cross_sq_norms",
+    "linear_cross_sq_norms",
     "linear_sq_norms",
     "cabs_batch_size",
     "check_digests",

@@ -88,3 +88,54 @@ def scale_sq_norms(xhat: Array, b: Array) -> Array:
     xp = array_namespace(xhat, b)
     s = xp.sum(xhat * b, axis=1)
     return xp.sum(s * s, axis=1)
+
+
+# ----------------------------------------------------------------------------- tied parameters (issue 12)
+# A parameter used by several layers (an embedding table that is also the
+# output projection) has per-example gradient g_i = sum over its uses u of
+# g_i^u, so ||g_i||^2 = sum_u ||g_i^u||^2 + 2 sum_{u<v} <g_i^u, g_i^v>; the
+# cross terms below are the latter inner products, per example, in Gram form.
+
+
+def linear_cross_sq_norms(a1: Array, b1: Array, a2: Array, b2: Array) -> Array:
+    """<sum_t b1_it a1_it^T, sum_s b2_is a2_is^T>_F for every example i: shape (m,).
+
+    Two uses of one weight W (q, p) as y = a W^T: inputs ``a1`` (m, T1, p),
+    ``a2`` (m, T2, p), output gradients ``b1`` (m, T1, q), ``b2`` (m, T2, q).
+    Gram form sum_{t,s} (a1_it . a2_is) (b1_it . b2_is), ~ T1 T2 (p + q).
+    """
+    _check(a1, b1)
+    _check(a2, b2)
+    if a1.shape[0] != a2.shape[0] or a1.shape[2] != a2.shape[2] or b1.shape[2] != b2.shape[2]:
+        raise ValueError(f"uses of one weight need equal m, p and q, got {tuple(a1.shape)}, {tuple(b1.shape)} "
+                         f"and {tuple(a2.shape)}, {tuple(b2.shape)}")
+    xp = array_namespace(a1, b1, a2, b2)
+    m, t1, t2 = a1.shape[0], a1.shape[1], a2.shape[1]
+    ga = xp.matmul(a1, xp.permute_dims(a2, (0, 2, 1)))  # (m, T1, T2)
+    gb = xp.matmul(b1, xp.permute_dims(b2, (0, 2, 1)))
+    return xp.sum(xp.reshape(ga * gb, (m, t1 * t2)), axis=1)
+
+
+def embedding_linear_cross_sq_norms(tokens: Array, e: Array, a: Array, b: Array) -> Array:
+    """Per-example inner product of an embedding table's two uses: (m,).
+
+    The lookup (``tokens`` (m, T1) integer ids, ``e`` (m, T1, d) gradients of the
+    looked-up rows) has gradient sum_t onehot(id_it) e_it^T (V, d); the output
+    projection y = a W^T with the same table W (V, d) (inputs ``a`` (m, T2, d),
+    output gradients ``b`` (m, T2, V)) has sum_s b_is a_is^T. Their inner product is
+    sum_{t,s} b_is[id_it] (e_it . a_is): the one-hot's Gram with b is a gather of
+    b at the ids, never a one-hot.
+    """
+    if tokens.ndim != 2 or e.ndim != 3 or tokens.shape != e.shape[:2]:
+        raise ValueError(f"expected tokens (m, T) and row gradients (m, T, d), got {tuple(tokens.shape)} "
+                         f"and {tuple(e.shape)}")
+    _check(a, b)
+    if a.shape[0] != e.shape[0] or a.shape[2] != e.shape[2]:
+        raise ValueError(f"the lookup's rows (m, T1, d) {tuple(e.shape)} and the projection's inputs "
+                         f"(m, T2, d) {tuple(a.shape)} need equal m and d")
+    xp = array_namespace(tokens, e, a, b)
+    m, t1, t2 = e.shape[0], e.shape[1], a.shape[1]
+    ids = xp.broadcast_to(xp.reshape(xp.astype(tokens, xp.int64), (m, t1, 1)), (m, t1, t2))
+    gb = xp.take_along_axis(xp.permute_dims(b, (0, 2, 1)), ids, axis=1)  # (m, T1, T2): b_is[id_it]
+    ga = xp.matmul(e, xp.permute_dims(a, (0, 2, 1)))  # (m, T1, T2)
+    return xp.sum(xp.reshape(ga * gb, (m, t1 * t2)), axis=1)

@@ -21,7 +21,9 @@ from .groups import MicroBatchStats
 from .layers import RULES
 from .stats import (
     BatchNormTrainingError,
+    FastPathFallbackWarning,
     PerExampleStats,
+    UnsupportedLayerError,
     UnsupportedModelError,
     check_batch_norm,
     per_example_stats,
@@ -36,9 +38,11 @@ __all__ = [
     "BatchNormTrainingError",
     "CABSBatchSampler",
     "CABSSGD",
+    "FastPathFallbackWarning",
     "DistributedCABSSGD",
     "MicroBatchStats",
     "PerExampleStats",
+    "UnsupportedLayerError",
     "UnsupportedModelError",
     "all_reduce_stats",
     "check_batch_norm",

@@ -11,8 +11,12 @@ the perturbations, and the layer rules of :mod:`.layers`, run in one function
 that ``torch.compile`` compiles, fusing the sums into the kernels that
 produce a and b.
 
-Perturbation shapes come from one forward pass without gradients per shape of
-the non-example axes of the inputs; the example axis is taken from the batch.
+Perturbation shapes come from the eager probe of each input signature
+(:class:`.stats.PerExampleStats`), which also establishes that every layer
+call carries the examples on its leading axis, that no parameter is used
+outside its layers and that the probed calls are the traced graph's; the
+example axis is taken from the batch. Layers that share parameters (a tied
+embedding and output projection) are reduced together with their cross terms.
 
 Layers: ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``.
 Convolutions and GroupNorm/BatchNorm are refused: with them, inductor (torch
@@ -41,6 +45,7 @@ from .stats import (
     _stat_dtype,
     functional_state,
     layer_sq_norm_sums,
+    tied_layers_sq_norm_sums,
 )
 
 
@@ -82,7 +87,9 @@ class CompiledFastStats:
     model analysis (``params`` in ``grad_sum`` order, the supported ``layers``)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], layers: set[str],
-                 chunk_elements: int = FAST_CHUNK_ELEMENTS, **compile_options: Any) -> None:
+                 chunk_elements: int = FAST_CHUNK_ELEMENTS,
+                 tie_groups: list[list[tuple[tuple[int, ...], list[tuple[nn.Module, str]]]]] | None = None,
+                 **compile_options: Any) -> None:
         self.model, self.loss_fn = model, loss_fn
         modules = dict(model.named_modules())
         refused = sorted(f"{name} ({type(modules[name]).__name__})" for name in layers
@@ -98,24 +105,9 @@ class CompiledFastStats:
         self.params = params  # grad_sum order
         self.call_modules = [modules[name] for name in self.calls]
         self.chunk_elements = chunk_elements
-        self._shapes: dict[tuple[Any, ...], list[tuple[int, ...]]] = {}
+        #: per group of layers sharing parameters: each parameter's shape and owners (layer, name)
+        self.tie_groups = tie_groups or []
         self._step = torch.compile(self._step_fn, **compile_options)
-
-    def _output_shapes(self, inputs: tuple[Tensor, ...]) -> list[tuple[int, ...]]:
-        """Per layer call, its output's shape without the example axis (cached)."""
-        key = tuple((tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else t for t in inputs)
-        if key not in self._shapes:
-            seen: list[tuple[int, ...]] = []
-            hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(tuple(out.shape[1:])))
-                     for m in set(self.call_modules)]
-            try:
-                with torch.no_grad():
-                    self.model(*(t[:1] if isinstance(t, Tensor) else t for t in inputs))
-            finally:
-                for h in hooks:
-                    h.remove()
-            self._shapes[key] = seen
-        return self._shapes[key]
 
     def _step_fn(self, train: dict[str, Tensor], fixed: dict[str, Tensor], inputs: tuple[Tensor, ...],
                  targets: Any, weights: Tensor | None, perturbations: list[Tensor]
@@ -137,17 +129,25 @@ class CompiledFastStats:
             per_module[mod][0].append(a)
             per_module[mod][1].append(b)
         totals = []
+        tied = {mod for group in self.tie_groups for _, owners in group for mod, _ in owners}
+        for group in self.tie_groups:
+            members = {mod for _, owners in group for mod, _ in owners}
+            calls = {mod: list(zip(*per_module[mod])) for mod in members if mod in per_module}
+            totals.extend(tied_layers_sq_norm_sums(calls, group, self.chunk_elements))
         for mod, (a_list, b_list) in per_module.items():
+            if mod in tied:
+                continue
             rule = rule_for(mod)
             assert rule is not None  # the layers were chosen by rule_for
             totals.extend(layer_sq_norm_sums(mod, rule, a_list, b_list, self.chunk_elements))
         sq = torch.stack([t.to(dtype) for t in totals]).sum()
         return count, loss_sum, tuple(grads[n] for n in train), sq
 
-    def __call__(self, inputs: tuple[Tensor, ...], targets: Any, weights: Tensor | None, m: int
-                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
+    def __call__(self, inputs: tuple[Tensor, ...], targets: Any, weights: Tensor | None, m: int,
+                 output_shapes: list[tuple[int, ...]]) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
+        """One step; ``output_shapes``: per layer call, its output's shape without
+        the example axis, from the signature's eager probe."""
         train, fixed = functional_state(self.model, self.params)
         ref = next(iter(train.values()))
-        perturbations = [torch.zeros((m, *shape), dtype=ref.dtype, device=ref.device)
-                         for shape in self._output_shapes(inputs)]
+        perturbations = [torch.zeros((m, *shape), dtype=ref.dtype, device=ref.device) for shape in output_shapes]
         return self._step(train, fixed, inputs, targets, weights, perturbations)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cabs_core import BatchStats, CABSController, DesyncError
+from cabs_core.exactness import VERIFY_EVERY
 
 from .stats import LossFn, Method
 from .training import CABSSGD, CABSBatchSampler
@@ -116,7 +117,9 @@ class DistributedCABSSGD(CABSSGD):
     process_group: the group (default: the world). check_every: compare the
         ranks' controller digests every so many steps (0: never; also after
         :meth:`load_state_dict`). broadcast_parameters: copy rank 0's parameters
-        and buffers to every rank at construction (as DDP does).
+        and buffers to every rank at construction (as DDP does). verify_every: as
+        in :class:`CABSSGD` (each rank verifies its own fast path; a rank that
+        falls back to the generic path still contributes exact sums).
     The controller's ``bs_min`` must be >= the world size, so that every shard
     holds an example; ``multiple_of=world_size`` makes the shards even.
     ``micro_batches`` (BatchNorm in training mode) is not available here.
@@ -134,11 +137,13 @@ class DistributedCABSSGD(CABSSGD):
         method: Method = "auto",
         chunk_size: int | None = None,
         weight_decay: float = 0.0,
+        verify_every: int | None = VERIFY_EVERY,
     ) -> None:
         world_size, rank = _group_info(process_group)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        super().__init__(model, loss_fn, controller, method=method, chunk_size=chunk_size, weight_decay=weight_decay)
+        super().__init__(model, loss_fn, controller, method=method, chunk_size=chunk_size, weight_decay=weight_decay,
+                         verify_every=verify_every)
         if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0:
             raise ValueError(f"check_every must be an integer >= 0, got {check_every!r}")
         if controller.bs_min < world_size:

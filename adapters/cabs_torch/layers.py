@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight
 
-from cabs_core.per_example import embedding_sq_norms, gram_is_cheaper, linear_sq_norms
+from cabs_core.per_example import (
+    embedding_linear_cross_sq_norms,
+    embedding_sq_norms,
+    gram_is_cheaper,
+    linear_sq_norms,
+)
 
 Piece = tuple[Any, ...]
 Pieces = dict[str, Piece]
@@ -224,3 +229,70 @@ def piece_sq_norm_sum(piece: Piece) -> Tensor:
     if kind == "emb":
         return embedding_sq_norms(piece[1], piece[2]).sum()
     raise AssertionError(kind)
+
+
+# ----------------------------------------------------------------------------- tied parameters, accounting
+
+
+def piece_per_example(piece: Piece, n: int, shape: tuple[int, ...]) -> Tensor:
+    """The per-example gradients of one piece in the parameter's layout, (n, numel).
+
+    ``lin`` pieces of grouped convolutions hold n * groups rows (example-major),
+    whose (q, p) blocks are the weight's groups in order."""
+    kind = piece[0]
+    if kind == "dense":
+        return piece[1].reshape(n, -1)
+    if kind == "lin":
+        return torch.matmul(piece[2].transpose(1, 2), piece[1]).reshape(n, -1)
+    if kind == "emb":
+        tokens, e = piece[1], piece[2]
+        out = torch.zeros((n, shape[0], e.shape[2]), dtype=e.dtype, device=e.device)
+        out.scatter_add_(1, tokens.long().unsqueeze(-1).expand(e.shape), e)
+        return out.reshape(n, -1)
+    raise AssertionError(kind)
+
+
+def piece_grad_sum(piece: Piece, n: int, shape: tuple[int, ...]) -> Tensor:
+    """The piece's gradient summed over its n examples, in the parameter's shape:
+    what the accounting check compares with the parameter's full gradient."""
+    kind = piece[0]
+    if kind == "dense":
+        return piece[1].sum(0).reshape(shape)
+    if kind == "lin":
+        A, B = piece[1], piece[2]
+        r, t = A.shape[0] // n, A.shape[1]
+        g = torch.einsum("nrtq,nrtp->rqp", B.reshape(n, r, t, -1), A.reshape(n, r, t, -1))
+        return g.reshape(shape)
+    if kind == "emb":
+        tokens, e = piece[1], piece[2]
+        out = torch.zeros((shape[0], e.shape[2]), dtype=e.dtype, device=e.device)
+        return out.index_add_(0, tokens.reshape(-1).long(), e.reshape(-1, e.shape[2])).reshape(shape)
+    raise AssertionError(kind)
+
+
+def tied_sq_norm_sum(pieces: list[Piece], n: int, shape: tuple[int, ...]) -> Tensor:
+    """sum_i ||sum_u g_i^u||^2 over the uses u of one parameter (its pieces from
+    several layers or calls): each use's own term plus twice the cross terms.
+
+    Uses of one kind concatenate their positions (as for a layer called twice);
+    an embedding lookup and an output projection of the same table meet through
+    :func:`cabs_core.per_example.embedding_linear_cross_sq_norms` (a gather of
+    the output gradient at the ids, no one-hot). Any other mix (a ``dense``
+    piece, grouped convolutions) is summed as per-example gradients."""
+    if len(pieces) == 1:
+        return piece_sq_norm_sum(pieces[0])
+    kinds = {p[0] for p in pieces}
+    if "dense" in kinds or any(p[1].shape[0] != n for p in pieces):
+        total = piece_per_example(pieces[0], n, shape)
+        for p in pieces[1:]:
+            total = total + piece_per_example(p, n, shape)
+        return total.pow(2).sum()
+    lin = [{"w": p} for p in pieces if p[0] == "lin"]
+    emb = [{"w": p} for p in pieces if p[0] == "emb"]
+    merged = [combine_pieces(uses)["w"] for uses in (lin, emb) if uses]
+    total = piece_sq_norm_sum(merged[0])
+    if len(merged) == 2:  # merged[0] is the projection, merged[1] the lookup
+        total = total + piece_sq_norm_sum(merged[1])
+        total = total + 2 * embedding_linear_cross_sq_norms(merged[1][1], merged[1][2], merged[0][1],
+                                                            merged[0][2]).sum()
+    return total

@@ -14,13 +14,28 @@ Two exact methods:
   model, in chunks of ``chunk_size`` examples so that memory stays bounded.
 
 ``auto`` takes ``fast`` when every trainable parameter belongs to a supported
-layer, ``generic`` otherwise. Nothing here copies to the host: the only
-device-to-host transfer of a step is the controller's.
+layer, ``generic`` otherwise. Nothing here copies to the host on an ordinary
+step: the only device-to-host transfer of a step is the controller's.
+
+The fast path's guarantee (issue 12, :mod:`cabs_core.exactness`): it returns S
+only for a model and input *signature* it has verified. On the first call of a
+signature (and every ``verify_every`` calls) a *probe* runs the fast path on the
+first k examples (k differs from every other dimension of the inputs, targets,
+parameters and buffers): every captured layer input and output must have k
+rows, each parameter's gradient rebuilt from the captured terms must equal its
+full gradient (no use outside the layers), and the fast S must equal the
+generic S on those k examples. Every other call checks that the layers are
+called in the same way (same calls, same non-example shapes, m rows). If a
+check fails, ``fast`` raises :class:`UnsupportedModelError` naming the layer;
+``auto`` warns once (:class:`FastPathFallbackWarning`) and uses the exact
+generic path for that signature from then on.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,11 +43,31 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from cabs_core import BatchStats
+from cabs_core.exactness import (
+    VERIFY_EVERY,
+    BatchNormTrainingError,
+    FastPathFallbackWarning,
+    UnsupportedModelError,
+    accounting_scale,
+    check_close,
+    probe_batch_size,
+    rtol_for,
+    verify_due,
+)
 
-from .layers import Rule, combine_pieces, linear_rank_one_sq_sum, piece_sq_norm_sum, rule_for
+from .layers import (
+    Piece,
+    Rule,
+    combine_pieces,
+    linear_rank_one_sq_sum,
+    piece_grad_sum,
+    piece_sq_norm_sum,
+    rule_for,
+    tied_sq_norm_sum,
+)
 
 Method = Literal["auto", "fast", "generic"]
 LossFn = Callable[[Any, Any], Tensor]
@@ -49,12 +84,14 @@ FAST_CHUNK_ELEMENTS = 2**22
 GENERIC_CHUNK_ELEMENTS = 2**25
 
 
-class UnsupportedModelError(ValueError):
-    """The fast path cannot compute exact statistics for this model."""
+#: the adapter's error names are the core's classes (:mod:`cabs_core.exactness`)
+UnsupportedLayerError = UnsupportedModelError
 
-
-class BatchNormTrainingError(ValueError):
-    """BatchNorm normalises with batch statistics: the examples are coupled."""
+__all__ = [
+    "BatchNormTrainingError", "FastPathFallbackWarning", "PerExampleStats", "UnsupportedLayerError",
+    "UnsupportedModelError", "check_batch_norm", "per_example_stats", "resolve_method", "trainable_parameters",
+    "unsupported_reasons",
+]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -80,23 +117,20 @@ def check_batch_norm(model: nn.Module) -> None:
 
 
 def unsupported_reasons(model: nn.Module) -> list[str]:
-    """Why the fast path cannot handle ``model`` (empty when it can)."""
+    """Why the fast path cannot handle ``model`` at all (empty when it may: then
+    the probe decides, per input signature, whether it does)."""
     reasons = []
-    owners: dict[int, dict[int, str]] = {}  # parameter -> the modules that own it
     for mname, mod in model.named_modules():
         own = [(n, p) for n, p in mod.named_parameters(recurse=False, remove_duplicate=False) if p.requires_grad]
         if not own:
             continue
-        for n, p in own:
-            owners.setdefault(id(p), {})[id(mod)] = f"{mname}.{n}" if mname else n
         label = f"{mname or '<root>'} ({type(mod).__name__})"
         if rule_for(mod) is None:
             reasons.append(f"{label} has parameters and no fast rule")
         elif {n for n, _ in own} - {"weight", "bias"}:
             reasons.append(f"{label} has parameters other than weight and bias")
-    for names in owners.values():
-        if len(names) > 1:  # tied weights: the per-example gradient has cross terms between layers
-            reasons.append(f"parameter shared between {', '.join(sorted(names.values()))}")
+    # parameters shared between supported modules (tied embeddings) are supported: the
+    # per-example gradient sums the uses' terms, cross terms included (layers.tied_sq_norm_sum)
     return sorted(set(reasons))
 
 
@@ -125,13 +159,19 @@ def _batch_size(inputs: tuple[Any, ...]) -> int:
     raise ValueError("inputs must contain a tensor with a leading example axis")
 
 
+class _LossShapeError(ValueError):
+    """loss_fn did not return one loss per example."""
+
+    def __init__(self, shape: Any, m: int, probe: int | None = None) -> None:
+        where = "" if probe is None else f" for a probe of the first {probe} examples"
+        super().__init__(f"loss_fn must return per-example losses of shape ({m},), got {shape}{where}; "
+                         f"use reduction='none' (e.g. F.cross_entropy(out, y, reduction='none'))")
+        self.shape = shape
+
+
 def _check_losses(losses: Tensor, m: int) -> None:
     if not isinstance(losses, Tensor) or losses.shape != (m,):
-        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-        raise ValueError(
-            f"loss_fn must return per-example losses of shape ({m},), got {shape}; "
-            f"use reduction='none' (e.g. F.cross_entropy(out, y, reduction='none'))"
-        )
+        raise _LossShapeError(tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__, m)
 
 
 def _stat_dtype(device: torch.device) -> torch.dtype:
@@ -174,33 +214,96 @@ def _as_tuple(inputs: Any) -> tuple[Any, ...]:
 # ----------------------------------------------------------------------------- fast path
 
 
-@dataclass
+@dataclass(eq=False)
 class _Record:
     """One supported layer during a fast step: its inputs and output gradients per call."""
 
     name: str
     rule: Rule
+    mod: nn.Module
+    index: int  # position in the plan's records (capture structure)
     rank_one: bool = False  # an nn.Linear: on (m, p) inputs, the rank-one formula applies
+    tied: bool = False  # shares a parameter with another layer: reduced with its tie group after backward
     inputs: list[Tensor] = field(default_factory=list)
     grads: dict[int, Tensor] = field(default_factory=dict)
     totals: list[Tensor] = field(default_factory=list)
     called: bool = False
     deferred: bool = False  # some call's output gradient comes from autograd.grad, not a hook
+    keep: bool = False  # a probe: keep the calls' (input, output gradient) for the accounting check
+    kept: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     def reset(self) -> None:
         self.inputs.clear()
         self.grads.clear()
         self.totals.clear()
-        self.called = self.deferred = False
+        self.kept.clear()
+        self.called = self.deferred = self.keep = False
+
+    def calls(self) -> list[tuple[Tensor, Tensor]]:
+        """(input, output gradient) of the calls whose output reached the loss."""
+        return [(self.inputs[c], self.grads[c]) for c in sorted(self.grads)]
 
     def finish(self, mod: Any, chunk_elements: int) -> None:
         """Append the layer's share of S to ``totals`` and free the captured tensors."""
-        calls = sorted(self.grads)
+        calls = self.calls()
+        if self.keep:
+            self.kept.extend(calls)
         if calls:
-            self.totals.extend(layer_sq_norm_sums(
-                mod, self.rule, [self.inputs[c] for c in calls], [self.grads[c] for c in calls], chunk_elements))
+            self.totals.extend(layer_sq_norm_sums(mod, self.rule, [a for a, _ in calls], [b for _, b in calls],
+                                                  chunk_elements))
         self.inputs.clear()
         self.grads.clear()
+
+
+@dataclass(eq=False)
+class _TieGroup:
+    """Supported layers that share parameters (an embedding table that is also the
+    output projection): their share of S has cross terms, so they are reduced together."""
+
+    records: list[_Record]
+    #: every trainable parameter of these layers: (parameter, its owners as (record, name))
+    params: list[tuple[nn.Parameter, list[tuple[_Record, str]]]]
+
+    def finish(self, chunk_elements: int) -> list[Tensor]:
+        calls = {}
+        for rec in self.records:
+            calls[rec.mod] = rec.calls()
+            if rec.keep:
+                rec.kept.extend(calls[rec.mod])
+            rec.inputs.clear()
+            rec.grads.clear()
+        owners = [(tuple(p.shape), [(rec.mod, name) for rec, name in uses]) for p, uses in self.params]
+        return tied_layers_sq_norm_sums(calls, owners, chunk_elements)
+
+
+def tied_layers_sq_norm_sums(calls: dict[nn.Module, list[tuple[Tensor, Tensor]]],
+                             params: list[tuple[tuple[int, ...], list[tuple[nn.Module, str]]]],
+                             chunk_elements: int) -> list[Tensor]:
+    """The share of S of layers that share parameters, as 0-d tensors to add up.
+
+    calls: per layer, (input, output gradient) of its calls that reached the loss;
+    params: per parameter of these layers, its shape and owners (layer, name).
+    In chunks of examples, each parameter's uses are combined with their cross
+    terms (:func:`.layers.tied_sq_norm_sum`)."""
+    live = {mod: c for mod, c in calls.items() if c}
+    if not live:
+        return []
+    n = next(iter(live.values()))[0][0].shape[0]
+    work = sum(_work_per_example(mod, a, b) for mod, c in live.items() for a, b in c)
+    step = max(1, min(n, chunk_elements // max(1, work)))
+    totals = []
+    for s in range(0, n, step):
+        pieces = {}
+        for mod, c in live.items():
+            rule = rule_for(mod)
+            assert rule is not None  # the layers were chosen by rule_for
+            pieces[mod] = combine_pieces([rule(mod, a[s : s + step], b[s : s + step]) for a, b in c])
+        rows = min(n, s + step) - s
+        for shape, owners in params:
+            uses = [pieces[mod][name] for mod, name in owners if mod in pieces and name in pieces[mod]]
+            if uses:
+                totals.append(tied_sq_norm_sum(uses, rows, shape))
+    return totals
 
 
 def layer_sq_norm_sums(mod: Any, rule: Rule, inputs: list[Tensor], grads: list[Tensor],
@@ -300,7 +403,18 @@ def _generic(
 
     in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, inputs),
                tree_map(lambda t: 0 if isinstance(t, Tensor) else None, targets))
-    per_example = vmap(grad_and_value(one), in_dims=in_dims, randomness="different")
+    batched = vmap(grad_and_value(one), in_dims=in_dims, randomness="different")
+    single = grad_and_value(one)
+
+    def looped(tp: dict[str, Tensor], x: Any, y: Any) -> tuple[dict[str, Tensor], Tensor]:
+        """vmap's result from a loop of single examples, for modules vmap cannot batch."""
+        def row(tree: Any, i: int) -> Any:
+            return tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
+
+        outs = [single(tp, row(x, i), row(y, i)) for i in range(_batch_size(x))]
+        return ({name: torch.stack([g[name] for g, _ in outs]) for name in names},
+                torch.stack([v for _, v in outs]))
+
     if chunk_size is None:
         chunk_size = max(1, GENERIC_CHUNK_ELEMENTS // max(1, sum(p.numel() for p in params)))
     if chunk_size < 1:
@@ -310,10 +424,20 @@ def _generic(
     sums = [torch.zeros_like(p) for p in params]
     sq = torch.zeros((), dtype=dtype, device=device)
     all_losses = []
+    per_example = looped if model in _VMAP_FAILED else batched
     for s in range(0, m, chunk_size):
         sl = slice(s, s + chunk_size)
         x, y = _take(inputs, sl), _take(targets, sl)
-        g, losses = per_example(train, x, y)
+        if per_example is batched:
+            try:
+                g, losses = batched(train, x, y)
+            except RuntimeError:
+                # vmap has no batching rule for some modules (nn.LSTM / nn.GRU: "output with shape
+                # [1, 24] doesn't match the broadcast shape [6, 1, 24]"): single examples, exact
+                _VMAP_FAILED.add(model)
+                per_example = looped
+        if per_example is looped:
+            g, losses = looped(train, x, y)
         losses = losses.detach()
         all_losses.append(losses)
         n = losses.shape[0]
@@ -328,7 +452,42 @@ def _generic(
     return _count_and_loss(losses, weights, dtype) + (tuple(sums), sq)
 
 
+#: models on which vmap failed: the generic path loops over single examples for them
+_VMAP_FAILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 # ----------------------------------------------------------------------------- public entry
+
+
+class _StructureChanged(Exception):
+    """The layers were called differently from the probed calls of this signature."""
+
+
+#: one layer call in a capture structure: (record index, input shape, output shape),
+#: or (record index,) for a call whose output does not reach the loss
+_Call = tuple[Any, ...]
+
+
+@dataclass
+class _Verdict:
+    """What the probes established for one input signature."""
+
+    ok: bool
+    structures: list[tuple[_Call, ...]] = field(default_factory=list)  # accepted, example axis removed
+    reason: str = ""
+    _by_m: dict[int, list[tuple[_Call, ...]]] = field(default_factory=dict)
+
+    def accept(self, structure: tuple[_Call, ...]) -> None:
+        if structure not in self.structures:
+            self.structures.append(structure)
+            self._by_m.clear()
+
+    def expected(self, m: int) -> list[tuple[_Call, ...]]:
+        """The accepted structures with the example axis m put back."""
+        if m not in self._by_m:
+            self._by_m[m] = [tuple((c[0], (m, *c[1]), (m, *c[2])) if len(c) == 3 else c for c in st)
+                             for st in self.structures]
+        return self._by_m[m]
 
 
 @dataclass
@@ -339,6 +498,30 @@ class _Plan:
     records: dict[nn.Module, _Record]
     batch_norms: list[tuple[str, nn.Module]]
     compiled: Any = None  # a CompiledFastStats when compile=True and the method is fast
+    tie_groups: list[_TieGroup] = field(default_factory=list)
+    owners: list[list[tuple[_Record, str]]] = field(default_factory=list)  # per parameter, its layers
+    names: list[str] = field(default_factory=list)  # per parameter, its qualified name
+    param_dims: set[int] = field(default_factory=set)  # the parameters' dimensions
+    buffer_dims: set[int] = field(default_factory=set)  # the buffers' dimensions
+    rtol: float = 0.0  # the checks' tolerance: the loosest of the parameters' dtypes
+    verdicts: dict[Any, _Verdict] = field(default_factory=dict)
+
+
+def _signature(inputs: tuple[Any, ...], targets: Any, weights: Tensor | None) -> tuple[Any, ...]:
+    """The inputs' and targets' structure, shapes without the example axis and
+    dtypes: calls of one signature share the probe's verdict."""
+    def leaf(t: Any) -> Any:
+        if isinstance(t, Tensor):
+            return (tuple(t.shape[1:]), t.dtype, t.device.type) if t.dim() else ("scalar", t.dtype)
+        return t if t is None or isinstance(t, (bool, int, float, str)) else type(t).__name__
+    if len(inputs) == 1 and isinstance(inputs[0], Tensor) and isinstance(targets, Tensor):
+        return (leaf(inputs[0]),), leaf(targets), weights is None
+    return tuple(map(leaf, tree_flatten(inputs)[0])), tuple(map(leaf, tree_flatten(targets)[0])), weights is None
+
+
+def _other_dims(tree: Any) -> set[int]:
+    """Every dimension of every tensor in a pytree but the example axis."""
+    return {d for t in tree_flatten(tree)[0] if isinstance(t, Tensor) for d in t.shape[1:]}
 
 
 class PerExampleStats:
@@ -347,8 +530,9 @@ class PerExampleStats:
     model: any module whose examples do not interact (BatchNorm in training
         mode is refused, see :class:`BatchNormTrainingError`).
     loss_fn: ``loss_fn(model_output, targets)`` -> per-example losses l_i, shape (m,).
-    method: ``"auto"`` (fast where every trainable layer is supported, generic
-        otherwise), ``"fast"`` (refuse unsupported models) or ``"generic"``.
+    method: ``"auto"`` (fast where every trainable layer is supported and the
+        probe verifies it, generic otherwise), ``"fast"`` (raise
+        :class:`UnsupportedModelError` where it cannot) or ``"generic"``.
     chunk_size: examples per ``vmap`` call of the generic path (default: about
         2**25 gradient elements per chunk).
     compile: run the fast path as one ``torch.compile``d function
@@ -359,20 +543,31 @@ class PerExampleStats:
         change (pad batches to a few sizes, ``CABSController.padding_buckets``).
         Layers: Linear, Embedding, LayerNorm, RMSNorm; models with others raise
         :class:`UnsupportedModelError` (convolutions: see :mod:`.compiled`). The
-        generic path is never compiled.
+        generic path is never compiled. The probes run eagerly.
+    verify_every: re-probe every ``verify_every`` calls (default
+        :data:`cabs_core.exactness.VERIFY_EVERY`); ``None`` or 0: only the first
+        call of each input signature.
 
-    The analysis of the model (supported layers, method) is cached and redone
-    when the set of trainable parameters changes. Call the object once per step.
+    The fast path returns S only for a verified signature (see the module's
+    docstring); ``auto`` falls back to the generic path with one
+    :class:`FastPathFallbackWarning` per signature, ``fast`` raises. The
+    analysis of the model (supported layers, method, verdicts) is cached and
+    redone when the set of trainable parameters changes. Call the object once
+    per step.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, method: Method = "auto",
-                 chunk_size: int | None = None, compile: bool = False) -> None:
+                 chunk_size: int | None = None, compile: bool = False,
+                 verify_every: int | None = VERIFY_EVERY) -> None:
         if method not in ("auto", "fast", "generic"):
             raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        verify_due(1, verify_every)  # validates
         self.model, self.loss_fn, self.method, self.chunk_size = model, loss_fn, method, chunk_size
-        self.compile = compile
+        self.compile, self.verify_every = compile, verify_every
+        self.calls = 0  # calls so far: the probe schedule's step
+        self.probes = 0  # probes run so far (for tests and benchmarks)
         self._plan: _Plan | None = None
 
     @property
@@ -382,7 +577,8 @@ class PerExampleStats:
 
     @property
     def resolved_method(self) -> Literal["fast", "generic"]:
-        """What ``method`` stands for on this model now."""
+        """What ``method`` stands for on this model now (before the probes: a
+        signature that fails its probe under ``auto`` uses ``generic``)."""
         return self.plan().how
 
     def plan(self) -> _Plan:
@@ -392,21 +588,36 @@ class PerExampleStats:
             if not params:
                 raise ValueError("the model has no trainable parameters")
             how = resolve_method(self.model, self.method)
-            records = {}
+            records: dict[nn.Module, _Record] = {}
+            owned: dict[int, list[tuple[_Record, str]]] = {}
             if how == "fast":
                 for name, mod in self.model.named_modules():
                     rule = rule_for(mod)
-                    if rule is not None and any(p.requires_grad for p in mod.parameters(recurse=False)):
-                        records[mod] = _Record(name, rule, rank_one=type(mod) is nn.Linear)
+                    own = [(n, p) for n, p in mod.named_parameters(recurse=False, remove_duplicate=False)
+                           if p.requires_grad]
+                    if rule is not None and own:
+                        rec = records[mod] = _Record(name, rule, mod, len(records), rank_one=type(mod) is nn.Linear)
+                        for n, p in own:
+                            owned.setdefault(id(p), []).append((rec, n))
             bns: list[tuple[str, nn.Module]] = [
                 (n, m) for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             ]
-            self._plan = _Plan(key, params, how, records, bns)
+            plan = _Plan(key, params, how, records, bns)
+            plan.owners = [owned.get(id(p), []) for p in params]
+            by_id = {id(p): n for n, p in self.model.named_parameters()}
+            plan.names = [by_id[id(p)] for p in params]
+            plan.param_dims = {d for t in self.model.parameters() for d in t.shape}
+            plan.buffer_dims = {d for t in self.model.buffers() for d in t.shape}
+            plan.rtol = max(rtol_for(str(p.dtype)) for p in params)
+            plan.tie_groups = _tie_groups(params, plan.owners)
+            self._plan = plan
             if self.compile and how == "fast":
                 from .compiled import CompiledFastStats
 
-                self._plan.compiled = CompiledFastStats(
-                    self.model, self.loss_fn, params, {rec.name for rec in records.values()})
+                plan.compiled = CompiledFastStats(
+                    self.model, self.loss_fn, params, {rec.name for rec in records.values()},
+                    tie_groups=[[(tuple(p.shape), [(rec.mod, n) for rec, n in uses]) for p, uses in g.params]
+                                for g in plan.tie_groups])
         return self._plan
 
     def __call__(self, inputs: Any, targets: Any = None, weights: Tensor | None = None) -> BatchStats:
@@ -420,7 +631,8 @@ class PerExampleStats:
         ``grad_sum`` follows :attr:`params`; it is the ordinary gradient of
         sum_i w_i l_i. ``count``, ``loss_sum`` and ``sq_norm_sum`` are float64
         0-d tensors on the model's device (float32 on MPS). Parameters' ``.grad``
-        are not touched, and nothing is copied to the host.
+        are not touched, and nothing is copied to the host (a probe compares
+        its results on the host).
         """
         plan = self.plan()
         for _, mod in plan.batch_norms:
@@ -430,28 +642,182 @@ class PerExampleStats:
         m = _batch_size(inputs)
         if weights is not None and tuple(weights.shape) != (m,):
             raise ValueError(f"weights must have shape ({m},), got {tuple(weights.shape)}")
-        if plan.compiled is not None:
-            count, loss_sum, grad_sum, sq = plan.compiled(inputs, targets, weights, m)
-        elif plan.how == "fast":
-            count, loss_sum, grad_sum, sq = self._fast(plan, inputs, targets, weights, m)
-        else:
-            count, loss_sum, grad_sum, sq = _generic(
-                self.model, self.loss_fn, inputs, targets, weights, plan.params, self.chunk_size
-            )
+        step, self.calls = self.calls, self.calls + 1
+        if plan.how == "fast":
+            result = self._verified_fast(plan, inputs, targets, weights, m, verify_due(step, self.verify_every))
+            if result is not None:
+                return BatchStats(*result)
+        count, loss_sum, grad_sum, sq = _generic(
+            self.model, self.loss_fn, inputs, targets, weights, plan.params, self.chunk_size)
         return BatchStats(count, loss_sum, grad_sum, sq)
 
-    def _fast(self, plan: _Plan, inputs: tuple[Any, ...], targets: Any, weights: Tensor | None, m: int
-              ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
+    # ------------------------------------------------------------------------- verification
+
+    def _verified_fast(self, plan: _Plan, inputs: tuple[Any, ...], targets: Any, weights: Tensor | None, m: int,
+                       due: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor] | None:
+        """The fast path's result if this signature is verified (probing it first
+        when new or due), None where the generic path must answer."""
+        sig = _signature(inputs, targets, weights)
+        verdict = plan.verdicts.get(sig)
+        if verdict is None or (due and verdict.ok):
+            verdict = self._probe(plan, sig, inputs, targets, m)
+        if verdict is None or not verdict.ok:
+            return None
+        if plan.compiled is not None:  # the traced graph is fixed: the probe's calls are its calls
+            structure = verdict.structures[0]
+            return plan.compiled(inputs, targets, weights, m, [c[2] for c in structure])
+        for attempt in range(2):
+            try:
+                return self._fast(plan, inputs, targets, weights, m, verdict.expected(m))[:4]
+            except _StructureChanged as change:
+                if attempt == 0:  # a new way of calling the layers: probe it on this batch
+                    verdict = self._probe(plan, sig, inputs, targets, m)
+                    if verdict is None or not verdict.ok:
+                        return None
+                    continue
+                err = UnsupportedModelError(
+                    f"the layers were called differently on a batch of {m} examples than on the probe batch "
+                    f"({change}): the fast path cannot establish its per-example decomposition for this batch. "
+                    f"Use method='generic' (exact for any model) or method='auto' (falls back to it).",
+                    layer=str(change), reason="layer calls differ between the full and the probe batch")
+                return self._fail(plan, sig, err)
+        return None
+
+    def _fail(self, plan: _Plan, sig: Any, err: UnsupportedModelError) -> None:
+        """``fast``: raise; ``auto``: warn once and use the generic path for this signature."""
+        if self.method == "fast":
+            raise err
+        plan.verdicts[sig] = _Verdict(False, reason=str(err))
+        warnings.warn(FastPathFallbackWarning(
+            f"cabs_torch: method='auto' uses the exact generic path (slower) for this model and input "
+            f"signature from now on, because {err}"), stacklevel=4)
+        return None
+
+    def _probe(self, plan: _Plan, sig: Any, inputs: tuple[Any, ...], targets: Any, m: int) -> _Verdict | None:
+        """Run the fast path on the first k examples and check it (provenance,
+        accounting, S against the generic path). Returns the signature's updated
+        verdict, or None when this batch cannot decide (no probe size fits, or a
+        non-finite result): then the generic path answers this call."""
+        # k differs from every dimension of the inputs, targets and buffers, and if a k <= m
+        # allows, of the parameters (those are second lines of defence: a layer applied to
+        # a weight is an unseen use for the accounting check, and fast S != generic S)
+        strict = plan.buffer_dims | _other_dims(inputs) | _other_dims(targets)
+        k = probe_batch_size(m, strict | plan.param_dims) or probe_batch_size(m, strict)
+        if k is None:
+            return None
+        self.probes += 1
+        px, py = _take(inputs, slice(0, k)), _take(targets, slice(0, k))
+        modes = [(mod, mod.training) for mod in self.model.modules()]
+        self.model.eval()  # dropout off, so that the fast and generic paths see the same function
+        try:
+            try:
+                try:
+                    _, _, grads, sq, structure, kept = self._fast(plan, px, py, None, k, None, keep=True)
+                except _LossShapeError as err:  # say it for the user's batch, not the probe's
+                    raise _LossShapeError(err.shape, m, k) from None
+                if plan.compiled is not None:
+                    self._check_compiled_calls(plan, structure)
+                generic = _generic(self.model, self.loss_fn, px, py, None, plan.params, self.chunk_size)[3]
+                fast_s, generic_s = float(sq), float(generic)  # the probe's host transfer
+                if not (math.isfinite(fast_s) and math.isfinite(generic_s)):
+                    return None
+                self._check_accounting(plan, grads, kept, k)
+                check_close(f"S on a probe batch of {k} examples (fast vs generic)", abs(fast_s - generic_s),
+                            abs(generic_s), plan.rtol)
+            except UnsupportedModelError as err:
+                if isinstance(err, BatchNormTrainingError):
+                    raise
+                return self._fail(plan, sig, err)
+        finally:
+            for mod, mode in modes:
+                mod.training = mode
+        tails = tuple((c[0], tuple(c[1][1:]), tuple(c[2][1:])) if len(c) == 3 else c for c in structure)
+        verdict = plan.verdicts.setdefault(sig, _Verdict(True))
+        verdict.accept(tails)
+        return verdict
+
+    @staticmethod
+    def _check_rows(plan: _Plan, structure: list[_Call], k: int) -> None:
+        """Every captured input and output has the probe batch's k rows."""
+        recs = list(plan.records.values())
+        for call in structure:
+            if len(call) == 3 and (call[1][0] != k or call[2][0] != k):
+                rec = recs[call[0]]
+                what = "input" if call[1][0] != k else "output"
+                shape = tuple(call[1] if what == "input" else call[2])
+                raise UnsupportedModelError(
+                    f"layer {rec.name!r} ({type(rec.mod).__name__}) was called on a probe batch of {k} examples "
+                    f"with an {what} of shape {shape}: its leading axis is not the examples' (a time-major "
+                    f"tensor, examples folded into the leading axis, an unsqueeze, a tensor without the "
+                    f"example axis such as a positional embedding or a buffer, or part of the batch), so the "
+                    f"fast path's per-example decomposition does not hold there. method='generic' is exact "
+                    f"for any model; method='auto' falls back to it.",
+                    layer=rec.name, reason=f"{what} of shape {shape} on a probe batch of {k} examples")
+
+    @staticmethod
+    def _check_accounting(plan: _Plan, grads: tuple[Tensor | None, ...], kept: dict[_Record, list[Any]],
+                          k: int) -> None:
+        """Each parameter's gradient rebuilt from its layers' captured terms equals
+        its full gradient: a difference is a use the fast path does not see."""
+        for p, g, owners, name in zip(plan.params, grads, plan.owners, plan.names):
+            shape = tuple(p.shape)
+            uses: list[Piece] = []
+            for rec, pname in owners:
+                for a, b in kept.get(rec, []):
+                    piece = rec.rule(rec.mod, a, b).get(pname)
+                    if piece is not None:
+                        uses.append(piece)
+            full = torch.zeros_like(p) if g is None else g.detach()
+            rebuilt = torch.zeros_like(full)
+            for piece in uses:
+                rebuilt = rebuilt + piece_grad_sum(piece, k, shape).to(full.dtype)
+            full_norm = float(torch.linalg.vector_norm(full.double()))
+            if not uses and full_norm > 0 and not any(rec.called for rec, _ in owners):
+                mods = ", ".join(repr(rec.name) for rec, _ in owners)
+                raise UnsupportedModelError(
+                    f"parameter {name} received a gradient, but module {mods} was never called (its weight "
+                    f"is used functionally?): the fast path cannot see that use. method='generic' is exact "
+                    f"for any model; method='auto' falls back to it.",
+                    layer=name, reason="a gradient without a call of its layer")
+            s_param = float(tied_sq_norm_sum(uses, k, shape)) if uses else 0.0
+            diff = float(torch.linalg.vector_norm((rebuilt - full).double()))
+            check_close(f"the gradient of {name!r} rebuilt from its layers' captured terms (a use outside "
+                        f"the layer?)", diff, accounting_scale(full_norm, k, s_param), plan.rtol, layer=name)
+
+    @staticmethod
+    def _check_compiled_calls(plan: _Plan, structure: list[_Call]) -> None:
+        """compile=True: the probed calls are the traced graph's (same layers, in order, all reaching the loss)."""
+        recs = list(plan.records.values())
+        eager = [recs[c[0]].name for c in structure]
+        if eager != plan.compiled.calls or any(len(c) != 3 for c in structure):
+            raise UnsupportedModelError(
+                f"compile=True: the layer calls seen in the eager probe ({eager}) differ from the traced "
+                f"graph's ({plan.compiled.calls}), or a call's output does not reach the loss: the compiled "
+                f"statistics would not match. Use compile=False (the eager fast path).",
+                layer=None, reason="the traced graph's layer calls differ from the eager ones")
+
+    # ------------------------------------------------------------------------- the fast step
+
+    def _fast(self, plan: _Plan, inputs: tuple[Any, ...], targets: Any, weights: Tensor | None, m: int,
+              expected: list[tuple[_Call, ...]] | None, keep: bool = False,
+              ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor, list[_Call], dict[_Record, list[Any]]]:
+        """One fast step. ``expected``: the accepted capture structures at m
+        (raise :class:`_StructureChanged` after the forward pass if this one's
+        differs); None: a probe of m examples, whose captures must have m rows.
+        ``keep``: also return each layer's (input, output gradient) per call."""
         records = plan.records
         deferred: list[GradientEdge] = []  # output edges of rank-one Linear calls, sent to autograd.grad
         owners: list[tuple[_Record, int, _ViewOf | None]] = []
+        structure: list[_Call] = []
 
         def forward_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             rec = records[mod]
             rec.called = True
             if not isinstance(out, Tensor) or not out.requires_grad:
+                structure.append((rec.index,))
                 return
             a = (args[0] if args else next(iter(kwargs.values()))).detach()
+            structure.append((rec.index, a.shape, out.shape))
             rec.inputs.append(a)
             k = len(rec.inputs) - 1
             node, nr, view = _output_edge(out)
@@ -466,15 +832,22 @@ class PerExampleStats:
                 if g is None:
                     return
                 rec.grads[k] = _view_grad(g, view)
-                if not rec.deferred and len(rec.grads) == len(rec.inputs):  # all calls in: reduce now
+                if not rec.deferred and not rec.tied and len(rec.grads) == len(rec.inputs):  # all in: reduce
                     rec.finish(mod, FAST_CHUNK_ELEMENTS)  # (backward runs without grad mode)
 
             node.register_prehook(prehook)
 
         params = plan.params
         handles = [mod.register_forward_hook(forward_hook, with_kwargs=True) for mod in records]
+        for rec in records.values():
+            rec.keep = keep
+        kept: dict[_Record, list[Any]] = {}
         try:
             out = self.model(*inputs)
+            if expected is None:
+                self._check_rows(plan, structure, m)
+            elif tuple(structure) not in expected:
+                raise _StructureChanged(self._first_difference(plan, structure, expected[0], m))
             losses = self.loss_fn(out, targets)
             _check_losses(losses, m)
             weighted = losses if weights is None else losses * weights.to(losses.dtype)
@@ -482,19 +855,21 @@ class PerExampleStats:
             dtype = _stat_dtype(device)
             count, loss_sum = _count_and_loss(losses.detach(), weights, dtype)
             grads = torch.autograd.grad(weighted.sum(), [*params, *deferred], allow_unused=True)
+            totals: list[Tensor] = []
             with torch.no_grad():
                 for (rec, k, view), g in zip(owners, grads[len(params):]):
                     if g is not None:
                         rec.grads[k] = _view_grad(g, view)
                 for mod, rec in records.items():
-                    if rec.grads:  # deferred, or a layer used several times with some outputs unused
+                    if rec.grads and not rec.tied:  # deferred, or a layer used several times with some unused
                         rec.finish(mod, FAST_CHUNK_ELEMENTS)
+                for group in plan.tie_groups:
+                    totals.extend(group.finish(FAST_CHUNK_ELEMENTS))
             grads = grads[: len(params)]
-            totals: list[Tensor] = []
-            for mod, rec in records.items():
-                if not rec.called:
-                    self._check_unused(mod, rec, params, grads)
+            for rec in records.values():
                 totals.extend(rec.totals)
+                if keep:
+                    kept[rec] = list(rec.kept)
         finally:
             for h in handles:
                 h.remove()
@@ -507,19 +882,46 @@ class PerExampleStats:
         else:
             sq = torch.stack([t.to(device=device, dtype=dtype) for t in totals]).sum()
         grad_sum = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-        return count, loss_sum, grad_sum, sq
+        return count, loss_sum, grad_sum, sq, structure, kept
 
     @staticmethod
-    def _check_unused(mod: nn.Module, rec: _Record, params: list[nn.Parameter], grads: tuple[Any, ...]) -> None:
-        """A layer never called whose parameters got gradients: used functionally."""
-        index = {id(p): i for i, p in enumerate(params)}
-        for pname, p in mod.named_parameters(recurse=False):
-            if id(p) in index and grads[index[id(p)]] is not None:
-                raise UnsupportedModelError(
-                    f"parameter {rec.name}.{pname} received a gradient, but module {rec.name!r} "
-                    f"was never called (its weight is used functionally?): the fast path cannot "
-                    f"see it. Use method='generic'."
-                )
+    def _first_difference(plan: _Plan, structure: list[_Call], expected: tuple[_Call, ...], m: int) -> str:
+        """Names the first layer call that differs from the probed structure."""
+        recs = list(plan.records.values())
+        for i, call in enumerate(structure):
+            want = expected[i] if i < len(expected) else None
+            if call != want:
+                got = f"shapes {tuple(call[1])} -> {tuple(call[2])}" if len(call) == 3 else "no gradient"
+                return f"call {i} of the forward pass: layer {recs[call[0]].name!r} with {got}"
+        return f"{len(expected) - len(structure)} fewer layer calls than on the probe batch"
+
+
+def _tie_groups(params: list[nn.Parameter], owners: list[list[tuple[_Record, str]]]) -> list[_TieGroup]:
+    """The layers that share parameters, in groups (connected through shared parameters)."""
+    group_of: dict[_Record, int] = {}
+    groups: list[list[_Record]] = []
+    for uses in owners:
+        recs = list(dict.fromkeys(rec for rec, _ in uses))
+        if len(recs) < 2:
+            continue
+        ids = {group_of[r] for r in recs if r in group_of}
+        merged = [r for i in sorted(ids) for r in groups[i]]
+        for i in ids:
+            groups[i] = []
+        merged.extend(r for r in recs if r not in merged)
+        groups.append(merged)
+        for r in merged:
+            group_of[r] = len(groups) - 1
+    out = []
+    for recs in groups:
+        if not recs:
+            continue
+        for r in recs:
+            r.tied = True
+        members = set(recs)
+        out.append(_TieGroup(recs, [(p, uses) for p, uses in zip(params, owners)
+                                    if any(rec in members for rec, _ in uses)]))
+    return out
 
 
 def per_example_stats(
@@ -532,9 +934,10 @@ def per_example_stats(
     method: Method = "auto",
     chunk_size: int | None = None,
     compile: bool = False,
+    verify_every: int | None = VERIFY_EVERY,
 ) -> BatchStats:
     """One-off :class:`PerExampleStats` ``(model, loss_fn, method, chunk_size, compile)(inputs, targets,
     weights)``; in a training loop keep a :class:`PerExampleStats` (it caches the model's analysis and,
     with ``compile=True``, the compiled function)."""
-    return PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, compile=compile)(
-        inputs, targets, weights)
+    return PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, compile=compile,
+                           verify_every=verify_every)(inputs, targets, weights)

@@ -27,6 +27,7 @@ from cabs_core import (
     next_batch,
     shard,
 )
+from cabs_core.exactness import VERIFY_EVERY
 
 from .groups import MicroBatchStats
 from .stats import LossFn, Method, PerExampleStats
@@ -118,7 +119,12 @@ class CABSSGD:
     (:class:`MicroBatchStats`, for BatchNorm in training mode).
     ``weight_decay`` adds ``weight_decay * theta`` to the update (decoupled
     from the statistics; consider ``loss_floor`` then). ``compile=True`` runs
-    the statistics compiled (see :class:`PerExampleStats`).
+    the statistics compiled (see :class:`PerExampleStats`). ``verify_every``:
+    the fast path re-verifies its per-example decomposition (the probe of
+    :class:`PerExampleStats`) every ``verify_every`` steps (default
+    :data:`cabs_core.exactness.VERIFY_EVERY`; None or 0: only on the first step
+    of each input signature), so that a model whose control flow changes later
+    is still caught.
     """
 
     def __init__(
@@ -132,6 +138,7 @@ class CABSSGD:
         micro_batches: int | None = None,
         weight_decay: float = 0.0,
         compile: bool = False,
+        verify_every: int | None = VERIFY_EVERY,
     ) -> None:
         if not isinstance(controller, CABSController):
             raise TypeError(f"controller must be a cabs_core.CABSController, got {type(controller).__name__}")
@@ -140,7 +147,8 @@ class CABSSGD:
         self.model, self.controller, self.weight_decay = model, controller, weight_decay
         self.stats_fn: PerExampleStats | MicroBatchStats
         if micro_batches is None:
-            self.stats_fn = PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, compile=compile)
+            self.stats_fn = PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, compile=compile,
+                                            verify_every=verify_every)
         else:
             self.stats_fn = MicroBatchStats(model, loss_fn, micro_batches, ddof=controller.ddof)
         self.state: ControllerState = controller.init()
