@@ -34,10 +34,11 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import cabs_tf  # noqa: E402
-from cabs_core.exactness import VERIFY_EVERY  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from cabs_core.exactness import VERIFY_EVERY  # noqa: E402
 
 
 def mlp() -> keras.Model:

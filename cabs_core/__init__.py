@@ -28,7 +28,13 @@ from .exactness import (
     rtol_for,
     verify_due,
 )
-from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_sq_norms
+from .per_example import (
+    bias_sq_norms,
+    embedding_sq_norms,
+    linear_sq_norms,
+    scale_sq_norms,
+    tied_embedding_sq_norms,
+)
 from .rules import (
     cabs_batch_size,
     discretise,
@@ -92,6 +98,7 @@ __all__ = [
     "padded_shards",
     "reduce_stats",
     "scale_sq_norms",
+    "tied_embedding_sq_norms",
     "shard",
     "shard_buckets",
     "to_host",

@@ -88,3 +88,36 @@ def scale_sq_norms(xhat: Array, b: Array) -> Array:
     xp = array_namespace(xhat, b)
     s = xp.sum(xhat * b, axis=1)
     return xp.sum(s * s, axis=1)
+
+
+def tied_embedding_sq_norms(tokens: Array, b_lookup: Array, h: Array, b_proj: Array) -> Array:
+    """Per-example squared norm of the gradient of an embedding table E (V, q)
+    that is both looked up and used as the output projection ``z = h E^T``: (m,).
+
+    ``tokens`` (m, T) ids and ``b_lookup`` (m, T, q) the gradients of the
+    looked-up rows; ``h`` (m, S, q) the projection's inputs and ``b_proj``
+    (m, S, V) the gradients of its outputs. The per-example gradient is the sum
+    of the two uses' terms, G1 = sum_t e_{id_t} b_lookup_t^T and
+    G2 = sum_s b_proj_s h_s^T, so ||G1 + G2||^2 = ||G1||^2 + ||G2||^2 + 2 <G1, G2>
+    with the cross term in Gram form sum_{t,s} b_proj[s, id_t] (b_lookup_t . h_s)
+    (the one-hot of the ids is never built).
+    """
+    if (tokens.ndim != 2 or b_lookup.ndim != 3 or h.ndim != 3 or b_proj.ndim != 3
+            or tokens.shape != b_lookup.shape[:2] or h.shape[:2] != b_proj.shape[:2]
+            or h.shape[2] != b_lookup.shape[2] or h.shape[0] != tokens.shape[0]):
+        raise ValueError(
+            f"expected tokens (m, T), lookup gradients (m, T, q), projection inputs (m, S, q) and projection "
+            f"output gradients (m, S, V), got {tuple(tokens.shape)}, {tuple(b_lookup.shape)}, "
+            f"{tuple(h.shape)} and {tuple(b_proj.shape)}"
+        )
+    xp = array_namespace(tokens, b_lookup, h, b_proj)
+    m, t = tokens.shape
+    s, v = b_proj.shape[1], b_proj.shape[2]
+    # P[i, s, t] = b_proj[i, s, id_it], gathered from the flattened array
+    base = xp.reshape(xp.arange(m, dtype=tokens.dtype), (m, 1, 1)) * (s * v) + xp.reshape(
+        xp.arange(s, dtype=tokens.dtype), (1, s, 1)) * v
+    idx = xp.reshape(base + xp.reshape(tokens, (m, 1, t)), (m * s * t,))
+    p = xp.reshape(xp.take(xp.reshape(b_proj, (m * s * v,)), idx), (m, s, t))
+    q = xp.matmul(h, xp.permute_dims(b_lookup, (0, 2, 1)))  # (m, S, T): h_s . b_lookup_t
+    cross = xp.sum(xp.reshape(p * q, (m, s * t)), axis=1)
+    return embedding_sq_norms(tokens, b_lookup) + linear_sq_norms(h, b_proj) + 2 * cross

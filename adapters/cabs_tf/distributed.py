@@ -30,7 +30,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cabs_core.exactness import VERIFY_EVERY
 from cabs_core import (
     CABSController,
     ScalarStats,
@@ -40,6 +39,7 @@ from cabs_core import (
     padded_shards,
     shard_buckets,
 )
+from cabs_core.exactness import VERIFY_EVERY
 
 from .stats import Method
 from .training import CABSTrainer, _take

@@ -60,7 +60,13 @@ from cabs_core.exactness import (  # noqa: E402
 )
 from cabs_core.per_example import gram_is_cheaper  # noqa: E402
 
-from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_shift_sq_norms  # noqa: E402
+from .per_example import (  # noqa: E402
+    bias_sq_norms,
+    embedding_sq_norms,
+    linear_sq_norms,
+    scale_shift_sq_norms,
+    tied_embedding_sq_norms,
+)
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -80,10 +86,29 @@ class PforFallbackWarning(UserWarning):
 UnsupportedLayerError = UnsupportedModelError
 
 __all__ = ["BatchNormTrainingError", "FastPathFallbackWarning", "PforFallbackWarning", "StatsStep",
-           "UnsupportedLayerError", "UnsupportedModelError", "VERIFY_EVERY"]
+           "TiedProjection", "UnsupportedLayerError", "UnsupportedModelError", "VERIFY_EVERY"]
 
 
 _FAST_TYPES = (kl.Dense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization)
+
+
+class TiedProjection(keras.layers.Layer):
+    """The output projection tied to an :class:`keras.layers.Embedding`:
+    ``z = h E^T`` with the embedding's table E (V, d), so logits over the
+    vocabulary share the input embedding's weights (the standard language-model
+    layout). Use it instead of ``ops.matmul(h, ops.transpose(emb.embeddings))``:
+    the fast path then computes the tied table's per-example gradient exactly
+    (the sum of both uses, :func:`cabs_tf.per_example.tied_embedding_sq_norms`),
+    where the bare matmul is an unseen use that makes ``auto`` fall back."""
+
+    def __init__(self, embedding: kl.Embedding, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(embedding, kl.Embedding):
+            raise TypeError(f"TiedProjection needs a keras.layers.Embedding, got {type(embedding).__name__}")
+        self.embedding = embedding
+
+    def call(self, h: tf.Tensor) -> tf.Tensor:
+        return ops.matmul(h, ops.transpose(self.embedding.embeddings))
 
 
 def _fast_refusal(layer: keras.Layer) -> str | None:
@@ -188,6 +213,10 @@ class _Recorder:
             self.calls.append((layer, *az))
 
         def call(inputs: tf.Tensor, *args: Any, **kwargs: Any) -> tf.Tensor:
+            if isinstance(layer, TiedProjection):
+                z = ops.matmul(inputs, ops.transpose(layer.embedding.embeddings))
+                rec_append((inputs, z))
+                return z
             if isinstance(layer, kl.Embedding):
                 ids = inputs if inputs.dtype in (tf.int32, tf.int64) else ops.cast(inputs, "int32")
                 z = ops.cast(ops.take(layer.embeddings, ids, axis=0), layer.compute_dtype)
@@ -289,19 +318,30 @@ def _group_slices(layer: keras.Layer, views: list[tf.Tensor], b: tf.Tensor) -> l
     return [([v[:, :, i * c : (i + 1) * c] for v in views], b[:, :, i * q : (i + 1) * q]) for i in range(g)]
 
 
-def _layer_sq_norms(
-    layer: keras.Layer, calls: list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]], trainable: set[int]
-) -> tf.Tensor:
+def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int]) -> tf.Tensor:
     """Per-example ||g_i||^2 over this layer's trainable variables, shape (m,).
 
-    A layer called several times (shared weights) has g_i = sum over all
-    calls and positions, so the calls are concatenated along T."""
-    b = tf.concat([_flat(g) for _, _, g in calls], axis=1)
+    ``calls``: ``(a, z, b, is_projection)`` per call (``is_projection``: a
+    :class:`TiedProjection` use of an Embedding's table). A layer called
+    several times (shared weights) has g_i = sum over all calls and
+    positions, so the calls are concatenated along T."""
     if isinstance(layer, kl.Embedding):
-        tokens = tf.concat([tf.reshape(a, [-1, math.prod(a.shape[1:])]) for a, _, _ in calls], axis=1)
-        return embedding_sq_norms(tokens, b)
+        lookups = [c for c in calls if not c[3]]
+        proj = [c for c in calls if c[3]]
+        tokens = b = None
+        if lookups:
+            tokens = tf.concat([tf.reshape(a, [-1, math.prod(a.shape[1:])]) for a, *_ in lookups], axis=1)
+            b = tf.concat([_flat(g) for _, _, g, _ in lookups], axis=1)
+        if not proj:
+            return embedding_sq_norms(tokens, b)
+        h = tf.concat([_flat(a) for a, *_ in proj], axis=1)
+        b2 = tf.concat([_flat(g) for _, _, g, _ in proj], axis=1)
+        if not lookups:
+            return linear_sq_norms(h, b2)
+        return tied_embedding_sq_norms(tokens, b, h, b2)
+    b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
     if isinstance(layer, kl.LayerNormalization):
-        xhat = tf.concat([_flat(a) for a, _, _ in calls], axis=1)
+        xhat = tf.concat([_flat(a) for a, *_ in calls], axis=1)
         parts = {id(layer.gamma) if layer.gamma is not None else 0: lambda: scale_shift_sq_norms(xhat, b),
                  id(layer.beta) if layer.beta is not None else 1: lambda: bias_sq_norms(b)}
         out = [fn() for k, fn in parts.items() if k in trainable]
@@ -309,9 +349,9 @@ def _layer_sq_norms(
     if id(layer.kernel) not in trainable:
         out = tf.zeros_like(b[:, 0, 0])
     elif isinstance(layer, kl.Dense):
-        out = linear_sq_norms(tf.concat([_flat(a) for a, _, _ in calls], axis=1), b)
+        out = linear_sq_norms(tf.concat([_flat(a) for a, *_ in calls], axis=1), b)
     else:
-        per_call = [_conv_views(layer, a) for a, _, _ in calls]
+        per_call = [_conv_views(layer, a) for a, *_ in calls]
         views = [tf.concat(vs, axis=1) for vs in zip(*per_call)]
         out = tf.add_n([_conv_sq_norms(v, bg) for v, bg in _group_slices(layer, views, b)])
     if layer.bias is not None and id(layer.bias) in trainable:
@@ -319,31 +359,38 @@ def _layer_sq_norms(
     return out
 
 
-def _rebuilt_grads(layer: keras.Layer, calls: list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]) -> dict[int, tf.Tensor]:
+def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tensor]:
     """The gradient of each of the layer's variables rebuilt from the captured
     per-layer terms, summed over examples and positions: ``{id(variable): grad}``.
     It equals the variable's full gradient only if the captured calls are
     every use of the variable (the accounting check)."""
-    b = tf.concat([_flat(g) for _, _, g in calls], axis=1)
-    q = b.shape[2]
-    b2 = tf.reshape(b, [-1, q])
     out: dict[int, tf.Tensor] = {}
     if isinstance(layer, kl.Embedding):
-        ids = tf.reshape(tf.concat([tf.reshape(a, [-1, math.prod(a.shape[1:])]) for a, _, _ in calls], axis=1), [-1])
-        out[id(layer.embeddings)] = tf.math.unsorted_segment_sum(b2, tf.cast(ids, tf.int32), layer.input_dim)
+        grad = tf.zeros(layer.embeddings.shape, layer.embeddings.dtype)
+        for a, _, g, is_projection in calls:
+            if is_projection:  # z = h E^T: dE = b^T h
+                grad += tf.matmul(tf.reshape(g, [-1, g.shape[-1]]), tf.reshape(a, [-1, a.shape[-1]]),
+                                  transpose_a=True)
+            else:
+                grad += tf.math.unsorted_segment_sum(tf.reshape(g, [-1, g.shape[-1]]),
+                                                     tf.cast(tf.reshape(a, [-1]), tf.int32), layer.input_dim)
+        out[id(layer.embeddings)] = grad
         return out
+    b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
+    q = b.shape[2]
+    b2 = tf.reshape(b, [-1, q])
     if isinstance(layer, kl.LayerNormalization):
-        xhat = tf.reshape(tf.concat([_flat(a) for a, _, _ in calls], axis=1), [-1, q])
+        xhat = tf.reshape(tf.concat([_flat(a) for a, *_ in calls], axis=1), [-1, q])
         if layer.gamma is not None:
             out[id(layer.gamma)] = tf.reshape(tf.reduce_sum(xhat * b2, axis=0), layer.gamma.shape)
         if layer.beta is not None:
             out[id(layer.beta)] = tf.reshape(tf.reduce_sum(b2, axis=0), layer.beta.shape)
         return out
     if isinstance(layer, kl.Dense):
-        a = tf.concat([_flat(a) for a, _, _ in calls], axis=1)
+        a = tf.concat([_flat(a) for a, *_ in calls], axis=1)
         out[id(layer.kernel)] = tf.matmul(tf.reshape(a, [-1, a.shape[2]]), b2, transpose_a=True)
     else:
-        per_call = [_conv_views(layer, a) for a, _, _ in calls]
+        per_call = [_conv_views(layer, a) for a, *_ in calls]
         views = [tf.concat(vs, axis=1) for vs in zip(*per_call)]
         groups = _group_slices(layer, views, b)
         offsets = [
@@ -369,6 +416,10 @@ def _example_axis_reason(layer: keras.Layer, a: tf.Tensor, z: tf.Tensor, n: int 
                 f"(reshape, time-major layout, expand_dims, a slice of the batch, a tensor without the "
                 f"example axis)")
     return None
+
+
+#: a probe whose losses or gradients are not finite: it neither establishes nor refutes the fast path
+_INCONCLUSIVE = UnsupportedModelError("the probe's losses or gradients are not finite", reason="non-finite probe")
 
 
 class _StructureMismatch(UnsupportedModelError):
@@ -526,7 +577,7 @@ class StatsStep:
             elif sig not in self.verdicts:
                 with tf.init_scope():
                     self._verify_synthetic(sig, x, y)
-            fast = self.verdicts[sig] is None
+            fast = sig in self.verdicts and self.verdicts[sig] is None
         out = None
         if fast:
             try:
@@ -564,7 +615,9 @@ class StatsStep:
         path is established; False: this signature uses the generic path
         (``auto``: one :class:`FastPathFallbackWarning`). Raises
         :class:`UnsupportedModelError` under ``method="fast"`` when a check fails.
-        Rows: the real (mask 1) examples, repeated cyclically up to k."""
+        Rows: the real (mask 1) examples, repeated cyclically up to k. A probe
+        whose losses or gradients are not finite decides nothing (False, no
+        verdict: the next call probes again)."""
         if self.method != "fast":
             return False
         sig = self.signature(x, y)
@@ -604,6 +657,11 @@ class StatsStep:
         thread.join()
         if result and isinstance(result[0], _LossShapeError):
             raise result[0]
+        if result and result[0] is _INCONCLUSIVE:
+            result[0] = UnsupportedModelError(
+                "the probe's losses or gradients are not finite on synthetic inputs (normal floats, ids in "
+                "{0, 1}); call step.verify(x, y) on a real batch before tracing",
+                reason="non-finite probe on synthetic inputs")
         self._settle(sig, result[0] if result else UnsupportedModelError("the probe did not run",
                                                                          reason="probe did not run"))
 
@@ -611,6 +669,8 @@ class StatsStep:
         return self._settle(sig, self._probe_outcome(sig, xk, yk))
 
     def _settle(self, sig: tuple, failure: UnsupportedModelError | None) -> bool:
+        if failure is _INCONCLUSIVE:
+            return False  # no verdict: this call is generic, the next one probes again
         if failure is not None:
             self._fail(sig, failure)
             return False
@@ -625,6 +685,8 @@ class StatsStep:
             fn = self._probe_fns[sig] = tf.function(self._probe, autograph=False)
         try:
             fast_s, ref_s, diffs, scales, fast_layer, ref_layer = fn(xk, yk)
+            if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in (ref_s, diffs, scales, ref_layer)):
+                return _INCONCLUSIVE  # non-finite losses or gradients on these examples prove nothing
             names = [getattr(v, "path", v.name) for v in self.variables]
             fast_s, ref_s = float(fast_s), float(ref_s)
             k = int(tf.nest.flatten(xk)[0].shape[0])
@@ -634,8 +696,8 @@ class StatsStep:
                             f"of the weight outside its layer?)", d, accounting_scale(full, k, s_v), rtol,
                             layer=str(name))
             for name, f, r in zip(self._probe_layers[sig], fast_layer.numpy(), ref_layer.numpy()):
-                check_close(f"the layer's share of S on the probe batch (fast path vs a loop over single "
-                            f"examples; examples mixed or moved?)", abs(f - r), abs(r), rtol, layer=name)
+                check_close("the layer's share of S on the probe batch (fast path vs a loop over single "
+                            "examples; examples mixed or moved?)", abs(f - r), abs(r), rtol, layer=name)
             check_close("S on the probe batch (fast path vs a loop over single examples)",
                         abs(fast_s - ref_s), abs(ref_s), rtol)
         except UnsupportedModelError as e:
@@ -688,13 +750,15 @@ class StatsStep:
             diffs.append(tf.norm(tf.cast(r, tf.float64) - tf.cast(tf.reshape(g, r.shape), tf.float64)))
             s_v = tf.cast(layer_s.get(id(v), tf.zeros([], tf.float64)), tf.float64)
             scales.append(tf.stack([full, s_v]))
-        ref_v = [tf.zeros([], tf.float64) for _ in self.variables]  # sum_i ||g_i||^2 per variable
-        for i in range(k):
-            xy = tf.nest.map_structure(lambda t: t[i : i + 1], (xk, yk))
+        def one(xy1: tuple[Nest, Nest]) -> tf.Tensor:  # ||g_i||^2 per variable of one example
             with tf.GradientTape() as tape:
-                li = self.per_example_loss(*xy)[0]
+                li = self.per_example_loss(*tf.nest.map_structure(lambda t: t[None], xy1))[0]
             gi = tape.gradient(li, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            ref_v = [r + tf.reduce_sum(tf.cast(tf.convert_to_tensor(t), tf.float64) ** 2) for r, t in zip(ref_v, gi)]
+            return tf.stack([tf.reduce_sum(tf.cast(tf.convert_to_tensor(t), tf.float64) ** 2) for t in gi])
+
+        # a loop over the k single examples (traced once), the reference: sum_i ||g_i||^2 per variable
+        ref = tf.map_fn(one, (xk, yk), fn_output_signature=tf.TensorSpec([len(self.variables)], tf.float64))
+        ref_v = tf.unstack(tf.reduce_sum(ref, axis=0), num=len(self.variables))
         index = {id(v): n for n, v in enumerate(self.variables)}
         ref_layer = [tf.add_n([ref_v[index[id(v)]] for v in layer._trainable_variables if id(v) in index])
                      for layer in layers]
@@ -711,6 +775,8 @@ class StatsStep:
         layers = [
             layer for layer in self.model._flatten_layers(include_self=True, recursive=True)
             if layer.trainable and any(id(v) in self._trainable for v in layer._trainable_variables)
+            or isinstance(layer, TiedProjection) and layer.embedding.trainable
+            and id(layer.embedding.embeddings) in self._trainable
         ]
         with tf.GradientTape() as tape:
             with _Recorder(layers) as rec:
@@ -727,12 +793,16 @@ class StatsStep:
 
     @staticmethod
     def _group(calls: list) -> tuple[dict[int, list], list[keras.Layer]]:
+        """Calls by the layer that owns the weights (a :class:`TiedProjection`'s
+        calls go to its Embedding): ``{id(layer): [(a, z, b, is_projection)]}``."""
         per_layer: dict[int, list] = {}
         layers = []
         for layer, a, z, b in calls:
-            if id(layer) not in per_layer:
-                layers.append(layer)
-            per_layer.setdefault(id(layer), []).append((a, z, b))
+            proj = isinstance(layer, TiedProjection)
+            owner = layer.embedding if proj else layer
+            if id(owner) not in per_layer:
+                layers.append(owner)
+            per_layer.setdefault(id(owner), []).append((a, z, b, proj))
         return per_layer, layers
 
     def _fast(self, x: Nest, y: Nest, w: tf.Tensor, structure: tuple) -> tuple:

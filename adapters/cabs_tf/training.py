@@ -19,7 +19,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cabs_core.exactness import VERIFY_EVERY
 from cabs_core import (
     CABSController,
     ControllerState,
@@ -31,6 +30,7 @@ from cabs_core import (
     pad_indices,
     verify_due,
 )
+from cabs_core.exactness import VERIFY_EVERY
 
 from .stats import Method, StatsStep
 
@@ -149,7 +149,7 @@ class CABSTrainer:
         if sig in stats.verdicts and not due:
             return
         had = stats.verdicts.get(sig, "unseen")
-        if not stats.verify(x, y, mask) and had is None:
+        if not stats.verify(x, y, mask) and had is None and stats.verdicts.get(sig) is not None:
             self._step = tf.function(self._train_step)  # its traces took the fast path
 
     def apply(self, x: Any, y: Any, mask: Any) -> StepInfo:

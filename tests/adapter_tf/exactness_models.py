@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers as kl  # noqa: E402
 from keras import ops  # noqa: E402
-from tf_adapter_helpers import brute_force, xent  # noqa: E402
+from tf_adapter_helpers import brute_force  # noqa: E402
 
 import cabs_core  # noqa: E402
 
@@ -63,19 +63,23 @@ class TiedLM(keras.Model):
     the embedding (``ops.matmul(h, E.T)``), optionally a positional embedding of
     ``arange(T)`` broadcast over the batch."""
 
-    def __init__(self, vocab: int, t: int, d: int, tied: bool = True, positional: bool = False, **kw):
+    def __init__(self, vocab: int, t: int, d: int, tied: bool | str = True, positional: bool = False, **kw):
         super().__init__(dtype=F64, **kw)
         self.tied, self.positional, self.t = tied, positional, t
         self.emb = kl.Embedding(vocab, d, dtype=F64, name="tok")
         self.pos = kl.Embedding(t, d, dtype=F64, name="pos") if positional else None
         self.mid = kl.Dense(d, activation="tanh", dtype=F64, name="mid")
         self.out = None if tied else kl.Dense(vocab, dtype=F64, name="out")
+        # tied="layer": the visible tie, cabs_tf.TiedProjection (exact on the fast path)
+        self.proj = cabs_tf.TiedProjection(self.emb, dtype=F64, name="proj") if tied == "layer" else None
 
     def call(self, ids):
         h = self.emb(ids)
         if self.positional:
             h = h + self.pos(ops.arange(self.t))[None]
         h = self.mid(h)
+        if self.proj is not None:
+            return self.proj(h)
         return ops.matmul(h, ops.transpose(self.emb.embeddings)) if self.tied else self.out(h)
 
 

@@ -95,6 +95,34 @@ def test_tied_projection_and_positional_embedding(tied, positional, layer):
         assert layer in err.layer
 
 
+@pytest.mark.parametrize("t,m", [(4, 5), (5, 5)])  # T == m included
+def test_visible_tie_is_exact_on_the_fast_path(t, m):
+    """An Embedding whose table is also the output projection through
+    cabs_tf.TiedProjection: both uses and their cross terms, exact."""
+    vocab, d = 7, 3
+    model = build(TiedLM(vocab, t, d, tied="layer"), token_data(2, t, vocab)[0])
+    x, y = token_data(m, t, vocab)
+    want = brute_force(model, lm_loss, x, y)
+    for mode in ("graph", "eager"):
+        what, s = run_stats(model, lm_loss, x, y, "fast", mode)
+        assert what == "fast"
+        np.testing.assert_allclose(s, want.sq_norm_sum, rtol=1e-9)
+    grads, _ = tf.function(cabs_tf.StatsStep(model, lm_loss, method="fast"))(x, y)
+    for g, w in zip(grads, want.grad_sum):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-9, atol=1e-12)
+
+
+def test_visible_tie_with_positional_embedding_falls_back_at_pos():
+    vocab, t, d, m = 7, 4, 3, 5
+    model = build(TiedLM(vocab, t, d, tied="layer", positional=True), token_data(2, t, vocab)[0])
+    x, y = token_data(m, t, vocab)
+    what, s = run_stats(model, lm_loss, x, y, "auto", "eager")
+    assert what == "fallback"
+    np.testing.assert_allclose(s, oracle_s(model, lm_loss, x, y), rtol=1e-9)
+    what, err = run_stats(model, lm_loss, x, y, "fast", "graph")
+    assert what == "refused" and "pos" in err.layer
+
+
 def test_untied_language_model_stays_fast():
     vocab, t, d, m = 7, 4, 3, 5
     model = build(TiedLM(vocab, t, d, tied=False), token_data(2, t, vocab)[0])
