@@ -39,14 +39,16 @@ def test_old_name_is_the_core_error():
     assert issubclass(cabs_tf.stats.BatchNormTrainingError, cabs_core.UnsupportedModelError)
 
 
-@pytest.mark.parametrize("mode", ["graph", "eager"])
 @pytest.mark.parametrize(
-    "kind,m,t,d,buffer_len",
-    [("plain", 5, 3, 4, 4), ("conv_groups", 5, 3, 4, 4),
-     ("fold", 5, 3, 4, 4), ("time_major", 5, 3, 4, 4), ("time_major", 5, 5, 4, 4),  # T == m
-     ("expand_dims", 5, 3, 4, 4), ("halves", 6, 3, 4, 4), ("buffer", 5, 3, 4, 4),
-     ("buffer", 5, 3, 4, 5),  # a buffer of length m
-     ("kernel_outside", 5, 3, 4, 4), ("batch_mix", 5, 3, 4, 4)],
+    "kind,m,t,d,buffer_len,mode",
+    [("plain", 5, 3, 4, 4, "graph"), ("plain", 5, 3, 4, 4, "eager"), ("conv_groups", 5, 3, 4, 4, "graph"),
+     ("fold", 5, 3, 4, 4, "graph"), ("fold", 4, 2, 4, 4, "eager"),
+     ("time_major", 5, 3, 4, 4, "graph"), ("time_major", 5, 5, 4, 4, "graph"),  # T == m
+     ("time_major", 4, 4, 3, 4, "eager"), ("expand_dims", 5, 3, 4, 4, "graph"),
+     ("halves", 6, 3, 4, 4, "graph"), ("halves", 4, 3, 4, 4, "eager"), ("buffer", 5, 3, 4, 4, "graph"),
+     ("buffer", 5, 3, 4, 5, "graph"), ("buffer", 4, 3, 2, 4, "eager"),  # a buffer of length m
+     ("kernel_outside", 5, 3, 4, 4, "graph"), ("kernel_outside", 5, 3, 4, 4, "eager"),
+     ("batch_mix", 5, 3, 4, 4, "graph"), ("batch_mix", 5, 3, 4, 4, "eager")],
 )
 def test_table_rows_auto_exact_or_fallback(kind, m, t, d, buffer_len, mode):
     model = build(Pattern(kind, t, d, buffer_len=buffer_len), float_data(2, t, d)[0])
@@ -256,6 +258,8 @@ def cases(draw):
     program = draw(st.lists(st.sampled_from(STEPS), min_size=1, max_size=3))
     method = draw(st.sampled_from(["auto", "fast"]))
     mode = draw(st.sampled_from(["graph", "eager"]))
+    if draw(st.integers(0, 3)) == 0:  # a token model: ties (visible or not), positional embedding
+        program = ("lm", draw(st.sampled_from([True, "layer", False])), draw(st.booleans()))
     return t, d, buffer_len, m, tuple(program), method, mode
 
 
@@ -264,15 +268,21 @@ def cases(draw):
 def test_property_random_models_exact_or_stepped_aside(case):
     t, d, buffer_len, m, program, method, mode = case
     rng = np.random.default_rng(len(program) + m)
-    x, y = rng.normal(size=(m, t, d)), rng.integers(0, 3, size=m).astype("int32")
     keras.utils.set_random_seed(0)
-    model = Random(program, t, d, buffer_len)
+    if program[0] == "lm":
+        loss = lm_loss
+        x, y = token_data(m, t, 5, seed=m)
+        model = TiedLM(5, t, d, tied=program[1], positional=program[2])
+    else:
+        loss = xent
+        x, y = rng.normal(size=(m, t, d)), rng.integers(0, 3, size=m).astype("int32")
+        model = Random(program, t, d, buffer_len)
     model(x[:1])
-    what, s = run_stats(model, xent, x, y, method, mode)
+    what, s = run_stats(model, loss, x, y, method, mode)
     if what == "refused":
         assert method == "fast"
         return
     assert not (method == "fast" and what == "fallback")
-    want = oracle_s(model, xent, x, y)
+    want = oracle_s(model, loss, x, y)
     assert abs(s - want) <= 1e-9 * abs(want), (what, s, want)
     keras.backend.clear_session()
