@@ -464,11 +464,13 @@ class _LossShapeError(ValueError):
 
 def _check_losses(losses: tf.Tensor) -> tf.Tensor:
     if losses.shape.rank != 1:
-        raise _LossShapeError(
+        err = _LossShapeError(
             f"the loss must return per-example losses of shape (m,), got shape {losses.shape}; "
             f"for a Keras loss pass reduction=None (e.g. keras.losses.SparseCategoricalCrossentropy("
             f"from_logits=True, reduction=None))"
         )
+        err.ag_pass_through = True  # type: ignore[attr-defined]  # raised as is through tf.function's autograph
+        raise err
     return losses
 
 
