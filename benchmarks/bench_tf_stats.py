@@ -10,8 +10,17 @@ conv5x5x64, pool, dense 1024, dense 10), at several batch sizes:
 Prints milliseconds per step (median of --reps after a warm-up) and the
 ratios to plain; the last lines give the batch-128 ratios.
 
+``--verify`` adds the cost of the checks that establish the fast path
+(issue 12): the probe ``StatsStep.verify`` runs on the host before a step on
+the first step and every ``--verify-every`` steps (the trainer's schedule).
+It prints the first probe (which traces the probe function), a later probe,
+and the fast step with the probes amortised, both in steady state (a probe
+every verify_every steps) and over a run of ``--run-steps`` steps that
+includes the first probe.
+
     python benchmarks/bench_tf_stats.py                 # short default run
     python benchmarks/bench_tf_stats.py --batches 32 128 512 --reps 10
+    python benchmarks/bench_tf_stats.py --verify --batches 128 --reps 10
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import cabs_tf  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from cabs_core.exactness import VERIFY_EVERY  # noqa: E402
 
 
 def mlp() -> keras.Model:
@@ -73,6 +84,20 @@ def stats_step(model: keras.Model, method: str, chunk_size: int):
     return lambda x, y: fn(x, y)[1]
 
 
+def verify_cost(model: keras.Model, x, y, reps: int) -> tuple[float, float]:
+    """(first probe ms, median later probe ms) of ``StatsStep.verify`` on (x, y)."""
+    step = cabs_tf.StatsStep(model, xent, method="fast")
+    t0 = time.perf_counter()
+    assert step.verify(x, y)
+    first = (time.perf_counter() - t0) * 1e3
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step.verify(x, y)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return first, statistics.median(out)
+
+
 def time_ms(fn, x, y, reps: int) -> float:
     fn(x, y).numpy()  # trace and warm up
     out = []
@@ -91,12 +116,17 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     ap.add_argument("--no-generic-above", type=int, default=None,
                     help="skip the (slow) generic path above this batch size")
+    ap.add_argument("--verify", action="store_true", help="also measure the fast path's probes (issue 12)")
+    ap.add_argument("--verify-every", type=int, default=VERIFY_EVERY, help="steps between two probes")
+    ap.add_argument("--run-steps", type=int, default=1000, help="run length the first probe is amortised over")
+    ap.add_argument("--no-generic", action="store_true", help="skip the generic path")
     args = ap.parse_args()
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_physical_devices()]}, reps {args.reps}")
     print(f"{'model':5} {'batch':>5} {'plain ms':>9} {'fast ms':>9} {'generic ms':>11} {'fast/plain':>10} "
           f"{'generic/plain':>13}")
     at128 = {}
+    verified: list[tuple] = []
     rng = np.random.default_rng(0)
     for name in args.models:
         keras.utils.set_random_seed(0)
@@ -109,15 +139,28 @@ def main() -> None:
             y = tf.constant(rng.integers(0, 10, size=(b,)).astype("int32"))
             ms = {}
             for k, fn in steps.items():
-                skip = k == "generic" and args.no_generic_above is not None and b > args.no_generic_above
+                skip = k == "generic" and (args.no_generic or (args.no_generic_above is not None
+                                                              and b > args.no_generic_above))
                 ms[k] = float("nan") if skip else time_ms(fn, x, y, args.reps)
             r_fast, r_gen = ms["fast"] / ms["plain"], ms["generic"] / ms["plain"]
             print(f"{name:5} {b:>5} {ms['plain']:>9.2f} {ms['fast']:>9.2f} {ms['generic']:>11.2f} "
                   f"{r_fast:>9.2f}x {r_gen:>12.2f}x", flush=True)
             if b == 128:
                 at128[name] = (r_fast, r_gen)
+            if args.verify:
+                first, probe = verify_cost(model, x, y, args.reps)
+                n, every = args.run_steps, args.verify_every
+                steady = probe / every / ms["fast"]
+                run = (first + (n // every - (1 if n % every == 0 else 0)) * probe) / n / ms["fast"]
+                verified.append((name, b, ms["fast"], first, probe, steady, run))
     for name, (rf, rg) in at128.items():
         print(f"batch 128, {name}: fast {rf:.2f}x plain, generic {rg:.2f}x plain")
+    if args.verify:
+        print(f"\nprobes: first (traces), later (median), fast step with probes every {args.verify_every} steps "
+              f"(steady; over a run of {args.run_steps} steps with the first probe)")
+        print(f"{'model':5} {'batch':>5} {'fast ms':>8} {'first ms':>9} {'probe ms':>9} {'steady':>8} {'run':>8}")
+        for name, b, fast, first, probe, steady, run in verified:
+            print(f"{name:5} {b:>5} {fast:>8.2f} {first:>9.1f} {probe:>9.2f} {steady:>+7.2%} {run:>+7.2%}")
 
 
 if __name__ == "__main__":

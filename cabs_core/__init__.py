@@ -38,6 +38,7 @@ from .per_example import (
     linear_cross_sq_norms,
     linear_sq_norms,
     scale_sq_norms,
+    tied_embedding_sq_norms,
 )
 from .rules import (
     cabs_batch_size,
@@ -106,6 +107,7 @@ __all__ = [
     "padded_shards",
     "reduce_stats",
     "scale_sq_norms",
+    "tied_embedding_sq_norms",
     "shard",
     "shard_buckets",
     "to_host",

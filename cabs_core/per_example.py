@@ -139,3 +139,16 @@ def embedding_linear_cross_sq_norms(tokens: Array, e: Array, a: Array, b: Array)
     gb = xp.take_along_axis(xp.permute_dims(b, (0, 2, 1)), ids, axis=1)  # (m, T1, T2): b_is[id_it]
     ga = xp.matmul(e, xp.permute_dims(a, (0, 2, 1)))  # (m, T1, T2)
     return xp.sum(xp.reshape(ga * gb, (m, t1 * t2)), axis=1)
+
+
+def tied_embedding_sq_norms(tokens: Array, b_lookup: Array, h: Array, b_proj: Array) -> Array:
+    """Per-example squared norm of the gradient of an embedding table E (V, q)
+    that is both looked up and used as the output projection ``z = h E^T``: (m,).
+
+    ``tokens`` (m, T) ids and ``b_lookup`` (m, T, q) the gradients of the
+    looked-up rows; ``h`` (m, S, q) the projection's inputs and ``b_proj``
+    (m, S, V) the gradients of its outputs: ||G1 + G2||^2 = ||G1||^2 + ||G2||^2
+    + 2 <G1, G2>, the cross term from :func:`embedding_linear_cross_sq_norms`.
+    """
+    return (embedding_sq_norms(tokens, b_lookup) + linear_sq_norms(h, b_proj)
+            + 2 * embedding_linear_cross_sq_norms(tokens, b_lookup, h, b_proj))

@@ -39,6 +39,7 @@ from cabs_core import (
     padded_shards,
     shard_buckets,
 )
+from cabs_core.exactness import VERIFY_EVERY
 
 from .stats import Method
 from .training import CABSTrainer, _take
@@ -133,13 +134,14 @@ class DistributedCABSTrainer(CABSTrainer):
         seed: int = 0,
         buckets: Sequence[int] | None = None,
         check_every: int | None = 100,
+        verify_every: int | None = VERIFY_EVERY,
     ) -> None:
         self.strategy = strategy or tf.distribute.get_strategy()
         if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
             raise ValueError(f"check_every must be an integer >= 1 or None, got {check_every!r}")
         self.check_every = check_every
         super().__init__(target, loss, controller, x, y, method=method, chunk_size=chunk_size, seed=seed,
-                         buckets=buckets)
+                         buckets=buckets, verify_every=verify_every)
         self.replicas = int(self.strategy.num_replicas_in_sync)
         outside = [v.path if hasattr(v, "path") else v.name for v in self.stats.variables
                    if not self.strategy.extended.variable_created_in_scope(_tf_variable(v))]
@@ -189,6 +191,7 @@ class DistributedCABSTrainer(CABSTrainer):
         return per_replica(xb), per_replica(yb), mask
 
     def _run(self, xb: Any, yb: Any) -> StepInfo:
+        self._maybe_verify(xb, yb, None)  # the probe runs on the host, on the global batch
         vec = self._step(*self._distribute(xb, yb))
         host = self.strategy.experimental_local_results(vec)[0].numpy()  # the one host copy
         self.state, info = self.controller.update(self.state, ScalarStats.from_vector(host))

@@ -68,3 +68,19 @@ def scale_shift_sq_norms(xhat: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
         raise ValueError(f"expected normalised inputs and gradients (m, T, q), got {xhat.shape} and {b.shape}")
     s = tf.reduce_sum(xhat * b, axis=1)
     return tf.reduce_sum(s * s, axis=1)
+
+
+def tied_embedding_sq_norms(tokens: tf.Tensor, b_lookup: tf.Tensor, h: tf.Tensor, b_proj: tf.Tensor) -> tf.Tensor:
+    """Squared norm of the per-example gradient of an embedding table that is
+    also the output projection ``z = h E^T``; see
+    :func:`cabs_core.per_example.tied_embedding_sq_norms`: the two uses' own
+    terms plus twice the cross term sum_{t,s} b_proj[s, id_t] (b_lookup_t . h_s)."""
+    if tokens.shape.rank != 2 or b_lookup.shape.rank != 3 or h.shape.rank != 3 or b_proj.shape.rank != 3:
+        raise ValueError(
+            f"expected tokens (m, T), lookup gradients (m, T, q), projection inputs (m, S, q) and projection "
+            f"output gradients (m, S, V), got {tokens.shape}, {b_lookup.shape}, {h.shape} and {b_proj.shape}"
+        )
+    p = tf.gather(b_proj, tokens, axis=2, batch_dims=1)  # (m, S, T): b_proj[i, s, id_it]
+    q = tf.matmul(h, b_lookup, transpose_b=True)  # (m, S, T)
+    cross = tf.reduce_sum(p * q, axis=[1, 2])
+    return embedding_sq_norms(tokens, b_lookup) + linear_sq_norms(h, b_proj) + 2 * cross

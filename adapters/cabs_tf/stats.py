@@ -17,6 +17,16 @@ one device-to-host copy per step. Two exact paths:
   ``tf.vectorized_map`` in chunks of ``chunk_size`` examples (memory
   ~ chunk_size x parameters). If pfor cannot vectorise an op it falls back
   to a while loop; we detect this and warn (:class:`PforFallbackWarning`).
+
+The fast path returns S only when it has established its decomposition for
+this model and input signature (see :meth:`StatsStep.verify`): a probe on a
+small batch of k examples (k differs from every other dimension) must show
+every captured layer input and output gradient with leading axis k, the
+per-layer terms must rebuild every parameter's full gradient (no use of a
+weight outside its layer), and the fast S must equal a loop over single
+examples. Otherwise ``auto`` falls back to ``generic`` with one
+:class:`cabs_core.FastPathFallbackWarning` per signature and ``fast`` raises
+:class:`cabs_core.UnsupportedModelError`.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -31,13 +42,31 @@ from typing import Any, Literal
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers as kl  # noqa: E402
 from keras import ops  # noqa: E402
 
+from cabs_core.exactness import (  # noqa: E402
+    VERIFY_EVERY,
+    BatchNormTrainingError,
+    FastPathFallbackWarning,
+    UnsupportedModelError,
+    accounting_scale,
+    check_close,
+    probe_batch_size,
+    rtol_for,
+    verify_due,
+)
 from cabs_core.per_example import gram_is_cheaper  # noqa: E402
 
-from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_shift_sq_norms  # noqa: E402
+from .per_example import (  # noqa: E402
+    bias_sq_norms,
+    embedding_sq_norms,
+    linear_sq_norms,
+    scale_shift_sq_norms,
+    tied_embedding_sq_norms,
+)
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -53,11 +82,33 @@ class PforFallbackWarning(UserWarning):
     """tf.vectorized_map could not vectorise an op and runs a slow while loop."""
 
 
-class UnsupportedLayerError(ValueError):
-    """A layer the fast path cannot handle, or one that couples examples."""
+#: the adapter's former name of :class:`cabs_core.UnsupportedModelError` (kept importable)
+UnsupportedLayerError = UnsupportedModelError
+
+__all__ = ["BatchNormTrainingError", "FastPathFallbackWarning", "PforFallbackWarning", "StatsStep",
+           "TiedProjection", "UnsupportedLayerError", "UnsupportedModelError", "VERIFY_EVERY"]
 
 
 _FAST_TYPES = (kl.Dense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization)
+
+
+class TiedProjection(keras.layers.Layer):
+    """The output projection tied to an :class:`keras.layers.Embedding`:
+    ``z = h E^T`` with the embedding's table E (V, d), so logits over the
+    vocabulary share the input embedding's weights (the standard language-model
+    layout). Use it instead of ``ops.matmul(h, ops.transpose(emb.embeddings))``:
+    the fast path then computes the tied table's per-example gradient exactly
+    (the sum of both uses, :func:`cabs_tf.per_example.tied_embedding_sq_norms`),
+    where the bare matmul is an unseen use that makes ``auto`` fall back."""
+
+    def __init__(self, embedding: kl.Embedding, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(embedding, kl.Embedding):
+            raise TypeError(f"TiedProjection needs a keras.layers.Embedding, got {type(embedding).__name__}")
+        self.embedding = embedding
+
+    def call(self, h: tf.Tensor) -> tf.Tensor:
+        return ops.matmul(h, ops.transpose(self.embedding.embeddings))
 
 
 def _fast_refusal(layer: keras.Layer) -> str | None:
@@ -69,8 +120,6 @@ def _fast_refusal(layer: keras.Layer) -> str | None:
     if isinstance(layer, (kl.Conv1D, kl.Conv2D)):
         if layer.data_format != "channels_last":
             return "data_format='channels_first'"
-        if layer.groups != 1:
-            return f"groups={layer.groups}"
         if layer.padding not in ("valid", "same"):
             return f"padding={layer.padding!r}"
     if isinstance(layer, kl.LayerNormalization):
@@ -101,7 +150,7 @@ def _check_model(model: keras.Layer) -> list[str]:
     covered: set[int] = set()
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if isinstance(layer, kl.BatchNormalization) and layer.trainable:
-            raise UnsupportedLayerError(
+            raise BatchNormTrainingError(
                 f"layer {layer.name!r} is a BatchNormalization in training mode: it normalises with "
                 f"statistics of the whole batch, so an example's loss depends on the other examples and "
                 f"per-example gradients (the variance tr(Sigma) CABS needs) are not defined. Options: "
@@ -148,7 +197,7 @@ class _Recorder:
 
     def __init__(self, layers: Sequence[keras.Layer]):
         self.layers = list(layers)
-        self.records: dict[int, list[tuple[tf.Tensor, tf.Tensor]]] = {id(layer): [] for layer in self.layers}
+        self.calls: list[tuple[keras.Layer, tf.Tensor, tf.Tensor]] = []  # (layer, a, z) in call order
 
     def __enter__(self) -> _Recorder:
         for layer in self.layers:
@@ -160,17 +209,25 @@ class _Recorder:
             object.__delattr__(layer, "call")
 
     def _make_call(self, layer: keras.Layer) -> Callable[..., tf.Tensor]:
-        rec = self.records[id(layer)]
+        def rec_append(az: tuple[tf.Tensor, tf.Tensor]) -> None:
+            self.calls.append((layer, *az))
 
         def call(inputs: tf.Tensor, *args: Any, **kwargs: Any) -> tf.Tensor:
+            if isinstance(layer, TiedProjection):
+                z = ops.matmul(inputs, ops.transpose(layer.embedding.embeddings))
+                rec_append((inputs, z))
+                return z
             if isinstance(layer, kl.Embedding):
                 ids = inputs if inputs.dtype in (tf.int32, tf.int64) else ops.cast(inputs, "int32")
                 z = ops.cast(ops.take(layer.embeddings, ids, axis=0), layer.compute_dtype)
-                rec.append((ids, z))
+                rec_append((ids, z))
                 return z
             if isinstance(layer, kl.LayerNormalization):
                 if not _last_axis_only(layer, inputs.shape.rank):
-                    raise UnsupportedLayerError(f"{layer.name!r}: axis={layer.axis} (only the last axis)")
+                    raise UnsupportedModelError(
+                        f"{layer.name!r}: axis={layer.axis} (only the last axis)", layer=layer.name,
+                        reason=f"LayerNormalization over axis={layer.axis}, not the last axis alone",
+                    )
                 xhat = ops.layer_normalization(inputs, None, None, -1, layer.epsilon)
                 z = xhat
                 if layer.gamma is not None:
@@ -178,7 +235,7 @@ class _Recorder:
                 if layer.beta is not None:
                     z = z + layer.beta
                 z = ops.cast(z, layer.compute_dtype)
-                rec.append((xhat, z))
+                rec_append((xhat, z))
                 return z
             if isinstance(layer, kl.Dense):
                 z = ops.matmul(inputs, layer.kernel)
@@ -186,7 +243,7 @@ class _Recorder:
                 z = layer.convolution_op(inputs, layer.kernel)
             if layer.bias is not None:
                 z = ops.add(z, layer.bias)
-            rec.append((inputs, z))
+            rec_append((inputs, z))
             return layer.activation(z) if layer.activation is not None else z
 
         return call
@@ -242,23 +299,49 @@ def _conv_sq_norms(views: list[tf.Tensor], b: tf.Tensor) -> tf.Tensor:
     return tf.add_n(out)
 
 
-def _layer_sq_norms(
-    layer: keras.Layer, calls: list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]], trainable: set[int]
-) -> tf.Tensor:
+def _flat(t: tf.Tensor) -> tf.Tensor:
+    """(m, ..., q) -> (m, T, q) with T the product of the middle axes."""
+    return tf.reshape(t, [-1, math.prod(t.shape[1:-1]), t.shape[-1]])
+
+
+def _groups(layer: keras.Layer) -> int:
+    return int(getattr(layer, "groups", 1) or 1)
+
+
+def _group_slices(layer: keras.Layer, views: list[tf.Tensor], b: tf.Tensor) -> list[tuple[list[tf.Tensor], tf.Tensor]]:
+    """A grouped convolution is ``groups`` independent convolutions: group g
+    sees input channels g*C/G.. and writes output channels g*Q/G.."""
+    g = _groups(layer)
+    if g == 1:
+        return [(views, b)]
+    c, q = views[0].shape[2] // g, b.shape[2] // g
+    return [([v[:, :, i * c : (i + 1) * c] for v in views], b[:, :, i * q : (i + 1) * q]) for i in range(g)]
+
+
+def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int]) -> tf.Tensor:
     """Per-example ||g_i||^2 over this layer's trainable variables, shape (m,).
 
-    A layer called several times (shared weights) has g_i = sum over all
-    calls and positions, so the calls are concatenated along T."""
-
-    def flat(t: tf.Tensor) -> tf.Tensor:
-        return tf.reshape(t, [-1, math.prod(t.shape[1:-1]), t.shape[-1]])
-
-    b = tf.concat([flat(g) for _, _, g in calls], axis=1)
+    ``calls``: ``(a, z, b, is_projection)`` per call (``is_projection``: a
+    :class:`TiedProjection` use of an Embedding's table). A layer called
+    several times (shared weights) has g_i = sum over all calls and
+    positions, so the calls are concatenated along T."""
     if isinstance(layer, kl.Embedding):
-        tokens = tf.concat([tf.reshape(a, [-1, math.prod(a.shape[1:])]) for a, _, _ in calls], axis=1)
-        return embedding_sq_norms(tokens, b)
+        lookups = [c for c in calls if not c[3]]
+        proj = [c for c in calls if c[3]]
+        tokens = b = None
+        if lookups:
+            tokens = tf.concat([tf.reshape(a, [-1, math.prod(a.shape[1:])]) for a, *_ in lookups], axis=1)
+            b = tf.concat([_flat(g) for _, _, g, _ in lookups], axis=1)
+        if not proj:
+            return embedding_sq_norms(tokens, b)
+        h = tf.concat([_flat(a) for a, *_ in proj], axis=1)
+        b2 = tf.concat([_flat(g) for _, _, g, _ in proj], axis=1)
+        if not lookups:
+            return linear_sq_norms(h, b2)
+        return tied_embedding_sq_norms(tokens, b, h, b2)
+    b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
     if isinstance(layer, kl.LayerNormalization):
-        xhat = tf.concat([flat(a) for a, _, _ in calls], axis=1)
+        xhat = tf.concat([_flat(a) for a, *_ in calls], axis=1)
         parts = {id(layer.gamma) if layer.gamma is not None else 0: lambda: scale_shift_sq_norms(xhat, b),
                  id(layer.beta) if layer.beta is not None else 1: lambda: bias_sq_norms(b)}
         out = [fn() for k, fn in parts.items() if k in trainable]
@@ -266,13 +349,100 @@ def _layer_sq_norms(
     if id(layer.kernel) not in trainable:
         out = tf.zeros_like(b[:, 0, 0])
     elif isinstance(layer, kl.Dense):
-        out = linear_sq_norms(tf.concat([flat(a) for a, _, _ in calls], axis=1), b)
+        out = linear_sq_norms(tf.concat([_flat(a) for a, *_ in calls], axis=1), b)
     else:
-        per_call = [_conv_views(layer, a) for a, _, _ in calls]
-        out = _conv_sq_norms([tf.concat(vs, axis=1) for vs in zip(*per_call)], b)
+        per_call = [_conv_views(layer, a) for a, *_ in calls]
+        views = [tf.concat(vs, axis=1) for vs in zip(*per_call)]
+        out = tf.add_n([_conv_sq_norms(v, bg) for v, bg in _group_slices(layer, views, b)])
     if layer.bias is not None and id(layer.bias) in trainable:
         out = out + bias_sq_norms(b)
     return out
+
+
+def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tensor]:
+    """The gradient of each of the layer's variables rebuilt from the captured
+    per-layer terms, summed over examples and positions: ``{id(variable): grad}``.
+    It equals the variable's full gradient only if the captured calls are
+    every use of the variable (the accounting check)."""
+    out: dict[int, tf.Tensor] = {}
+    if isinstance(layer, kl.Embedding):
+        grad = tf.zeros(layer.embeddings.shape, layer.embeddings.dtype)
+        for a, _, g, is_projection in calls:
+            if is_projection:  # z = h E^T: dE = b^T h
+                grad += tf.matmul(tf.reshape(g, [-1, g.shape[-1]]), tf.reshape(a, [-1, a.shape[-1]]),
+                                  transpose_a=True)
+            else:
+                grad += tf.math.unsorted_segment_sum(tf.reshape(g, [-1, g.shape[-1]]),
+                                                     tf.cast(tf.reshape(a, [-1]), tf.int32), layer.input_dim)
+        out[id(layer.embeddings)] = grad
+        return out
+    b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
+    q = b.shape[2]
+    b2 = tf.reshape(b, [-1, q])
+    if isinstance(layer, kl.LayerNormalization):
+        xhat = tf.reshape(tf.concat([_flat(a) for a, *_ in calls], axis=1), [-1, q])
+        if layer.gamma is not None:
+            out[id(layer.gamma)] = tf.reshape(tf.reduce_sum(xhat * b2, axis=0), layer.gamma.shape)
+        if layer.beta is not None:
+            out[id(layer.beta)] = tf.reshape(tf.reduce_sum(b2, axis=0), layer.beta.shape)
+        return out
+    if isinstance(layer, kl.Dense):
+        a = tf.concat([_flat(a) for a, *_ in calls], axis=1)
+        out[id(layer.kernel)] = tf.matmul(tf.reshape(a, [-1, a.shape[2]]), b2, transpose_a=True)
+    else:
+        per_call = [_conv_views(layer, a) for a, *_ in calls]
+        views = [tf.concat(vs, axis=1) for vs in zip(*per_call)]
+        groups = _group_slices(layer, views, b)
+        offsets = [
+            tf.concat([tf.einsum("mtc,mtq->cq", vs[o], bg) for vs, bg in groups], axis=1)
+            for o in range(len(views))
+        ]
+        out[id(layer.kernel)] = tf.reshape(tf.stack(offsets), layer.kernel.shape)
+    if layer.bias is not None:
+        out[id(layer.bias)] = tf.reduce_sum(b2, axis=0)
+    return out
+
+
+def _example_axis_reason(layer: keras.Layer, a: tf.Tensor, z: tf.Tensor, n: int | None) -> str | None:
+    """Why a captured call does not carry the examples on its leading axis of
+    length ``n`` (None: it has that axis)."""
+    min_rank = 1 if isinstance(layer, kl.Embedding) else 2
+    if a.shape.rank is None or a.shape.rank < min_rank or z.shape.rank is None or z.shape.rank < 2:
+        return (f"it was called on a tensor of shape {tuple(a.shape)} (output {tuple(z.shape)}) without "
+                f"a leading example axis")
+    if a.shape[0] != n or z.shape[0] != n:
+        return (f"it was called on a tensor of shape {tuple(a.shape)} whose leading axis is not the batch's "
+                f"example axis (expected length {n}): examples folded into or moved off the leading axis "
+                f"(reshape, time-major layout, expand_dims, a slice of the batch, a tensor without the "
+                f"example axis)")
+    return None
+
+
+#: a probe whose losses or gradients are not finite: it neither establishes nor refutes the fast path
+_INCONCLUSIVE = UnsupportedModelError("the probe's losses or gradients are not finite", reason="non-finite probe")
+
+
+class _StructureMismatch(UnsupportedModelError):
+    """The full batch's layer calls differ from the probed ones."""
+
+
+def _synthetic(t: Any, k: int, i: int) -> tf.Tensor:
+    """A probe tensor shaped like ``t`` with k examples: normal floats, ids in {0, 1}."""
+    shape = [k, *t.shape[1:]]
+    if any(d is None for d in shape):
+        raise UnsupportedModelError(
+            f"an input of shape {tuple(t.shape)} has a dimension unknown at trace time, so the fast path "
+            f"cannot be probed", reason="input dimension unknown at trace time")
+    dtype = tf.as_dtype(t.dtype)
+    seed = tf.constant([1234, i], tf.int32)
+    if dtype.is_floating:
+        return tf.cast(tf.random.stateless_normal(shape, seed, dtype=tf.float64), dtype)
+    if dtype.is_integer:
+        return tf.cast(tf.random.stateless_uniform(shape, seed, 0, 2, dtype=tf.int32), dtype)
+    if dtype == tf.bool:
+        return tf.random.stateless_uniform(shape, seed, 0, 2, dtype=tf.int32) > 0
+    raise UnsupportedModelError(f"cannot synthesise a probe input of dtype {dtype.name}",
+                                reason=f"input dtype {dtype.name}")
 
 
 def _as_mask(w: tf.Tensor | None, m: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
@@ -288,13 +458,19 @@ def _first_dim(x: Nest) -> tf.Tensor:
     return tf.shape(tf.nest.flatten(x)[0])[0]
 
 
+class _LossShapeError(ValueError):
+    """The loss does not return per-example losses (a user error, never a fallback)."""
+
+
 def _check_losses(losses: tf.Tensor) -> tf.Tensor:
     if losses.shape.rank != 1:
-        raise ValueError(
+        err = _LossShapeError(
             f"the loss must return per-example losses of shape (m,), got shape {losses.shape}; "
             f"for a Keras loss pass reduction=None (e.g. keras.losses.SparseCategoricalCrossentropy("
             f"from_logits=True, reduction=None))"
         )
+        err.ag_pass_through = True  # type: ignore[attr-defined]  # raised as is through tf.function's autograph
+        raise err
     return losses
 
 
@@ -303,12 +479,19 @@ class StatsStep:
 
     ``target``: a built Keras 3 model (``loss(y_true, y_pred) -> (m,)``) or a
     list of ``tf.Variable`` s (``loss(x, y) -> (m,)`` computed from them).
-    ``method``: ``"fast"`` (supported layers only, else
-    :class:`UnsupportedLayerError`), ``"generic"``, or ``"auto"`` (fast when
-    every trainable layer is supported). ``chunk_size`` bounds the examples
-    whose per-example gradients the generic path holds at once.
+    ``method``: ``"fast"`` (supported layers whose decomposition the probe
+    establishes, else :class:`cabs_core.UnsupportedModelError`), ``"generic"``,
+    or ``"auto"`` (fast where established, else generic with one
+    :class:`cabs_core.FastPathFallbackWarning` per input signature).
+    ``chunk_size`` bounds the examples whose per-example gradients the
+    generic path holds at once. ``verify_every``: eager calls re-probe every
+    that many calls of a signature (None/0: only the first); a trainer calls
+    :meth:`verify` itself.
 
     Call it (inside ``tf.function``) as ``grad_sum, vector = step(x, y, mask)``.
+    A signature first seen while tracing is probed at trace time on synthetic
+    inputs of its shapes; call :meth:`verify` eagerly on a real batch first to
+    probe on real data.
     """
 
     def __init__(
@@ -318,22 +501,27 @@ class StatsStep:
         *,
         method: Method = "auto",
         chunk_size: int = 32,
+        verify_every: int | None = VERIFY_EVERY,
     ) -> None:
         if method not in ("auto", "fast", "generic"):
             raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        verify_due(1, verify_every)  # validates
         self.loss = loss
         self.chunk_size = chunk_size
+        self.verify_every = verify_every
+        self.requested = method
         self.fallback_detected = False
         if isinstance(target, keras.Layer):
             self.model: keras.Layer | None = target
             refusals = _check_model(target)
             self.variables = list(target.trainable_variables)
             if method == "fast" and refusals:
-                raise UnsupportedLayerError(
+                raise UnsupportedModelError(
                     "method='fast' cannot handle " + "; ".join(refusals) + ". Use method='generic' "
-                    "(vectorised per-example gradients) or 'auto'."
+                    "(vectorised per-example gradients) or 'auto'.",
+                    layer=refusals[0].split(":")[0].strip("'"), reason=refusals[0],
                 )
             self.method = "generic" if method == "generic" or refusals else "fast"
             self.refusals = refusals
@@ -343,13 +531,27 @@ class StatsStep:
             if not self.variables or not all(isinstance(v, (tf.Variable, keras.Variable)) for v in self.variables):
                 raise ValueError("target must be a built Keras model or a non-empty list of tf.Variable")
             if method == "fast":
-                raise UnsupportedLayerError(
+                raise UnsupportedModelError(
                     "method='fast' needs a Keras model (it captures its layers); a list of variables "
-                    "uses method='generic'"
+                    "uses method='generic'", reason="not a Keras model"
                 )
             self.method = "generic"
             self.refusals = []
         self._trainable = {id(v) for v in self.variables}
+        # pfor's converter of Conv2DBackpropFilter fails at run time (inside its while loop) on grouped convs
+        self._pfor_unsafe = [
+            layer.name for layer in (self.model._flatten_layers(include_self=True, recursive=True)
+                                     if self.model is not None else [])
+            if isinstance(layer, (kl.Conv1D, kl.Conv2D, kl.Conv3D)) and _groups(layer) > 1 and layer.trainable
+        ]
+        #: per input signature: None (fast path established) or why it fell back to generic
+        self.verdicts: dict[tuple, str | None] = {}
+        self._structures: dict[tuple, tuple] = {}
+        self._probe_fns: dict[tuple, Any] = {}
+        self._probe_layers: dict[tuple, list[str]] = {}
+        self._eager_calls: dict[tuple, int] = {}
+        #: number of probes run (each costs about a fast step on k examples plus k single-example steps)
+        self.probe_count = 0
 
     # -- the per-example loss ------------------------------------------------
     def per_example_loss(self, x: Nest, y: Nest) -> tf.Tensor:
@@ -366,41 +568,263 @@ class StatsStep:
         ``[count, loss_sum, sq_norm_sum, grad_sum_sq_norm]``."""
         dtype = self.variables[0].dtype
         w = _as_mask(mask, _first_dim(x), dtype)
-        if self.method == "fast":
-            count, loss_sum, grads, s = self._fast(x, y, w)
-        else:
-            count, loss_sum, grads, s = self._generic(x, y, w)
+        fast = self.method == "fast"
+        if fast:
+            sig = self.signature(x, y)
+            if tf.executing_eagerly():
+                n = self._eager_calls.get(sig, 0)
+                self._eager_calls[sig] = n + 1
+                if sig not in self.verdicts or verify_due(n, self.verify_every):
+                    self.verify(x, y, mask)
+            elif sig not in self.verdicts:
+                with tf.init_scope():
+                    self._verify_synthetic(sig, x, y)
+            fast = sig in self.verdicts and self.verdicts[sig] is None
+        out = None
+        if fast:
+            try:
+                out = self._fast(x, y, w, self._structures[sig])
+            except _StructureMismatch as e:
+                self._fail(sig, e)
+        if out is None:
+            out = self._generic(x, y, w)
+        count, loss_sum, grads, s = out
         g2 = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float64) ** 2) for g in grads])
         vector = tf.stack([tf.cast(count, tf.float64), tf.cast(loss_sum, tf.float64),
                            tf.cast(s, tf.float64), g2])
         return grads, vector
 
+    # -- establishing the fast path -------------------------------------------
+    def signature(self, x: Nest, y: Nest) -> tuple:
+        """What a verdict is cached by: the model, its trainable variables, and
+        the shapes and dtypes of the inputs without the example axis."""
+        spec = tuple((tuple(t.shape[1:]), tf.as_dtype(t.dtype).name) for t in tf.nest.flatten((x, y)))
+        return (id(self.model), tuple(id(v) for v in self.variables), str(tf.nest.map_structure(lambda _: 0, (x, y))),
+                spec)
+
+    def _probe_size(self, x: Nest, y: Nest) -> int:
+        """k: differs from every dimension of the inputs (the full batch size
+        included) and of the trainable variables."""
+        avoid = {int(d) for t in tf.nest.flatten((x, y)) for d in t.shape if d is not None}
+        avoid |= {int(d) for v in self.variables for d in v.shape}
+        k = probe_batch_size(max(avoid, default=0) + 3, avoid)
+        assert k is not None
+        return k
+
+    def verify(self, x: Nest, y: Nest, mask: Any = None) -> bool:
+        """Probe the fast path on k examples of this batch (eagerly, outside any
+        step function) and cache the verdict for its signature. True: the fast
+        path is established; False: this signature uses the generic path
+        (``auto``: one :class:`FastPathFallbackWarning`). Raises
+        :class:`UnsupportedModelError` under ``method="fast"`` when a check fails.
+        Rows: the real (mask 1) examples, repeated cyclically up to k. A probe
+        whose losses or gradients are not finite decides nothing (False, no
+        verdict: the next call probes again)."""
+        if self.method != "fast":
+            return False
+        sig = self.signature(x, y)
+        if self.verdicts.get(sig, None) is not None:
+            return False  # a fallen-back signature stays generic
+        k = self._probe_size(x, y)
+        m = int(tf.nest.flatten(x)[0].shape[0])
+        real = np.arange(m) if mask is None else np.flatnonzero(np.asarray(mask) != 0)
+        if len(real) == 0:
+            real = np.arange(m)
+        rows = tf.constant(real[np.arange(k) % len(real)], tf.int32)
+        xk, yk = tf.nest.map_structure(lambda t: tf.gather(tf.convert_to_tensor(t), rows), (x, y))
+        return self._run_probe(sig, xk, yk)
+
+    def _verify_synthetic(self, sig: tuple, x: Nest, y: Nest) -> None:
+        """The probe at trace time: the batch's values are not known yet, so
+        the k examples are synthetic (normal floats, integer ids in {0, 1}).
+        It runs eagerly in a helper thread (TensorFlow's graph-building state
+        is per thread; ``tf.init_scope`` would stop the gradient tapes)."""
+        k = self._probe_size(x, y)
+        flat = tf.nest.flatten((x, y))
+        specs = [tf.TensorSpec(t.shape, t.dtype) for t in flat]
+        result: list[Exception | None] = []
+
+        def run() -> None:
+            try:
+                data = tf.nest.pack_sequence_as((x, y), [_synthetic(t, k, i) for i, t in enumerate(specs)])
+                result.append(self._probe_outcome(sig, *data))
+            except (UnsupportedModelError, _LossShapeError) as e:
+                result.append(e)
+            except BaseException as e:  # noqa: BLE001 - reported to the calling thread as a failed probe
+                result.append(UnsupportedModelError(f"the fast path's probe failed: {type(e).__name__}: {e}",
+                                                     reason=f"probe failed: {type(e).__name__}"))
+
+        thread = threading.Thread(target=run, name="cabs_tf-probe")
+        thread.start()
+        thread.join()
+        if result and isinstance(result[0], _LossShapeError):
+            raise result[0]
+        if result and result[0] is _INCONCLUSIVE:
+            result[0] = UnsupportedModelError(
+                "the probe's losses or gradients are not finite on synthetic inputs (normal floats, ids in "
+                "{0, 1}); call step.verify(x, y) on a real batch before tracing",
+                reason="non-finite probe on synthetic inputs")
+        self._settle(sig, result[0] if result else UnsupportedModelError("the probe did not run",
+                                                                         reason="probe did not run"))
+
+    def _run_probe(self, sig: tuple, xk: Nest, yk: Nest) -> bool:
+        return self._settle(sig, self._probe_outcome(sig, xk, yk))
+
+    def _settle(self, sig: tuple, failure: UnsupportedModelError | None) -> bool:
+        if failure is _INCONCLUSIVE:
+            return False  # no verdict: this call is generic, the next one probes again
+        if failure is not None:
+            self._fail(sig, failure)
+            return False
+        self.verdicts[sig] = None
+        return True
+
+    def _probe_outcome(self, sig: tuple, xk: Nest, yk: Nest) -> UnsupportedModelError | None:
+        """Run the probe (eagerly) and compare: None if every check holds."""
+        self.probe_count += 1
+        fn = self._probe_fns.get(sig)
+        if fn is None:
+            fn = self._probe_fns[sig] = tf.function(self._probe, autograph=False)
+        try:
+            fast_s, ref_s, diffs, scales, fast_layer, ref_layer = fn(xk, yk)
+            if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in (ref_s, diffs, scales, ref_layer)):
+                return _INCONCLUSIVE  # non-finite losses or gradients on these examples prove nothing
+            names = [getattr(v, "path", v.name) for v in self.variables]
+            fast_s, ref_s = float(fast_s), float(ref_s)
+            k = int(tf.nest.flatten(xk)[0].shape[0])
+            rtol = rtol_for(tf.as_dtype(self.variables[0].dtype).name)
+            for name, d, (full, s_v) in zip(names, diffs.numpy(), scales.numpy()):
+                check_close(f"the gradient of {name} rebuilt from the layer's captured calls (an unseen use "
+                            f"of the weight outside its layer?)", d, accounting_scale(full, k, s_v), rtol,
+                            layer=str(name))
+            for name, f, r in zip(self._probe_layers[sig], fast_layer.numpy(), ref_layer.numpy()):
+                check_close("the layer's share of S on the probe batch (fast path vs a loop over single "
+                            "examples; examples mixed or moved?)", abs(f - r), abs(r), rtol, layer=name)
+            check_close("S on the probe batch (fast path vs a loop over single examples)",
+                        abs(fast_s - ref_s), abs(ref_s), rtol)
+        except UnsupportedModelError as e:
+            return e
+        except _LossShapeError:
+            raise
+        except (tf.errors.OpError, ValueError, TypeError, IndexError) as e:
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            return UnsupportedModelError(
+                f"the fast path's probe failed: {type(e).__name__}: {msg}", reason=f"probe failed: {msg}")
+        return None
+
+    def _fail(self, sig: tuple, e: UnsupportedModelError) -> None:
+        """A check failed: raise under ``fast``, else warn once and stay generic."""
+        self.verdicts[sig] = e.reason or str(e)
+        if self.requested == "fast":
+            e.ag_pass_through = True  # type: ignore[attr-defined]  # raised as is through tf.function's autograph
+            raise e
+        warnings.warn(FastPathFallbackWarning(
+            f"cabs_tf: method='auto' falls back to the exact generic path for this model and input "
+            f"signature{f' (layer {e.layer!r})' if e.layer else ''}: {e}"), stacklevel=3)
+
+    def _probe(self, xk: Nest, yk: Nest) -> tuple:
+        """Traced once per signature: the fast path's S and each parameter's
+        accounting difference on the probe batch, and S from a loop over the
+        k single examples. Structural failures raise at trace time."""
+        k = int(tf.nest.flatten(xk)[0].shape[0])
+        w = tf.ones([k], self.variables[0].dtype)
+        losses, total, var_grads, calls = self._capture(xk, yk, w)
+        for layer, a, z, _ in calls:
+            why = _example_axis_reason(layer, a, z, k)
+            if why is not None:
+                raise UnsupportedModelError(
+                    f"the fast path cannot establish exact per-example statistics at layer {layer.name!r}: "
+                    f"{why}. method='generic' is exact for any model.", layer=layer.name, reason=why)
+        self._structures[self.signature(xk, yk)] = tuple(
+            (id(layer), tuple(a.shape[1:]), tuple(z.shape[1:])) for layer, a, z, _ in calls)
+        per_layer, layers = self._group(calls)
+        sq, rebuilt, layer_s = [], {}, {}
+        for layer in layers:
+            t = tf.reduce_sum(_layer_sq_norms(layer, per_layer[id(layer)], self._trainable))
+            sq.append(tf.cast(t, losses.dtype))
+            for vid, g in _rebuilt_grads(layer, per_layer[id(layer)]).items():
+                rebuilt[vid], layer_s[vid] = g, t
+        fast_s = tf.add_n(sq) if sq else tf.zeros([], losses.dtype)
+        diffs, scales = [], []
+        for v, g in zip(self.variables, var_grads):
+            r = rebuilt.get(id(v), tf.zeros_like(g))
+            full = tf.norm(tf.cast(g, tf.float64))
+            diffs.append(tf.norm(tf.cast(r, tf.float64) - tf.cast(tf.reshape(g, r.shape), tf.float64)))
+            s_v = tf.cast(layer_s.get(id(v), tf.zeros([], tf.float64)), tf.float64)
+            scales.append(tf.stack([full, s_v]))
+        def one(xy1: tuple[Nest, Nest]) -> tf.Tensor:  # ||g_i||^2 per variable of one example
+            with tf.GradientTape() as tape:
+                li = self.per_example_loss(*tf.nest.map_structure(lambda t: t[None], xy1))[0]
+            gi = tape.gradient(li, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return tf.stack([tf.reduce_sum(tf.cast(tf.convert_to_tensor(t), tf.float64) ** 2) for t in gi])
+
+        # a loop over the k single examples (traced once), the reference: sum_i ||g_i||^2 per variable
+        ref = tf.map_fn(one, (xk, yk), fn_output_signature=tf.TensorSpec([len(self.variables)], tf.float64))
+        ref_v = tf.unstack(tf.reduce_sum(ref, axis=0), num=len(self.variables))
+        index = {id(v): n for n, v in enumerate(self.variables)}
+        ref_layer = [tf.add_n([ref_v[index[id(v)]] for v in layer._trainable_variables if id(v) in index])
+                     for layer in layers]
+        fast_layer = tf.stack([tf.cast(t, tf.float64) for t in sq]) if sq else tf.zeros([0], tf.float64)
+        ref_layer = tf.stack(ref_layer) if ref_layer else tf.zeros([0], tf.float64)
+        self._probe_layers[self.signature(xk, yk)] = [layer.name for layer in layers]
+        return fast_s, tf.add_n(ref_v), tf.stack(diffs), tf.stack(scales), fast_layer, ref_layer
+
     # -- fast path: one forward, one backward --------------------------------
-    def _fast(self, x: Nest, y: Nest, w: tf.Tensor) -> tuple:
+    def _capture(self, x: Nest, y: Nest, w: tf.Tensor) -> tuple:
+        """One forward and backward pass recording every supported layer's calls:
+        ``(losses, total, variable gradients, [(layer, a, z, b)])``."""
         assert self.model is not None
         layers = [
             layer for layer in self.model._flatten_layers(include_self=True, recursive=True)
             if layer.trainable and any(id(v) in self._trainable for v in layer._trainable_variables)
+            or isinstance(layer, TiedProjection) and layer.embedding.trainable
+            and id(layer.embedding.embeddings) in self._trainable
         ]
         with tf.GradientTape() as tape:
             with _Recorder(layers) as rec:
                 losses = self.per_example_loss(x, y)
             w = tf.cast(w, losses.dtype)
             total = tf.reduce_sum(w * losses)
-        outs = [(layer, call) for layer in layers for call in rec.records[id(layer)]]
         grads = tape.gradient(
-            total, self.variables + [z for _, (_, z) in outs],
+            total, self.variables + [z for _, _, z in rec.calls],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
         var_grads, out_grads = grads[: len(self.variables)], grads[len(self.variables):]
+        calls = [(layer, a, z, b) for (layer, a, z), b in zip(rec.calls, out_grads)]
+        return losses, total, [tf.convert_to_tensor(g) for g in var_grads], calls
+
+    @staticmethod
+    def _group(calls: list) -> tuple[dict[int, list], list[keras.Layer]]:
+        """Calls by the layer that owns the weights (a :class:`TiedProjection`'s
+        calls go to its Embedding): ``{id(layer): [(a, z, b, is_projection)]}``."""
         per_layer: dict[int, list] = {}
-        for (layer, (a, z)), b in zip(outs, out_grads):
-            per_layer.setdefault(id(layer), []).append((a, z, b))
-        sq = [_layer_sq_norms(layer, per_layer[id(layer)], self._trainable)
-              for layer in layers if id(layer) in per_layer]
+        layers = []
+        for layer, a, z, b in calls:
+            proj = isinstance(layer, TiedProjection)
+            owner = layer.embedding if proj else layer
+            if id(owner) not in per_layer:
+                layers.append(owner)
+            per_layer.setdefault(id(owner), []).append((a, z, b, proj))
+        return per_layer, layers
+
+    def _fast(self, x: Nest, y: Nest, w: tf.Tensor, structure: tuple) -> tuple:
+        m = tf.nest.flatten(x)[0].shape[0]
+        losses, total, var_grads, calls = self._capture(x, y, w)
+        seen = tuple((id(layer), tuple(a.shape[1:]), tuple(z.shape[1:])) for layer, a, z, _ in calls)
+        bad = [layer.name for layer, a, z, _ in calls if _example_axis_reason(layer, a, z, m) is not None]
+        if seen != structure or bad:
+            where = bad[0] if bad else next(
+                (layer.name for (layer, *_), s, p in zip(calls, seen, structure) if s != p),
+                calls[-1][0].name if calls else None)
+            raise _StructureMismatch(
+                f"the layer calls on this batch of {m} examples differ from the probed ones (at layer "
+                f"{where!r}): their example axis is not established. method='generic' is exact for any model.",
+                layer=where, reason="layer calls differ from the probed ones")
+        per_layer, layers = self._group(calls)
+        sq = [_layer_sq_norms(layer, per_layer[id(layer)], self._trainable) for layer in layers]
         # b already carries the factor w_i, so sq_i = w_i^2 ||g_i||^2 = w_i ||g_i||^2 (0/1 mask)
-        s = tf.reduce_sum(tf.add_n([tf.cast(t, losses.dtype) for t in sq]))
-        return tf.reduce_sum(w), total, [tf.convert_to_tensor(g) for g in var_grads], s
+        s = tf.reduce_sum(tf.add_n([tf.cast(t, losses.dtype) for t in sq])) if sq else tf.zeros([], losses.dtype)
+        return tf.reduce_sum(w), total, var_grads, s
 
     # -- generic path: vectorised per-example gradients in chunks -------------
     def _per_example(self, xy: tuple[Nest, Nest]) -> tuple[tf.Tensor, list[tf.Tensor]]:
@@ -411,6 +835,9 @@ class StatsStep:
         return loss, [tf.convert_to_tensor(t) for t in g]
 
     def _vmap(self, xy: tuple[Nest, Nest]) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        if self._pfor_unsafe:
+            self._warn(f"fails at run time on grouped convolutions ({', '.join(self._pfor_unsafe)})")
+            return self._loop(xy)
         catcher = _WhileLoopLog()
         logger = logging.getLogger("tensorflow")
         logger.addHandler(catcher)
@@ -418,12 +845,29 @@ class StatsStep:
             out = tf.vectorized_map(self._per_example, xy, fallback_to_while_loop=False)
         except ValueError as e:  # pfor has no converter for some op
             self._warn("has no vectoriser for an op: " + str(e).strip().splitlines()[-1][:300])
-            return tf.vectorized_map(self._per_example, xy, fallback_to_while_loop=True)
+            try:
+                return tf.vectorized_map(self._per_example, xy, fallback_to_while_loop=True)
+            except (ValueError, TypeError, tf.errors.OpError):  # pfor fails even with its while loop
+                return self._loop(xy)
+        except (TypeError, tf.errors.OpError) as e:  # a converter that raises (e.g. grouped convolutions)
+            self._warn("fails on an op: " + (str(e).strip().splitlines() or [type(e).__name__])[-1][:300])
+            return self._loop(xy)
         finally:
             logger.removeHandler(catcher)
         if catcher.messages:  # a converter that itself loops (e.g. Conv2DBackpropFilter)
             self._warn("converts with a while loop: " + "; ".join(sorted(set(catcher.messages)))[:300])
         return out
+
+    def _loop(self, xy: tuple[Nest, Nest]) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """Per-example gradients one example at a time (``tf.map_fn``), without pfor."""
+        dtype = self.variables[0].dtype
+
+        def one(xy1: tuple[Nest, Nest]) -> tuple[tf.Tensor, list[tf.Tensor]]:
+            loss, g = self._per_example(xy1)
+            return tf.cast(loss, dtype), [tf.cast(t, v.dtype) for t, v in zip(g, self.variables)]
+
+        sig = (tf.TensorSpec([], dtype), [tf.TensorSpec(v.shape, v.dtype) for v in self.variables])
+        return tf.map_fn(one, xy, fn_output_signature=sig)
 
     def _warn(self, what: str) -> None:
         self.fallback_detected = True

@@ -28,7 +28,9 @@ from cabs_core import (
     bucket_for,
     next_batch,
     pad_indices,
+    verify_due,
 )
+from cabs_core.exactness import VERIFY_EVERY
 
 from .stats import Method, StatsStep
 
@@ -94,6 +96,11 @@ class CABSTrainer:
     ``controller``: a :class:`cabs_core.CABSController` (its ``lr`` is the SGD
     learning rate). Shapes are padded to ``controller.padding_buckets(buckets)``
     (its own buckets, else ``buckets``, else a geometric grid): at most one trace per bucket.
+    ``verify_every``: the fast path is probed on the real batch (outside the
+    traced step) on the first step and then every ``verify_every`` steps
+    (None/0: only on the first step of each input signature), see
+    :meth:`StatsStep.verify`; a probe that fails switches to the generic path
+    (one retrace per bucket) or, under ``method="fast"``, raises.
     """
 
     def __init__(
@@ -108,8 +115,11 @@ class CABSTrainer:
         chunk_size: int = 32,
         seed: int = 0,
         buckets: Sequence[int] | None = None,
+        verify_every: int | None = VERIFY_EVERY,
     ) -> None:
-        self.stats = StatsStep(target, loss, method=method, chunk_size=chunk_size)
+        self.stats = StatsStep(target, loss, method=method, chunk_size=chunk_size, verify_every=verify_every)
+        self.verify_every = verify_every
+        self._steps_taken = 0
         self.controller = controller
         self.state: ControllerState = controller.init()
         dtype = tf.as_dtype(self.stats.variables[0].dtype).name
@@ -127,8 +137,24 @@ class CABSTrainer:
             v.assign_sub(tf.cast(scale, v.dtype) * tf.where(finite, g, tf.zeros_like(g)))
         return vec
 
+    def _maybe_verify(self, x: Any, y: Any, mask: Any) -> None:
+        """Probe the fast path on this batch when due (host side, before the
+        traced step); if a signature falls back, retrace the step."""
+        stats = self.stats
+        if stats.method != "fast":
+            return
+        due = verify_due(self._steps_taken, self.verify_every)
+        self._steps_taken += 1
+        sig = stats.signature(x, y)
+        if sig in stats.verdicts and not due:
+            return
+        had = stats.verdicts.get(sig, "unseen")
+        if not stats.verify(x, y, mask) and had is None and stats.verdicts.get(sig) is not None:
+            self._step = tf.function(self._train_step)  # its traces took the fast path
+
     def apply(self, x: Any, y: Any, mask: Any) -> StepInfo:
         """One SGD step on a given (padded) batch, then the controller's decision."""
+        self._maybe_verify(x, y, mask)
         vec = self._step(x, y, mask)
         self.state, info = self.controller.update(self.state, ScalarStats.from_vector(vec.numpy()))
         return info
@@ -180,11 +206,13 @@ def fit(
     chunk_size: int = 32,
     seed: int = 0,
     verbose: bool = False,
+    verify_every: int | None = VERIFY_EVERY,
 ) -> dict[str, list[float]]:
     """``model.fit``-like entry point: train ``model`` with CABS for ``steps``
     steps and return a history ``{"loss", "batch_size", "epoch"}`` per step.
     ``loss(y_true, y_pred)`` must return per-example losses (``reduction=None``)."""
-    trainer = CABSTrainer(model, loss, controller, x, y, method=method, chunk_size=chunk_size, seed=seed)
+    trainer = CABSTrainer(model, loss, controller, x, y, method=method, chunk_size=chunk_size, seed=seed,
+                          verify_every=verify_every)
     history: dict[str, list[float]] = {"loss": [], "batch_size": [], "epoch": []}
 
     def log(k: int, info: StepInfo) -> None:

@@ -48,3 +48,19 @@ def test_shapes_are_checked():
         cabs_tf.linear_sq_norms(tf.zeros([2, 3]), tf.zeros([2, 3, 1]))
     with pytest.raises(ValueError, match="tokens"):
         cabs_tf.embedding_sq_norms(tf.zeros([2, 3], tf.int32), tf.zeros([2, 4, 1]))
+
+
+@pytest.mark.parametrize("t,s", [(4, 4), (1, 3), (5, 2)])
+def test_tied_embedding_matches_core_and_definition(t, s):
+    rng = np.random.default_rng(t * 10 + s)
+    m, q, vocab = 3, 2, 5
+    tokens = rng.integers(0, vocab, size=(m, t))
+    b1, h, b2 = rng.normal(size=(m, t, q)), rng.normal(size=(m, s, q)), rng.normal(size=(m, s, vocab))
+    want = []
+    for i in range(m):
+        g = np.zeros((vocab, q))
+        np.add.at(g, tokens[i], b1[i])
+        want.append(np.sum((g + b2[i].T @ h[i]) ** 2))
+    got = cabs_tf.tied_embedding_sq_norms(*(tf.constant(a) for a in (tokens, b1, h, b2))).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got, core.tied_embedding_sq_norms(tokens, b1, h, b2), rtol=1e-12)

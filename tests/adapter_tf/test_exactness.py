@@ -1,0 +1,293 @@
+"""Issue 12: the fast path returns S only where its per-layer decomposition is
+established; otherwise auto falls back (one FastPathFallbackWarning, exact
+generic S) and fast raises UnsupportedModelError naming the layer. Every
+result is compared with a float64 loop over single examples."""
+
+import dataclasses
+import warnings
+
+import cabs_tf
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from exactness_models import (
+    Pattern,
+    TiedLM,
+    build,
+    float_data,
+    lm_loss,
+    oracle_s,
+    run_stats,
+    token_data,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from keras import layers as kl
+from keras import ops
+from tf_adapter_helpers import brute_force, mlp, xent
+
+import cabs_core
+
+pytestmark = pytest.mark.filterwarnings("ignore::cabs_tf.stats.PforFallbackWarning")
+
+WRONG = ["fold", "time_major", "expand_dims", "halves", "buffer", "kernel_outside", "batch_mix"]
+
+
+def test_old_name_is_the_core_error():
+    assert cabs_tf.UnsupportedLayerError is cabs_core.UnsupportedModelError
+    assert issubclass(cabs_tf.stats.BatchNormTrainingError, cabs_core.UnsupportedModelError)
+
+
+@pytest.mark.parametrize(
+    "kind,m,t,d,buffer_len,mode",
+    [("plain", 5, 3, 4, 4, "graph"), ("plain", 5, 3, 4, 4, "eager"),
+     ("fold", 5, 3, 4, 4, "graph"), ("fold", 4, 2, 4, 4, "eager"),
+     ("time_major", 5, 3, 4, 4, "graph"), ("time_major", 5, 5, 4, 4, "graph"),  # T == m
+     ("time_major", 4, 4, 3, 4, "eager"), ("expand_dims", 5, 3, 4, 4, "graph"),
+     ("halves", 6, 3, 4, 4, "graph"), ("halves", 4, 3, 4, 4, "eager"), ("buffer", 5, 3, 4, 4, "graph"),
+     ("buffer", 5, 3, 4, 5, "graph"), ("buffer", 4, 3, 2, 4, "eager"),  # a buffer of length m
+     ("kernel_outside", 5, 3, 4, 4, "graph"), ("kernel_outside", 5, 3, 4, 4, "eager"),
+     ("batch_mix", 5, 3, 4, 4, "graph"), ("batch_mix", 5, 3, 4, 4, "eager")],
+)
+def test_table_rows_auto_exact_or_fallback(kind, m, t, d, buffer_len, mode):
+    model = build(Pattern(kind, t, d, buffer_len=buffer_len), float_data(2, t, d)[0])
+    x, y = float_data(m, t, d)
+    what, s = run_stats(model, xent, x, y, "auto", mode)
+    assert what == ("fast" if kind == "plain" else "fallback")
+    np.testing.assert_allclose(s, oracle_s(model, xent, x, y), rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", WRONG)
+def test_table_rows_fast_refuses_naming_the_layer(kind):
+    t, d, m = 3, 4, 5
+    model = build(Pattern(kind, t, d), float_data(2, t, d)[0])
+    x, y = float_data(m, t, d)
+    what, err = run_stats(model, xent, x, y, "fast", "graph")
+    assert what == "refused"
+    assert err.layer is not None and "inner" in err.layer and "inner" in str(err)
+    assert err.reason
+
+
+def test_grouped_conv1d_auto_fast_and_generic_are_exact():
+    """Conv1D(groups=2): the fast path handles groups (auto stays fast); the
+    generic path, where pfor fails at run time, loops over the examples."""
+    t, d, m = 5, 4, 6
+    model = build(Pattern("conv_groups", t, d), float_data(2, t, d)[0])
+    x, y = float_data(m, t, d)
+    want = brute_force(model, xent, x, y)
+    for method in ("auto", "generic"):
+        step = cabs_tf.StatsStep(model, xent, method=method, chunk_size=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", cabs_core.FastPathFallbackWarning)
+            grads, vec = tf.function(step)(x, y)
+        assert list(step.verdicts.values()) == ([None] if method == "auto" else [])
+        np.testing.assert_allclose(vec.numpy()[2], want.sq_norm_sum, rtol=1e-9)
+        for g, w in zip(grads, want.grad_sum):
+            np.testing.assert_allclose(g.numpy(), w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("tied,positional,layer", [(True, False, "tok"), (False, True, "pos"), (True, True, None)])
+def test_tied_projection_and_positional_embedding(tied, positional, layer):
+    vocab, t, d, m = 7, 4, 3, 5
+    model = build(TiedLM(vocab, t, d, tied=tied, positional=positional), token_data(2, t, vocab)[0])
+    x, y = token_data(m, t, vocab)
+    want = oracle_s(model, lm_loss, x, y)
+    what, s = run_stats(model, lm_loss, x, y, "auto", "graph")
+    assert what == "fallback"
+    np.testing.assert_allclose(s, want, rtol=1e-9)
+    what, err = run_stats(model, lm_loss, x, y, "fast", "eager")
+    assert what == "refused" and err.layer
+    if layer is not None:
+        assert layer in err.layer
+
+
+@pytest.mark.parametrize("t,m", [(4, 5), (5, 5)])  # T == m included
+def test_visible_tie_is_exact_on_the_fast_path(t, m):
+    """An Embedding whose table is also the output projection through
+    cabs_tf.TiedProjection: both uses and their cross terms, exact."""
+    vocab, d = 7, 3
+    model = build(TiedLM(vocab, t, d, tied="layer"), token_data(2, t, vocab)[0])
+    x, y = token_data(m, t, vocab)
+    want = brute_force(model, lm_loss, x, y)
+    for mode in ("graph", "eager"):
+        what, s = run_stats(model, lm_loss, x, y, "fast", mode)
+        assert what == "fast"
+        np.testing.assert_allclose(s, want.sq_norm_sum, rtol=1e-9)
+    grads, _ = tf.function(cabs_tf.StatsStep(model, lm_loss, method="fast"))(x, y)
+    for g, w in zip(grads, want.grad_sum):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-9, atol=1e-12)
+
+
+def test_visible_tie_with_positional_embedding_falls_back_at_pos():
+    vocab, t, d, m = 7, 4, 3, 5
+    model = build(TiedLM(vocab, t, d, tied="layer", positional=True), token_data(2, t, vocab)[0])
+    x, y = token_data(m, t, vocab)
+    what, s = run_stats(model, lm_loss, x, y, "auto", "eager")
+    assert what == "fallback"
+    np.testing.assert_allclose(s, oracle_s(model, lm_loss, x, y), rtol=1e-9)
+    what, err = run_stats(model, lm_loss, x, y, "fast", "graph")
+    assert what == "refused" and "pos" in err.layer
+
+
+def test_untied_language_model_stays_fast():
+    vocab, t, d, m = 7, 4, 3, 5
+    model = build(TiedLM(vocab, t, d, tied=False), token_data(2, t, vocab)[0])
+    x, y = token_data(m, t, vocab)
+    what, s = run_stats(model, lm_loss, x, y, "fast", "graph")
+    assert what == "fast"
+    np.testing.assert_allclose(s, oracle_s(model, lm_loss, x, y), rtol=1e-9)
+
+
+def test_one_warning_per_signature_and_verdict_cached():
+    model = build(Pattern("fold", 3, 4), float_data(2, 3, 4)[0])
+    step = cabs_tf.StatsStep(model, xent)
+    x, y = float_data(6, 3, 4)
+    with pytest.warns(cabs_core.FastPathFallbackWarning, match="inner"):
+        step(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cabs_core.FastPathFallbackWarning)
+        _, vec = step(x[:5], y[:5])  # same signature, another batch size: generic, silently
+    np.testing.assert_allclose(vec.numpy()[2], oracle_s(model, xent, x[:5], y[:5]), rtol=1e-9)
+    assert list(step.verdicts.values()) and all(v is not None for v in step.verdicts.values())
+
+
+class Switch(keras.Model):
+    """Plain until ``switch`` is set: then the Dense kernel is also used outside the layer."""
+
+    def __init__(self):
+        super().__init__(dtype="float64")
+        self.inner = kl.Dense(4, activation="tanh", dtype="float64", name="inner")
+        self.head = kl.Dense(3, dtype="float64", name="head")
+        self.switch = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+
+    def call(self, x):
+        return self.head(self.inner(x) + self.switch * ops.matmul(x, self.inner.kernel))
+
+
+def test_trainer_reprobes_every_verify_every_steps():
+    """A model whose behaviour changes after the first probe is caught at the
+    next scheduled probe; from then on the step is generic and exact."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)), rng.integers(0, 3, size=40).astype("int32")
+    model = build(Switch(), x)
+    ctl = cabs_core.CABSController(lr=0.05, bs_min=4, bs_max=8, bs_init=8)
+    tr = cabs_tf.CABSTrainer(model, xent, ctl, x, y, verify_every=3, buckets=(8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cabs_core.FastPathFallbackWarning)
+        for _ in range(3):
+            tr.step()
+    assert tr.stats.probe_count == 1 and tr.trace_count == 1
+    model.switch.assign(1.0)
+    with pytest.warns(cabs_core.FastPathFallbackWarning, match="inner"):
+        tr.step()  # the 4th step (index 3) is re-probed and falls back
+    for _ in range(2):
+        xb, yb, mask = tr.batches.next(tr.state.batch_size)
+        want = brute_force(model, xent, xb[mask == 1], yb[mask == 1])
+        vec = tr._step(xb, yb, mask).numpy()
+        np.testing.assert_allclose(vec[2], want.sq_norm_sum, rtol=1e-9)
+
+
+def test_trainer_probe_runs_once_with_default_verify_every_and_keeps_traces():
+    model = mlp()
+    x, y = np.random.default_rng(0).normal(size=(50, 12)), np.random.default_rng(1).integers(0, 5, 50)
+    ctl = cabs_core.CABSController(lr=0.1, bs_min=2, bs_max=64)
+    tr = cabs_tf.CABSTrainer(model, xent, ctl, x, y.astype("int32"))
+    for b in (2, 3, 5, 9, 17, 33, 2, 40):
+        tr.state = dataclasses.replace(tr.state, batch_size=b)
+        tr.step()
+    assert tr.stats.probe_count == 1 and list(tr.stats.verdicts.values()) == [None]
+    assert tr.trace_count == 6
+
+
+def test_verify_every_is_validated():
+    with pytest.raises(ValueError, match="verify_every"):
+        cabs_tf.StatsStep(mlp(), xent, verify_every=-1)
+
+
+# -- the property test ---------------------------------------------------------------
+
+STEPS = ["dense", "dense_shared", "ln", "conv", "fold", "time_major", "expand_dims", "halves", "buffer",
+         "kernel_outside", "swap"]
+
+
+class Random(keras.Model):
+    """h (m, T, d) through a random program of supported layers and reshapes,
+    transposes, broadcasts, weight uses outside a layer and repeated calls."""
+
+    def __init__(self, program, t, d, buffer_len):
+        super().__init__(dtype="float64")
+        self.program, self.t, self.d = program, t, d
+        self.dense = [kl.Dense(d, activation="tanh", dtype="float64", name=f"dense{i}") for i in range(2)]
+        self.ln = kl.LayerNormalization(dtype="float64", name="ln")
+        self.conv = kl.Conv1D(d, 2, padding="same", dtype="float64", name="conv")
+        self.head = kl.Dense(3, dtype="float64", name="head")
+        self.buffer = tf.constant(np.cos(np.arange(buffer_len * d)).reshape(buffer_len, d))
+
+    def call(self, h):
+        t, d = self.t, self.d
+        for k, op in enumerate(self.program):
+            f = self.dense[k % 2]
+            if op == "dense":
+                h = f(h)
+            elif op == "dense_shared":
+                h = self.dense[0](h) + self.dense[0](h * 0.5)
+            elif op == "ln":
+                h = self.ln(h)
+            elif op == "conv":
+                h = self.conv(h)
+            elif op == "fold":
+                h = ops.reshape(f(ops.reshape(h, (-1, d))), (-1, t, d))
+            elif op == "time_major":
+                h = ops.transpose(f(ops.transpose(h, (1, 0, 2))), (1, 0, 2))
+            elif op == "expand_dims":
+                h = ops.squeeze(f(ops.expand_dims(h, 0)), 0)
+            elif op == "halves":
+                n = ops.shape(h)[0] // 2
+                h = ops.concatenate([f(h[:n]), f(h[n:])], axis=0)
+            elif op == "buffer":
+                h = h + ops.mean(f(self.buffer), axis=0)
+            elif op == "kernel_outside":
+                h = f(h) + ops.matmul(h, f.kernel)
+            elif op == "swap" and t == d:  # a per-example transpose keeps the example axis
+                h = ops.transpose(f(ops.transpose(h, (0, 2, 1))), (0, 2, 1))
+        return self.head(ops.mean(h, axis=1))
+
+
+@st.composite
+def cases(draw):
+    t = draw(st.integers(2, 4))
+    d = draw(st.sampled_from([t, 3]))
+    buffer_len = draw(st.integers(2, 5))
+    m = draw(st.sampled_from(sorted({2, 3, 4, 5, 6, t, d, buffer_len})))
+    program = draw(st.lists(st.sampled_from(STEPS), min_size=1, max_size=3))
+    method = draw(st.sampled_from(["auto", "fast"]))
+    mode = draw(st.sampled_from(["graph", "eager"]))
+    if draw(st.integers(0, 3)) == 0:  # a token model: ties (visible or not), positional embedding
+        program = ("lm", draw(st.sampled_from([True, "layer", False])), draw(st.booleans()))
+    return t, d, buffer_len, m, tuple(program), method, mode
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases())
+def test_property_random_models_exact_or_stepped_aside(case):
+    t, d, buffer_len, m, program, method, mode = case
+    rng = np.random.default_rng(len(program) + m)
+    keras.utils.set_random_seed(0)
+    if program[0] == "lm":
+        loss = lm_loss
+        x, y = token_data(m, t, 5, seed=m)
+        model = TiedLM(5, t, d, tied=program[1], positional=program[2])
+    else:
+        loss = xent
+        x, y = rng.normal(size=(m, t, d)), rng.integers(0, 3, size=m).astype("int32")
+        model = Random(program, t, d, buffer_len)
+    model(x[:1])
+    what, s = run_stats(model, loss, x, y, method, mode)
+    if what == "refused":
+        assert method == "fast"
+        return
+    assert not (method == "fast" and what == "fallback")
+    want = oracle_s(model, loss, x, y)
+    assert abs(s - want) <= 1e-9 * abs(want), (what, s, want)
+    keras.backend.clear_session()
