@@ -386,8 +386,10 @@ def _count_and_loss(losses: Tensor, weights: Tensor | None, dtype: torch.dtype) 
 
 def _generic(
     model: nn.Module, loss_fn: LossFn, inputs: tuple[Any, ...], targets: Any, weights: Tensor | None,
-    params: list[nn.Parameter], chunk_size: int | None,
+    params: list[nn.Parameter], chunk_size: int | None, sq_only: bool = False,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
+    """count, loss_sum, grad_sum, S from per-example gradients (``sq_only``: a
+    probe's reference S; grad_sum is left empty)."""
     from torch.func import functional_call, grad_and_value, vmap
 
     train, fixed = functional_state(model, params)
@@ -421,7 +423,7 @@ def _generic(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = params[0].device
     dtype = _stat_dtype(device)
-    sums = [torch.zeros_like(p) for p in params]
+    sums = [] if sq_only else [torch.zeros_like(p) for p in params]
     sq = torch.zeros((), dtype=dtype, device=device)
     all_losses = []
     per_example = looped if model in _VMAP_FAILED else batched
@@ -445,11 +447,28 @@ def _generic(
         for k, name in enumerate(names):
             gk = g[name]
             gw = gk if w is None else gk * w.to(gk.dtype).reshape((n,) + (1,) * (gk.dim() - 1))
-            sums[k] += gw.sum(0)
-            sq = sq + (gw * gk).reshape(n, -1).sum(1).sum().to(dtype)
+            if not sq_only:
+                sums[k] += gw.sum(0)
+            sq = sq + torch.dot(gw.reshape(-1), gk.reshape(-1)).to(dtype)
         del g
     losses = torch.cat(all_losses)
     return _count_and_loss(losses, weights, dtype) + (tuple(sums), sq)
+
+
+def _loop_sq_norm_sum(model: nn.Module, loss_fn: LossFn, inputs: tuple[Any, ...], targets: Any,
+                      params: list[nn.Parameter], k: int) -> Tensor:
+    """S of the k examples from k single-example backward passes: the generic
+    path's definition (each example through the model alone), without vmap's
+    fixed cost, which dominates at a probe's few examples."""
+    dtype = _stat_dtype(params[0].device)
+    sq = torch.zeros((), dtype=dtype, device=params[0].device)
+    for i in range(k):
+        losses = loss_fn(model(*_take(inputs, slice(i, i + 1))), _take(targets, slice(i, i + 1)))
+        _check_losses(losses, 1)
+        for g in torch.autograd.grad(losses[0], params, allow_unused=True):
+            if g is not None:
+                sq = sq + torch.dot(g.reshape(-1), g.reshape(-1)).to(dtype)
+    return sq
 
 
 #: models on which vmap failed: the generic path loops over single examples for them
@@ -717,7 +736,7 @@ class PerExampleStats:
                     raise _LossShapeError(err.shape, m, k) from None
                 if plan.compiled is not None:
                     self._check_compiled_calls(plan, structure)
-                generic = _generic(self.model, self.loss_fn, px, py, None, plan.params, self.chunk_size)[3]
+                generic = _loop_sq_norm_sum(self.model, self.loss_fn, px, py, plan.params, k)
                 fast_s, generic_s = float(sq), float(generic)  # the probe's host transfer
                 if not (math.isfinite(fast_s) and math.isfinite(generic_s)):
                     return None
@@ -768,10 +787,11 @@ class PerExampleStats:
                     if piece is not None:
                         uses.append(piece)
             full = torch.zeros_like(p) if g is None else g.detach()
-            rebuilt = torch.zeros_like(full)
+            rebuilt = None
             for piece in uses:
-                rebuilt = rebuilt + piece_grad_sum(piece, k, shape).to(full.dtype)
-            full_norm = float(torch.linalg.vector_norm(full.double()))
+                term = piece_grad_sum(piece, k, shape).to(full.dtype)
+                rebuilt = term if rebuilt is None else rebuilt + term
+            full_norm = float(torch.linalg.vector_norm(full))
             if not uses and full_norm > 0 and not any(rec.called for rec, _ in owners):
                 mods = ", ".join(repr(rec.name) for rec, _ in owners)
                 raise UnsupportedModelError(
@@ -780,7 +800,7 @@ class PerExampleStats:
                     f"for any model; method='auto' falls back to it.",
                     layer=name, reason="a gradient without a call of its layer")
             s_param = float(tied_sq_norm_sum(uses, k, shape)) if uses else 0.0
-            diff = float(torch.linalg.vector_norm((rebuilt - full).double()))
+            diff = float(torch.linalg.vector_norm(full if rebuilt is None else rebuilt - full))
             check_close(f"the gradient of {name!r} rebuilt from its layers' captured terms (a use outside "
                         f"the layer?)", diff, accounting_scale(full_norm, k, s_param), plan.rtol, layer=name)
 
