@@ -20,11 +20,12 @@ step: the only device-to-host transfer of a step is the controller's.
 The fast path's guarantee (issue 12, :mod:`cabs_core.exactness`): it returns S
 only for a model and input *signature* it has verified. On the first call of a
 signature (and every ``verify_every`` calls) a *probe* runs the fast path on the
-first k examples (k differs from every other dimension of the inputs, targets,
-parameters and buffers): every captured layer input and output must have k
-rows, each parameter's gradient rebuilt from the captured terms must equal its
-full gradient (no use outside the layers), and the fast S must equal the
-generic S on those k examples. Every other call checks that the layers are
+first k examples (k differs from every other dimension of the inputs, targets
+and buffers, and of the parameters where a k <= m allows): every captured layer
+input and output must have k rows, each parameter's gradient rebuilt from the
+captured terms must equal its full gradient (no use outside the layers), and
+the fast S must equal the generic definition's S (k single-example backward
+passes) on those k examples. Every other call checks that the layers are
 called in the same way (same calls, same non-example shapes, m rows). If a
 check fails, ``fast`` raises :class:`UnsupportedModelError` naming the layer;
 ``auto`` warns once (:class:`FastPathFallbackWarning`) and uses the exact
