@@ -482,6 +482,10 @@ _VMAP_FAILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 class _StructureChanged(Exception):
     """The layers were called differently from the probed calls of this signature."""
 
+    def __init__(self, message: str, layer: str | None) -> None:
+        super().__init__(message)
+        self.layer = layer
+
 
 #: one layer call in a capture structure: (record index, input shape, output shape),
 #: or (record index,) for a call whose output does not reach the loss
@@ -699,7 +703,7 @@ class PerExampleStats:
                     f"the layers were called differently on a batch of {m} examples than on the probe batch "
                     f"({change}): the fast path cannot establish its per-example decomposition for this batch. "
                     f"Use method='generic' (exact for any model) or method='auto' (falls back to it).",
-                    layer=str(change), reason="layer calls differ between the full and the probe batch")
+                    layer=change.layer, reason=f"layer calls differ between the full and the probe batch: {change}")
                 return self._fail(plan, sig, err)
         return None
 
@@ -868,7 +872,7 @@ class PerExampleStats:
             if expected is None:
                 self._check_rows(plan, structure, m)
             elif tuple(structure) not in expected:
-                raise _StructureChanged(self._first_difference(plan, structure, expected[0], m))
+                raise _StructureChanged(*self._first_difference(plan, structure, expected[0]))
             losses = self.loss_fn(out, targets)
             _check_losses(losses, m)
             weighted = losses if weights is None else losses * weights.to(losses.dtype)
@@ -906,15 +910,16 @@ class PerExampleStats:
         return count, loss_sum, grad_sum, sq, structure, kept
 
     @staticmethod
-    def _first_difference(plan: _Plan, structure: list[_Call], expected: tuple[_Call, ...], m: int) -> str:
-        """Names the first layer call that differs from the probed structure."""
+    def _first_difference(plan: _Plan, structure: list[_Call], expected: tuple[_Call, ...]) -> tuple[str, str | None]:
+        """The first layer call that differs from the probed structure: a message and the layer's name."""
         recs = list(plan.records.values())
         for i, call in enumerate(structure):
             want = expected[i] if i < len(expected) else None
             if call != want:
                 got = f"shapes {tuple(call[1])} -> {tuple(call[2])}" if len(call) == 3 else "no gradient"
-                return f"call {i} of the forward pass: layer {recs[call[0]].name!r} with {got}"
-        return f"{len(expected) - len(structure)} fewer layer calls than on the probe batch"
+                name = recs[call[0]].name
+                return f"call {i} of the forward pass: layer {name!r} with {got}", name
+        return f"{len(expected) - len(structure)} fewer layer calls than on the probe batch", None
 
 
 def _tie_groups(params: list[nn.Parameter], owners: list[list[tuple[_Record, str]]]) -> list[_TieGroup]:
