@@ -612,6 +612,14 @@ class PerExampleStats:
             if not params:
                 raise ValueError("the model has no trainable parameters")
             how = resolve_method(self.model, self.method)
+            rtol = 0.0
+            if how == "fast":
+                try:  # the checks' tolerance: the loosest of the parameters' dtypes
+                    rtol = max(rtol_for(str(p.dtype)) for p in params)
+                except ValueError as err:
+                    if self.method == "fast":
+                        raise UnsupportedModelError(f"the fast path cannot verify itself here: {err}") from err
+                    how = "generic"
             records: dict[nn.Module, _Record] = {}
             owned: dict[int, list[tuple[_Record, str]]] = {}
             if how == "fast":
@@ -632,7 +640,7 @@ class PerExampleStats:
             plan.names = [by_id[id(p)] for p in params]
             plan.param_dims = {d for t in self.model.parameters() for d in t.shape}
             plan.buffer_dims = {d for t in self.model.buffers() for d in t.shape}
-            plan.rtol = max(rtol_for(str(p.dtype)) for p in params)
+            plan.rtol = rtol
             plan.tie_groups = _tie_groups(params, plan.owners)
             self._plan = plan
             if self.compile and how == "fast":
