@@ -3,7 +3,10 @@
 - :class:`PerExampleStats` / :func:`per_example_stats`: the exact statistics of
   SPEC section 4 (count, sum of losses, gradient sum, S = sum_i ||g_i||^2) for
   an ``nn.Module`` and a per-example loss; a fast hook-based path for common
-  layers and a generic ``torch.func`` path for any model.
+  layers, which returns S only for an input signature it has verified (probe,
+  accounting check; otherwise ``auto`` falls back with a
+  :class:`FastPathFallbackWarning` and ``fast`` raises
+  :class:`UnsupportedModelError`), and a generic ``torch.func`` path for any model.
 - :class:`MicroBatchStats`: the group estimator over micro-batches (BatchNorm
   in training mode).
 - :class:`CABSSGD`: an SGD step with lr times the batch's mean gradient that

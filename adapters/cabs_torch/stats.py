@@ -20,11 +20,12 @@ step: the only device-to-host transfer of a step is the controller's.
 The fast path's guarantee (issue 12, :mod:`cabs_core.exactness`): it returns S
 only for a model and input *signature* it has verified. On the first call of a
 signature (and every ``verify_every`` calls) a *probe* runs the fast path on the
-first k examples (k differs from every other dimension of the inputs, targets,
-parameters and buffers): every captured layer input and output must have k
-rows, each parameter's gradient rebuilt from the captured terms must equal its
-full gradient (no use outside the layers), and the fast S must equal the
-generic S on those k examples. Every other call checks that the layers are
+first k examples (k differs from every other dimension of the inputs, targets
+and buffers, and of the parameters where a k <= m allows): every captured layer
+input and output must have k rows, each parameter's gradient rebuilt from the
+captured terms must equal its full gradient (no use outside the layers), and
+the fast S must equal the generic definition's S (k single-example backward
+passes) on those k examples. Every other call checks that the layers are
 called in the same way (same calls, same non-example shapes, m rows). If a
 check fails, ``fast`` raises :class:`UnsupportedModelError` naming the layer;
 ``auto`` warns once (:class:`FastPathFallbackWarning`) and uses the exact
@@ -386,8 +387,10 @@ def _count_and_loss(losses: Tensor, weights: Tensor | None, dtype: torch.dtype) 
 
 def _generic(
     model: nn.Module, loss_fn: LossFn, inputs: tuple[Any, ...], targets: Any, weights: Tensor | None,
-    params: list[nn.Parameter], chunk_size: int | None,
+    params: list[nn.Parameter], chunk_size: int | None, sq_only: bool = False,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor]:
+    """count, loss_sum, grad_sum, S from per-example gradients (``sq_only``: a
+    probe's reference S; grad_sum is left empty)."""
     from torch.func import functional_call, grad_and_value, vmap
 
     train, fixed = functional_state(model, params)
@@ -421,7 +424,7 @@ def _generic(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = params[0].device
     dtype = _stat_dtype(device)
-    sums = [torch.zeros_like(p) for p in params]
+    sums = [] if sq_only else [torch.zeros_like(p) for p in params]
     sq = torch.zeros((), dtype=dtype, device=device)
     all_losses = []
     per_example = looped if model in _VMAP_FAILED else batched
@@ -445,11 +448,28 @@ def _generic(
         for k, name in enumerate(names):
             gk = g[name]
             gw = gk if w is None else gk * w.to(gk.dtype).reshape((n,) + (1,) * (gk.dim() - 1))
-            sums[k] += gw.sum(0)
-            sq = sq + (gw * gk).reshape(n, -1).sum(1).sum().to(dtype)
+            if not sq_only:
+                sums[k] += gw.sum(0)
+            sq = sq + torch.dot(gw.reshape(-1), gk.reshape(-1)).to(dtype)
         del g
     losses = torch.cat(all_losses)
     return _count_and_loss(losses, weights, dtype) + (tuple(sums), sq)
+
+
+def _loop_sq_norm_sum(model: nn.Module, loss_fn: LossFn, inputs: tuple[Any, ...], targets: Any,
+                      params: list[nn.Parameter], k: int) -> Tensor:
+    """S of the k examples from k single-example backward passes: the generic
+    path's definition (each example through the model alone), without vmap's
+    fixed cost, which dominates at a probe's few examples."""
+    dtype = _stat_dtype(params[0].device)
+    sq = torch.zeros((), dtype=dtype, device=params[0].device)
+    for i in range(k):
+        losses = loss_fn(model(*_take(inputs, slice(i, i + 1))), _take(targets, slice(i, i + 1)))
+        _check_losses(losses, 1)
+        for g in torch.autograd.grad(losses[0], params, allow_unused=True):
+            if g is not None:
+                sq = sq + torch.dot(g.reshape(-1), g.reshape(-1)).to(dtype)
+    return sq
 
 
 #: models on which vmap failed: the generic path loops over single examples for them
@@ -461,6 +481,10 @@ _VMAP_FAILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 class _StructureChanged(Exception):
     """The layers were called differently from the probed calls of this signature."""
+
+    def __init__(self, message: str, layer: str | None) -> None:
+        super().__init__(message)
+        self.layer = layer
 
 
 #: one layer call in a capture structure: (record index, input shape, output shape),
@@ -588,6 +612,14 @@ class PerExampleStats:
             if not params:
                 raise ValueError("the model has no trainable parameters")
             how = resolve_method(self.model, self.method)
+            rtol = 0.0
+            if how == "fast":
+                try:  # the checks' tolerance: the loosest of the parameters' dtypes
+                    rtol = max(rtol_for(str(p.dtype)) for p in params)
+                except ValueError as err:
+                    if self.method == "fast":
+                        raise UnsupportedModelError(f"the fast path cannot verify itself here: {err}") from err
+                    how = "generic"
             records: dict[nn.Module, _Record] = {}
             owned: dict[int, list[tuple[_Record, str]]] = {}
             if how == "fast":
@@ -608,7 +640,7 @@ class PerExampleStats:
             plan.names = [by_id[id(p)] for p in params]
             plan.param_dims = {d for t in self.model.parameters() for d in t.shape}
             plan.buffer_dims = {d for t in self.model.buffers() for d in t.shape}
-            plan.rtol = max(rtol_for(str(p.dtype)) for p in params)
+            plan.rtol = rtol
             plan.tie_groups = _tie_groups(params, plan.owners)
             self._plan = plan
             if self.compile and how == "fast":
@@ -679,7 +711,7 @@ class PerExampleStats:
                     f"the layers were called differently on a batch of {m} examples than on the probe batch "
                     f"({change}): the fast path cannot establish its per-example decomposition for this batch. "
                     f"Use method='generic' (exact for any model) or method='auto' (falls back to it).",
-                    layer=str(change), reason="layer calls differ between the full and the probe batch")
+                    layer=change.layer, reason=f"layer calls differ between the full and the probe batch: {change}")
                 return self._fail(plan, sig, err)
         return None
 
@@ -717,7 +749,7 @@ class PerExampleStats:
                     raise _LossShapeError(err.shape, m, k) from None
                 if plan.compiled is not None:
                     self._check_compiled_calls(plan, structure)
-                generic = _generic(self.model, self.loss_fn, px, py, None, plan.params, self.chunk_size)[3]
+                generic = _loop_sq_norm_sum(self.model, self.loss_fn, px, py, plan.params, k)
                 fast_s, generic_s = float(sq), float(generic)  # the probe's host transfer
                 if not (math.isfinite(fast_s) and math.isfinite(generic_s)):
                     return None
@@ -768,10 +800,11 @@ class PerExampleStats:
                     if piece is not None:
                         uses.append(piece)
             full = torch.zeros_like(p) if g is None else g.detach()
-            rebuilt = torch.zeros_like(full)
+            rebuilt = None
             for piece in uses:
-                rebuilt = rebuilt + piece_grad_sum(piece, k, shape).to(full.dtype)
-            full_norm = float(torch.linalg.vector_norm(full.double()))
+                term = piece_grad_sum(piece, k, shape).to(full.dtype)
+                rebuilt = term if rebuilt is None else rebuilt + term
+            full_norm = float(torch.linalg.vector_norm(full))
             if not uses and full_norm > 0 and not any(rec.called for rec, _ in owners):
                 mods = ", ".join(repr(rec.name) for rec, _ in owners)
                 raise UnsupportedModelError(
@@ -780,7 +813,7 @@ class PerExampleStats:
                     f"for any model; method='auto' falls back to it.",
                     layer=name, reason="a gradient without a call of its layer")
             s_param = float(tied_sq_norm_sum(uses, k, shape)) if uses else 0.0
-            diff = float(torch.linalg.vector_norm((rebuilt - full).double()))
+            diff = float(torch.linalg.vector_norm(full if rebuilt is None else rebuilt - full))
             check_close(f"the gradient of {name!r} rebuilt from its layers' captured terms (a use outside "
                         f"the layer?)", diff, accounting_scale(full_norm, k, s_param), plan.rtol, layer=name)
 
@@ -847,7 +880,7 @@ class PerExampleStats:
             if expected is None:
                 self._check_rows(plan, structure, m)
             elif tuple(structure) not in expected:
-                raise _StructureChanged(self._first_difference(plan, structure, expected[0], m))
+                raise _StructureChanged(*self._first_difference(plan, structure, expected[0]))
             losses = self.loss_fn(out, targets)
             _check_losses(losses, m)
             weighted = losses if weights is None else losses * weights.to(losses.dtype)
@@ -885,15 +918,16 @@ class PerExampleStats:
         return count, loss_sum, grad_sum, sq, structure, kept
 
     @staticmethod
-    def _first_difference(plan: _Plan, structure: list[_Call], expected: tuple[_Call, ...], m: int) -> str:
-        """Names the first layer call that differs from the probed structure."""
+    def _first_difference(plan: _Plan, structure: list[_Call], expected: tuple[_Call, ...]) -> tuple[str, str | None]:
+        """The first layer call that differs from the probed structure: a message and the layer's name."""
         recs = list(plan.records.values())
         for i, call in enumerate(structure):
             want = expected[i] if i < len(expected) else None
             if call != want:
                 got = f"shapes {tuple(call[1])} -> {tuple(call[2])}" if len(call) == 3 else "no gradient"
-                return f"call {i} of the forward pass: layer {recs[call[0]].name!r} with {got}"
-        return f"{len(expected) - len(structure)} fewer layer calls than on the probe batch"
+                name = recs[call[0]].name
+                return f"call {i} of the forward pass: layer {name!r} with {got}", name
+        return f"{len(expected) - len(structure)} fewer layer calls than on the probe batch", None
 
 
 def _tie_groups(params: list[nn.Parameter], owners: list[list[tuple[_Record, str]]]) -> list[_TieGroup]:

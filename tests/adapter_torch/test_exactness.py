@@ -222,11 +222,8 @@ class Positional(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
-@pytest.mark.parametrize("t", [5, 6])  # T == m == 6: the coincidence
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize(("t", "compile"), [(5, False), (6, False), (6, True)])  # T == m == 6: the coincidence
 def test_positional_embedding_broadcast_over_the_batch(t, compile):
-    if compile and t == 5:
-        pytest.skip("one compiled case is enough for the time budget")
     seeded(6)
     model = Positional().double()
     x, y = torch.randint(0, 7, (6, t)), torch.randint(0, 3, (6,))
@@ -420,3 +417,30 @@ def test_nonfinite_probe_decides_nothing():
     x[0, 0] = 0.0
     assert_stats_match(engine(x, y), brute_force(model, ce, x, y))
     assert len(engine.plan().verdicts) == 1
+
+
+class FixedSlice(nn.Module):
+    """A layer on the first 6 examples only (the others skip it): at a probe of 5
+    examples (3 and 4 are the layers' sizes) every capture has the probe's rows
+    and the probe passes; on the full batch the layer has 6 rows, not m, which
+    the per-call check refuses (conservatively: rows 0-5 are examples 0-5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.tanh(self.lin(x[:6])), x[6:]]))
+
+
+def test_rows_that_pass_the_probe_but_not_the_full_batch():
+    seeded(15)
+    model = FixedSlice().double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 4, (10,))
+    with pytest.raises(UnsupportedModelError, match="differently on a batch of 10") as err:
+        per_example_stats(model, ce, x, y, method="fast")
+    assert err.value.layer == "lin"
+    with pytest.warns(FastPathFallbackWarning, match="lin"):
+        stats = per_example_stats(model, ce, x, y, method="auto")
+    assert_stats_match(stats, brute_force(model, ce, x, y))
