@@ -1,6 +1,6 @@
 """cabs_tf: CABS (Balles, Romero, Hennig, UAI 2017) for TensorFlow 2 and Keras 3.
 
-- :class:`StatsStep`: the per-step statistics of SPEC section 4 (exact
+- :class:`StatsStep`: the per-step statistics of docs/spec.md section 4 (exact
   per-example squared gradient norms) for a Keras model or a list of
   variables, as one float64 vector ``[m, sum l_i, S, ||sum g_i||^2]``. The
   fast path returns S only where a probe has established its per-layer

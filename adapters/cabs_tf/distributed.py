@@ -1,6 +1,6 @@
 """Data-parallel CABS on ``tf.distribute`` (``MirroredStrategy``, ``MultiWorkerMirroredStrategy``).
 
-Every statistic of SPEC section 4 except ``||sum_i g_i||^2`` is a sum over
+Every statistic of docs/spec.md section 4 except ``||sum_i g_i||^2`` is a sum over
 examples, so it adds up across replicas. One step with R replicas::
 
     indices <- next_batch(sampler, m_t)                  (global batch, same on every worker)

@@ -1,4 +1,4 @@
-"""Per-example statistics of SPEC section 4 for Keras 3 models (TensorFlow
+"""Per-example statistics of docs/spec.md section 4 for Keras 3 models (TensorFlow
 backend) and for lists of ``tf.Variable`` s with a per-example loss.
 
 :class:`StatsStep` returns, for a batch ``(x, y)`` with a 0/1 weight mask
@@ -475,7 +475,7 @@ def _check_losses(losses: tf.Tensor) -> tf.Tensor:
 
 
 class StatsStep:
-    """CABS statistics of one batch (SPEC section 4), as graph code.
+    """CABS statistics of one batch (docs/spec.md section 4), as graph code.
 
     ``target``: a built Keras 3 model (``loss(y_true, y_pred) -> (m,)``) or a
     list of ``tf.Variable`` s (``loss(x, y) -> (m,)`` computed from them).

@@ -1,7 +1,7 @@
 """cabs_torch: the PyTorch adapter of CABS (Balles, Romero, Hennig, UAI 2017).
 
 - :class:`PerExampleStats` / :func:`per_example_stats`: the exact statistics of
-  SPEC section 4 (count, sum of losses, gradient sum, S = sum_i ||g_i||^2) for
+  docs/spec.md section 4 (count, sum of losses, gradient sum, S = sum_i ||g_i||^2) for
   an ``nn.Module`` and a per-example loss; a fast hook-based path for common
   layers, which returns S only for an input signature it has verified (probe,
   accounting check; otherwise ``auto`` falls back with a

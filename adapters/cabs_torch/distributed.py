@@ -1,6 +1,6 @@
 """Data-parallel CABS on ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
 
-Every statistic of SPEC section 4 is a sum over examples, so the statistics of
+Every statistic of docs/spec.md section 4 is a sum over examples, so the statistics of
 a global batch are the sums of its shards' statistics. One step on each rank:
 
 1. the rank's shard of the global batch (:func:`cabs_core.shard`, via

@@ -1,5 +1,5 @@
 """The group (micro-batch) estimator of tr(Sigma) for models whose examples are
-coupled, e.g. by BatchNorm in training mode (SPEC section 6, beyond the paper).
+coupled, e.g. by BatchNorm in training mode (docs/spec.md section 6, beyond the paper).
 
 The batch is split into k micro-batches of sizes b_j, each run through its own
 forward and backward pass (BatchNorm then normalises within the micro-batch,

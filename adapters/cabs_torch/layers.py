@@ -1,6 +1,6 @@
 """Per-layer rules of the fast path: from a layer's input ``a`` and the gradient
 ``b`` of the summed loss with respect to its output, the per-example squared
-gradient norms ||g_i||^2 of the layer's parameters (SPEC section 4, term of S).
+gradient norms ||g_i||^2 of the layer's parameters (docs/spec.md section 4, term of S).
 
 Each rule turns one call of the layer (on a chunk of examples) into *pieces*:
 

@@ -1,4 +1,4 @@
-"""Exact per-step statistics of SPEC section 4 for any ``nn.Module``.
+"""Exact per-step statistics of docs/spec.md section 4 for any ``nn.Module``.
 
 :func:`per_example_stats` returns a :class:`cabs_core.BatchStats`: the count m,
 sum_i l_i, sum_i g_i (per parameter) and S = sum_i ||g_i||^2, the quantities of
@@ -549,7 +549,7 @@ def _other_dims(tree: Any) -> set[int]:
 
 
 class PerExampleStats:
-    """Exact statistics of SPEC section 4 for ``model`` and a per-example loss.
+    """Exact statistics of docs/spec.md section 4 for ``model`` and a per-example loss.
 
     model: any module whose examples do not interact (BatchNorm in training
         mode is refused, see :class:`BatchNormTrainingError`).

@@ -2,7 +2,7 @@
 size, and a ``batch_sampler`` for ``torch.utils.data.DataLoader`` that delivers
 batches of the decided sizes.
 
-One step (SPEC sections 1-2): theta <- theta - lr * g_bar with g_bar the
+One step (docs/spec.md sections 1-2): theta <- theta - lr * g_bar with g_bar the
 current batch's mean gradient; the controller folds the batch's statistics into
 its averages and decides m_{t+1} = c * lr * xi_avg / (L_avg - L* + eps). The
 only device-to-host transfer of a step is the controller's (four scalars).
@@ -113,7 +113,7 @@ class CABSSGD:
     statistics change neither the parameters nor the controller; with the
     default ``"raise"`` they raise :class:`cabs_core.NonFiniteStatisticsError`
     before anything changes. A step skipped for its count (m < 2 in paper
-    mode) still applies its mean gradient (m = 1), as SPEC section 2 says.
+    mode) still applies its mean gradient (m = 1), as docs/spec.md section 2 says.
 
     ``micro_batches=k`` estimates the variance from k micro-batches instead
     (:class:`MicroBatchStats`, for BatchNorm in training mode).

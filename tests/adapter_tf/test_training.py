@@ -158,6 +158,6 @@ def test_single_example_step_is_skipped_in_paper_mode_but_still_updates():
     ctl = cabs_core.CABSController(lr=0.1, bs_min=1, bs_max=8)
     tr = cabs_tf.CABSTrainer(model, xent, ctl, x, y)
     before = model.get_weights()
-    info = tr.step()  # m = 1 < 2: variance undefined, decision unchanged (SPEC 5)
+    info = tr.step()  # m = 1 < 2: variance undefined, decision unchanged (docs/spec.md section 5)
     assert info.skipped and info.reason == "count" and tr.state.batch_size == 1
     assert any(not np.allclose(a, b) for a, b in zip(model.get_weights(), before))  # SGD still steps

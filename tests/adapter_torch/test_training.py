@@ -1,5 +1,5 @@
 """Training integration: the SGD step, the DataLoader batch sampler,
-checkpointing, SPEC section 5 on this backend and the conformance vectors on
+checkpointing, docs/spec.md section 5 on this backend and the conformance vectors on
 torch tensors."""
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_resumed_run_makes_the_same_decisions(digits):
     del model2, opt2, sampler2
 
     buf.seek(0)
-    ckpt = torch.load(buf)
+    ckpt = torch.load(buf, weights_only=True)
     model3 = small_mlp(123)
     model3.load_state_dict(ckpt["model"])
     opt3 = CABSSGD(model3, ce, ctrl)
@@ -178,7 +178,7 @@ def test_load_state_dict_checks():
         fresh.load_state_dict(opt.state_dict())
 
 
-# ----------------------------------------------------------------------------- SPEC section 5 on torch
+# ----------------------------------------------------------------------------- docs/spec.md section 5 on torch
 
 
 def test_single_example_is_skipped_but_still_trains(digits):
