@@ -223,6 +223,14 @@ class Controller:
                 "clamped_total": self.clamped,
                 "nonfinite_total": self.nonfinite}
 
+    def _nonfinite(self, field):
+        """Step 2's policy for the first bad field: raise, or skip and count."""
+        if self.cfg["nonfinite"] == "raise":
+            raise NonFiniteError(field)
+        self.skipped += 1
+        self.nonfinite += 1
+        return self._report(True, "nonfinite", None, None, False, None)
+
     def step(self, stats):
         """Steps 1-10 of the README. Returns the expect dict of the step."""
         cfg = self.cfg
@@ -235,11 +243,7 @@ class Controller:
                                     ("sq_norm_sum", s), ("grad_sum", g2))
                if not math.isfinite(v)]
         if bad:
-            if cfg["nonfinite"] == "raise":
-                raise NonFiniteError(bad[0])
-            self.skipped += 1
-            self.nonfinite += 1
-            return self._report(True, "nonfinite", None, None, False, None)
+            return self._nonfinite(bad[0])
         if m < 1 or (m < 2 and self.ddof == 1):
             self.skipped += 1
             return self._report(True, "count", None, None, False, None)
@@ -263,11 +267,7 @@ class Controller:
         bad = [name for name, v in (("variance", xi), ("xi_avg", xi_avg), ("loss_avg", loss_avg))
                if not math.isfinite(v)] + (["raw"] if math.isnan(raw) else [])
         if bad:
-            if cfg["nonfinite"] == "raise":
-                raise NonFiniteError(bad[0])
-            self.skipped += 1
-            self.nonfinite += 1
-            return self._report(True, "nonfinite", None, None, False, None)
+            return self._nonfinite(bad[0])
         self.clamped += clamped
         self.xi_avg, self.loss_avg, self.updates = xi_avg, loss_avg, updates
         if math.isinf(raw):
