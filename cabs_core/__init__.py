@@ -28,7 +28,13 @@ from .exactness import (
     rtol_for,
     verify_due,
 )
-from .per_example import bias_sq_norms, embedding_sq_norms, linear_sq_norms, scale_sq_norms
+from .per_example import (
+    bias_sq_norms,
+    embedding_sq_norms,
+    linear_sq_norms,
+    scale_sq_norms,
+    tied_embedding_cross_terms,
+)
 from .rules import (
     cabs_batch_size,
     discretise,
@@ -75,6 +81,7 @@ __all__ = [
     "bias_sq_norms",
     "bucket_for",
     "embedding_sq_norms",
+    "tied_embedding_cross_terms",
     "linear_sq_norms",
     "cabs_batch_size",
     "check_digests",

@@ -88,3 +88,41 @@ def scale_sq_norms(xhat: Array, b: Array) -> Array:
     xp = array_namespace(xhat, b)
     s = xp.sum(xhat * b, axis=1)
     return xp.sum(s * s, axis=1)
+
+
+def tied_embedding_cross_terms(tokens: Array, b_lookup: Array, query: Array, b_attend: Array) -> Array:
+    """<G_lookup,i, G_attend,i> per example: (m,), for an embedding table E (V, d)
+    used both as a lookup ``E[tokens]`` and as an output projection ``query @ E^T``.
+
+    ``tokens`` (m, T1) ids and ``b_lookup`` (m, T1, d) the gradients of the
+    looked-up rows; ``query`` (m, T2, d) the projection's input and
+    ``b_attend`` (m, T2, V) its output gradients. With G_lookup = onehot^T b_lookup
+    and G_attend = b_attend^T query, the inner product is
+    sum_{t,s} (b_lookup_it . query_is) * b_attend_is[tokens_it] (Gram form; the
+    one-hot is never formed). The tied table's per-example squared norm is
+    the lookup's term + the projection's term + 2 * this.
+    """
+    if (
+        tokens.ndim != 2 or b_lookup.ndim != 3 or query.ndim != 3 or b_attend.ndim != 3
+        or tokens.shape != b_lookup.shape[:2] or query.shape[:2] != b_attend.shape[:2]
+        or tokens.shape[0] != query.shape[0] or b_lookup.shape[2] != query.shape[2]
+    ):
+        raise ValueError(
+            f"expected tokens (m, T1), lookup gradients (m, T1, d), queries (m, T2, d) and projection gradients "
+            f"(m, T2, V), got {tuple(tokens.shape)}, {tuple(b_lookup.shape)}, {tuple(query.shape)}, "
+            f"{tuple(b_attend.shape)}"
+        )
+    xp = array_namespace(tokens, b_lookup, query, b_attend)
+    m, t1 = tokens.shape
+    t2, v = b_attend.shape[1], b_attend.shape[2]
+    dots = xp.matmul(b_lookup, xp.permute_dims(query, (0, 2, 1)))  # (m, T1, T2): b_lookup_it . query_is
+    if hasattr(xp, "take_along_axis"):  # picked[i, t, s] = b_attend[i, s, tokens[i, t]]
+        idx = xp.broadcast_to(xp.reshape(tokens, (m, 1, t1)), (m, t2, t1))
+        picked = xp.permute_dims(xp.take_along_axis(b_attend, idx, axis=2), (0, 2, 1))
+    else:  # gathered from the flat array
+        row = xp.reshape(xp.arange(m, dtype=tokens.dtype), (m, 1, 1)) * t2 + xp.reshape(
+            xp.arange(t2, dtype=tokens.dtype), (1, 1, t2)
+        )  # (m, 1, T2)
+        flat = xp.reshape(row * v + xp.reshape(tokens, (m, t1, 1)), (m * t1 * t2,))
+        picked = xp.reshape(xp.take(xp.reshape(b_attend, (m * t2 * v,)), flat), (m, t1, t2))
+    return xp.sum(xp.reshape(dots * picked, (m, t1 * t2)), axis=1)
