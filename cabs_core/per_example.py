@@ -114,15 +114,9 @@ def tied_embedding_cross_terms(tokens: Array, b_lookup: Array, query: Array, b_a
         )
     xp = array_namespace(tokens, b_lookup, query, b_attend)
     m, t1 = tokens.shape
-    t2, v = b_attend.shape[1], b_attend.shape[2]
+    t2 = b_attend.shape[1]
     dots = xp.matmul(b_lookup, xp.permute_dims(query, (0, 2, 1)))  # (m, T1, T2): b_lookup_it . query_is
-    if hasattr(xp, "take_along_axis"):  # picked[i, t, s] = b_attend[i, s, tokens[i, t]]
-        idx = xp.broadcast_to(xp.reshape(tokens, (m, 1, t1)), (m, t2, t1))
-        picked = xp.permute_dims(xp.take_along_axis(b_attend, idx, axis=2), (0, 2, 1))
-    else:  # gathered from the flat array
-        row = xp.reshape(xp.arange(m, dtype=tokens.dtype), (m, 1, 1)) * t2 + xp.reshape(
-            xp.arange(t2, dtype=tokens.dtype), (1, 1, t2)
-        )  # (m, 1, T2)
-        flat = xp.reshape(row * v + xp.reshape(tokens, (m, t1, 1)), (m * t1 * t2,))
-        picked = xp.reshape(xp.take(xp.reshape(b_attend, (m * t2 * v,)), flat), (m, t1, t2))
+    idx = xp.broadcast_to(xp.reshape(tokens, (m, 1, t1)), (m, t2, t1))
+    # picked[i, t, s] = b_attend[i, s, tokens[i, t]] (take_along_axis: Array API 2024.12)
+    picked = xp.permute_dims(xp.take_along_axis(b_attend, idx, axis=2), (0, 2, 1))
     return xp.sum(xp.reshape(dots * picked, (m, t1 * t2)), axis=1)
