@@ -10,6 +10,8 @@ See ``docs/jax.md``.
 
 from __future__ import annotations
 
+from cabs_core import VERIFY_EVERY, FastPathFallbackWarning, UnsupportedModelError
+
 from .dispatch import Method, batch_stats
 from .flax_fast import BatchNormTrainingError, FlaxLoss, UnsupportedLayerError, fast_stats, is_supported
 from .stats import generic_stats, grad_tree
@@ -27,10 +29,13 @@ __all__ = [
     "BatchIterator",
     "BatchNormTrainingError",
     "CABSTrainer",
+    "FastPathFallbackWarning",
     "FlaxLoss",
     "Method",
     "TrainState",
     "UnsupportedLayerError",
+    "UnsupportedModelError",
+    "VERIFY_EVERY",
     "batch_stats",
     "fast_stats",
     "generic_stats",
