@@ -10,7 +10,8 @@ See ``docs/jax.md``.
 
 from __future__ import annotations
 
-from cabs_core import VERIFY_EVERY, FastPathFallbackWarning, UnsupportedModelError
+from cabs_core import FastPathFallbackWarning, UnsupportedModelError
+from cabs_core.exactness import VERIFY_EVERY
 
 from .dispatch import Method, batch_stats
 from .flax_fast import BatchNormTrainingError, FlaxLoss, UnsupportedLayerError, fast_stats, is_supported
