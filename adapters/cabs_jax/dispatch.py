@@ -43,7 +43,14 @@ def batch_stats(
             f"got {type(loss).__name__}; use method='generic' for other loss functions",
             reason="not a FlaxLoss",
         )
+    eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, batch, weights)))
     if method != "generic" and isinstance(loss, FlaxLoss):
         if resolve(loss, params, batch, weights, method) == "fast":
-            return fast_stats_unchecked(loss, params, batch, weights)
+            return (_fast_jit if eager else fast_stats_unchecked)(loss, params, batch, weights)
+    if eager:  # one compiled program rather than one dispatch per operation
+        return _generic_jit(loss, params, batch, weights, chunk_size=chunk_size)
     return generic_stats(loss, params, batch, weights, chunk_size=chunk_size)
+
+
+_fast_jit = jax.jit(fast_stats_unchecked, static_argnums=0)
+_generic_jit = jax.jit(generic_stats, static_argnums=0, static_argnames="chunk_size")

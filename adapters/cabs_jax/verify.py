@@ -65,6 +65,7 @@ class Verdict:
     checked: dict[int, UnsupportedModelError | None] = field(default_factory=dict)  # full-batch sizes seen
     warned: bool = False
     probes: int = 0
+    inconclusive: bool = False  # the probe's values were not finite: probe again on the next call
 
 
 _VERDICTS: weakref.WeakKeyDictionary[FlaxLoss, dict[tuple, Verdict]] = weakref.WeakKeyDictionary()
@@ -137,6 +138,9 @@ def probe(floss: FlaxLoss, params: PyTree, batch: PyTree, weights: Any, m: int, 
                 b_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + tuple(jnp.shape(a)[1:]), a.dtype), batch)
                 p_probe, b_probe = _synthetic(params, 0), _synthetic(b_shapes, 1)
             s_fast, s_generic, accounting = jax.device_get(_probe_jit(floss, p_probe, b_probe))
+        numbers = [s_fast, s_generic] + [v for t in accounting.values() for v in t]
+        if not all(np.isfinite(v) for v in numbers):
+            return Verdict(None, inconclusive=True)  # non-finite values establish nothing either way
         rtol = rtol_for(str(float_dtype(params)))
         for layer, (diff, norm, s_layer) in accounting.items():
             check_close(
@@ -198,8 +202,12 @@ def resolve(
                 raise UnsupportedModelError(f"cannot establish the fast path: {reason}", reason=reason)
             return "generic"
         new = probe(floss, params, batch, weights, m, k)
+        if new.inconclusive:  # this call is exact on the generic path; the next one probes again
+            return "generic"
         new.probes = (verdict.probes if verdict is not None else 0) + 1
         new.warned = verdict.warned if verdict is not None else False
+        if verdict is not None and new.error is None and new.structure == verdict.structure:
+            new.checked = verdict.checked  # the full-batch sizes already checked against this structure
         cache[sig] = verdict = new
     try:
         if verdict.error is not None:
