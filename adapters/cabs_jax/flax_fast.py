@@ -10,12 +10,18 @@ layer's gradient then follows from ``a`` and ``b`` with the shared formulas of
 :mod:`cabs_core.per_example` (convolutions: unfolded patches); per-example
 gradients of the whole model are never formed.
 
-Requirements: the model maps examples independently along axis 0 (no
-BatchNorm in training mode, no cross-example operations), every parameter
-belongs to one of the four layer types and each such layer is called once per
-forward pass. Otherwise :func:`fast_stats` raises
-:class:`UnsupportedLayerError`, and ``method="auto"`` falls back to the generic
-path.
+``Embed.attend`` (the tied output projection) is intercepted too: a table
+used as lookup and projection gets both terms and their Gram-form cross term.
+
+Requirements: every parameter belongs to one of the four layer types, each
+such layer is called once per forward pass (an Embed: once as lookup and once
+as ``attend``), and every captured tensor carries the examples along axis 0.
+:func:`fast_stats` returns S only once :mod:`cabs_jax.verify` has established
+this for the model and input signature (a probe at a batch size no other
+dimension has, the accounting of every parameter's gradient, fast S = generic
+S); otherwise it raises :class:`~cabs_core.UnsupportedModelError` naming the
+layer, and ``method="auto"`` falls back to the generic path with one
+:class:`~cabs_core.FastPathFallbackWarning`.
 """
 
 from __future__ import annotations
