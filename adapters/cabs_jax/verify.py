@@ -76,16 +76,18 @@ def _is_traced(tree: PyTree) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
-def signature(params: PyTree, batch: PyTree) -> tuple:
-    """The parameters' tree, shapes and dtypes and the batch's without the example axis."""
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
+    if isinstance(x, jax.Array):  # the common case, kept cheap: the trainer looks this up every step
+        return x.shape, x.dtype
+    return tuple(np.shape(x)), jax.dtypes.canonicalize_dtype(jnp.result_type(x))
+
+
+def signature(params: PyTree, x: PyTree) -> tuple:
+    """The parameters' tree, shapes and dtypes and the model input's without the example axis."""
     p_leaves, p_def = jax.tree.flatten(params)
-    b_leaves, b_def = jax.tree.flatten(batch)
-    return (
-        p_def,
-        tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in p_leaves),
-        b_def,
-        tuple((tuple(jnp.shape(x)[1:]), str(jnp.result_type(x))) for x in b_leaves),
-    )
+    x_leaves, x_def = jax.tree.flatten(x)
+    xs = [_shape_dtype(a) for a in x_leaves]
+    return (p_def, tuple(_shape_dtype(a) for a in p_leaves), x_def, tuple((s[1:], d) for s, d in xs))
 
 
 def _probe_size(params: PyTree, batch: PyTree, m: int) -> int | None:
@@ -120,16 +122,22 @@ def _probe_rows(batch: PyTree, weights: Any, k: int) -> PyTree:
     return jax.tree.map(lambda a: a[idx] if isinstance(a, np.ndarray) else jnp.take(a, jnp.asarray(idx), axis=0), batch)
 
 
-def probe(floss: FlaxLoss, params: PyTree, batch: PyTree, weights: Any, m: int, k: int) -> Verdict:
-    """Run the three checks on k examples (see the module docstring)."""
+def probe(
+    floss: FlaxLoss, params: PyTree, batch: PyTree, weights: Any, m: int, k: int, known: tuple | None = None
+) -> Verdict:
+    """Run the three checks on k examples (see the module docstring). ``known``: the
+    structure an earlier probe of this signature established (a re-probe checks the
+    values only: the traced structure is a function of the signature)."""
     x = floss.inputs(batch)
     try:
-        x_k = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + tuple(jnp.shape(a)[1:]), jnp.result_type(a)), x)
-        uses_k = _plan(floss, params, x_k, k)
-        uses_m = _plan(floss, params, x, m)
-        if structure(uses_k) != structure(uses_m):
-            where, reason = _first_difference(uses_k, uses_m, k, m)
-            raise UnsupportedModelError(f"{where}: {reason}", layer=where, reason=reason)
+        if known is None:
+            x_k = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + tuple(jnp.shape(a)[1:]), jnp.result_type(a)), x)
+            uses_k = _plan(floss, params, x_k, k)
+            uses_m = _plan(floss, params, x, m)
+            if structure(uses_k) != structure(uses_m):
+                where, reason = _first_difference(uses_k, uses_m, k, m)
+                raise UnsupportedModelError(f"{where}: {reason}", layer=where, reason=reason)
+            known = structure(uses_m)
         concrete = not (_is_traced(params) or _is_traced(batch) or _is_traced(weights))
         with jax.ensure_compile_time_eval():  # values, also inside a caller's trace
             if concrete:
@@ -157,7 +165,7 @@ def probe(floss: FlaxLoss, params: PyTree, batch: PyTree, weights: Any, m: int, 
     except Exception as e:  # the fast path's own machinery failed on this model: a result, not a crash
         reason = f"the fast path failed on this model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return Verdict(UnsupportedModelError(reason, reason=reason))
-    return Verdict(None, structure(uses_m))
+    return Verdict(None, known)
 
 
 def _first_difference(uses_k: tuple, uses_m: tuple, k: int, m: int) -> tuple[str, str]:
@@ -190,18 +198,22 @@ def resolve(
     :class:`~cabs_core.UnsupportedModelError` where ``"auto"`` falls back (one
     :class:`~cabs_core.FastPathFallbackWarning` per signature). ``reprobe``:
     probe again even if the signature has a verdict (the trainer's ``verify_every``)."""
-    m = batch_size_of(batch)
-    sig = signature(params, floss.inputs(batch))
-    cache = _VERDICTS.setdefault(floss, {})
+    x = floss.inputs(batch)
+    sig = signature(params, x)
+    m = int(jnp.shape(jax.tree.leaves(x)[0])[0]) if jax.tree.leaves(x) else batch_size_of(batch)
+    cache = _VERDICTS.get(floss)
+    if cache is None:
+        cache = _VERDICTS[floss] = {}
     verdict = cache.get(sig)
     if verdict is None or (reprobe and verdict.error is None):
-        k = _probe_size(params, floss.inputs(batch), m)
+        k = _probe_size(params, x, m)
         if k is None:
             reason = f"a batch of {m} examples is too small for a probe batch of a size no other dimension has"
             if method == "fast":
                 raise UnsupportedModelError(f"cannot establish the fast path: {reason}", reason=reason)
             return "generic"
-        new = probe(floss, params, batch, weights, m, k)
+        known = verdict.structure if verdict is not None and m in verdict.checked else None
+        new = probe(floss, params, batch, weights, m, k, known)
         if new.inconclusive:  # this call is exact on the generic path; the next one probes again
             return "generic"
         new.probes = (verdict.probes if verdict is not None else 0) + 1
