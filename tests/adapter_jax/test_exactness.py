@@ -144,6 +144,9 @@ TABLE = {
 }
 
 
+JITTED = ("tied_attribute", "tied_attend", "time_major_T_eq_m", "positional_T_eq_m", "buffer_T_eq_m", "remat")
+
+
 @pytest.mark.parametrize("case", TABLE)
 def test_issue_table_exact_or_steps_aside(case: str) -> None:
     module, kind, m, t, outcome = TABLE[case]
@@ -165,6 +168,8 @@ def test_issue_table_exact_or_steps_aside(case: str) -> None:
         with warnings.catch_warnings():  # one warning per signature, not one per call
             warnings.simplefilter("error", FastPathFallbackWarning)
             assert_stats_close(cabs_jax.batch_stats(floss, params, batch), want)
+    if case not in JITTED:
+        return
     # inside the caller's jit (the probe runs at trace time on values of the same shapes): the same outcome
     floss2 = FlaxLoss(module, cross_entropy)
     with warnings.catch_warnings():
@@ -294,7 +299,7 @@ SPECS = st.builds(
 )
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=SPECS, t=st.integers(2, 6), m_choice=st.sampled_from(["T", "dim", "other"]), seed=st.integers(0, 99))
 def test_property_random_models_exact_or_step_aside(spec: Spec, t: int, m_choice: str, seed: int) -> None:
     module = Random(spec)
