@@ -299,7 +299,7 @@ SPECS = st.builds(
 )
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=SPECS, t=st.integers(2, 6), m_choice=st.sampled_from(["T", "dim", "other"]), seed=st.integers(0, 99))
 def test_property_random_models_exact_or_step_aside(spec: Spec, t: int, m_choice: str, seed: int) -> None:
     module = Random(spec)
