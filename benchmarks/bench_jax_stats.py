@@ -8,8 +8,16 @@ scalars CABS needs (m, sum l_i, S, ||sum g_i||^2). Prints best-of-n times
 alike) and the ratios to the plain step side by side. Not a test: nothing is
 asserted.
 
+With ``--verify`` a second table gives the cost of the checks that establish
+the fast path (issue 12, ``cabs_jax.verify``) as the trainer runs them: the
+host-side look-up of the verdict before every step, the first probe of a
+signature (its compilation included) and each later probe every
+``--verify-every`` steps, amortised over a run of ``--run-steps`` steps, and
+the amortised fast step with the checks on against the fast step without them.
+
     python benchmarks/bench_jax_stats.py                      # batches 32 128 512
     python benchmarks/bench_jax_stats.py --batches 128 --models cnn --chunk 32
+    python benchmarks/bench_jax_stats.py --batches 128 --verify --generic-reps 0
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ import time
 from collections.abc import Callable
 
 import cabs_jax
+import cabs_jax.verify
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cabs_core import reduce_stats
+from cabs_core.exactness import VERIFY_EVERY
 
 
 class MLP(nn.Module):
@@ -87,6 +97,31 @@ def steps(floss: cabs_jax.FlaxLoss, chunk: int) -> tuple[Callable, Callable, Cal
     return plain, stats_step("fast"), stats_step("generic")
 
 
+def verify_costs(module: nn.Module, params, batch, mask, reps: int) -> tuple[float, float, float]:
+    """(first probe incl. compilation, a later probe, the per-step verdict look-up), seconds,
+    as ``CABSTrainer.step`` runs them (a fresh FlaxLoss, so the first probe compiles)."""
+    floss = cabs_jax.FlaxLoss(module, cross_entropy)
+
+    def resolve(reprobe: bool) -> str:
+        return cabs_jax.verify.resolve(floss, params, batch, mask, "fast", reprobe=reprobe)
+
+    t0 = time.perf_counter()
+    assert resolve(True) == "fast"
+    first = time.perf_counter() - t0
+    again = min(_timed(lambda: resolve(True)) for _ in range(max(reps, 1)))
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        resolve(False)
+    return first, again, (time.perf_counter() - t0) / n
+
+
+def _timed(fn: Callable) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
@@ -94,7 +129,10 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64, help="generic path: examples per chunk")
     ap.add_argument("--reps", type=int, default=5, help="plain and fast: at least this many timed calls")
     ap.add_argument("--min-time", type=float, default=0.5, help="plain: and at least this many seconds of them")
-    ap.add_argument("--generic-reps", type=int, default=1, help="generic (slow): timed calls")
+    ap.add_argument("--generic-reps", type=int, default=1, help="generic (slow): timed calls (0: skip)")
+    ap.add_argument("--verify", action="store_true", help="also time the fast path's checks (issue 12)")
+    ap.add_argument("--verify-every", type=int, default=VERIFY_EVERY, help="steps between probes")
+    ap.add_argument("--run-steps", type=int, default=1000, help="run length the checks are amortised over")
     args = ap.parse_args()
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {jax.devices()[0].device_kind}")
@@ -105,6 +143,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(0)
+    verify_rows = []
     for name in args.models:
         module = MLP() if name == "mlp" else PaperCNN()
         floss = cabs_jax.FlaxLoss(module, cross_entropy)
@@ -121,9 +160,32 @@ def main() -> None:
                 {"plain": (plain, params, batch), "fast": (fast, params, batch, mask)}, args.reps, args.min_time
             )
             tp, tf = t["plain"], t["fast"]
-            tg = best_times({"generic": (generic, params, batch, mask)}, args.generic_reps, 0.0)["generic"]
+            if args.generic_reps > 0:
+                tg = best_times({"generic": (generic, params, batch, mask)}, args.generic_reps, 0.0)["generic"]
+                g_cols = f"{1e3 * tg:11.2f} {tf / tp:10.2f}x {tg / tp:13.2f}x"
+            else:
+                g_cols = f"{'-':>11} {tf / tp:10.2f}x {'-':>14}"
+            print(f"{name:5} {m:5d} {1e3 * tp:9.2f} {1e3 * tf:9.2f} {g_cols}", flush=True)
+            if args.verify:
+                verify_rows.append((name, m, tf, *verify_costs(module, params, batch, np.ones(m, bool), args.reps)))
+
+    if verify_rows:
+        n, every = args.run_steps, args.verify_every
+        probes = 1 + (n - 1) // every if every else 1
+        print(f"\nchecks (issue 12) with verify_every={every}: steady = the per-step look-up and a re-probe every "
+              f"{every} steps; run = also the first probe (its compilation) amortised over {n} steps")
+        header = (
+            f"{'model':5} {'batch':>5} {'fast ms':>9} {'look-up us':>11} {'probe ms':>9} {'steady':>8} "
+            f"{'1st probe s':>12} {'run':>8}"
+        )
+        print(header)
+        print("-" * len(header))
+        for name, m, tf, first, again, lookup in verify_rows:
+            steady = (lookup + again / every if every else lookup) / tf
+            run = (n * lookup + first + (probes - 1) * again) / (n * tf)
             print(
-                f"{name:5} {m:5d} {1e3 * tp:9.2f} {1e3 * tf:9.2f} {1e3 * tg:11.2f} {tf / tp:10.2f}x {tg / tp:13.2f}x",
+                f"{name:5} {m:5d} {1e3 * tf:9.2f} {1e6 * lookup:11.1f} {1e3 * again:9.1f} {100 * steady:7.2f}% "
+                f"{first:12.2f} {100 * run:7.2f}%",
                 flush=True,
             )
 

@@ -10,6 +10,9 @@ See ``docs/jax.md``.
 
 from __future__ import annotations
 
+from cabs_core import FastPathFallbackWarning, UnsupportedModelError
+from cabs_core.exactness import VERIFY_EVERY
+
 from .dispatch import Method, batch_stats
 from .flax_fast import BatchNormTrainingError, FlaxLoss, UnsupportedLayerError, fast_stats, is_supported
 from .stats import generic_stats, grad_tree
@@ -27,10 +30,13 @@ __all__ = [
     "BatchIterator",
     "BatchNormTrainingError",
     "CABSTrainer",
+    "FastPathFallbackWarning",
     "FlaxLoss",
     "Method",
     "TrainState",
     "UnsupportedLayerError",
+    "UnsupportedModelError",
+    "VERIFY_EVERY",
     "batch_stats",
     "fast_stats",
     "generic_stats",

@@ -6,10 +6,11 @@ from typing import Literal
 
 import jax
 
-from cabs_core import BatchStats
+from cabs_core import BatchStats, UnsupportedModelError
 
-from .flax_fast import FlaxLoss, UnsupportedLayerError, fast_stats
+from .flax_fast import FlaxLoss, fast_stats_unchecked
 from .stats import LossFn, PyTree, generic_stats
+from .verify import resolve
 
 Method = Literal["auto", "fast", "generic"]
 
@@ -26,22 +27,30 @@ def batch_stats(
     """Exact :class:`~cabs_core.BatchStats` (m, sum_i l_i, sum_i g_i, S = sum_i ||g_i||^2).
 
     ``method="fast"`` needs a :class:`FlaxLoss` whose parameters all belong to
-    Dense/Conv/Embed/LayerNorm layers (else :class:`UnsupportedLayerError`);
-    ``"generic"`` works for any ``loss(params, example)``; ``"auto"`` takes the
-    fast path when it applies. ``chunk_size`` bounds the generic path's memory.
-    Traceable: call it inside ``jax.jit``.
+    Dense/Conv/Embed/LayerNorm layers and whose per-example decomposition the
+    probe establishes for this input signature (:mod:`cabs_jax.verify`); else
+    it raises :class:`~cabs_core.UnsupportedModelError` naming the layer and the
+    reason. ``"generic"`` works for any ``loss(params, example)``; ``"auto"``
+    takes the fast path where it is established, else the generic path (one
+    :class:`~cabs_core.FastPathFallbackWarning` per signature). ``chunk_size``
+    bounds the generic path's memory. Traceable: call it inside ``jax.jit``.
     """
     if method not in ("auto", "fast", "generic"):
         raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
     if method == "fast" and not isinstance(loss, FlaxLoss):
-        raise UnsupportedLayerError(
+        raise UnsupportedModelError(
             f"method='fast' needs a cabs_jax.FlaxLoss (a linen module and a per-example output loss), "
-            f"got {type(loss).__name__}; use method='generic' for other loss functions"
+            f"got {type(loss).__name__}; use method='generic' for other loss functions",
+            reason="not a FlaxLoss",
         )
+    eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, batch, weights)))
     if method != "generic" and isinstance(loss, FlaxLoss):
-        try:
-            return fast_stats(loss, params, batch, weights)
-        except UnsupportedLayerError:
-            if method == "fast":
-                raise
+        if resolve(loss, params, batch, weights, method) == "fast":
+            return (_fast_jit if eager else fast_stats_unchecked)(loss, params, batch, weights)
+    if eager:  # one compiled program rather than one dispatch per operation
+        return _generic_jit(loss, params, batch, weights, chunk_size=chunk_size)
     return generic_stats(loss, params, batch, weights, chunk_size=chunk_size)
+
+
+_fast_jit = jax.jit(fast_stats_unchecked, static_argnums=0)
+_generic_jit = jax.jit(generic_stats, static_argnums=0, static_argnames="chunk_size")

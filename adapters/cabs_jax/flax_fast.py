@@ -10,12 +10,18 @@ layer's gradient then follows from ``a`` and ``b`` with the shared formulas of
 :mod:`cabs_core.per_example` (convolutions: unfolded patches); per-example
 gradients of the whole model are never formed.
 
-Requirements: the model maps examples independently along axis 0 (no
-BatchNorm in training mode, no cross-example operations), every parameter
-belongs to one of the four layer types and each such layer is called once per
-forward pass. Otherwise :func:`fast_stats` raises
-:class:`UnsupportedLayerError`, and ``method="auto"`` falls back to the generic
-path.
+``Embed.attend`` (the tied output projection) is intercepted too: a table
+used as lookup and projection gets both terms and their Gram-form cross term.
+
+Requirements: every parameter belongs to one of the four layer types, each
+such layer is called once per forward pass (an Embed: once as lookup and once
+as ``attend``), and every captured tensor carries the examples along axis 0.
+:func:`fast_stats` returns S only once :mod:`cabs_jax.verify` has established
+this for the model and input signature (a probe at a batch size no other
+dimension has, the accounting of every parameter's gradient, fast S = generic
+S); otherwise it raises :class:`~cabs_core.UnsupportedModelError` naming the
+layer, and ``method="auto"`` falls back to the generic path with one
+:class:`~cabs_core.FastPathFallbackWarning`.
 """
 
 from __future__ import annotations
@@ -32,28 +38,42 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
-from cabs_core import BatchStats, bias_sq_norms, embedding_sq_norms, linear_sq_norms
+from cabs_core import (
+    BatchNormTrainingError,
+    BatchStats,
+    UnsupportedModelError,
+    bias_sq_norms,
+    embedding_linear_cross_sq_norms,
+    embedding_sq_norms,
+    linear_sq_norms,
+)
 
-from .stats import PyTree, batch_size_of, check_weights, float_dtype
+from .stats import PyTree, batch_size_of, check_weights, float_dtype, generic_stats
 
 SUPPORTED = (nn.Dense, nn.Conv, nn.Embed, nn.LayerNorm)
 
+#: the methods of a supported layer the fast path intercepts; ``Embed.attend`` is
+#: the tied output projection (query @ embedding^T)
+METHODS = {"Dense": ("__call__",), "Conv": ("__call__",), "Embed": ("__call__", "attend"), "LayerNorm": ("__call__",)}
 
-class UnsupportedLayerError(ValueError):
-    """The fast path cannot compute exact per-example norms for this model."""
+#: the adapter's former error name, kept importable: the core's error
+UnsupportedLayerError = UnsupportedModelError
 
 
-class BatchNormTrainingError(ValueError):
-    """BatchNorm in training mode couples the examples of a batch."""
+def _unsupported(where: str, reason: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{where}: {reason}", layer=where, reason=reason)
 
-    def __init__(self, path: str) -> None:
-        super().__init__(
-            f"BatchNorm at {path!r} runs in training mode (use_running_average=False): it normalises "
-            "with the statistics of the whole batch, so examples are coupled and per-example gradients "
-            "(hence CABS's within-batch variance estimate) are not defined. Options: call it with "
-            "use_running_average=True inside the loss, replace it by LayerNorm/GroupNorm, or estimate "
-            "the variance from micro-batch mean gradients with cabs_core.group_variance."
-        )
+
+def _batchnorm_error(path: str) -> BatchNormTrainingError:
+    return BatchNormTrainingError(
+        f"BatchNorm at {path!r} runs in training mode (use_running_average=False): it normalises "
+        "with the statistics of the whole batch, so examples are coupled and per-example gradients "
+        "(hence CABS's within-batch variance estimate) are not defined. Options: call it with "
+        "use_running_average=True inside the loss, replace it by LayerNorm/GroupNorm, or estimate "
+        "the variance from micro-batch mean gradients with cabs_core.group_variance.",
+        layer=path,
+        reason="BatchNorm in training mode couples the examples",
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +120,7 @@ def _batchnorm_training(module: nn.Module, args: tuple, kwargs: dict) -> bool:
 def _refuse_batchnorm_training(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
     mod = context.module
     if isinstance(mod, nn.BatchNorm) and context.method_name == "__call__" and _batchnorm_training(mod, args, kwargs):
-        raise BatchNormTrainingError("/".join(_path(mod)) or type(mod).__name__)
+        raise _batchnorm_error("/".join(_path(mod)) or type(mod).__name__)
     return next_fun(*args, **kwargs)
 
 
@@ -115,72 +135,137 @@ def _kind(module: nn.Module) -> str | None:
 def _check_config(kind: str, mod: nn.Module, where: str) -> None:
     unshared = not getattr(mod, "shared_weights", True)
     if kind == "Conv" and (mod.feature_group_count != 1 or mod.mask is not None or unshared):
-        raise UnsupportedLayerError(f"{where}: Conv with feature_group_count != 1, a mask or unshared weights")
+        raise _unsupported(where, "Conv with feature_group_count != 1, a mask or unshared weights")
     if kind == "Conv" and (mod.conv_general_dilated is not None or mod.conv_general_dilated_cls is not None):
-        raise UnsupportedLayerError(f"{where}: Conv with a custom convolution function")
+        raise _unsupported(where, "Conv with a custom convolution function")
     if kind == "LayerNorm":
         red = mod.reduction_axes if isinstance(mod.reduction_axes, int) else tuple(mod.reduction_axes)
         feat = mod.feature_axes if isinstance(mod.feature_axes, int) else tuple(mod.feature_axes)
         if red not in (-1, (-1,)) or feat not in (-1, (-1,)) or mod.axis_name is not None:
-            raise UnsupportedLayerError(f"{where}: LayerNorm over axes other than the last one")
+            raise _unsupported(where, "LayerNorm over axes other than the last one")
     if kind == "Dense" and mod.dot_general is not None or kind == "Dense" and mod.dot_general_cls is not None:
-        raise UnsupportedLayerError(f"{where}: Dense with a custom dot_general")
+        raise _unsupported(where, "Dense with a custom dot_general")
+
+
+Key = tuple[tuple[str, ...], str]  # (layer path, method)
+
+
+@dataclass(frozen=True)
+class Use:
+    """One intercepted call of a supported layer: where, which method, the layer
+    (an unbound copy), its input ``a`` and output ``y`` (arrays or shapes)."""
+
+    path: tuple[str, ...]
+    kind: str
+    method: str
+    module: nn.Module
+    a: Any
+    y: Any
+
+    @property
+    def where(self) -> str:
+        name = "/".join(self.path) or self.kind
+        return name if self.method == "__call__" else f"{name}.{self.method}"
 
 
 class _Recorder:
-    """Method interceptor: records supported layer calls, adds perturbations to their outputs."""
+    """Method interceptor: records supported layer calls, adds perturbations to their outputs.
 
-    def __init__(self, perturbations: Mapping[tuple[str, ...], jax.Array] | None = None) -> None:
+    ``trace_of`` (in an abstract trace): an array of the outer trace; a layer
+    whose output lives in another trace runs inside a lifted transformation
+    (nn.remat, nn.vmap, nn.scan, ...), where its input and output gradient
+    cannot be captured.
+    """
+
+    def __init__(self, perturbations: Mapping[Key, jax.Array] | None = None, trace_of: Any = None) -> None:
         self.perturbations = perturbations
-        self.layers: dict[tuple[str, ...], tuple[str, nn.Module, Any, Any]] = {}
+        self.uses: dict[Key, Use] = {}
+        self.outer_trace = getattr(trace_of, "_trace", None)
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         mod, method = context.module, context.method_name
         path = _path(mod)
         where = "/".join(path) or type(mod).__name__
         if isinstance(mod, nn.BatchNorm) and method == "__call__" and _batchnorm_training(mod, args, kwargs):
-            raise BatchNormTrainingError(where)
+            raise _batchnorm_error(where)
         kind = _kind(mod)
         if kind is None or method == "setup":
             return next_fun(*args, **kwargs)
-        if method != "__call__":
-            raise UnsupportedLayerError(f"{where}: {kind}.{method} (e.g. weight tying) is not supported")
-        if path in self.layers:
-            raise UnsupportedLayerError(f"{where}: {kind} called more than once per forward pass (shared weights)")
+        if method not in METHODS[kind]:
+            raise _unsupported(where, f"{kind}.{method} is not a method the fast path knows")
+        key = (path, method)
+        if key in self.uses:
+            raise _unsupported(
+                where, f"{kind}{'' if method == '__call__' else '.' + method} called more than once per forward "
+                "pass (shared weights)"
+            )
         if kwargs or len(args) != 1:
-            raise UnsupportedLayerError(f"{where}: {kind} called with extra arguments")
+            raise _unsupported(where, f"{kind} called with extra arguments")
         _check_config(kind, mod, where)
         y = next_fun(*args, **kwargs)
-        self.layers[path] = (kind, mod, args[0], y)
+        if self.outer_trace is not None and getattr(y, "_trace", self.outer_trace) is not self.outer_trace:
+            raise _unsupported(
+                where, "layer runs inside a lifted transformation (nn.remat, nn.vmap, nn.scan, ...), where its "
+                "input and output gradient cannot be captured"
+            )
+        self.uses[key] = Use(path, kind, method, mod.clone(parent=None), args[0], y)
         if self.perturbations is not None:
-            y = y + self.perturbations[path]
+            y = y + self.perturbations[key]
         return y
 
 
-Plan = dict[tuple[str, ...], tuple[str, nn.Module, jax.ShapeDtypeStruct]]
+Plan = tuple[Use, ...]  # a and y as jax.ShapeDtypeStruct
 
 
-def _plan(floss: FlaxLoss, params: PyTree, x: Any) -> Plan:
-    """Abstractly trace one forward pass: each supported layer's kind, module and output
-    shape, refusing models whose parameters are not all covered."""
-    recorder = _Recorder()
+def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
+    """Abstractly trace one forward pass of a batch of ``m`` examples: every
+    supported layer call, refusing models whose parameters are not all covered
+    and captured tensors whose leading axis is not of length ``m``."""
 
     def forward(p: PyTree, x: Any) -> Any:
+        recorder = _Recorder(trace_of=jax.tree.leaves(p)[0])
         with nn.intercept_methods(recorder):
             floss.module.apply({"params": p, **floss.collections}, x)
-        return {path: y for path, (_k, _m, _a, y) in recorder.layers.items()}
+        forward.uses = recorder.uses  # type: ignore[attr-defined]
+        return {key: (u.a, u.y) for key, u in recorder.uses.items()}
 
-    outputs = jax.eval_shape(forward, params, x)
-    plan = {path: (kind, mod, outputs[path]) for path, (kind, mod, _a, _y) in recorder.layers.items()}
-    owned = {path + (name,) for path, (kind, _m, _s) in plan.items() for name in _PARAM_NAMES[kind]}
+    try:
+        shapes = jax.eval_shape(forward, params, x)
+    except jax.errors.UnexpectedTracerError as e:
+        raise UnsupportedModelError(
+            f"a layer runs inside a lifted transformation (nn.remat, nn.vmap, nn.scan, ...) or another inner "
+            f"trace, where the fast path cannot capture its input and output gradient ({str(e).splitlines()[0]})",
+            reason="a layer inside a lifted transformation",
+        ) from None
+    uses = tuple(
+        Use(u.path, u.kind, u.method, u.module, *shapes[key])
+        for key, u in forward.uses.items()  # type: ignore[attr-defined]
+    )
+    owned = {u.path + (name,) for u in uses for name in _PARAM_NAMES[u.kind]}
     for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         p = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
         if p not in owned:
-            raise UnsupportedLayerError(
+            raise UnsupportedModelError(
                 f"parameter {'/'.join(p)!r} does not belong to a Dense, Conv, Embed or LayerNorm layer "
-                f"the fast path knows"
+                f"the fast path knows",
+                layer="/".join(p),
+                reason="a parameter outside the supported layers",
             )
-    return plan
+    for u in uses:
+        for what, t in (("input", u.a), ("output", u.y)):
+            shape = tuple(t.shape)
+            if len(shape) < (1 if (u.kind, u.method, what) == ("Embed", "__call__", "input") else 2) or shape[0] != m:
+                raise _unsupported(
+                    u.where, f"its {what} {shape} has no leading example axis of the batch's {m} examples (a "
+                    "time-major or folded layout, a broadcast buffer, or part of the batch)"
+                )
+    return uses
+
+
+def structure(uses: Plan) -> tuple:
+    """What must agree between the probed and the full batch: the layer calls in
+    order and their captured shapes without the example axis."""
+    return tuple((u.path, u.method, tuple(u.a.shape[1:]), tuple(u.y.shape[1:])) for u in uses)
 
 
 _PARAM_NAMES = {
@@ -194,7 +279,7 @@ _PARAM_NAMES = {
 def _per_position(x: jax.Array, m: int, where: str) -> jax.Array:
     """(m, ..., f) -> (m, T, f): every non-example, non-feature axis is a position sharing the weights."""
     if x.ndim < 2 or x.shape[0] != m:
-        raise UnsupportedLayerError(f"{where}: layer input/output {tuple(x.shape)} has no leading example axis {m}")
+        raise _unsupported(where, f"layer input/output {tuple(x.shape)} has no leading example axis {m}")
     return x.reshape(m, -1, x.shape[-1])
 
 
@@ -259,7 +344,7 @@ def _layer_sq_norms(kind: str, mod: nn.Module, a: Any, b: jax.Array, m: int, whe
         assert isinstance(mod, nn.Conv)
         patches = _conv_patches(mod, a.astype(b.dtype), m)
         if patches.shape[1] != b3.shape[1]:
-            raise UnsupportedLayerError(f"{where}: unfolded positions {patches.shape[1]} != outputs {b3.shape[1]}")
+            raise _unsupported(where, f"unfolded positions {patches.shape[1]} != outputs {b3.shape[1]}")
         sq = linear_sq_norms(patches, b3)
     elif kind == "Embed":
         return embedding_sq_norms(jnp.reshape(a, (m, -1)), b3)
@@ -278,18 +363,37 @@ def _layer_sq_norms(kind: str, mod: nn.Module, a: Any, b: jax.Array, m: int, whe
     return sq + bias_sq_norms(b3) if mod.use_bias else sq
 
 
-def fast_stats(floss: FlaxLoss, params: PyTree, batch: PyTree, weights: jax.Array | None = None) -> BatchStats:
-    """Exact :class:`~cabs_core.BatchStats` from one forward and one backward pass.
+def _path_sq_norms(uses: list[Use], inputs: dict, out_grads: dict, m: int) -> jax.Array:
+    """Per-example squared norm (m,) of the gradient of one layer's parameters,
+    summed over its uses (an Embed used as lookup and as tied projection ``attend``)."""
+    if len(uses) == 1 and uses[0].kind != "Embed":
+        u = uses[0]
+        key = (u.path, u.method)
+        return _layer_sq_norms(u.kind, u.module, inputs[key], out_grads[key], m, u.where)
+    by_method = {u.method: u for u in uses}
+    look, att = by_method.get("__call__"), by_method.get("attend")
+    dtype = out_grads[(uses[0].path, uses[0].method)].dtype
+    sq = jnp.zeros((m,), dtype)
+    if look is not None:
+        ids = jnp.reshape(inputs[(look.path, look.method)], (m, -1))
+        b1 = _per_position(out_grads[(look.path, look.method)], m, look.where)
+        sq = sq + embedding_sq_norms(ids, b1)
+    if att is not None:
+        b2 = _per_position(out_grads[(att.path, att.method)], m, att.where)
+        q = _per_position(inputs[(att.path, att.method)], m, att.where).astype(b2.dtype)
+        sq = sq + linear_sq_norms(q, b2)
+    if look is not None and att is not None:
+        sq = sq + 2 * embedding_linear_cross_sq_norms(ids, b1, q, b2)
+    return sq
 
-    Same contract as :func:`cabs_jax.generic_stats` (``weights`` a 0/1 mask);
-    raises :class:`UnsupportedLayerError` for models it does not cover.
-    """
+
+def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, uses: Plan) -> tuple:
+    """One forward and backward pass: (BatchStats, parameter gradients, captured
+    inputs and output gradients by (path, method), per-example squared norms by path)."""
     m = batch_size_of(batch)
     dtype = float_dtype(params)
-    w = check_weights(weights, m, dtype)
     x = floss.inputs(batch)
-    layers = _plan(floss, params, x)
-    zeros = {path: jnp.zeros(y.shape, y.dtype) for path, (_k, _m, y) in layers.items()}
+    zeros = {(u.path, u.method): jnp.zeros(u.y.shape, u.y.dtype) for u in uses}
 
     def weighted_loss(p: PyTree, eps: dict) -> tuple[jax.Array, tuple]:
         recorder = _Recorder(eps)
@@ -297,26 +401,94 @@ def fast_stats(floss: FlaxLoss, params: PyTree, batch: PyTree, weights: jax.Arra
             out = floss.module.apply({"params": p, **floss.collections}, x)
         losses = jax.vmap(floss.output_loss)(out, batch).astype(dtype)
         losses = jnp.where(w != 0, losses, 0)
-        return jnp.sum(w * losses), (losses, {k: v[2] for k, v in recorder.layers.items()})
+        return jnp.sum(w * losses), (losses, {k: u.a for k, u in recorder.uses.items()})
 
     grads, (losses, inputs) = jax.grad(weighted_loss, argnums=(0, 1), has_aux=True)(params, zeros)
     param_grads, out_grads = grads
-    sq = jnp.zeros((m,), dtype)
+    by_path: dict[tuple[str, ...], list[Use]] = {}
+    for u in uses:
+        by_path.setdefault(u.path, []).append(u)
+    sq_by_path = {}
     with jax.default_matmul_precision("highest"):  # no reduced-precision (e.g. TF32) products in the norms
-        for path, (kind, mod, _y) in layers.items():
-            where = "/".join(path) or kind
-            sq = sq + _layer_sq_norms(kind, mod, inputs[path], out_grads[path], m, where).astype(dtype)
+        for path, group in by_path.items():
+            sq_by_path[path] = _path_sq_norms(group, inputs, out_grads, m).astype(dtype)
+    sq = sum(sq_by_path.values(), jnp.zeros((m,), dtype))
     # b carries the factor w_i, so the norms carry w_i^2 = w_i for a 0/1 mask
     sq_sum = jnp.sum(jnp.where(w != 0, sq, 0))
     grad_sum = tuple(g.astype(dtype) for g in jax.tree.leaves(param_grads))
-    return BatchStats(jnp.sum(w), jnp.sum(w * losses), grad_sum, sq_sum)
+    stats = BatchStats(jnp.sum(w), jnp.sum(w * losses), grad_sum, sq_sum)
+    return stats, param_grads, inputs, out_grads, sq_by_path
+
+
+def _subtree(tree: PyTree, path: tuple[str, ...]) -> PyTree:
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def probe_numbers(floss: FlaxLoss, params: PyTree, batch: PyTree) -> tuple:
+    """What the probe compares, on a small batch (traceable; jitted by the caller):
+    the fast and the generic S, and for every layer the norm of (its gradient rebuilt
+    from the captured per-layer terms - its full gradient), the full gradient's norm
+    and the layer's S (the accounting check's scale)."""
+    k = batch_size_of(batch)
+    uses = _plan(floss, params, floss.inputs(batch), k)
+    stats, param_grads, inputs, out_grads, sq_by_path = _fast_parts(
+        floss, params, batch, jnp.ones((k,), float_dtype(params)), uses
+    )
+    generic = generic_stats(floss, params, batch)
+    rebuilt: dict[tuple[str, ...], PyTree] = {}
+    for u in uses:  # the layer's own VJP at its captured input and output gradient, summed over its uses
+        key = (u.path, u.method)
+
+        def layer(lp: PyTree, a: Any, u: Use = u) -> Any:
+            return u.module.apply({"params": lp}, a, method=u.method)
+
+        _, vjp = jax.vjp(lambda lp, a=inputs[key], layer=layer: layer(lp, a), _subtree(params, u.path))
+        g = vjp(out_grads[key])[0]
+        rebuilt[u.path] = g if u.path not in rebuilt else jax.tree.map(jnp.add, rebuilt[u.path], g)
+    accounting = {}
+    for path, g in rebuilt.items():
+        full = _subtree(param_grads, path)
+        diff = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(full))))
+        norm = jnp.sqrt(sum(jnp.sum(b**2) for b in jax.tree.leaves(full)))
+        accounting["/".join(path)] = (diff, norm, jnp.sum(sq_by_path[path]))
+    return stats.sq_norm_sum, generic.sq_norm_sum, accounting
+
+
+def fast_stats_unchecked(
+    floss: FlaxLoss, params: PyTree, batch: PyTree, weights: jax.Array | None = None
+) -> BatchStats:
+    """The fast path without the probe (the caller has established it for this
+    signature): only the structural checks of the full batch."""
+    m = batch_size_of(batch)
+    w = check_weights(weights, m, float_dtype(params))
+    uses = _plan(floss, params, floss.inputs(batch), m)
+    return _fast_parts(floss, params, batch, w, uses)[0]
+
+
+def fast_stats(floss: FlaxLoss, params: PyTree, batch: PyTree, weights: jax.Array | None = None) -> BatchStats:
+    """Exact :class:`~cabs_core.BatchStats` from one forward and one backward pass.
+
+    Same contract as :func:`cabs_jax.generic_stats` (``weights`` a 0/1 mask);
+    raises :class:`~cabs_core.UnsupportedModelError` naming the layer for models
+    whose per-example decomposition it cannot establish (see :mod:`cabs_jax.verify`).
+    """
+    from .verify import resolve
+
+    resolve(floss, params, batch, weights, "fast")
+    return fast_stats_unchecked(floss, params, batch, weights)
 
 
 def is_supported(floss: FlaxLoss, params: PyTree, batch: PyTree) -> tuple[bool, str | None]:
-    """Whether :func:`fast_stats` covers this model (and why not)."""
+    """Whether :func:`fast_stats` establishes its decomposition for this model and batch (and why not)."""
+    from .verify import resolve
+
     try:
-        _plan(floss, params, floss.inputs(batch))
-    except UnsupportedLayerError as e:
+        resolve(floss, params, batch, None, "fast")
+    except BatchNormTrainingError:
+        raise
+    except UnsupportedModelError as e:
         return False, str(e)
     return True, None
 

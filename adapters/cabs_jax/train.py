@@ -32,9 +32,12 @@ from cabs_core import (
     pad_indices,
     reduce_stats,
 )
+from cabs_core.exactness import VERIFY_EVERY, verify_due
 
 from .dispatch import Method, batch_stats
+from .flax_fast import FlaxLoss
 from .stats import LossFn, PyTree, batch_size_of
+from .verify import resolve
 
 _CHECKPOINT_FORMAT = "cabs-jax-checkpoint/1"
 
@@ -127,7 +130,11 @@ class CABSTrainer:
     g_bar (the paper's update), or any optax transformation applied to the
     mean gradient g_bar. buckets: padded sizes to compile for (default: the
     controller's buckets, else :func:`cabs_core.geometric_buckets`). ``traces`` counts
-    compilations of the step.
+    compilations of the step. verify_every: with the fast path (a ``FlaxLoss``,
+    method ``"auto"`` or ``"fast"``), the probe that establishes its per-example
+    decomposition (:mod:`cabs_jax.verify`) runs on the first step of each input
+    signature and again every ``verify_every`` steps (None or 0: first step only), on
+    the host side, as its own compiled computation on the batch's first real examples.
     """
 
     def __init__(
@@ -141,18 +148,20 @@ class CABSTrainer:
         chunk_size: int | None = None,
         buckets: Sequence[int] | None = None,
         seed: int = 0,
+        verify_every: int | None = VERIFY_EVERY,
     ) -> None:
         if not isinstance(controller, CABSController):
             raise ValueError(f"controller must be a cabs_core.CABSController, got {type(controller).__name__}")
         if method not in ("auto", "fast", "generic"):
             raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
+        verify_due(0, verify_every)  # validates it
         buckets = controller.padding_buckets(buckets)
         self.loss, self.controller, self.data = loss, controller, data
         self.num_examples = batch_size_of(data)
         self.optimizer, self.method, self.chunk_size = optimizer, method, chunk_size
-        self.buckets, self.seed = buckets, seed
+        self.buckets, self.seed, self.verify_every = buckets, seed, verify_every
         self.traces = 0
-        self._step = jax.jit(self._device_step)
+        self._step = jax.jit(self._device_step, static_argnames=("path",))
 
     def init(self, params: PyTree) -> TrainState:
         """The state before the first step."""
@@ -160,11 +169,11 @@ class CABSTrainer:
         return TrainState(params, opt_state, self.controller.init(), SamplerState(self.num_examples, self.seed))
 
     def _device_step(
-        self, params: PyTree, opt_state: PyTree, batch: PyTree, mask: jax.Array
+        self, params: PyTree, opt_state: PyTree, batch: PyTree, mask: jax.Array, path: Method
     ) -> tuple[PyTree, PyTree, ScalarStats]:
-        """Statistics, the update with the mean gradient, four scalars; traced once per bucket."""
+        """Statistics, the update with the mean gradient, four scalars; traced once per bucket (and path)."""
         self.traces += 1
-        stats = batch_stats(self.loss, params, batch, mask, method=self.method, chunk_size=self.chunk_size)
+        stats = batch_stats(self.loss, params, batch, mask, method=path, chunk_size=self.chunk_size)
         params, opt_state = apply_mean_gradient(params, opt_state, stats, self.controller.lr, self.optimizer)
         return params, opt_state, reduce_stats(stats)
 
@@ -175,7 +184,11 @@ class CABSTrainer:
         ``nonfinite="skip"``) leaves parameters and optimizer state unchanged.
         """
         batch, mask, sampler = take_batch(self.data, state.sampler, state.controller.batch_size, self.buckets)
-        params, opt_state, scalars = self._step(state.params, state.opt_state, batch, mask)
+        path: Method = self.method
+        if path != "generic" and isinstance(self.loss, FlaxLoss):  # probe on the host, outside the compiled step
+            due = verify_due(state.controller.step, self.verify_every)
+            path = resolve(self.loss, state.params, batch, mask, self.method, reprobe=due)  # type: ignore[assignment]
+        params, opt_state, scalars = self._step(state.params, state.opt_state, batch, mask, path=path)
         cstate, info = self.controller.update(state.controller, scalars)  # the one host copy
         if info.skipped and info.reason == "nonfinite":
             params, opt_state = state.params, state.opt_state

@@ -11,6 +11,8 @@ import pytest
 from cabs_jax import BatchNormTrainingError, FlaxLoss, UnsupportedLayerError
 from jax_test_models import MLP, EmbedLN, PaperCNN, assert_stats_close, cross_entropy, init_f64, loop_oracle
 
+from cabs_core import FastPathFallbackWarning
+
 
 def mlp_case(m: int = 9, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -119,7 +121,6 @@ def test_unknown_layers_fall_back_or_are_refused() -> None:
     tokens, yt = rng.integers(0, 7, size=(5, 3)), rng.integers(0, 7, size=5)
     cases = [
         (WithCustomParam(), (jnp.asarray(x), jnp.asarray(y)), "temperature"),
-        (TiedEmbedding(), (jnp.asarray(tokens), jnp.asarray(yt)), "attend"),
         (SharedDense(), (jnp.asarray(x), jnp.asarray(y % 3)), "more than once"),
     ]
     for module, batch, why in cases:
@@ -129,8 +130,14 @@ def test_unknown_layers_fall_back_or_are_refused() -> None:
         with pytest.raises(UnsupportedLayerError, match=why):
             cabs_jax.batch_stats(floss, params, batch, method="fast")
         # "auto" falls back to the generic path: still exact
-        auto = jax.jit(lambda p, b, floss=floss: cabs_jax.batch_stats(floss, p, b))(params, batch)
+        with pytest.warns(FastPathFallbackWarning, match=why):
+            auto = jax.jit(lambda p, b, floss=floss: cabs_jax.batch_stats(floss, p, b))(params, batch)
         assert_stats_close(auto, loop_oracle(floss, params, batch))
+    # Embed.attend, the tied output projection Flax offers, is exact on the fast path (issue 12; it was refused)
+    floss, batch = FlaxLoss(TiedEmbedding(), cross_entropy), (jnp.asarray(tokens), jnp.asarray(yt))
+    params = init_f64(TiedEmbedding(), tokens[:1])
+    assert cabs_jax.is_supported(floss, params, batch) == (True, None)
+    assert_stats_close(cabs_jax.batch_stats(floss, params, batch, method="fast"), loop_oracle(floss, params, batch))
 
 
 class WithBatchNorm(nn.Module):

@@ -31,6 +31,7 @@ def test_tied_embedding_matches_explicit_gradients(xb, m, t, s, q, vocab):
 
 def test_tied_embedding_shapes_are_checked(xb):
     z = np.zeros
-    with pytest.raises(ValueError, match=r"\(2, 3, 4\) and the projection.s inputs \(m, T2, d\) \(2, 5, 3\) need equal m and d"):
+    shapes = r"\(2, 3, 4\) and the projection.s inputs \(m, T2, d\) \(2, 5, 3\) need equal m and d"
+    with pytest.raises(ValueError, match=shapes):
         tied_embedding_sq_norms(xb.asarray(z((2, 3), np.int64)), xb.asarray(z((2, 3, 4))),
                                 xb.asarray(z((2, 5, 3))), xb.asarray(z((2, 5, 7))))

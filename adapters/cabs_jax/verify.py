@@ -1,0 +1,244 @@
+"""What the fast path establishes before it returns S (issue 12), and the fallback.
+
+The fast path's per-layer decomposition holds only if every captured layer
+input and output gradient carries the examples along its leading axis and
+every use of every parameter is seen. For each *signature* (the
+:class:`FlaxLoss`, the parameters' tree and shapes, the inputs' shapes and
+dtypes without the example axis) :func:`resolve` establishes it once with a
+**probe** on ``k`` examples, ``k = cabs_core.probe_batch_size(m, avoid=<every
+other input dimension and, where possible, every parameter dimension>)``:
+
+1. structure: traced at k examples, every captured tensor's leading axis has
+   length k (a time-major ``(T, m, d)`` tensor, an ``x.reshape(m*T, d)``, a
+   broadcast ``(T, d)`` buffer or half a batch all fail this, also when T
+   equals m), and the same layer calls with the same non-example shapes as at
+   the full batch;
+2. accounting: each layer's gradient rebuilt from its captured terms (the
+   layer's own VJP at its input and output gradient, summed over examples)
+   equals the parameter's full gradient, so there is no unseen use (e.g.
+   ``self.embed.embedding.T`` as an output projection);
+3. values: the fast S equals the generic S on those k examples.
+
+The probe runs as its own jitted computation on real examples (the first k
+with weight != 0) when the values are concrete (eager calls, the trainer,
+which probes on the host side before its compiled step); inside a caller's
+``jax.jit`` trace, where no values exist yet, it runs at trace time on
+synthetic values of the same shapes (normal floats, zero integers). The
+verdict is cached per signature; the trainer re-probes every ``verify_every``
+steps. A failed check: ``method="fast"`` raises
+:class:`~cabs_core.UnsupportedModelError` naming the layer and the reason;
+``method="auto"`` warns once per signature (:class:`~cabs_core.FastPathFallbackWarning`)
+and uses the exact generic path for that signature.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cabs_core import (
+    BatchNormTrainingError,
+    FastPathFallbackWarning,
+    UnsupportedModelError,
+    accounting_scale,
+    check_close,
+    probe_batch_size,
+    rtol_for,
+)
+
+from .flax_fast import FlaxLoss, _plan, probe_numbers, structure
+from .stats import PyTree, batch_size_of, float_dtype
+
+
+@dataclass
+class Verdict:
+    """The outcome of a probe for one signature: ``error`` None when the fast path holds."""
+
+    error: UnsupportedModelError | None
+    structure: tuple = ()
+    checked: dict[int, UnsupportedModelError | None] = field(default_factory=dict)  # full-batch sizes seen
+    warned: bool = False
+    probes: int = 0
+    inconclusive: bool = False  # the probe's values were not finite: probe again on the next call
+
+
+_VERDICTS: weakref.WeakKeyDictionary[FlaxLoss, dict[tuple, Verdict]] = weakref.WeakKeyDictionary()
+_probe_jit = jax.jit(probe_numbers, static_argnums=0)
+
+
+def _is_traced(tree: PyTree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
+    if isinstance(x, jax.Array):  # the common case, kept cheap: the trainer looks this up every step
+        return x.shape, x.dtype
+    return tuple(np.shape(x)), jax.dtypes.canonicalize_dtype(jnp.result_type(x))
+
+
+def signature(params: PyTree, x: PyTree) -> tuple:
+    """The parameters' tree, shapes and dtypes and the model input's without the example axis."""
+    p_leaves, p_def = jax.tree.flatten(params)
+    x_leaves, x_def = jax.tree.flatten(x)
+    xs = [_shape_dtype(a) for a in x_leaves]
+    return (p_def, tuple(_shape_dtype(a) for a in p_leaves), x_def, tuple((s[1:], d) for s, d in xs))
+
+
+def _probe_size(params: PyTree, batch: PyTree, m: int) -> int | None:
+    inputs = {int(d) for x in jax.tree.leaves(batch) for d in jnp.shape(x)[1:]}
+    weights = {int(d) for x in jax.tree.leaves(params) for d in jnp.shape(x)}
+    k = probe_batch_size(m, inputs | weights)
+    return k if k is not None else probe_batch_size(m, inputs)
+
+
+def _synthetic(tree: PyTree, seed: int) -> PyTree:
+    """Concrete values of the shapes and dtypes of ``tree``: normal floats (scaled),
+    zero integers and booleans."""
+    leaves, treedef = jax.tree.flatten(tree)
+    rng = np.random.default_rng(seed)
+    out = []
+    for x in leaves:
+        shape, dtype = tuple(jnp.shape(x)), jnp.result_type(x)
+        if jnp.issubdtype(dtype, jnp.floating):
+            out.append(jnp.asarray(0.5 * rng.standard_normal(shape), dtype))
+        else:
+            out.append(jnp.zeros(shape, dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _probe_rows(batch: PyTree, weights: Any, k: int) -> PyTree:
+    """The first k examples with weight != 0 (padding rows only if there are fewer real ones)."""
+    if weights is None:
+        idx = np.arange(k)
+    else:
+        w = np.asarray(weights)
+        idx = np.concatenate([np.flatnonzero(w != 0), np.flatnonzero(w == 0)])[:k]
+    return jax.tree.map(lambda a: a[idx] if isinstance(a, np.ndarray) else jnp.take(a, jnp.asarray(idx), axis=0), batch)
+
+
+def probe(
+    floss: FlaxLoss, params: PyTree, batch: PyTree, weights: Any, m: int, k: int, known: tuple | None = None
+) -> Verdict:
+    """Run the three checks on k examples (see the module docstring). ``known``: the
+    structure an earlier probe of this signature established (a re-probe checks the
+    values only: the traced structure is a function of the signature)."""
+    x = floss.inputs(batch)
+    try:
+        if known is None:
+            x_k = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + tuple(jnp.shape(a)[1:]), jnp.result_type(a)), x)
+            uses_k = _plan(floss, params, x_k, k)
+            uses_m = _plan(floss, params, x, m)
+            if structure(uses_k) != structure(uses_m):
+                where, reason = _first_difference(uses_k, uses_m, k, m)
+                raise UnsupportedModelError(f"{where}: {reason}", layer=where, reason=reason)
+            known = structure(uses_m)
+        concrete = not (_is_traced(params) or _is_traced(batch) or _is_traced(weights))
+        with jax.ensure_compile_time_eval():  # values, also inside a caller's trace
+            if concrete:
+                p_probe, b_probe = params, _probe_rows(batch, weights, k)
+            else:  # inside a caller's trace: no values yet
+                b_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + tuple(jnp.shape(a)[1:]), a.dtype), batch)
+                p_probe, b_probe = _synthetic(params, 0), _synthetic(b_shapes, 1)
+            s_fast, s_generic, accounting = jax.device_get(_probe_jit(floss, p_probe, b_probe))
+        numbers = [s_fast, s_generic] + [v for t in accounting.values() for v in t]
+        if not all(np.isfinite(v) for v in numbers):
+            return Verdict(None, inconclusive=True)  # non-finite values establish nothing either way
+        rtol = rtol_for(str(float_dtype(params)))
+        for layer, (diff, norm, s_layer) in accounting.items():
+            check_close(
+                f"the gradient of {layer!r} rebuilt from the layer's captured terms (an unseen use of its "
+                "parameters, e.g. its weight used outside the layer)",
+                diff, accounting_scale(norm, k, s_layer), rtol, layer=layer,
+            )
+        check_close(f"the fast S on a probe batch of {k} examples vs the generic S", abs(s_fast - s_generic),
+                    abs(s_generic), rtol)
+    except BatchNormTrainingError:
+        raise
+    except UnsupportedModelError as e:
+        return Verdict(e)
+    except Exception as e:  # the fast path's own machinery failed on this model: a result, not a crash
+        reason = f"the fast path failed on this model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return Verdict(UnsupportedModelError(reason, reason=reason))
+    return Verdict(None, known)
+
+
+def _first_difference(uses_k: tuple, uses_m: tuple, k: int, m: int) -> tuple[str, str]:
+    for a, b in zip(uses_k, uses_m):
+        if structure((a,)) != structure((b,)):
+            return a.where, f"its captured shapes depend on the batch size beyond the example axis ({k} vs {m})"
+    return "model", f"the layer calls differ between a batch of {k} and one of {m} examples"
+
+
+def _full_batch_check(floss: FlaxLoss, params: PyTree, batch: PyTree, m: int, verdict: Verdict) -> None:
+    """The full batch has the probed capture structure (cached per batch size)."""
+    if m not in verdict.checked:
+        err = None
+        try:
+            uses = _plan(floss, params, floss.inputs(batch), m)
+            if structure(uses) != verdict.structure:
+                reason = f"the layer calls at {m} examples differ from the probed ones"
+                err = UnsupportedModelError(reason, reason=reason)
+        except UnsupportedModelError as e:
+            err = e
+        verdict.checked[m] = err
+    if verdict.checked[m] is not None:
+        raise verdict.checked[m]
+
+
+def resolve(
+    floss: FlaxLoss, params: PyTree, batch: PyTree, weights: Any, method: str, *, reprobe: bool = False
+) -> str:
+    """``"fast"`` or ``"generic"`` for this call; ``method="fast"`` raises
+    :class:`~cabs_core.UnsupportedModelError` where ``"auto"`` falls back (one
+    :class:`~cabs_core.FastPathFallbackWarning` per signature). ``reprobe``:
+    probe again even if the signature has a verdict (the trainer's ``verify_every``)."""
+    x = floss.inputs(batch)
+    sig = signature(params, x)
+    m = int(jnp.shape(jax.tree.leaves(x)[0])[0]) if jax.tree.leaves(x) else batch_size_of(batch)
+    cache = _VERDICTS.get(floss)
+    if cache is None:
+        cache = _VERDICTS[floss] = {}
+    verdict = cache.get(sig)
+    if verdict is None or (reprobe and verdict.error is None):
+        k = _probe_size(params, x, m)
+        if k is None:
+            reason = f"a batch of {m} examples is too small for a probe batch of a size no other dimension has"
+            if method == "fast":
+                raise UnsupportedModelError(f"cannot establish the fast path: {reason}", reason=reason)
+            return "generic"
+        known = verdict.structure if verdict is not None and m in verdict.checked else None
+        new = probe(floss, params, batch, weights, m, k, known)
+        if new.inconclusive:  # this call is exact on the generic path; the next one probes again
+            return "generic"
+        new.probes = (verdict.probes if verdict is not None else 0) + 1
+        new.warned = verdict.warned if verdict is not None else False
+        if verdict is not None and new.error is None and new.structure == verdict.structure:
+            new.checked = verdict.checked  # the full-batch sizes already checked against this structure
+        cache[sig] = verdict = new
+    try:
+        if verdict.error is not None:
+            raise verdict.error
+        _full_batch_check(floss, params, batch, m, verdict)
+    except UnsupportedModelError as e:
+        if method == "fast":
+            raise
+        if not verdict.warned:
+            verdict.warned = True
+            warnings.warn(
+                f"cabs_jax: method='auto' uses the exact generic path for this model and input signature: {e}",
+                FastPathFallbackWarning,
+                stacklevel=3,
+            )
+        return "generic"
+    return "fast"
+
+
+def probes_run(floss: FlaxLoss) -> int:
+    """How many probes ran for ``floss`` (all signatures): for tests and the benchmark."""
+    return sum(v.probes for v in _VERDICTS.get(floss, {}).values())
