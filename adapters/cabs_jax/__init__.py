@@ -1,6 +1,6 @@
 """cabs_jax: Coupled Adaptive Batch Sizes (Balles, Romero, Hennig, UAI 2017) for JAX.
 
-Exact per-step statistics of SPEC section 4 under ``jax.jit`` (the generic
+Exact per-step statistics of docs/spec.md section 4 under ``jax.jit`` (the generic
 ``vmap(grad)`` path for any ``loss(params, example)``, and a fast path for
 Flax linen models of Dense/Conv/Embed/LayerNorm layers), batches padded to a
 few bucket sizes with a 0/1 mask so that each bucket compiles once, and a

@@ -1,6 +1,6 @@
 """Data-parallel CABS on JAX's own sharding: ``jax.shard_map`` over a 1-D device mesh and ``lax.psum``.
 
-One step (SPEC sections 2 and 4; issue 8):
+One step (docs/spec.md sections 2 and 4; issue 8):
 
 1. the core sampler draws the GLOBAL batch of ``state.controller.batch_size``
    indices; :func:`cabs_core.shard` splits it contiguously over the D devices

@@ -1,4 +1,4 @@
-"""Exact per-step statistics (SPEC section 4) for any ``loss(params, example)``.
+"""Exact per-step statistics (docs/spec.md section 4) for any ``loss(params, example)``.
 
 The generic path: ``jax.vmap(jax.value_and_grad(loss))`` over a chunk of
 examples gives the per-example gradients g_i; each chunk is reduced at once to

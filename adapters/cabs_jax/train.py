@@ -1,6 +1,6 @@
 """A drop-in CABS training step for JAX: padded buckets, the core controller and sampler.
 
-Each step (SPEC section 2): draw the decided number of examples with the core
+Each step (docs/spec.md section 2): draw the decided number of examples with the core
 sampler, pad them up to the smallest bucket >= that size (0/1 mask), run one
 compiled step (statistics, SGD update with the batch's *mean* gradient,
 reduction to four scalars), and let :class:`cabs_core.CABSController` decide

@@ -22,9 +22,9 @@ from ..data import Dataset
 BACKENDS = ("torch", "jax", "tensorflow")
 
 #: the packages each backend imports (for the error when one is missing)
-REQUIRES = {"torch": "torch (pip install 'cabs-sgd[torch]')",
-            "jax": "jax, flax (pip install 'cabs-sgd[jax]')",
-            "tensorflow": "tensorflow, keras (pip install 'cabs-sgd[tf]')"}
+REQUIRES = {"torch": "torch (from a checkout: pip install '.[torch]')",
+            "jax": "jax, flax (from a checkout: pip install '.[jax]')",
+            "tensorflow": "tensorflow, keras (from a checkout: pip install '.[tf]')"}
 
 
 class Trainer(Protocol):

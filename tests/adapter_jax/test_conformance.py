@@ -1,4 +1,4 @@
-"""The conformance vectors (every SPEC section 5 case among them) with statistics as jax arrays."""
+"""The conformance vectors (every docs/spec.md section 5 case among them) with statistics as jax arrays."""
 
 from __future__ import annotations
 

@@ -224,7 +224,7 @@ def test_training_on_digits_lowers_the_loss() -> None:
 
 
 def test_a_batch_of_one_updates_params_but_the_controller_skips() -> None:
-    """SPEC 5: m < 2 in paper mode leaves the controller as it was; SGD still takes the step."""
+    """docs/spec.md section 5: m < 2 in paper mode leaves the controller as it was; SGD still takes the step."""
     x, y = random_data(20)
     floss = FlaxLoss(MLP(), cross_entropy)
     params = init_f64(MLP(), x[:1])
