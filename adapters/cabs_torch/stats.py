@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
@@ -206,6 +207,11 @@ def functional_state(model: nn.Module, params: list[nn.Parameter]) -> tuple[dict
     fixed = {n: p.detach() for n, p in named.items() if n not in train}
     fixed.update(dict(model.named_buffers()))
     return train, fixed
+
+
+def _from_numpy(tree: Any, device: torch.device | None) -> Any:
+    """NumPy arrays in a batch become tensors on the model's device (users feed NumPy batches)."""
+    return tree_map(lambda t: torch.as_tensor(t, device=device) if isinstance(t, np.ndarray) else t, tree)
 
 
 def _as_tuple(inputs: Any) -> tuple[Any, ...]:
@@ -670,7 +676,8 @@ class PerExampleStats:
         for _, mod in plan.batch_norms:
             if mod.training or not mod.track_running_stats:
                 check_batch_norm(self.model)  # raises, naming the layer and the options
-        inputs = _as_tuple(inputs)
+        device = plan.params[0].device if plan.params else None
+        inputs, targets, weights = _from_numpy((_as_tuple(inputs), targets, weights), device)
         m = _batch_size(inputs)
         if weights is not None and tuple(weights.shape) != (m,):
             raise ValueError(f"weights must have shape ({m},), got {tuple(weights.shape)}")

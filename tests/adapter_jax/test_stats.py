@@ -205,3 +205,12 @@ def test_bad_arguments_name_the_problem() -> None:
         cabs_jax.batch_stats(floss, params, batch, method="exact")
     with pytest.raises(ValueError, match="leading example axis"):
         cabs_jax.batch_stats(floss, params, (batch[0], batch[1][:4]))
+
+
+@pytest.mark.parametrize("method", ["auto", "fast", "generic"])
+def test_numpy_batches_are_accepted(method: str) -> None:
+    """Issue 14, item 5: NumPy batches (and a NumPy mask) give the same statistics as jax arrays."""
+    floss, params, (x, y) = mlp_case()
+    batch = (np.asarray(x), np.asarray(y))
+    got = cabs_jax.batch_stats(floss, params, batch, np.ones(len(y)), method=method)
+    assert_stats_close(got, loop_oracle(floss, params, (x, y)))

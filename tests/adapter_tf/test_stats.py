@@ -139,3 +139,16 @@ def test_conv_with_many_input_channels(padding):
     x, y = data_for(model, 4)
     grads, vec = run(cabs_tf.StatsStep(model, xent, method="fast"), x, y)
     check(grads, vec, brute_force(model, xent, x, y))
+
+
+@pytest.mark.parametrize("method", ["fast", "generic"])
+def test_numpy_batches_are_accepted(method):
+    """Issue 14, item 5: NumPy batches and masks, eagerly and through tf.function."""
+    model = mlp()
+    x, y = data_for(model, 7)
+    x, y = np.asarray(x), np.asarray(y)
+    step = cabs_tf.StatsStep(model, xent, method=method)
+    want = brute_force(model, xent, x, y)
+    grads, vec = step(x, y, np.ones(7))
+    check([g.numpy() for g in grads], vec.numpy(), want)
+    check(*run(step, x, y, np.ones(7)), want)

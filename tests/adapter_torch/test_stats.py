@@ -541,3 +541,16 @@ def test_cabssgd_compiled_equals_eager():
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["auto", "generic"])
+def test_numpy_batches_are_accepted(method, oracle, check):
+    """Issue 14, item 5: users feed NumPy batches; they become tensors on the model's device."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = mlp().double()
+    x = np.random.default_rng(1).normal(size=(6, 8, 8))
+    y = np.arange(6) % 10
+    got = per_example_stats(model, ce, x, y, weights=np.ones(6), method=method)
+    check(got, oracle(model, ce, torch.as_tensor(x), torch.as_tensor(y)))
