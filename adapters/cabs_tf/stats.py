@@ -567,6 +567,8 @@ class StatsStep:
         """``(grad_sum, vector)``: sum_i w_i g_i per variable, and float64
         ``[count, loss_sum, sq_norm_sum, grad_sum_sq_norm]``."""
         dtype = self.variables[0].dtype
+        if tf.nest.flatten(x)[0].shape[0] == 0:  # spec section 5: count 0 (the controller skips the step)
+            return [tf.zeros_like(v) for v in self.variables], tf.zeros((4,), tf.float64)
         w = _as_mask(mask, _first_dim(x), dtype)
         fast = self.method == "fast"
         if fast:

@@ -681,6 +681,9 @@ class PerExampleStats:
         m = _batch_size(inputs)
         if weights is not None and tuple(weights.shape) != (m,):
             raise ValueError(f"weights must have shape ({m},), got {tuple(weights.shape)}")
+        if m == 0:  # spec section 5: an empty batch has count 0 (the controller skips the step)
+            zero = torch.zeros((), dtype=_stat_dtype(device or torch.device("cpu")), device=device)
+            return BatchStats(zero, zero.clone(), tuple(torch.zeros_like(p) for p in plan.params), zero.clone())
         step, self.calls = self.calls, self.calls + 1
         if plan.how == "fast":
             result = self._verified_fast(plan, inputs, targets, weights, m, verify_due(step, self.verify_every))

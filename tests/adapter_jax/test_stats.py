@@ -214,3 +214,17 @@ def test_numpy_batches_are_accepted(method: str) -> None:
     batch = (np.asarray(x), np.asarray(y))
     got = cabs_jax.batch_stats(floss, params, batch, np.ones(len(y)), method=method)
     assert_stats_close(got, loop_oracle(floss, params, (x, y)))
+
+
+@pytest.mark.parametrize("method", ["auto", "fast", "generic"])
+def test_empty_batch_is_a_skipped_step(method: str) -> None:
+    """Issue 14, item 4: an empty batch gives count 0 on every path, and the controller skips it."""
+    from cabs_core import CABSController
+
+    floss, params, (x, y) = mlp_case()
+    st = cabs_jax.batch_stats(floss, params, (x[:0], y[:0]), method=method)
+    assert (float(st.count), float(st.loss_sum), float(st.sq_norm_sum)) == (0.0, 0.0, 0.0)
+    assert [g.shape for g in st.grad_sum] == [p.shape for p in jax.tree.leaves(params)]
+    ctl = CABSController(lr=0.1)
+    _, info = ctl.update(ctl.init(), st)
+    assert info.skipped and info.reason == "count"

@@ -152,3 +152,16 @@ def test_numpy_batches_are_accepted(method):
     grads, vec = step(x, y, np.ones(7))
     check([g.numpy() for g in grads], vec.numpy(), want)
     check(*run(step, x, y, np.ones(7)), want)
+
+
+@pytest.mark.parametrize("method", ["fast", "generic"])
+def test_empty_batch_is_a_skipped_step(method):
+    """Issue 14, item 4: an empty batch gives count 0 on every path, and the controller skips it."""
+    model = mlp()
+    x, y = data_for(model, 3)
+    grads, vec = cabs_tf.StatsStep(model, xent, method=method)(x[:0], y[:0])
+    assert vec.numpy().tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert [tuple(g.shape) for g in grads] == [tuple(v.shape) for v in model.trainable_variables]
+    ctl = cabs_core.CABSController(lr=0.1)
+    _, info = ctl.update(ctl.init(), cabs_core.ScalarStats.from_vector(vec.numpy()))
+    assert info.skipped and info.reason == "count"

@@ -554,3 +554,16 @@ def test_numpy_batches_are_accepted(method, oracle, check):
     y = np.arange(6) % 10
     got = per_example_stats(model, ce, x, y, weights=np.ones(6), method=method)
     check(got, oracle(model, ce, torch.as_tensor(x), torch.as_tensor(y)))
+
+
+@pytest.mark.parametrize("method", ["auto", "fast", "generic"])
+def test_empty_batch_is_a_skipped_step(method):
+    """Issue 14, item 4: an empty batch gives count 0 on every path, and the controller skips it."""
+    model = mlp().double()
+    st = per_example_stats(model, ce, torch.zeros(0, 8, 8, dtype=torch.float64), torch.zeros(0, dtype=torch.long),
+                           method=method)
+    assert (float(st.count), float(st.loss_sum), float(st.sq_norm_sum)) == (0.0, 0.0, 0.0)
+    assert [g.shape for g in st.grad_sum] == [p.shape for p in model.parameters()]
+    ctl = CABSController(lr=0.1)
+    state, info = ctl.update(ctl.init(), st)
+    assert info.skipped and info.reason == "count" and state.batch_size == 16
