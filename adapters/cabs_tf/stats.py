@@ -454,6 +454,17 @@ def _as_mask(w: tf.Tensor | None, m: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     return tf.cast(w, dtype)
 
 
+def _zero_masked_rows(nest: Nest, keep: tf.Tensor) -> Nest:
+    """Floating tensors of ``nest`` with their masked rows (``keep`` False) set to 0 by a select,
+    so that a NaN or inf in a padding example reaches no sum."""
+    def select(t: Any) -> Any:
+        t = tf.convert_to_tensor(t)
+        if not t.dtype.is_floating or t.shape.rank in (None, 0):
+            return t
+        return tf.where(tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1)), t, tf.zeros_like(t))
+    return tf.nest.map_structure(select, nest)
+
+
 def _first_dim(x: Nest) -> tf.Tensor:
     return tf.shape(tf.nest.flatten(x)[0])[0]
 
@@ -570,6 +581,8 @@ class StatsStep:
         if tf.nest.flatten(x)[0].shape[0] == 0:  # spec section 5: count 0 (the controller skips the step)
             return [tf.zeros_like(v) for v in self.variables], tf.zeros((4,), tf.float64)
         w = _as_mask(mask, _first_dim(x), dtype)
+        if mask is not None:  # padding rows cannot poison the sums: select, never multiply (0 * inf = nan)
+            x, y = _zero_masked_rows((x, y), tf.not_equal(w, 0))
         fast = self.method == "fast"
         if fast:
             sig = self.signature(x, y)

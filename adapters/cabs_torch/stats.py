@@ -214,6 +214,17 @@ def _from_numpy(tree: Any, device: torch.device | None) -> Any:
     return tree_map(lambda t: torch.as_tensor(t, device=device) if isinstance(t, np.ndarray) else t, tree)
 
 
+def _zero_masked_rows(tree: Any, keep: Tensor, m: int) -> Any:
+    """Floating tensors of ``tree`` with their masked rows (``keep`` False) set to 0 by a select,
+    so that a NaN or inf in a padding example reaches no sum."""
+    def select(t: Any) -> Any:
+        if not (isinstance(t, Tensor) and t.is_floating_point() and t.dim() > 0 and t.shape[0] == m):
+            return t
+        return torch.where(keep.reshape((m,) + (1,) * (t.dim() - 1)), t, torch.zeros((), dtype=t.dtype,
+                                                                                      device=t.device))
+    return tree_map(select, tree)
+
+
 def _as_tuple(inputs: Any) -> tuple[Any, ...]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
@@ -681,6 +692,8 @@ class PerExampleStats:
         m = _batch_size(inputs)
         if weights is not None and tuple(weights.shape) != (m,):
             raise ValueError(f"weights must have shape ({m},), got {tuple(weights.shape)}")
+        if weights is not None:  # padding rows cannot poison the sums: select, never multiply (0 * inf = nan)
+            inputs, targets = _zero_masked_rows((inputs, targets), weights != 0, m)
         if m == 0:  # spec section 5: an empty batch has count 0 (the controller skips the step)
             zero = torch.zeros((), dtype=_stat_dtype(device or torch.device("cpu")), device=device)
             return BatchStats(zero, zero.clone(), tuple(torch.zeros_like(p) for p in plan.params), zero.clone())

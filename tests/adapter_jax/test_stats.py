@@ -228,3 +228,15 @@ def test_empty_batch_is_a_skipped_step(method: str) -> None:
     ctl = CABSController(lr=0.1)
     _, info = ctl.update(ctl.init(), st)
     assert info.skipped and info.reason == "count"
+
+
+@pytest.mark.parametrize("method", ["auto", "generic"])
+def test_nan_and_inf_in_padding_rows_change_nothing(method: str) -> None:
+    """Issue 14, item 3: masked (weight 0) rows reach no sum, whatever they hold."""
+    floss, params, (x, y) = mlp_case(m=7)
+    w = np.array([1, 0, 1, 1, 0, 1, 1], np.float64)
+    x = np.array(x)
+    x[1, 0], x[4, 2] = np.nan, np.inf
+    got = cabs_jax.batch_stats(floss, params, (jnp.asarray(x), y), jnp.asarray(w), method=method)
+    keep = w.astype(bool)
+    assert_stats_close(got, loop_oracle(floss, params, (jnp.asarray(x[keep]), y[keep])))

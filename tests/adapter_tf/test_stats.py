@@ -165,3 +165,16 @@ def test_empty_batch_is_a_skipped_step(method):
     ctl = cabs_core.CABSController(lr=0.1)
     _, info = ctl.update(ctl.init(), cabs_core.ScalarStats.from_vector(vec.numpy()))
     assert info.skipped and info.reason == "count"
+
+
+@pytest.mark.parametrize("method", ["fast", "generic"])
+def test_nan_and_inf_in_padding_rows_change_nothing(method):
+    """Issue 14, item 3: masked (weight 0) rows are selected away, not multiplied by 0 (0 * inf = nan)."""
+    model = mlp()
+    x, y = data_for(model, 7)
+    x = np.array(x)
+    w = np.array([1, 0, 1, 1, 0, 1, 1], np.float64)
+    x[1].flat[0], x[4].flat[2] = np.nan, np.inf
+    keep = w.astype(bool)
+    want = brute_force(model, xent, x[keep], np.asarray(y)[keep])
+    check(*run(cabs_tf.StatsStep(model, xent, method=method), x, y, w), want)

@@ -567,3 +567,17 @@ def test_empty_batch_is_a_skipped_step(method):
     ctl = CABSController(lr=0.1)
     state, info = ctl.update(ctl.init(), st)
     assert info.skipped and info.reason == "count" and state.batch_size == 16
+
+
+@pytest.mark.parametrize("method", ["auto", "generic"])
+def test_nan_and_inf_in_padding_rows_change_nothing(method, oracle, check):
+    """Issue 14, item 3: masked (weight 0) rows are selected away, not multiplied by 0 (0 * inf = nan)."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    x = torch.randn(7, 8, 8, dtype=torch.float64)
+    y = torch.arange(7) % 10
+    w = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.float64)
+    x[1, 0, 0], x[4, 3, 2] = float("nan"), float("inf")
+    got = per_example_stats(model, ce, x, y, weights=w, method=method)
+    keep = w.bool()
+    check(got, oracle(model, ce, x[keep], y[keep]))
