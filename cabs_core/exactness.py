@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
+
 #: relative tolerances of the checks by floating-point dtype name: a few
 #: thousand ulps of the accumulation, far below any error a broken
 #: decomposition gives (the smallest seen was 2.5e-3)
@@ -111,7 +113,9 @@ def verify_due(step: int, verify_every: int | None) -> bool:
     """Whether step ``step`` (0-based count of steps taken so far) probes:
     the first step always does, then every ``verify_every`` steps; ``None`` or 0
     probes only on the first step of each model and input signature."""
-    if verify_every is not None and (not isinstance(verify_every, int) or verify_every < 0):
+    if verify_every is not None and (
+        isinstance(verify_every, bool) or not isinstance(verify_every, (int, np.integer)) or verify_every < 0
+    ):
         raise ValueError(f"verify_every must be None or an integer >= 0, got {verify_every!r}")
     if step == 0:
         return True

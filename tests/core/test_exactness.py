@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -56,5 +57,6 @@ def test_probe_batch_size_avoids_every_dimension(m, avoid):
 def test_verify_due_schedule():
     assert [s for s in range(25) if verify_due(s, 10)] == [0, 10, 20]
     assert [s for s in range(25) if verify_due(s, None)] == [0]
+    assert [s for s in range(25) if verify_due(s, np.int64(10))] == [0, 10, 20]  # NumPy integers too
     with pytest.raises(ValueError, match="verify_every"):
         verify_due(3, -1)
