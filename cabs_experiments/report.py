@@ -119,6 +119,11 @@ class RunSummary:
     evals: list[dict[str, Any]] = field(default_factory=list, repr=False)
     steps: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
+    @property
+    def last_step(self) -> int:
+        """The last logged step (0 before the first): where an interrupted run stopped."""
+        return int(self.steps[-1]["step"]) if self.steps else 0
+
     def score(self) -> tuple[float, float]:
         """Ranking within a group: fewest epochs to the target, then lowest final training loss."""
         e = math.inf if self.epochs_to_target is None else self.epochs_to_target
@@ -248,8 +253,7 @@ def summarize(records: Iterable[dict[str, Any]], target_loss: float | None = Non
             cut = [r for r in runs if r.status == "incomplete"]
             if cut:
                 r = cut[-1]
-                at = r.steps[-1]["step"] if r.steps else 0
-                raise ValueError(f"the log was interrupted at step {at} of {r.label}, before any run "
+                raise ValueError(f"the log was interrupted at step {r.last_step} of {r.label}, before any run "
                                  "had an evaluation after its first step: nothing to report yet")
             if all(r.status == "diverged" for r in runs):
                 raise ValueError("no run has a finite training loss: every run diverged")
@@ -298,7 +302,7 @@ def _examples(r: RunSummary) -> str:
 
 def _row(r: RunSummary) -> str:
     if r.status == "incomplete":
-        status = f" (interrupted at step {r.steps[-1]['step'] if r.steps else 0})"
+        status = f" (interrupted at step {r.last_step})"
     else:
         status = "" if r.status == "ok" else f" ({r.status})"
     return (

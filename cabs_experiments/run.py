@@ -468,8 +468,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = ExperimentConfig(**args)
         assert cfg.out is not None
-        if not report_only:
-            check_output_dir(cfg.out, cfg.overwrite)
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()
