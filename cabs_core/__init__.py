@@ -6,10 +6,11 @@ adapter delivers (:mod:`.stats`), estimators of tr(Sigma) (:mod:`.variance`),
 batch-size rules (:mod:`.rules`), the smoothed controller (:mod:`.controller`)
 the batch sampler (:mod:`.sampler`), and what a fast path must establish
 before it returns S (:mod:`.exactness`), and the one checkpoint envelope
-(:mod:`.checkpoint`). It imports no deep-learning framework.
+(:mod:`.checkpoint`), and the one training step every adapter runs
+(:mod:`.loop`). It imports no deep-learning framework.
 """
 
-from . import checkpoint
+from . import checkpoint, loop
 from .checkpoint import CheckpointMismatchError
 from .controller import (
     CABSController,
@@ -66,6 +67,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointMismatchError",
     "checkpoint",
+    "loop",
     "BatchNormTrainingError",
     "FastPathFallbackWarning",
     "UnsupportedModelError",

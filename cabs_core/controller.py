@@ -310,9 +310,19 @@ class CABSController:
         new = replace(state, step=state.step + 1, skipped=state.skipped + 1, nonfinite=state.nonfinite + 1)
         return new, StepInfo(state.batch_size, skipped=True, reason="nonfinite")
 
-    def update(self, state: ControllerState, stats: BatchStats | ScalarStats) -> tuple[ControllerState, StepInfo]:
+    def update(
+        self, state: ControllerState, stats: BatchStats | ScalarStats, *, lr: float | None = None
+    ) -> tuple[ControllerState, StepInfo]:
         """One step: fold this batch's statistics into the averages and decide
-        the next batch size. Pure: ``state`` is not modified."""
+        the next batch size. Pure: ``state`` is not modified. ``lr``: the
+        learning rate in force for the next step when a schedule moves it
+        (default ``self.lr``); the decision is proportional to it."""
+        if lr is None:
+            lr = self.lr
+        elif isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)) or not (
+            math.isfinite(lr) and lr >= 0
+        ):
+            raise ConfigError("lr", f"the learning rate passed to update must be a finite number >= 0, got {lr!r}")
         with np.errstate(over="ignore", invalid="ignore"):  # overflow shows as inf, handled by name below
             s = reduce_stats(stats) if isinstance(stats, BatchStats) else stats
             m, loss_sum, sq_norm_sum, g2 = to_host(s)
@@ -335,7 +345,7 @@ class CABSController:
             debias = 1.0 - self.mu**updates if self.mode == "paper" else 1.0
             raw = float(
                 cabs_batch_size(
-                    self.lr,
+                    float(lr),
                     np.float64(xi_avg / debias),
                     np.float64(loss_avg / debias),
                     c=self.c,
