@@ -231,9 +231,9 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _decided(method: Method, state: Any) -> int:
-    """The batch size ``method`` takes next: the controller's decision (CABS) or the constant one."""
-    b = state.batch_size if state is not None else method.batch_size
+def _decided(method: Method, cabs: Any) -> int:
+    """The batch size ``method`` takes next: the CABS trainer's decision or the constant one."""
+    b = cabs.batch_size if cabs is not None else method.batch_size
     assert b is not None
     return int(b)
 
@@ -255,11 +255,11 @@ def run_method(
     n_evals = max(1, round(cfg.epochs / cfg.eval_every))
     eval_points = [max(1, round(k * budget / n_evals)) for k in range(1, n_evals + 1)]
     trainer.reset(cfg.seed)
-    sampler = SamplerState(num_examples, cfg.seed)
-    ctl = state = None
+    sampler = SamplerState(num_examples, cfg.seed)  # the SGD runs' stream; a CABS trainer draws the same one
+    ctl = cabs = None
     if method.family == "cabs":
         ctl = cfg.controller(method.lr, num_examples)
-        state = ctl.init()
+        cabs = trainer.cabs_run(ctl, cfg.seed)  # the adapter's own CABSTrainer on these parameters
     rid = method.run_id
     log.write({"kind": "run", "run": rid, "family": method.family, "group": method.group, "label": method.label,
                "lr": method.lr, "batch_size": method.batch_size, "decay": method.decay,
@@ -282,28 +282,28 @@ def run_method(
     next_eval = 0  # index into eval_points of the next point to evaluate at
     # Whole batches only (docs/experiments.md, "The budget"): every step uses the batch size the method
     # decided, and the run stops when that batch does not fit in what is left of the budget.
-    b = _decided(method, state)
+    b = _decided(method, cabs)
     while sampler.examples_seen + b <= budget:
         lr = method.lr_at(sampler.examples_seen, budget)
         t0 = time.perf_counter()
-        idx, sampler = next_batch(sampler, b)
         loss: float | None
         variance = raw = None
-        if ctl is not None and state is not None:
-            stats = trainer.cabs_step(idx, lr)
+        if cabs is not None:
             try:
-                state, info = ctl.update(state, stats)
+                info = cabs.step()
             except NonFiniteStatisticsError as e:
                 loss, status, reason = math.nan, "diverged", str(e)
             else:
                 loss, variance, raw = info.loss, info.variance, info.raw
+            sampler = SamplerState(num_examples, cfg.seed, cabs.examples_seen)
         else:
+            idx, sampler = next_batch(sampler, b)
             loss = trainer.sgd_step(idx, lr)
         wall += time.perf_counter() - t0
         step += 1
         if status == "ok" and loss is not None and not math.isfinite(loss):
             status, reason = "diverged", f"non-finite mini-batch loss {loss} at step {step}"
-        next_b = _decided(method, state)
+        next_b = _decided(method, cabs)
         last = status != "ok" or sampler.examples_seen + next_b > budget
         if step % cfg.log_every == 0 or last:
             log.write({"kind": "step", "run": rid, "step": step, "examples": sampler.examples_seen,

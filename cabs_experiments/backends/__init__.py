@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cabs_core import BatchStats, ScalarStats
+from cabs_core import CABSController, StepInfo
 
 from ..data import Dataset
 
@@ -27,12 +27,27 @@ REQUIRES = {"torch": "torch (from a checkout: pip install '.[torch]')",
             "tensorflow": "tensorflow, keras (from a checkout: pip install '.[tf]')"}
 
 
+class CABSRun(Protocol):
+    """One CABS run through an adapter's ``CABSTrainer``: the adapter owns the step."""
+
+    @property
+    def batch_size(self) -> int:
+        """The decided size of the next batch."""
+
+    @property
+    def examples_seen(self) -> int:
+        """Examples drawn so far (the sampler's position)."""
+
+    def step(self) -> StepInfo:
+        """One CABS step (raises :class:`cabs_core.NonFiniteStatisticsError` under the default policy)."""
+
+
 class Trainer(Protocol):
     """One model on one in-memory data set, stepped by the driver.
 
-    The driver owns everything framework-free: the sampler (which examples),
-    the batch size (CABS controller or a constant), the learning rate schedule,
-    logging. A trainer owns the parameters and does the arithmetic.
+    The driver owns the SGD baselines' sampler and learning-rate schedule, the
+    budget and logging; a CABS run is the adapter's own trainer (:meth:`cabs_run`).
+    A trainer owns the parameters and does the arithmetic.
     """
 
     #: the number of trainable parameters (for the log)
@@ -44,9 +59,9 @@ class Trainer(Protocol):
     def sgd_step(self, indices: np.ndarray, lr: float) -> float:
         """theta <- theta - lr * (mean gradient of the batch ``indices``); returns the batch's mean loss."""
 
-    def cabs_step(self, indices: np.ndarray, lr: float) -> BatchStats | ScalarStats:
-        """Per-example statistics of the batch through the framework's CABS adapter, then
-        theta <- theta - lr * grad_sum / count; returns the statistics for the controller."""
+    def cabs_run(self, controller: CABSController, seed: int) -> CABSRun:
+        """The adapter's own CABS trainer on this trainer's parameters and training split,
+        drawing batches with ``seed`` (the stream the SGD runs draw too)."""
 
     def evaluate(self, split: str, indices: np.ndarray | None = None) -> tuple[float, float]:
         """(mean loss, accuracy) over ``split`` ("train" or "test"), or the given subset of it."""
