@@ -5,8 +5,9 @@
     python3 dev.py test      # every test session (nox), each in its own venv
 
 Extra arguments go to nox, e.g. ``python3 dev.py test -s torch``. The first
-run creates ``.venv-tools`` with nox (pinned in constraints.txt); nox then
-builds one virtual environment per session under ``.nox``.
+run creates ``.venv-tools`` with nox and uv (pinned in constraints.txt); nox then
+builds one virtual environment per session under ``.nox`` with uv, whose shared
+cache installs each framework once rather than once per session.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ def _works(py: Path, module: str) -> bool:
 
 def _tools_python() -> Path:
     py = TOOLS / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    if _works(py, "nox"):
+    if _works(py, "nox") and _works(py, "uv"):
         return py
     if not _works(py, "pip"):  # absent, or left half-made by an interrupted first run
         print(f"dev.py: creating {TOOLS.name} with nox", flush=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(TOOLS)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), "nox"], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), "nox", "uv"],
+                   check=True)
     return py
 
 

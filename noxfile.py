@@ -12,13 +12,16 @@ All installs are pinned by constraints.txt (CPU builds of the frameworks).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["lint", "numpy", "array_api_strict", "torch", "jax", "tensorflow", "conformance", "experiments"]
 nox.options.reuse_existing_virtualenvs = True
-nox.options.default_venv_backend = "venv"
+nox.options.default_venv_backend = "uv|venv"  # uv: one shared cache, hard links
 
 PYTHON = None  # the interpreter nox runs on (>= 3.10)
 CONSTRAINTS = ("-c", "constraints.txt")
@@ -26,8 +29,26 @@ PYTEST = ("python", "-m", "pytest", "-p", "no:cacheprovider", "--import-mode=imp
 BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "tensorflow")
 
 
-def _install(session: nox.Session, extras: str) -> None:
-    session.install(*CONSTRAINTS, f".[{extras}]")
+def _find_links() -> tuple[str, ...]:
+    """pip's local wheel folders (PIP_FIND_LINKS, e.g. the CPU build of torch), which uv does not read."""
+    if os.environ.get("UV_FIND_LINKS"):
+        return ()
+    dirs = os.environ.get("PIP_FIND_LINKS", "")
+    if not dirs:  # pip's configuration files
+        got = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.find-links"],
+                             capture_output=True, text=True)
+        dirs = got.stdout if got.returncode == 0 else ""
+    return tuple(f"--find-links={d}" for d in dirs.split() if Path(d).exists())
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    """pip-compatible install pinned by constraints.txt (uv, or pip without uv)."""
+    links = _find_links() if session.venv_backend == "uv" else ()
+    session.install(*CONSTRAINTS, *links, *args)
+
+
+def _install_extras(session: nox.Session, extras: str) -> None:
+    _install(session, f".[{extras}]")
 
 
 def _adapter_tests(session: nox.Session, folder: str) -> None:
@@ -39,21 +60,21 @@ def _adapter_tests(session: nox.Session, folder: str) -> None:
 @nox.session(python=PYTHON)
 def numpy(session: nox.Session) -> None:
     """Core tests on NumPy arrays, plus the conformance runner's own tests."""
-    _install(session, "dev")
+    _install_extras(session, "dev")
     session.run(*PYTEST, "tests/core", "tests/conformance", "--backends=numpy", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def array_api_strict(session: nox.Session) -> None:
     """Core tests on array-api-strict: catches anything outside the standard."""
-    _install(session, "dev")
+    _install_extras(session, "dev")
     session.run(*PYTEST, "tests/core", "--backends=array_api_strict", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def torch(session: nox.Session) -> None:
     """Core tests on torch tensors, then the PyTorch adapter's tests."""
-    _install(session, "torch,dev")
+    _install_extras(session, "torch,dev")
     session.run(*PYTEST, "tests/core", "--backends=torch", *session.posargs)
     _adapter_tests(session, "adapter_torch")
     _adapter_tests(session, "distributed_torch")
@@ -62,7 +83,7 @@ def torch(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def jax(session: nox.Session) -> None:
     """Core tests on jax arrays (float64), then the JAX adapter's tests."""
-    _install(session, "jax,dev")
+    _install_extras(session, "jax,dev")
     session.run(*PYTEST, "tests/core", "--backends=jax", *session.posargs)
     _adapter_tests(session, "adapter_jax")
     _adapter_tests(session, "distributed_jax")
@@ -71,7 +92,7 @@ def jax(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tensorflow(session: nox.Session) -> None:
     """How TensorFlow values reach the core (no Array API namespace), then the TF adapter's tests."""
-    _install(session, "tf,dev")
+    _install_extras(session, "tf,dev")
     session.run(*PYTEST, "tests/interop_tf", *session.posargs)
     _adapter_tests(session, "adapter_tf")
     _adapter_tests(session, "distributed_tf")
@@ -81,7 +102,7 @@ def tensorflow(session: nox.Session) -> None:
 def conformance(session: nox.Session) -> None:
     """All frameworks in one environment: every vector through every backend, then the
     model-level checks (same statistics and decisions in torch, JAX and TensorFlow)."""
-    _install(session, "all,dev")
+    _install_extras(session, "all,dev")
     for backend in BACKENDS:
         session.run("python", "-m", "cabs_conformance", "--backend", backend)
     session.run("python", "-m", "cabs_conformance.e2e")
@@ -91,14 +112,14 @@ def conformance(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def experiments(session: nox.Session) -> None:
     """The experiment command (data loaders, reports, every backend) on tiny budgets."""
-    _install(session, "all,dev")
+    _install_extras(session, "all,dev")
     session.run(*PYTEST, "tests/experiments", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff on everything, mypy on the core."""
-    session.install(*CONSTRAINTS, "ruff", "mypy", "numpy", "array-api-compat")
+    _install(session, "ruff", "mypy", "numpy", "array-api-compat")
     session.run("ruff", "check", ".")
     session.run("mypy", "cabs_core")
 
@@ -109,12 +130,12 @@ def bench(session: nox.Session) -> None:
 
     ``nox -s bench -- --quick`` passes its arguments to benchmarks/bench_torch_stats.py.
     """
-    _install(session, "bench")
+    _install_extras(session, "bench")
     session.run("python", "benchmarks/bench_torch_stats.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """The README's demo: CABS against SGD baselines on scikit-learn's digits (torch, CPU)."""
-    _install(session, "torch,experiments")
+    _install_extras(session, "torch,experiments")
     session.run("cabs-experiment", "--out", "runs/demo", "--overwrite", *session.posargs)
