@@ -47,7 +47,8 @@ from .report import LAST_BATCH, LOG_NAME, SUMMARY_MD, JsonlLog, Summary, summary
 
 FAMILIES = ("cabs", "sgd", "sgd-decay")
 DECAYS = ("step", "exp")
-DEFAULT_EPOCHS = {"digits": 30.0, "mnist": 10.0, "cifar10": 20.0, "svhn": 10.0}
+DEFAULT_EPOCHS = {"digits": 30.0, "mnist-5k": 10.0, "mnist1d": 20.0, "mnist": 10.0, "cifar10": 20.0, "svhn": 10.0}
+DATA_CACHE = Path.home() / ".cache" / "cabs-experiments"  # mnist-5k, mnist1d arrays without --data-dir
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class ExperimentConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
+    mnist1d_size: int | None = None  # None: data.MNIST1D_SIZE
     backend: str = "torch"
     model: str | None = None  # None: mlp for digits/MNIST, cnn for CIFAR-10/SVHN
     epochs: float | None = None  # None: DEFAULT_EPOCHS[dataset]
@@ -124,6 +126,11 @@ class ExperimentConfig:
             self.model = default_model(self.dataset)
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.dataset == "mnist1d" and self.model == "cnn":
+            raise ValueError("--model cnn pools 2-D images; mnist1d holds 1-D signals: use --model mlp")
+        if self.mnist1d_size is not None and (self.dataset != "mnist1d" or self.mnist1d_size < 100):
+            raise ValueError(f"--mnist1d-size applies to --dataset mnist1d and must be >= 100, got "
+                             f"{self.mnist1d_size} with --dataset {self.dataset}")
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS[self.dataset]
         if not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -347,7 +354,9 @@ def run_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Sum
     assert cfg.out is not None
     check_output_dir(cfg.out, cfg.overwrite)
     if dataset is None:
-        dataset = load_dataset(cfg.dataset, cfg.data_dir)
+        cache = cfg.data_dir if cfg.data_dir is not None else DATA_CACHE
+        dataset = load_dataset(cfg.dataset, cache if cfg.dataset in ("mnist-5k", "mnist1d") else cfg.data_dir,
+                               size=cfg.mnist1d_size)
     assert cfg.model is not None and cfg.epochs is not None
     n = len(dataset.y_train)
     if n < 2:
@@ -419,9 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
         "rates, the same budget of examples for each; writes a JSONL log, PNG figures and a markdown summary.",
     )
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="default: %(default)s (no download)")
-    p.add_argument("--data-dir", default=None, help="where the MNIST / CIFAR-10 / SVHN files are")
+    p.add_argument("--data-dir", default=None, help="where the MNIST / CIFAR-10 / SVHN files are (and where the "
+                   "mnist-5k and mnist1d arrays are kept; default for those ~/.cache/cabs-experiments)")
+    p.add_argument("--mnist1d-size", type=int, default=None,
+                   help="examples of MNIST-1D to generate, 80%% for training (default: 20000)")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="default: %(default)s")
-    p.add_argument("--model", choices=MODELS, default=None, help="default: mlp for digits/mnist, cnn otherwise")
+    p.add_argument("--model", choices=MODELS, default=None, help="default: mlp for digits/mnist/mnist1d, cnn otherwise")
     p.add_argument("--epochs", type=float, default=None,
                    help="budget per method in epochs (default: " +
                    ", ".join(f"{k} {v:g}" for k, v in DEFAULT_EPOCHS.items()) + ")")

@@ -54,5 +54,5 @@ def architecture(model: str, image_shape: tuple[int, int, int], num_classes: int
 
 
 def default_model(dataset: str) -> str:
-    """mlp for digits and MNIST, cnn for CIFAR-10 and SVHN."""
-    return "mlp" if dataset in ("digits", "mnist") else "cnn"
+    """mlp for digits, MNIST and MNIST-1D; the paper's cnn for mnist-5k, CIFAR-10 and SVHN."""
+    return "mlp" if dataset in ("digits", "mnist", "mnist1d") else "cnn"

@@ -83,3 +83,15 @@ def test_a_missing_extra_is_named(tmp_path, capsys, monkeypatch):
     assert main(["--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "sklearn is not installed" in err and "'.[experiments]'" in err and "'.[torch]'" in err
+
+
+@pytest.mark.parametrize("argv, flag", [(["--dataset", "mnist1d", "--model", "cnn"], "--model"),
+                                        (["--dataset", "digits", "--mnist1d-size", "500"], "--mnist1d-size")])
+def test_dataset_options_that_do_not_fit_are_refused(tmp_path, capsys, argv, flag):
+    assert _exit_code(["--out", str(tmp_path / "D"), "--no-progress", *argv]) == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "D").exists()
+
+
+def test_default_models_of_the_packaged_data_sets():
+    assert ExperimentConfig(dataset="mnist-5k").model == "cnn" and ExperimentConfig(dataset="mnist1d").model == "mlp"

