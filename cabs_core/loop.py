@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -102,6 +103,8 @@ def plan_batch(
     total = shards * processes
     if len(indices) == 0:
         return [MicroBatch(indices, np.zeros(0, bool), shards, 0)]
+    if total == 1 and buckets is None and (max_micro_batch is None or len(indices) <= max_micro_batch):
+        return [MicroBatch(indices, np.ones(len(indices), bool), 1, len(indices))]  # the common eager case
     per_shard = None if buckets is None else shard_buckets(buckets, total)
     if per_shard is not None and max_micro_batch is not None:
         per_shard = tuple(q for q in per_shard if q < max_micro_batch) + (int(max_micro_batch),)
@@ -312,14 +315,25 @@ class CABSLoop:
         """The checkpoint envelope of this run (:func:`cabs_core.checkpoint.envelope`)."""
         return _ckpt.envelope(self.controller, run.controller, run.sampler, **extra)
 
-    def load_state_dict(self, d: dict[str, Any], *, allow: Sequence[str] = ()) -> RunState:
+    def load_state_dict(
+        self, d: dict[str, Any], *, allow: Sequence[str] = (), sampler: SamplerState | None = None
+    ) -> RunState:
         """The run state of envelope ``d``, checked against this run's configuration
-        (:class:`cabs_core.CheckpointMismatchError` naming every difference not in ``allow``)."""
-        fresh = self.init().sampler
-        controller, sampler = _ckpt.restore(d, self.controller, fresh, allow=allow)
-        if fresh is None:
-            sampler = None
-        return RunState(controller, sampler)
+        (:class:`cabs_core.CheckpointMismatchError` naming every difference not in ``allow``).
+
+        ``sampler``: the run's fresh sampler when the adapter keeps it outside the loop
+        (e.g. a DataLoader's batch sampler); the restored position is then returned in
+        ``RunState.sampler`` for the adapter to install. A checkpoint with a sampler
+        position for a run that has none (or the reverse) is refused.
+        """
+        fresh = self.init().sampler if sampler is None else sampler
+        if fresh is None and d.get("sampler") is not None:
+            raise _ckpt.CheckpointMismatchError(
+                ["sampler: the checkpoint has a sampler position, this run draws no batches (num_examples=None)"],
+                "Give the run its data (or its batch sampler) before loading.",
+            )
+        controller, restored = _ckpt.restore(d, self.controller, fresh, allow=allow)
+        return RunState(controller, restored)
 
     def save(self, path: str | os.PathLike[str], run: RunState, arrays: Sequence[Any], **extra: Any) -> None:
         """Write the envelope and the framework's arrays (parameters, optimizer
@@ -332,16 +346,19 @@ class CABSLoop:
         _ckpt.write_atomic(path, buf.getvalue())
 
     def load(
-        self, path: str | os.PathLike[str], *, allow: Sequence[str] = ()
+        self, path: str | os.PathLike[str], *, allow: Sequence[str] = (), sampler: SamplerState | None = None
     ) -> tuple[RunState, list[np.ndarray], dict[str, Any]]:
-        """Read a :meth:`save` file: (run state, arrays, the envelope's extra entries)."""
+        """Read a :meth:`save` file: (run state, arrays, the envelope's extra entries);
+        ``allow`` and ``sampler`` as in :meth:`load_state_dict`."""
         try:
             with np.load(os.fspath(path), allow_pickle=False) as f:
                 envelope = json.loads(str(f["envelope"]))
                 arrays = [f[f"array_{k}"] for k in range(int(f["num_arrays"]))]
-        except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"{os.fspath(path)}: not a CABS checkpoint file ({e})") from e
-        run = self.load_state_dict(envelope, allow=allow)
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{os.fspath(path)}: not a CABS checkpoint file ({type(e).__name__}: {e})") from e
+        if not isinstance(envelope, dict):
+            raise ValueError(f"{os.fspath(path)}: not a CABS checkpoint file (its envelope is not a JSON object)")
+        run = self.load_state_dict(envelope, allow=allow, sampler=sampler)
         extra = {k: v for k, v in envelope.items() if k not in ("format", "config", "controller", "sampler")}
         return run, arrays, extra
 

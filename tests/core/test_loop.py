@@ -259,9 +259,17 @@ def test_checkpoint_resumes_bit_for_bit_and_refuses_another_configuration(tmp_pa
     with pytest.raises(CheckpointMismatchError, match=r"lr: checkpoint 0.05, now 0.1.*seed: checkpoint 5, now 6"):
         other.load(path)
     assert other.load(path, allow=["lr", "seed"])[0].sampler.seed == 6
-    (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a CABS checkpoint file"):
-        fresh.load(tmp_path / "junk.npz")
+    for name, content in (("junk.npz", b"not a zip"), ("empty.npz", b""), ("torn.npz", path.read_bytes()[:300])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match="not a CABS checkpoint file"):
+            fresh.load(tmp_path / name)
+    # a position kept outside the loop (a DataLoader's batch sampler) is checked and handed back
+    outside = CABSLoop(LinearBackend(momentum=0.9), ctl)
+    with pytest.raises(CheckpointMismatchError, match="sampler position"):
+        outside.load(path)
+    assert outside.load(path, sampler=SamplerState(256, 5))[0].sampler == run.sampler
+    with pytest.raises(CheckpointMismatchError, match="seed"):
+        outside.load(path, sampler=SamplerState(256, 4))
 
 
 def test_configuration_errors():
