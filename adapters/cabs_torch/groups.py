@@ -28,7 +28,7 @@ class MicroBatchStats:
     """Statistics from ``num_groups`` micro-batches (k >= 2), one forward and
     backward pass each; ``ddof`` must be the controller's (``controller.ddof``).
 
-    Costs one pass per micro-batch and keeps k mean gradients. Weights (masks)
+    Costs one pass per micro-batch and keeps k mean gradients. Masks (padding)
     are not supported: every example of the batch counts.
     """
 
@@ -43,9 +43,11 @@ class MicroBatchStats:
     def params(self) -> list[nn.Parameter]:
         return trainable_parameters(self.model)
 
-    def __call__(self, inputs: Any, targets: Any = None, weights: Tensor | None = None) -> BatchStats:
-        if weights is not None:
-            raise ValueError("MicroBatchStats does not take weights: pass only real examples")
+    def __call__(self, inputs: Any, targets: Any = None, mask: Tensor | None = None, *,
+                 verify: bool | None = None) -> BatchStats:
+        """The batch's statistics; ``verify`` is accepted for the trainer and unused (no fast path)."""
+        if mask is not None:
+            raise ValueError("MicroBatchStats does not take a mask: pass only real examples")
         params = self.params
         inputs = _as_tuple(inputs)
         m = _batch_size(inputs)

@@ -86,12 +86,8 @@ FAST_CHUNK_ELEMENTS = 2**22
 GENERIC_CHUNK_ELEMENTS = 2**25
 
 
-#: the adapter's error names are the core's classes (:mod:`cabs_core.exactness`)
-UnsupportedLayerError = UnsupportedModelError
-
 __all__ = [
-    "BatchNormTrainingError", "FastPathFallbackWarning", "PerExampleStats", "UnsupportedLayerError",
-    "UnsupportedModelError", "check_batch_norm", "per_example_stats", "resolve_method", "trainable_parameters",
+    "BatchNormTrainingError", "FastPathFallbackWarning", "PerExampleStats", "UnsupportedModelError", "check_batch_norm", "per_example_stats", "resolve_method", "trainable_parameters",
     "unsupported_reasons",
 ]
 
@@ -113,7 +109,7 @@ def check_batch_norm(model: nn.Module) -> None:
                 f"tools compute garbage here without warning. Options: (1) put the BatchNorm layers in "
                 f"eval mode (running statistics; supported by the fast path); (2) replace them by "
                 f"GroupNorm or LayerNorm; (3) keep BatchNorm in training mode and estimate the "
-                f"variance from micro-batches instead: CABSSGD(..., micro_batches=k) or "
+                f"variance from micro-batches instead: CABSTrainer(..., micro_batches=k) or "
                 f"cabs_torch.MicroBatchStats (the core's group estimator, cabs_core.group_variance)."
             )
 
@@ -669,13 +665,16 @@ class PerExampleStats:
                                 for g in plan.tie_groups])
         return self._plan
 
-    def __call__(self, inputs: Any, targets: Any = None, weights: Tensor | None = None) -> BatchStats:
+    def __call__(self, inputs: Any, targets: Any = None, mask: Tensor | None = None, *,
+                 verify: bool | None = None) -> BatchStats:
         """Statistics of one batch as a :class:`cabs_core.BatchStats`.
 
         inputs: a tensor or a tuple of tensors (positional arguments of the model),
             each with a leading example axis of length m; ``targets`` likewise (any pytree).
-        weights: optional 0/1 mask of shape (m,): examples with weight 0 (padding)
+        mask: optional 0/1 mask of shape (m,): examples with mask 0 (padding)
             change none of the sums.
+        verify: probe the fast path on this call (None: every ``verify_every``
+            calls, the schedule of :func:`cabs_core.exactness.verify_due`).
 
         ``grad_sum`` follows :attr:`params`; it is the ordinary gradient of
         sum_i w_i l_i. ``count``, ``loss_sum`` and ``sq_norm_sum`` are float64
@@ -688,10 +687,10 @@ class PerExampleStats:
             if mod.training or not mod.track_running_stats:
                 check_batch_norm(self.model)  # raises, naming the layer and the options
         device = plan.params[0].device if plan.params else None
-        inputs, targets, weights = _from_numpy((_as_tuple(inputs), targets, weights), device)
+        inputs, targets, weights = _from_numpy((_as_tuple(inputs), targets, mask), device)
         m = _batch_size(inputs)
         if weights is not None and tuple(weights.shape) != (m,):
-            raise ValueError(f"weights must have shape ({m},), got {tuple(weights.shape)}")
+            raise ValueError(f"mask must have shape ({m},), got {tuple(weights.shape)}")
         if weights is not None:  # padding rows cannot poison the sums: select, never multiply (0 * inf = nan)
             inputs, targets = _zero_masked_rows((inputs, targets), weights != 0, m)
         if m == 0:  # spec section 5: an empty batch has count 0 (the controller skips the step)
@@ -699,7 +698,8 @@ class PerExampleStats:
             return BatchStats(zero, zero.clone(), tuple(torch.zeros_like(p) for p in plan.params), zero.clone())
         step, self.calls = self.calls, self.calls + 1
         if plan.how == "fast":
-            result = self._verified_fast(plan, inputs, targets, weights, m, verify_due(step, self.verify_every))
+            due = verify_due(step, self.verify_every) if verify is None else verify
+            result = self._verified_fast(plan, inputs, targets, weights, m, due)
             if result is not None:
                 return BatchStats(*result)
         count, loss_sum, grad_sum, sq = _generic(
@@ -987,14 +987,14 @@ def per_example_stats(
     inputs: Any,
     targets: Any = None,
     *,
-    weights: Tensor | None = None,
+    mask: Tensor | None = None,
     method: Method = "auto",
     chunk_size: int | None = None,
     compile: bool = False,
     verify_every: int | None = VERIFY_EVERY,
 ) -> BatchStats:
     """One-off :class:`PerExampleStats` ``(model, loss_fn, method, chunk_size, compile)(inputs, targets,
-    weights)``; in a training loop keep a :class:`PerExampleStats` (it caches the model's analysis and,
+    mask)``; in a training loop keep a :class:`PerExampleStats` (it caches the model's analysis and,
     with ``compile=True``, the compiled function)."""
     return PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, compile=compile,
-                           verify_every=verify_every)(inputs, targets, weights)
+                           verify_every=verify_every)(inputs, targets, mask)
