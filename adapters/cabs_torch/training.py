@@ -9,6 +9,7 @@ batches of the decided sizes.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -171,14 +172,16 @@ class CABSTrainer:
             stats_fn = MicroBatchStats(model, loss_fn, micro_batches, ddof=getattr(controller, "ddof", 1))
         self.model, self.stats_fn, self.optimizer, self.seed = model, stats_fn, optimizer, seed
         self.backend = self._backend()
-        self.data = None if data is None else tree_map(torch.as_tensor, (data[0], data[1], None))
+        device = next(model.parameters()).device
+        self.data = None if data is None else (*tree_map(
+            lambda a: torch.as_tensor(a, device=device) if isinstance(a, np.ndarray) else a, tuple(data)), None)
         self.buckets, self.max_micro_batch, self.verify_every = buckets, max_micro_batch, verify_every
         self._make_loop(controller, None if data is None else self.backend.num_examples(self.data), seed)
         if optimizer is not None:
+            check_learning_rate(controller, _one_lr(optimizer))
             owned = {id(p) for p in model.parameters()}
             if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
                 raise ValueError("the optimizer holds parameters that are not the model's")
-            check_learning_rate(controller, _one_lr(optimizer))
         self.sampler: CABSBatchSampler | None = None
         self.last_info: StepInfo | None = None
 
@@ -275,7 +278,10 @@ class CABSTrainer:
     def restore(self, path: str | os.PathLike[str], *, allow: Sequence[str] = ()) -> None:
         """Load a :meth:`save` file into this trainer, its model and optimizer (everything
         is checked before anything changes)."""
-        run, arrays, extra = self.loop.load(path, allow=allow)
+        try:
+            run, arrays, extra = self.loop.load(path, allow=allow)
+        except (zipfile.BadZipFile, EOFError) as e:  # CABSLoop.load lets these through (torn or empty file)
+            raise ValueError(f"{os.fspath(path)}: not a CABS checkpoint file ({e})") from e
         model = list(self.model.state_dict().values())
         saved = extra.get("optimizer")
         if (saved is None) != (self.optimizer is None):
