@@ -150,11 +150,11 @@ def train(
     seed: int,
     dtype: str = "float64",
 ) -> tuple[list[int], dict[str, np.ndarray]]:
-    """``steps`` CABS steps with ``cabs_torch.CABSSGD`` and its batch sampler; returns the
+    """``steps`` CABS steps with ``cabs_torch.CABSTrainer`` and its batch sampler; returns the
     batch sizes used (the first is bs_init) and the final parameters."""
     net = build(model, params, dtype)
-    opt = cabs_torch.CABSSGD(net, per_example_loss, controller)
-    sampler = opt.batch_sampler(len(x), seed=seed)
+    opt = cabs_torch.CABSTrainer(net, per_example_loss, controller, seed=seed)
+    sampler = opt.batch_sampler(len(x))
     sizes = []
     for _ in range(steps):
         idx = sampler.next_indices()
