@@ -87,7 +87,8 @@ GENERIC_CHUNK_ELEMENTS = 2**25
 
 
 __all__ = [
-    "BatchNormTrainingError", "FastPathFallbackWarning", "PerExampleStats", "UnsupportedModelError", "check_batch_norm", "per_example_stats", "resolve_method", "trainable_parameters",
+    "BatchNormTrainingError", "FastPathFallbackWarning", "PerExampleStats", "UnsupportedModelError",
+    "check_batch_norm", "per_example_stats", "resolve_method", "trainable_parameters",
     "unsupported_reasons",
 ]
 

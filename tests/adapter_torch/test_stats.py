@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cabs_torch import (
-    CABSTrainer,
     BatchNormTrainingError,
+    CABSTrainer,
     PerExampleStats,
     UnsupportedModelError,
     per_example_stats,

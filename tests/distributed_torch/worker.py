@@ -18,9 +18,9 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-import numpy as np
 from cabs_torch import DataParallelCABSTrainer
 
 from cabs_core import CABSController, DesyncError
