@@ -18,7 +18,7 @@
 The errors are the core's (:mod:`cabs_core`). See ``docs/torch.md``.
 """
 
-from .distributed import DataParallelBackend, DataParallelCABSTrainer
+from .distributed import DataParallelCABSTrainer
 from .groups import MicroBatchStats
 from .layers import RULES
 from .stats import (
@@ -39,7 +39,6 @@ __all__ = [
     "BatchNormTrainingError",
     "CABSBatchSampler",
     "CABSTrainer",
-    "DataParallelBackend",
     "DataParallelCABSTrainer",
     "FastPathFallbackWarning",
     "MicroBatchStats",
