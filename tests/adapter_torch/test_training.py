@@ -354,3 +354,46 @@ def test_conformance_vector_on_torch_tensors(path):
                 assert got == want, key
             else:
                 assert got == pytest.approx(want, rel=tol["rtol"], abs=tol["atol"]), key
+
+
+# ----------------------------------------------------------------------------- issue 13: micro-batches, save/restore
+
+
+def test_micro_batches_of_a_masked_batch_are_the_whole_batch(digits):
+    """max_micro_batch splits the caller's batch (and its mask): the same statistics,
+    decision and update as one pass (float64)."""
+    x, y = digits[0][:11].double(), digits[1][:11]
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1.0], dtype=torch.float64)
+    results = []
+    for micro in (None, 3):
+        model = small_mlp(4).double()
+        opt = CABSTrainer(model, ce, CABSController(lr=0.3, bs_min=4, bs_max=64), max_micro_batch=micro)
+        info = opt.step(x, y, mask)
+        results.append((info, opt.last_stats, [p.detach().clone() for p in model.parameters()]))
+    (a, sa, pa), (b, sb, pb) = results
+    assert a.batch_size == b.batch_size and float(sb.count) == 8
+    assert b.variance == pytest.approx(a.variance, rel=1e-12) and b.loss == pytest.approx(a.loss, rel=1e-12)
+    torch.testing.assert_close(sb.sq_norm_sum, sa.sq_norm_sum, rtol=1e-12, atol=0)
+    for p, q in zip(pa, pb):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        CABSTrainer(small_mlp(), ce, CABSController(lr=0.1), micro_batches=2, max_micro_batch=4)
+
+
+def test_save_restore_keeps_the_dataloader_sampler(digits, tmp_path):
+    x, y = digits
+    ctrl = CABSController(lr=0.4, bs_min=8, bs_max=400, mu=0.8, c=10.0)
+    opt = CABSTrainer(small_mlp(5), ce, ctrl, seed=9)
+    sampler = opt.batch_sampler(len(x))
+    first = _run(opt.model, opt, sampler, x, y, 4)
+    opt.save(tmp_path / "c.npz")
+    rest = _run(opt.model, opt, sampler, x, y, 3)
+    again = CABSTrainer(small_mlp(6), ce, ctrl, seed=9)
+    with pytest.raises(ValueError, match="call batch_sampler"):
+        again.load_state_dict(opt.state_dict())
+    sampler2 = again.batch_sampler(len(x))
+    again.restore(tmp_path / "c.npz")
+    assert sampler2.batches == 4 and again.state.step == 4 and len(set(first)) > 1
+    assert _run(again.model, again, sampler2, x, y, 3) == rest
+    for p, q in zip(again.model.parameters(), opt.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
