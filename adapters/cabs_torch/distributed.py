@@ -16,7 +16,7 @@ from torch import nn
 from cabs_core import CABSController, ConfigError
 from cabs_core.loop import CHECK_EVERY
 
-from .stats import LossFn
+from .sums import LossFn
 from .training import CABSTrainer
 
 

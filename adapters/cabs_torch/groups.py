@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from cabs_core import BatchStats, group_variance
 
-from .stats import LossFn, _as_tuple, _batch_size, _check_losses, _stat_dtype, _take, trainable_parameters
+from .stats import _as_tuple, _take, trainable_parameters
+from .sums import LossFn, _batch_size, _check_losses, _stat_dtype
 
 
 class MicroBatchStats:

@@ -26,7 +26,8 @@ from cabs_core.loop import CABSLoop, MicroBatch, check_arrays, check_learning_ra
 from cabs_core.sampler import next_batch, shard
 
 from .groups import MicroBatchStats
-from .stats import LossFn, Method, PerExampleStats
+from .stats import Method, PerExampleStats
+from .sums import LossFn
 
 
 class CABSBatchSampler(Sampler[list[int]]):
