@@ -126,8 +126,8 @@ def statistics(
     """The step's statistics through ``cabs_torch.PerExampleStats``; grad_sum in the portable layout."""
     net = build(model, params, dtype)
     stats_fn = cabs_torch.PerExampleStats(net, per_example_loss, method=method)
-    w = None if mask is None else torch.from_numpy(mask).to(_DTYPES[dtype])
-    s = stats_fn(_inputs(x, dtype), torch.from_numpy(y), w)
+    keep = None if mask is None else torch.from_numpy(mask).to(_DTYPES[dtype])
+    s = stats_fn(_inputs(x, dtype), torch.from_numpy(y), mask=keep)
     names = [n for n, _ in net.named_parameters()]
     return {
         "method": stats_fn.resolved_method,
