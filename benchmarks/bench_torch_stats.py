@@ -13,10 +13,6 @@ process, the time of one training step's gradient computation:
   with ``verify_every=1``, alternating with fast steps in the same process; the
   probe step / fast step ratio and the amortised extra cost are printed below
   the tables
-- ``capture``: the fast path with every layer's rule and reduction replaced by a constant:
-  not a statistic, only the cost of capturing the layers' inputs and output
-  gradients (hooks, autograd edges, bookkeeping); ``fast`` minus ``capture`` is
-  the cost of the sums of squares themselves
 - ``compiled``: ``cabs_torch.PerExampleStats(method="fast", compile=True)`` (one
   ``torch.compile``d function; compiled during the warm-up; n/a for the CNN,
   whose convolutions it refuses)
@@ -50,7 +46,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ["plain", "fast", "verified", "compiled", "capture", "generic", "backpack", "opacus_ghost"]
+METHODS = ["plain", "fast", "verified", "compiled", "generic", "backpack", "opacus_ghost"]
 MODELS = ["mlp", "cnn"]
 
 
@@ -89,20 +85,9 @@ def make_step(method: str, model, x, y):
         except UnsupportedModelError:
             return None
         return lambda: engine(x, y)
-    if method in ("fast", "generic", "capture"):
+    if method in ("fast", "generic"):
         from cabs_torch import PerExampleStats
 
-        if method == "capture":  # diagnostic: drop the sums of squares, keep everything else
-            import cabs_torch.stats
-
-            zero = torch.zeros((), device=x.device)
-
-            def finish(rec, mod, chunk_elements):
-                rec.totals.append(zero)
-                rec.inputs.clear()
-                rec.grads.clear()
-
-            cabs_torch.stats._Record.finish = finish
         engine = PerExampleStats(model, per_example_loss, method="generic" if method == "generic" else "fast")
         return lambda: engine(x, y)
     if method == "backpack":

@@ -9,24 +9,22 @@
   :class:`UnsupportedModelError`), and a generic ``torch.func`` path for any model.
 - :class:`MicroBatchStats`: the group estimator over micro-batches (BatchNorm
   in training mode).
-- :class:`CABSSGD`: an SGD step with lr times the batch's mean gradient that
-  updates the core's controller and returns the next batch size.
-- :class:`CABSBatchSampler`: a ``batch_sampler`` for ``DataLoader`` driven by
-  the core's sampler.
-- :class:`DistributedCABSSGD`: data-parallel CABSSGD on ``torch.distributed``
-  (all-reduced statistics, desync detection; ``docs/distributed/torch.md``).
+- :class:`CABSTrainer`: the core's CABS step (:class:`cabs_core.loop.CABSLoop`)
+  for a module, plain SGD or any ``torch.optim.Optimizer``, through
+  :class:`TorchBackend`; :class:`CABSBatchSampler` feeds a ``DataLoader``.
+- :class:`DataParallelCABSTrainer`: the same across the ranks of
+  ``torch.distributed`` (``docs/distributed/torch.md``).
 
-See ``docs/torch.md``.
+The errors are the core's (:mod:`cabs_core`). See ``docs/torch.md``.
 """
 
-from .distributed import DistributedCABSSGD, all_reduce_stats, check_in_sync, config_digest
+from .distributed import DataParallelCABSTrainer
 from .groups import MicroBatchStats
 from .layers import RULES
 from .stats import (
     BatchNormTrainingError,
     FastPathFallbackWarning,
     PerExampleStats,
-    UnsupportedLayerError,
     UnsupportedModelError,
     check_batch_norm,
     per_example_stats,
@@ -34,23 +32,20 @@ from .stats import (
     trainable_parameters,
     unsupported_reasons,
 )
-from .training import CABSSGD, CABSBatchSampler
+from .training import CABSBatchSampler, CABSTrainer, TorchBackend
 
 __all__ = [
     "RULES",
     "BatchNormTrainingError",
     "CABSBatchSampler",
-    "CABSSGD",
+    "CABSTrainer",
+    "DataParallelCABSTrainer",
     "FastPathFallbackWarning",
-    "DistributedCABSSGD",
     "MicroBatchStats",
     "PerExampleStats",
-    "UnsupportedLayerError",
+    "TorchBackend",
     "UnsupportedModelError",
-    "all_reduce_stats",
     "check_batch_norm",
-    "check_in_sync",
-    "config_digest",
     "per_example_stats",
     "resolve_method",
     "trainable_parameters",

@@ -34,11 +34,12 @@ import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call, grad_and_value
 
+from cabs_core.exactness import UnsupportedModelError
+
 from .layers import rule_for
-from .stats import (
+from .sums import (
     FAST_CHUNK_ELEMENTS,
     LossFn,
-    UnsupportedModelError,
     _batch_size,
     _check_losses,
     _count_and_loss,

@@ -21,14 +21,15 @@ from torch import Tensor, nn
 
 from cabs_core import BatchStats, group_variance
 
-from .stats import LossFn, _as_tuple, _batch_size, _check_losses, _stat_dtype, _take, trainable_parameters
+from .stats import _as_tuple, _take, trainable_parameters
+from .sums import LossFn, _batch_size, _check_losses, _stat_dtype
 
 
 class MicroBatchStats:
     """Statistics from ``num_groups`` micro-batches (k >= 2), one forward and
     backward pass each; ``ddof`` must be the controller's (``controller.ddof``).
 
-    Costs one pass per micro-batch and keeps k mean gradients. Weights (masks)
+    Costs one pass per micro-batch and keeps k mean gradients. Masks (padding)
     are not supported: every example of the batch counts.
     """
 
@@ -43,9 +44,11 @@ class MicroBatchStats:
     def params(self) -> list[nn.Parameter]:
         return trainable_parameters(self.model)
 
-    def __call__(self, inputs: Any, targets: Any = None, weights: Tensor | None = None) -> BatchStats:
-        if weights is not None:
-            raise ValueError("MicroBatchStats does not take weights: pass only real examples")
+    def __call__(self, inputs: Any, targets: Any = None, mask: Tensor | None = None, *,
+                 verify: bool | None = None) -> BatchStats:
+        """The batch's statistics; ``verify`` is accepted for the trainer and unused (no fast path)."""
+        if mask is not None:
+            raise ValueError("MicroBatchStats does not take a mask: pass only real examples")
         params = self.params
         inputs = _as_tuple(inputs)
         m = _batch_size(inputs)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,38 +59,38 @@ from cabs_core.exactness import (
     verify_due,
 )
 
+from .compiled import CompiledFastStats
 from .layers import (
     Piece,
     Rule,
-    combine_pieces,
-    linear_rank_one_sq_sum,
     piece_grad_sum,
-    piece_sq_norm_sum,
     rule_for,
     tied_sq_norm_sum,
 )
+from .sums import (
+    FAST_CHUNK_ELEMENTS,
+    LossFn,
+    _batch_size,
+    _check_losses,
+    _count_and_loss,
+    _LossShapeError,
+    _stat_dtype,
+    functional_state,
+    layer_sq_norm_sums,
+    tied_layers_sq_norm_sums,
+)
 
 Method = Literal["auto", "fast", "generic"]
-LossFn = Callable[[Any, Any], Tensor]
 
-#: elements of scratch memory per chunk of the fast path's per-layer work. Small
-#: enough that a chunk's per-example weight gradients stay in cache while they
-#: are squared and summed: on the paper's CNN at batch 128 (2 CPU cores),
-#: alternating runs of benchmarks/bench_torch_stats.py gave the fast step 1.48x
-#: and 1.49x of a plain step with 2**22, 1.52x and 1.79x with 2**25.
-FAST_CHUNK_ELEMENTS = 2**22
 
 #: elements of per-example gradients per chunk of the generic path, when no
 #: chunk size is given
 GENERIC_CHUNK_ELEMENTS = 2**25
 
 
-#: the adapter's error names are the core's classes (:mod:`cabs_core.exactness`)
-UnsupportedLayerError = UnsupportedModelError
-
 __all__ = [
-    "BatchNormTrainingError", "FastPathFallbackWarning", "PerExampleStats", "UnsupportedLayerError",
-    "UnsupportedModelError", "check_batch_norm", "per_example_stats", "resolve_method", "trainable_parameters",
+    "BatchNormTrainingError", "FastPathFallbackWarning", "PerExampleStats", "UnsupportedModelError",
+    "check_batch_norm", "per_example_stats", "resolve_method", "trainable_parameters",
     "unsupported_reasons",
 ]
 
@@ -113,7 +112,7 @@ def check_batch_norm(model: nn.Module) -> None:
                 f"tools compute garbage here without warning. Options: (1) put the BatchNorm layers in "
                 f"eval mode (running statistics; supported by the fast path); (2) replace them by "
                 f"GroupNorm or LayerNorm; (3) keep BatchNorm in training mode and estimate the "
-                f"variance from micro-batches instead: CABSSGD(..., micro_batches=k) or "
+                f"variance from micro-batches instead: CABSTrainer(..., micro_batches=k) or "
                 f"cabs_torch.MicroBatchStats (the core's group estimator, cabs_core.group_variance)."
             )
 
@@ -154,32 +153,6 @@ def resolve_method(model: nn.Module, method: Method) -> Literal["fast", "generic
     return "generic"
 
 
-def _batch_size(inputs: tuple[Any, ...]) -> int:
-    for x in inputs:
-        if isinstance(x, Tensor) and x.dim() > 0:
-            return x.shape[0]
-    raise ValueError("inputs must contain a tensor with a leading example axis")
-
-
-class _LossShapeError(ValueError):
-    """loss_fn did not return one loss per example."""
-
-    def __init__(self, shape: Any, m: int, probe: int | None = None) -> None:
-        where = "" if probe is None else f" for a probe of the first {probe} examples"
-        super().__init__(f"loss_fn must return per-example losses of shape ({m},), got {shape}{where}; "
-                         f"use reduction='none' (e.g. F.cross_entropy(out, y, reduction='none'))")
-        self.shape = shape
-
-
-def _check_losses(losses: Tensor, m: int) -> None:
-    if not isinstance(losses, Tensor) or losses.shape != (m,):
-        raise _LossShapeError(tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__, m)
-
-
-def _stat_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def _take(tree: Any, sl: slice) -> Any:
     """The examples ``sl`` of every tensor in a pytree (other leaves unchanged)."""
     return tree_map(lambda t: t[sl] if isinstance(t, Tensor) else t, tree)
@@ -195,18 +168,6 @@ def _parameter_key(model: nn.Module) -> tuple[tuple[int, bool], ...]:
         key.extend((id(p), p.requires_grad) for p in mod._parameters.values() if p is not None)
         stack.extend(m for m in mod._modules.values() if m is not None)
     return tuple(key)
-
-
-def functional_state(model: nn.Module, params: list[nn.Parameter]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The model's state for ``torch.func.functional_call``, detached: ``params``
-    by name (in the order of ``params``, that of ``grad_sum``), and the other
-    parameters and the buffers."""
-    named = dict(model.named_parameters())
-    by_id = {id(p): n for n, p in named.items()}
-    train = {by_id[id(p)]: p.detach() for p in params}
-    fixed = {n: p.detach() for n, p in named.items() if n not in train}
-    fixed.update(dict(model.named_buffers()))
-    return train, fixed
 
 
 def _from_numpy(tree: Any, device: torch.device | None) -> Any:
@@ -294,54 +255,6 @@ class _TieGroup:
         return tied_layers_sq_norm_sums(calls, owners, chunk_elements)
 
 
-def tied_layers_sq_norm_sums(calls: dict[nn.Module, list[tuple[Tensor, Tensor]]],
-                             params: list[tuple[tuple[int, ...], list[tuple[nn.Module, str]]]],
-                             chunk_elements: int) -> list[Tensor]:
-    """The share of S of layers that share parameters, as 0-d tensors to add up.
-
-    calls: per layer, (input, output gradient) of its calls that reached the loss;
-    params: per parameter of these layers, its shape and owners (layer, name).
-    In chunks of examples, each parameter's uses are combined with their cross
-    terms (:func:`.layers.tied_sq_norm_sum`)."""
-    live = {mod: c for mod, c in calls.items() if c}
-    if not live:
-        return []
-    n = next(iter(live.values()))[0][0].shape[0]
-    work = sum(_work_per_example(mod, a, b) for mod, c in live.items() for a, b in c)
-    step = max(1, min(n, chunk_elements // max(1, work)))
-    totals = []
-    for s in range(0, n, step):
-        pieces = {}
-        for mod, c in live.items():
-            rule = rule_for(mod)
-            assert rule is not None  # the layers were chosen by rule_for
-            pieces[mod] = combine_pieces([rule(mod, a[s : s + step], b[s : s + step]) for a, b in c])
-        rows = min(n, s + step) - s
-        for shape, owners in params:
-            uses = [pieces[mod][name] for mod, name in owners if mod in pieces and name in pieces[mod]]
-            if uses:
-                totals.append(tied_sq_norm_sum(uses, rows, shape))
-    return totals
-
-
-def layer_sq_norm_sums(mod: Any, rule: Rule, inputs: list[Tensor], grads: list[Tensor],
-                       chunk_elements: int) -> list[Tensor]:
-    """One layer's share of S, as 0-d tensors to add up, from its calls' inputs
-    and output gradients (the calls whose output reached the loss): the
-    rank-one formula for a Linear layer called once on (m, p) inputs, the
-    layer's rule in chunks of examples otherwise."""
-    if len(inputs) == 1 and isinstance(mod, nn.Linear) and inputs[0].dim() == 2:
-        return [linear_rank_one_sq_sum(mod, inputs[0], grads[0])]
-    n = inputs[0].shape[0]
-    per_example = sum(_work_per_example(mod, a, b) for a, b in zip(inputs, grads))
-    step = max(1, min(n, chunk_elements // max(1, per_example)))
-    totals = []
-    for s in range(0, n, step):
-        pieces = combine_pieces([rule(mod, a[s : s + step], b[s : s + step]) for a, b in zip(inputs, grads)])
-        totals.extend(piece_sq_norm_sum(piece) for piece in pieces.values())
-    return totals
-
-
 @dataclass(frozen=True)
 class _ViewOf:
     """Where a layer's output lies in the tensor it is a view of (its base)."""
@@ -379,24 +292,6 @@ def _view_grad(g: Tensor, view: _ViewOf | None) -> Tensor:
     if g.stride() != view.base_stride:  # lay it out like the base, so the view's strides apply
         g = torch.empty_strided(view.base_size, view.base_stride, dtype=g.dtype, device=g.device).copy_(g)
     return g.detach().as_strided(view.size, view.stride, view.offset)
-
-
-def _work_per_example(mod: nn.Module, a: Tensor, b: Tensor) -> int:
-    """Rough scratch elements per example of a layer's rule (unfolded input,
-    output gradient and the smaller of Gram matrices / per-example gradient)."""
-    a_el, b_el = a[0].numel(), b[0].numel()
-    kernel = math.prod(getattr(mod, "kernel_size", (1,)))
-    q = b.shape[1] if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else b.shape[-1]
-    t = max(1, b_el // max(1, q))
-    p = max(1, a_el * kernel // t)
-    return a_el * kernel + 2 * b_el + min(t * t, p * q)
-
-
-def _count_and_loss(losses: Tensor, weights: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    if weights is None:
-        return torch.full((), losses.shape[0], dtype=dtype, device=losses.device), losses.sum(dtype=dtype)
-    w = weights.to(dtype)
-    return w.sum(), (w * losses.to(dtype)).sum()
 
 
 # ----------------------------------------------------------------------------- generic path
@@ -661,21 +556,22 @@ class PerExampleStats:
             plan.tie_groups = _tie_groups(params, plan.owners)
             self._plan = plan
             if self.compile and how == "fast":
-                from .compiled import CompiledFastStats
-
                 plan.compiled = CompiledFastStats(
                     self.model, self.loss_fn, params, {rec.name for rec in records.values()},
                     tie_groups=[[(tuple(p.shape), [(rec.mod, n) for rec, n in uses]) for p, uses in g.params]
                                 for g in plan.tie_groups])
         return self._plan
 
-    def __call__(self, inputs: Any, targets: Any = None, weights: Tensor | None = None) -> BatchStats:
+    def __call__(self, inputs: Any, targets: Any = None, mask: Tensor | None = None, *,
+                 verify: bool | None = None) -> BatchStats:
         """Statistics of one batch as a :class:`cabs_core.BatchStats`.
 
         inputs: a tensor or a tuple of tensors (positional arguments of the model),
             each with a leading example axis of length m; ``targets`` likewise (any pytree).
-        weights: optional 0/1 mask of shape (m,): examples with weight 0 (padding)
+        mask: optional 0/1 mask of shape (m,): examples with mask 0 (padding)
             change none of the sums.
+        verify: probe the fast path on this call (None: every ``verify_every``
+            calls, the schedule of :func:`cabs_core.exactness.verify_due`).
 
         ``grad_sum`` follows :attr:`params`; it is the ordinary gradient of
         sum_i w_i l_i. ``count``, ``loss_sum`` and ``sq_norm_sum`` are float64
@@ -688,10 +584,10 @@ class PerExampleStats:
             if mod.training or not mod.track_running_stats:
                 check_batch_norm(self.model)  # raises, naming the layer and the options
         device = plan.params[0].device if plan.params else None
-        inputs, targets, weights = _from_numpy((_as_tuple(inputs), targets, weights), device)
+        inputs, targets, weights = _from_numpy((_as_tuple(inputs), targets, mask), device)
         m = _batch_size(inputs)
         if weights is not None and tuple(weights.shape) != (m,):
-            raise ValueError(f"weights must have shape ({m},), got {tuple(weights.shape)}")
+            raise ValueError(f"mask must have shape ({m},), got {tuple(weights.shape)}")
         if weights is not None:  # padding rows cannot poison the sums: select, never multiply (0 * inf = nan)
             inputs, targets = _zero_masked_rows((inputs, targets), weights != 0, m)
         if m == 0:  # spec section 5: an empty batch has count 0 (the controller skips the step)
@@ -699,7 +595,8 @@ class PerExampleStats:
             return BatchStats(zero, zero.clone(), tuple(torch.zeros_like(p) for p in plan.params), zero.clone())
         step, self.calls = self.calls, self.calls + 1
         if plan.how == "fast":
-            result = self._verified_fast(plan, inputs, targets, weights, m, verify_due(step, self.verify_every))
+            due = verify_due(step, self.verify_every) if verify is None else verify
+            result = self._verified_fast(plan, inputs, targets, weights, m, due)
             if result is not None:
                 return BatchStats(*result)
         count, loss_sum, grad_sum, sq = _generic(
@@ -987,14 +884,14 @@ def per_example_stats(
     inputs: Any,
     targets: Any = None,
     *,
-    weights: Tensor | None = None,
+    mask: Tensor | None = None,
     method: Method = "auto",
     chunk_size: int | None = None,
     compile: bool = False,
     verify_every: int | None = VERIFY_EVERY,
 ) -> BatchStats:
     """One-off :class:`PerExampleStats` ``(model, loss_fn, method, chunk_size, compile)(inputs, targets,
-    weights)``; in a training loop keep a :class:`PerExampleStats` (it caches the model's analysis and,
+    mask)``; in a training loop keep a :class:`PerExampleStats` (it caches the model's analysis and,
     with ``compile=True``, the compiled function)."""
     return PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, compile=compile,
-                           verify_every=verify_every)(inputs, targets, weights)
+                           verify_every=verify_every)(inputs, targets, mask)

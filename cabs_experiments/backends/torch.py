@@ -1,15 +1,15 @@
 """PyTorch trainer: the models of :mod:`.models` as ``nn.Sequential``, plain SGD,
-and CABS's per-example statistics through :class:`cabs_torch.PerExampleStats`."""
+and CABS runs through :class:`cabs_torch.CABSTrainer` (the core's step)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cabs_torch import PerExampleStats
+from cabs_torch import CABSTrainer
 from torch import Tensor, nn
 
-from cabs_core import BatchStats
+from cabs_core import CABSController, StepInfo
 
 from ..data import Dataset
 from .models import Conv, Dense, architecture
@@ -67,7 +67,6 @@ class TorchTrainer:
         self.model = build_model(self.model_name, self.image_shape, self.num_classes).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.num_parameters = sum(p.numel() for p in self.params)
-        self.stats = PerExampleStats(self.model, _per_example_loss)
 
     def _batch(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
         idx = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.device)
@@ -82,14 +81,11 @@ class TorchTrainer:
                 p.add_(g, alpha=-lr)
         return float(loss.detach())
 
-    def cabs_step(self, indices: np.ndarray, lr: float) -> BatchStats:
-        x, y = self._batch(indices)
-        stats = self.stats(x, y)
-        with torch.no_grad():
-            scale = -lr / stats.count.clamp_min(1)
-            for p, g in zip(self.stats.params, stats.grad_sum):
-                p.add_(g * scale.to(g.dtype))
-        return stats
+    def cabs_run(self, controller: CABSController, seed: int) -> CABSRun:
+        """A CABS run of this trainer's model (plain SGD at ``controller.lr``) on the
+        training split, batches drawn by the core's sampler from ``seed``."""
+        return CABSRun(CABSTrainer(self.model, _per_example_loss, controller,
+                                   data=(self.x["train"], self.y["train"]), seed=seed))
 
     @torch.no_grad()
     def evaluate(self, split: str, indices: np.ndarray | None = None) -> tuple[float, float]:
@@ -106,6 +102,27 @@ class TorchTrainer:
             correct += (out.argmax(1) == yy).sum()
         n = len(y)
         return float(loss_sum) / n, float(correct) / n
+
+
+class CABSRun:
+    """The driver's view of a :class:`cabs_torch.CABSTrainer` drawing its own batches."""
+
+    def __init__(self, trainer: CABSTrainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def batch_size(self) -> int:
+        """The decided size of the next step."""
+        return self.trainer.batch_size
+
+    @property
+    def examples_seen(self) -> int:
+        """Examples drawn by the sampler so far."""
+        return self.trainer.run.sampler.examples_seen
+
+    def step(self) -> StepInfo:
+        """One CABS step (raises :class:`cabs_core.NonFiniteStatisticsError` under the default policy)."""
+        return self.trainer.step()
 
 
 def make_trainer(dataset: Dataset, model: str, threads: int | None = None) -> TorchTrainer:

@@ -126,8 +126,8 @@ def statistics(
     """The step's statistics through ``cabs_torch.PerExampleStats``; grad_sum in the portable layout."""
     net = build(model, params, dtype)
     stats_fn = cabs_torch.PerExampleStats(net, per_example_loss, method=method)
-    w = None if mask is None else torch.from_numpy(mask).to(_DTYPES[dtype])
-    s = stats_fn(_inputs(x, dtype), torch.from_numpy(y), w)
+    keep = None if mask is None else torch.from_numpy(mask).to(_DTYPES[dtype])
+    s = stats_fn(_inputs(x, dtype), torch.from_numpy(y), mask=keep)
     names = [n for n, _ in net.named_parameters()]
     return {
         "method": stats_fn.resolved_method,
@@ -150,11 +150,11 @@ def train(
     seed: int,
     dtype: str = "float64",
 ) -> tuple[list[int], dict[str, np.ndarray]]:
-    """``steps`` CABS steps with ``cabs_torch.CABSSGD`` and its batch sampler; returns the
+    """``steps`` CABS steps with ``cabs_torch.CABSTrainer`` and its batch sampler; returns the
     batch sizes used (the first is bs_init) and the final parameters."""
     net = build(model, params, dtype)
-    opt = cabs_torch.CABSSGD(net, per_example_loss, controller)
-    sampler = opt.batch_sampler(len(x), seed=seed)
+    opt = cabs_torch.CABSTrainer(net, per_example_loss, controller, seed=seed)
+    sampler = opt.batch_sampler(len(x))
     sizes = []
     for _ in range(steps):
         idx = sampler.next_indices()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cabs_torch import CABSSGD, FastPathFallbackWarning, PerExampleStats, UnsupportedModelError, per_example_stats
+from cabs_torch import CABSTrainer, FastPathFallbackWarning, PerExampleStats, UnsupportedModelError, per_example_stats
 from torch import nn
 
 from cabs_core import CABSController
@@ -342,11 +342,11 @@ def test_verify_every_catches_a_later_change():
     assert engine.probes == 2
 
 
-def test_cabssgd_takes_verify_every():
+def test_trainer_takes_verify_every():
     seeded(11)
     model = Switch().double()
     x, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 7, (6,))
-    opt = CABSSGD(model, ce, CABSController(lr=0.1, bs_min=2, bs_max=64), verify_every=2)
+    opt = CABSTrainer(model, ce, CABSController(lr=0.1, bs_min=2, bs_max=64), verify_every=2)
     assert opt.stats_fn.verify_every == 2
     opt.step(x, y)
     opt.step(x, y)
@@ -354,7 +354,7 @@ def test_cabssgd_takes_verify_every():
     with pytest.warns(FastPathFallbackWarning, match="emb.weight"):
         opt.step(x, y)
     with pytest.raises(ValueError, match="verify_every"):
-        CABSSGD(model, ce, CABSController(lr=0.1), verify_every=-1)
+        CABSTrainer(model, ce, CABSController(lr=0.1), verify_every=-1)
 
 
 class Toggle(nn.Module):

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cabs_torch import (
-    CABSSGD,
     BatchNormTrainingError,
+    CABSTrainer,
     PerExampleStats,
     UnsupportedModelError,
     per_example_stats,
@@ -198,7 +198,7 @@ def test_masked_equals_unmasked(name, method, check):
     model, x, y = _model(name, m=7, seed=1)
     keep = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.float64)
     real = keep.bool()
-    masked = per_example_stats(model, ce, x, y, weights=keep, method=method)
+    masked = per_example_stats(model, ce, x, y, mask=keep, method=method)
     plain = per_example_stats(model, ce, x[real], y[real], method=method)
     ref = {"count": 4, "loss_sum": float(plain.loss_sum), "grad_sum": list(plain.grad_sum),
            "sq_norm_sum": float(plain.sq_norm_sum)}
@@ -336,8 +336,8 @@ def test_bad_arguments_are_named():
         per_example_stats(model, ce, x, y, method="quick")
     with pytest.raises(ValueError, match=r"shape \(4,\).*reduction='none'"):
         per_example_stats(model, lambda o, t: F.cross_entropy(o, t), x, y)
-    with pytest.raises(ValueError, match="weights must have shape"):
-        per_example_stats(model, ce, x, y, weights=torch.ones(3))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        per_example_stats(model, ce, x, y, mask=torch.ones(3))
     with pytest.raises(ValueError, match="chunk_size"):
         PerExampleStats(model, ce, chunk_size=0)
 
@@ -530,13 +530,13 @@ def test_compiled_needs_an_fx_traceable_model():
         per_example_stats(Branchy(), ce, x, y, compile=True)
 
 
-def test_cabssgd_compiled_equals_eager():
+def test_trainer_compiled_equals_eager():
     """Two CABS steps with compile=True make the same decisions and parameters as eager."""
     results = []
     for compile in (False, True):
         model, x, y = _model("mlp", m=8, seed=5)
-        opt = CABSSGD(model, ce, CABSController(lr=0.1, bs_min=4, bs_max=64), compile=compile)
-        sizes = [opt.step(x, y) for _ in range(2)]
+        opt = CABSTrainer(model, ce, CABSController(lr=0.1, bs_min=4, bs_max=64), compile=compile)
+        sizes = [opt.step(x, y).batch_size for _ in range(2)]
         results.append((sizes, [p.detach().clone() for p in model.parameters()]))
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1]):
@@ -552,7 +552,7 @@ def test_numpy_batches_are_accepted(method, oracle, check):
     model = mlp().double()
     x = np.random.default_rng(1).normal(size=(6, 8, 8))
     y = np.arange(6) % 10
-    got = per_example_stats(model, ce, x, y, weights=np.ones(6), method=method)
+    got = per_example_stats(model, ce, x, y, mask=np.ones(6), method=method)
     check(got, oracle(model, ce, torch.as_tensor(x), torch.as_tensor(y)))
 
 
@@ -578,6 +578,6 @@ def test_nan_and_inf_in_padding_rows_change_nothing(method, oracle, check):
     y = torch.arange(7) % 10
     w = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.float64)
     x[1, 0, 0], x[4, 3, 2] = float("nan"), float("inf")
-    got = per_example_stats(model, ce, x, y, weights=w, method=method)
+    got = per_example_stats(model, ce, x, y, mask=w, method=method)
     keep = w.bool()
     check(got, oracle(model, ce, x[keep], y[keep]))

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cabs_torch import CABSSGD, BatchNormTrainingError, CABSBatchSampler, MicroBatchStats, PerExampleStats
+from cabs_torch import BatchNormTrainingError, CABSBatchSampler, CABSTrainer, MicroBatchStats, PerExampleStats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cabs_core import (
     BatchStats,
     CABSController,
+    CheckpointMismatchError,
     NonFiniteStatisticsError,
     SamplerState,
     next_batch,
@@ -60,8 +61,8 @@ def test_step_applies_lr_times_mean_gradient_and_returns_the_decision(digits):
     ctrl = CABSController(lr=0.3, bs_min=8, bs_max=512)
     stats = PerExampleStats(model, ce)(x, y)
     expect_state, expect_info = ctrl.update(ctrl.init(), stats)
-    opt = CABSSGD(model, ce, ctrl)
-    nxt = opt.step(x, y)
+    opt = CABSTrainer(model, ce, ctrl)
+    nxt = opt.step(x, y).batch_size
     assert nxt == expect_info.batch_size == opt.batch_size == opt.state.batch_size
     assert opt.state == expect_state
     for p, p0, g in zip(model.parameters(), before, stats.grad_sum):
@@ -72,7 +73,7 @@ def test_step_applies_lr_times_mean_gradient_and_returns_the_decision(digits):
 def test_training_on_digits_lowers_the_loss(digits):
     x, y = digits
     model = small_mlp(1)
-    opt = CABSSGD(model, ce, CABSController(lr=0.5, bs_min=8, bs_max=256, c=10.0, mu=0.9))
+    opt = CABSTrainer(model, ce, CABSController(lr=0.5, bs_min=8, bs_max=256, c=10.0, mu=0.9))
     sampler = opt.batch_sampler(len(x), seed=3)
     start = full_loss(model, x, y)
     sizes = []
@@ -89,7 +90,7 @@ def test_training_on_digits_lowers_the_loss(digits):
 def test_dataloader_delivers_the_decided_sizes(digits):
     x, y = digits
     model = small_mlp(2)
-    opt = CABSSGD(model, ce, CABSController(lr=0.5, bs_min=4, bs_max=300, mu=0.5, c=10.0))
+    opt = CABSTrainer(model, ce, CABSController(lr=0.5, bs_min=4, bs_max=300, mu=0.5, c=10.0))
     loader = DataLoader(TensorDataset(x, y), batch_sampler=opt.batch_sampler(len(x), seed=1, max_batches=25))
     assert len(loader) == 25
     expected = [opt.batch_size]
@@ -99,7 +100,7 @@ def test_dataloader_delivers_the_decided_sizes(digits):
         got.append(len(xb))
         idx, ref = next_batch(ref, len(xb))  # the core's sampler draws the same examples
         torch.testing.assert_close(xb, x[torch.from_numpy(idx)])
-        expected.append(opt.step(xb, yb))
+        expected.append(opt.step(xb, yb).batch_size)
     assert got == expected[:-1]
     assert len(set(got)) > 3
     assert opt.sampler.state == ref
@@ -130,7 +131,7 @@ def _run(model, opt, sampler, x, y, steps):
     decisions = []
     for _ in range(steps):
         idx = torch.from_numpy(sampler.next_indices())
-        decisions.append(opt.step(x[idx], y[idx]))
+        decisions.append(opt.step(x[idx], y[idx]).batch_size)
     return decisions
 
 
@@ -138,13 +139,13 @@ def test_resumed_run_makes_the_same_decisions(digits):
     x, y = digits
     ctrl = CABSController(lr=0.4, bs_min=8, bs_max=400, mu=0.8, c=10.0)
     model = small_mlp(5)
-    opt = CABSSGD(model, ce, ctrl)
+    opt = CABSTrainer(model, ce, ctrl)
     sampler = opt.batch_sampler(len(x), seed=9)
     full = _run(model, opt, sampler, x, y, 20)
     final = copy.deepcopy(model.state_dict())
 
     model2 = small_mlp(5)
-    opt2 = CABSSGD(model2, ce, ctrl)
+    opt2 = CABSTrainer(model2, ce, ctrl)
     sampler2 = opt2.batch_sampler(len(x), seed=9)
     first = _run(model2, opt2, sampler2, x, y, 8)
     buf = io.BytesIO()
@@ -155,7 +156,7 @@ def test_resumed_run_makes_the_same_decisions(digits):
     ckpt = torch.load(buf, weights_only=True)
     model3 = small_mlp(123)
     model3.load_state_dict(ckpt["model"])
-    opt3 = CABSSGD(model3, ce, ctrl)
+    opt3 = CABSTrainer(model3, ce, ctrl)
     sampler3 = opt3.batch_sampler(len(x), seed=9)
     opt3.load_state_dict(ckpt["cabs"])
     rest = _run(model3, opt3, sampler3, x, y, 12)
@@ -166,14 +167,14 @@ def test_resumed_run_makes_the_same_decisions(digits):
 
 
 def test_load_state_dict_checks():
-    opt = CABSSGD(small_mlp(), ce, CABSController(lr=0.1, bs_min=16, bs_max=64))
-    with pytest.raises(ValueError, match="format"):
+    opt = CABSTrainer(small_mlp(), ce, CABSController(lr=0.1, bs_min=16, bs_max=64))
+    with pytest.raises(ValueError, match="not a CABS checkpoint"):
         opt.load_state_dict({"controller": {}})
-    other = CABSSGD(small_mlp(), ce, CABSController(lr=0.1, bs_min=100, bs_max=200))
-    with pytest.raises(ValueError, match="outside"):
+    other = CABSTrainer(small_mlp(), ce, CABSController(lr=0.1, bs_min=100, bs_max=200))
+    with pytest.raises(CheckpointMismatchError, match="bs_min: checkpoint 100, now 16; bs_max: checkpoint 200"):
         opt.load_state_dict(other.state_dict())
     opt.batch_sampler(10)
-    fresh = CABSSGD(small_mlp(), ce, CABSController(lr=0.1, bs_min=16, bs_max=64))
+    fresh = CABSTrainer(small_mlp(), ce, CABSController(lr=0.1, bs_min=16, bs_max=64))
     with pytest.raises(ValueError, match="call batch_sampler"):
         fresh.load_state_dict(opt.state_dict())
 
@@ -185,11 +186,11 @@ def test_single_example_is_skipped_but_still_trains(digits):
     x, y = digits[0][:1], digits[1][:1]
     model = small_mlp()
     before = [p.detach().clone() for p in model.parameters()]
-    opt = CABSSGD(model, ce, CABSController(lr=0.1))
-    assert opt.step(x, y) == 16
+    opt = CABSTrainer(model, ce, CABSController(lr=0.1))
+    assert opt.step(x, y).batch_size == 16
     assert opt.last_info.skipped and opt.last_info.reason == "count" and opt.state.skipped == 1
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    ref = CABSSGD(small_mlp(), ce, CABSController(lr=0.1, mode="reference"))
+    ref = CABSTrainer(small_mlp(), ce, CABSController(lr=0.1, mode="reference"))
     ref.step(x, y)  # ddof 0: one example is enough
     assert not ref.last_info.skipped
 
@@ -198,8 +199,8 @@ def test_all_masked_batch_changes_nothing(digits):
     x, y = digits[0][:6], digits[1][:6]
     model = small_mlp()
     before = [p.detach().clone() for p in model.parameters()]
-    opt = CABSSGD(model, ce, CABSController(lr=0.1))
-    opt.step(x, y, weights=torch.zeros(6))
+    opt = CABSTrainer(model, ce, CABSController(lr=0.1))
+    opt.step(x, y, mask=torch.zeros(6))
     assert opt.last_info.reason == "count"
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
@@ -210,30 +211,30 @@ def test_nonfinite_loss_leaves_model_and_state(policy, digits):
     x[3, 5] = float("nan")
     model = small_mlp()
     before = [p.detach().clone() for p in model.parameters()]
-    opt = CABSSGD(model, ce, CABSController(lr=0.1, nonfinite=policy))
+    opt = CABSTrainer(model, ce, CABSController(lr=0.1, nonfinite=policy))
     state = opt.state
     if policy == "raise":
         with pytest.raises(NonFiniteStatisticsError, match="loss_sum"):
             opt.step(x, y)
         assert opt.state == state
     else:
-        assert opt.step(x, y) == 16
+        assert opt.step(x, y).batch_size == 16
         assert opt.state.nonfinite == 1 and opt.state.updates == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_loss_below_floor_gives_bs_max(digits):
     x, y = digits[0][:8], digits[1][:8]
-    opt = CABSSGD(small_mlp(), ce, CABSController(lr=0.1, bs_max=99, loss_floor=50.0))
-    assert opt.step(x, y) == 99
+    opt = CABSTrainer(small_mlp(), ce, CABSController(lr=0.1, bs_max=99, loss_floor=50.0))
+    assert opt.step(x, y).batch_size == 99
 
 
 def test_discretisation_options(digits):
     x, y = digits[0][:32], digits[1][:32]
-    opt = CABSSGD(small_mlp(), ce, CABSController(lr=2.0, bs_min=8, bs_max=256, multiple_of=8))
-    assert opt.step(x, y) % 8 == 0
-    opt = CABSSGD(small_mlp(), ce, CABSController(lr=2.0, bs_min=8, bs_max=256, buckets=(8, 64, 256)))
-    assert opt.step(x, y) in (8, 64, 256)
+    opt = CABSTrainer(small_mlp(), ce, CABSController(lr=2.0, bs_min=8, bs_max=256, multiple_of=8))
+    assert opt.step(x, y).batch_size % 8 == 0
+    opt = CABSTrainer(small_mlp(), ce, CABSController(lr=2.0, bs_min=8, bs_max=256, buckets=(8, 64, 256)))
+    assert opt.step(x, y).batch_size in (8, 64, 256)
 
 
 # ----------------------------------------------------------------------------- micro-batches (BatchNorm)
@@ -263,8 +264,8 @@ def test_batchnorm_training_needs_micro_batches(digits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
     with pytest.raises(BatchNormTrainingError):
-        CABSSGD(model, ce, CABSController(lr=0.5)).step(x[:16], y[:16])
-    opt = CABSSGD(model, ce, CABSController(lr=0.5, bs_min=16, bs_max=256), micro_batches=4)
+        CABSTrainer(model, ce, CABSController(lr=0.5)).step(x[:16], y[:16])
+    opt = CABSTrainer(model, ce, CABSController(lr=0.5, bs_min=16, bs_max=256), micro_batches=4)
     sampler = opt.batch_sampler(len(x))
     start = full_loss(model.eval(), x, y)
     model.train()
@@ -353,3 +354,46 @@ def test_conformance_vector_on_torch_tensors(path):
                 assert got == want, key
             else:
                 assert got == pytest.approx(want, rel=tol["rtol"], abs=tol["atol"]), key
+
+
+# ----------------------------------------------------------------------------- issue 13: micro-batches, save/restore
+
+
+def test_micro_batches_of_a_masked_batch_are_the_whole_batch(digits):
+    """max_micro_batch splits the caller's batch (and its mask): the same statistics,
+    decision and update as one pass (float64)."""
+    x, y = digits[0][:11].double(), digits[1][:11]
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1.0], dtype=torch.float64)
+    results = []
+    for micro in (None, 3):
+        model = small_mlp(4).double()
+        opt = CABSTrainer(model, ce, CABSController(lr=0.3, bs_min=4, bs_max=64), max_micro_batch=micro)
+        info = opt.step(x, y, mask)
+        results.append((info, opt.last_stats, [p.detach().clone() for p in model.parameters()]))
+    (a, sa, pa), (b, sb, pb) = results
+    assert a.batch_size == b.batch_size and float(sb.count) == 8
+    assert b.variance == pytest.approx(a.variance, rel=1e-12) and b.loss == pytest.approx(a.loss, rel=1e-12)
+    torch.testing.assert_close(sb.sq_norm_sum, sa.sq_norm_sum, rtol=1e-12, atol=0)
+    for p, q in zip(pa, pb):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        CABSTrainer(small_mlp(), ce, CABSController(lr=0.1), micro_batches=2, max_micro_batch=4)
+
+
+def test_save_restore_keeps_the_dataloader_sampler(digits, tmp_path):
+    x, y = digits
+    ctrl = CABSController(lr=0.4, bs_min=8, bs_max=400, mu=0.8, c=10.0)
+    opt = CABSTrainer(small_mlp(5), ce, ctrl, seed=9)
+    sampler = opt.batch_sampler(len(x))
+    first = _run(opt.model, opt, sampler, x, y, 4)
+    opt.save(tmp_path / "c.npz")
+    rest = _run(opt.model, opt, sampler, x, y, 3)
+    again = CABSTrainer(small_mlp(6), ce, ctrl, seed=9)
+    with pytest.raises(ValueError, match="call batch_sampler"):
+        again.load_state_dict(opt.state_dict())
+    sampler2 = again.batch_sampler(len(x))
+    again.restore(tmp_path / "c.npz")
+    assert sampler2.batches == 4 and again.state.step == 4 and len(set(first)) > 1
+    assert _run(again.model, again, sampler2, x, y, 3) == rest
+    for p, q in zip(again.model.parameters(), opt.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -44,7 +44,7 @@ def train(opt: Any, sampler: Any, x: torch.Tensor, y: torch.Tensor, steps: int) 
     log = []
     for _ in range(steps):
         idx = torch.from_numpy(sampler.next_indices())
-        decision = opt.step(x[idx], y[idx])
+        decision = opt.step(x[idx], y[idx]).batch_size
         log.append({"local_batch": len(idx), "decision": decision, "digest": opt.state.digest()})
     return log
 

@@ -1,5 +1,5 @@
 """Data-parallel CABS on torch.distributed (gloo, 2 processes on the CPU) against
-the single-process CABSSGD on the same global batches: the same decisions, the
+the single-process CABSTrainer on the same global batches: the same decisions, the
 same parameters (float64, 1e-10 relative), resumption across world sizes
 1 -> 2 and 2 -> 1, desync detection, and no process left behind."""
 
@@ -13,9 +13,11 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from cabs_torch import CABSSGD, DistributedCABSSGD
+from cabs_conformance.loop_reference import LinearBackend, problem
+from cabs_torch import CABSTrainer, DataParallelCABSTrainer
 
-from cabs_core import shard
+from cabs_core import CABSController, shard
+from cabs_core.loop import CABSLoop
 
 
 def _load(name: str) -> ModuleType:
@@ -37,7 +39,7 @@ def single_process(method: str, ckpt: Path | None = None) -> dict:
     """The reference: one process, whole global batches; saves a checkpoint after RESUME_AT steps."""
     x, y = common.data()
     model = common.model(seed=0)
-    opt = CABSSGD(model, common.ce, common.controller(), method=method)
+    opt = CABSTrainer(model, common.ce, common.controller(), method=method)
     sampler = opt.batch_sampler(common.N_EXAMPLES, seed=common.SEED)
     log = common.train(opt, sampler, x, y, common.RESUME_AT)
     if ckpt is not None:
@@ -97,7 +99,7 @@ def test_resume_from_a_two_rank_checkpoint_in_one_process(runs):
     x, y = common.data()
     model = common.model(seed=5)
     model.load_state_dict(ckpt["model"])
-    opt = CABSSGD(model, common.ce, common.controller())
+    opt = CABSTrainer(model, common.ce, common.controller())
     sampler = opt.batch_sampler(common.N_EXAMPLES, seed=common.SEED)
     opt.load_state_dict(ckpt["cabs"])
     log = common.train(opt, sampler, x, y, common.STEPS - common.RESUME_AT)
@@ -109,10 +111,28 @@ def test_an_injected_desync_is_detected_on_every_rank(runs):
     for rank, result in enumerate(runs["ranks"]):
         d = result["desync"]
         assert d["raised_at"] == 2, f"rank {rank}: {d}"  # perturbed after step 1, checked at step 2
-        assert "after step 2" in d["message"] and "controller state digest" in d["message"]
-        assert f"this is rank {rank} of 2" in d["message"]
-        assert "controller config digest" in d["config_message"]
+        assert "diverged at step 2" in d["message"] and "state digests differ" in d["message"]
+        assert "process 0" in d["message"] and "process 1" in d["message"]
+        assert "diverged at step 0" in d["config_message"]  # another lr on one rank: caught at construction
         assert "bs_min (1) must be >= the world size (2)" in d["bs_min_message"]
+
+
+@pytest.mark.parametrize("name, micro, momentum", [("plain", None, 0.0), ("micro_momentum", 3, 0.9)])
+def test_two_ranks_drawing_their_shards_make_the_reference_decisions(runs, name, micro, momentum):
+    """DataParallelCABSTrainer(data=...) on the loop reference problem, with and without
+    max_micro_batch: the decisions and weights of the single-process NumPy reference."""
+    data, w = problem()
+    loop = CABSLoop(LinearBackend(momentum=momentum), CABSController(lr=0.05, c=40.0, bs_min=4, bs_max=64, mu=0.9),
+                    num_examples=len(data[1]), seed=3)
+    run, model, sizes = loop.init(), (w, np.zeros_like(w)), []
+    for _ in range(12):
+        run, model, info = loop.step(run, model, data)
+        sizes.append(info.batch_size)
+    assert len(set(sizes)) > 3
+    for result in runs["ranks"]:
+        got = result["loop"][name]
+        assert got["sizes"] == sizes
+        np.testing.assert_allclose(got["w"], model[0], rtol=RTOL, atol=1e-14)
 
 
 def test_a_hung_rank_is_killed_and_reaped(tmp_path):
@@ -138,17 +158,17 @@ def test_a_hung_rank_is_killed_and_reaped(tmp_path):
 def test_needs_an_initialised_process_group():
     assert not torch.distributed.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
-        DistributedCABSSGD(common.model(), common.ce, common.controller())
+        DataParallelCABSTrainer(common.model(), common.ce, common.controller())
 
 
 def test_one_rank_is_the_single_process_optimizer_bit_for_bit(tmp_path):
     """World size 1 (an in-process gloo group): all-reduces are identities, so
-    DistributedCABSSGD is CABSSGD exactly."""
+    DataParallelCABSTrainer is CABSTrainer exactly."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         x, y = common.data()
         model = common.model(seed=0)
-        opt = DistributedCABSSGD(model, common.ce, common.controller(), check_every=1)
+        opt = DataParallelCABSTrainer(model, common.ce, common.controller(), check_every=1)
         log = common.train(opt, opt.batch_sampler(common.N_EXAMPLES, seed=common.SEED), x, y, common.STEPS)
         assert opt.state_dict()["world_size"] == 1
     finally:
