@@ -8,7 +8,6 @@ computes the statistics (one ``tf.function`` per bucket) and applies the update
 from __future__ import annotations
 
 import zipfile
-
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -30,6 +29,11 @@ def _take(data: Any, rows: np.ndarray) -> Any:
 def _tf_variable(v: Any) -> Any:
     """The ``tf.Variable`` behind a Keras 3 variable (a distributed one under a strategy)."""
     return v.value if isinstance(v, keras.Variable) else v
+
+
+def _rate(optimizer: keras.optimizers.Optimizer) -> float:
+    """The optimizer's learning rate now (its schedule at its iterations), also under a strategy."""
+    return float(tf.convert_to_tensor(_tf_variable(optimizer.learning_rate)))
 
 
 class DecisionBatches:
@@ -125,7 +129,7 @@ class KerasBackend:
         return ScalarStats.from_vector(stats[1].numpy())
 
     def learning_rate(self, model: Any) -> float | None:
-        return None if self.optimizer is None else float(self.optimizer.learning_rate)
+        return None if self.optimizer is None else _rate(self.optimizer)
 
     def _update(self, grads: list[tf.Tensor], count: tf.Tensor, lr: tf.Tensor) -> None:
         n = tf.maximum(count, 1.0)
@@ -170,7 +174,7 @@ class CABSTrainer:
         if not isinstance(data, tuple) or len(data) != 2:
             raise ValueError(f"data must be a tuple (x, y), got {type(data).__name__}")
         if optimizer is not None:
-            check_learning_rate(controller, float(optimizer.learning_rate))
+            check_learning_rate(controller, _rate(optimizer))
         self.model, self.data = model, data
         self.stats = PerExampleStats(model, loss_fn, **stats_kw)
         self.backend = backend(self.stats, optimizer, **backend_kw)

@@ -3,6 +3,7 @@ the same linear least-squares problem, initial weights 0, controller and seed gi
 same decisions (exact ints) and the same weights (rtol 1e-10), for plain SGD,
 micro-batches, Keras SGD with momentum, a learning-rate schedule; checkpoints."""
 
+import cabs_tf
 import keras
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ import tensorflow as tf
 from cabs_conformance.loop_reference import LinearBackend, problem
 
 import cabs_core
-import cabs_tf
 from cabs_core.loop import CABSLoop
 
 CTL = cabs_core.CABSController(lr=0.05, c=40.0, bs_min=4, bs_max=64, mu=0.9)
