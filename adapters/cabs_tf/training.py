@@ -1,9 +1,8 @@
-"""CABS training for Keras 3 / TensorFlow: a thin :class:`cabs_core.loop.Backend` of
-:class:`cabs_core.loop.CABSLoop`, which does the step (sampler, padding to buckets,
-micro-batches, non-finite policy, controller update, checkpoints). The backend
-computes the statistics (one ``tf.function`` per bucket) and applies the update
-(a separate ``tf.function``, run only when the loop accepts the step).
-"""
+"""CABS training for Keras 3 / TensorFlow: :class:`KerasBackend`, the framework's part of
+:class:`cabs_core.loop.CABSLoop` (which draws, pads, micro-batches, decides and checkpoints):
+statistics in one ``tf.function`` per bucket, each replica of the strategy in force summing
+its shard and all-reducing inside ``strategy.run``, and the update in a separate
+``tf.function`` run only when the loop accepts the step."""
 
 from __future__ import annotations
 
@@ -15,11 +14,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cabs_core import CABSController, ControllerState, SamplerState, ScalarStats, StepInfo, next_batch
+from cabs_core import CABSController, SamplerState, ScalarStats, StepInfo, next_batch
 from cabs_core.exactness import VERIFY_EVERY
 from cabs_core.loop import CABSLoop, MicroBatch, check_arrays, check_learning_rate, plan_batch
 
 from .stats import Method, PerExampleStats
+
+SUM = tf.distribute.ReduceOp.SUM
 
 
 def _take(data: Any, rows: np.ndarray) -> Any:
@@ -32,22 +33,18 @@ def _tf_variable(v: Any) -> Any:
 
 
 def _rate(optimizer: keras.optimizers.Optimizer) -> float:
-    """The optimizer's learning rate now (its schedule at its iterations), also under a strategy."""
+    """The optimizer's learning rate now (its schedule at its iterations), also when mirrored."""
     return float(tf.convert_to_tensor(_tf_variable(optimizer.learning_rate)))
 
 
 class DecisionBatches:
-    """Batches ``(x, y, mask)`` of in-memory data whose size follows the decisions: the
-    sampler's next ``batch_size`` examples, padded to the smallest of ``buckets`` that holds
-    them (:func:`cabs_core.loop.plan_batch`; padding repeats a real example with mask 0)."""
+    """Batches ``(x, y, mask)`` whose size follows the decisions, for your own loop or ``tf.data``:
+    the sampler's next ``batch_size`` examples padded to ``buckets`` (padding: mask 0)."""
 
     def __init__(self, x: Any, y: Any, *, buckets: Sequence[int] | None = None, seed: int = 0,
                  mask_dtype: str = "float32") -> None:
-        sizes = {len(a) for a in tf.nest.flatten((x, y))}
-        if len(sizes) != 1:
-            raise ValueError(f"x and y must have the same number of examples, got sizes {sorted(sizes)}")
         self.x, self.y, self.buckets, self.mask_dtype = x, y, buckets, mask_dtype
-        self.sampler = SamplerState(sizes.pop(), seed)
+        self.sampler = SamplerState(KerasBackend.num_examples((x, y)), seed)
 
     def next(self, batch_size: int) -> tuple[Any, Any, np.ndarray]:
         idx, self.sampler = next_batch(self.sampler, batch_size)
@@ -55,75 +52,85 @@ class DecisionBatches:
         return _take(self.x, mb.rows), _take(self.y, mb.rows), mb.mask.astype(self.mask_dtype)
 
     def dataset(self, batch_size: Callable[[], int]) -> tf.data.Dataset:
-        """An endless ``tf.data.Dataset`` of ``(x, y, mask)``, each batch of size ``batch_size()``
-        when drawn (e.g. ``lambda: trainer.state.batch_size``); no prefetching."""
-        def spec(a: Any) -> tf.TensorSpec:
-            return tf.TensorSpec((None, *np.shape(a)[1:]), tf.as_dtype(np.asarray(a).dtype))
-
+        """An endless ``tf.data.Dataset`` of :meth:`next` ``(batch_size())`` (e.g. ``lambda:
+        trainer.state.batch_size``), without prefetching: the step decides the next size."""
         def gen() -> Iterator[tuple[Any, Any, np.ndarray]]:
             while True:
                 yield self.next(int(batch_size()))
 
-        sig = (tf.nest.map_structure(spec, self.x), tf.nest.map_structure(spec, self.y),
-               tf.TensorSpec((None,), tf.as_dtype(self.mask_dtype)))
+        def spec(a: Any) -> tf.TensorSpec:
+            return tf.TensorSpec((None, *np.shape(a)[1:]), np.asarray(a).dtype)
+
+        sig = (*tf.nest.map_structure(spec, (self.x, self.y)), tf.TensorSpec((None,), self.mask_dtype))
         opts = tf.data.Options()
         opts.autotune.enabled, opts.experimental_optimization.inject_prefetch = False, False
         return tf.data.Dataset.from_generator(gen, output_signature=sig).with_options(opts)
 
 
-def _sq_norm(grads: Sequence[tf.Tensor]) -> tf.Tensor:
-    return tf.add_n([tf.reduce_sum(tf.cast(g, tf.float64) ** 2) for g in grads])
-
-
 class KerasBackend:
-    """The :class:`cabs_core.loop.Backend` of one device. Statistics: ``(grad_sum per
-    variable, float64 [m, sum l_i, S, ||sum g_i||^2])``, a one-copy host read."""
+    """The :class:`cabs_core.loop.Backend` over the replicas of ``strategy`` (one for the default
+    strategy): ``shards`` = this worker's replicas, ``processes`` = the workers. Statistics:
+    ``(grad_sum per variable, float64 [m, sum l_i, S, ||sum g_i||^2])``, all-reduced."""
 
-    pads, shards, processes, process_index = True, 1, 1, 0
+    pads = True
 
-    def __init__(self, stats: PerExampleStats, optimizer: keras.optimizers.Optimizer | None) -> None:
-        self.stats, self.optimizer, self.trace_count = stats, optimizer, 0
-        if optimizer is not None:
-            optimizer.build(stats.variables)
-        self._stats_fn = tf.function(self._statistics)
-        self._update_fn = tf.function(self._update)
-        self._combine_fn = tf.function(lambda a, b: self._sums([x + y for x, y in zip(a[0], b[0])],
-                                                               a[1][:3] + b[1][:3]))
+    def __init__(self, stats: PerExampleStats, optimizer: Any, strategy: tf.distribute.Strategy) -> None:
+        self.stats, self.optimizer, self.strategy, self.trace_count = stats, optimizer, strategy, 0
+        with strategy.scope():
+            if optimizer is not None:
+                optimizer.build(stats.variables)
+        ids = strategy.experimental_local_results(
+            strategy.experimental_distribute_values_from_function(lambda ctx: ctx.replica_id_in_sync_group))
+        self.shards = len(ids)
+        self.processes, self.process_index = strategy.num_replicas_in_sync // self.shards, min(ids) // self.shards
+        self._stats_fn, self._update_fn = tf.function(self._statistics), tf.function(self._update)
+        self.combine = tf.function(lambda a, b: self._sums([x + y for x, y in zip(a[0], b[0])], a[1][:3] + b[1][:3]))
+        self._gather_fn = tf.function(lambda local: strategy.run(
+            lambda v: tf.distribute.get_replica_context().all_gather(v, axis=0), args=(local,)))
 
-    def take(self, source: Any, rows: np.ndarray) -> Any:
-        return _take(source, rows)
+    take = staticmethod(_take)
 
-    def num_examples(self, source: Any) -> int:
-        return len(tf.nest.flatten(source)[0])
+    @staticmethod
+    def num_examples(source: Any) -> int:
+        sizes = {len(a) for a in tf.nest.flatten(source)}
+        if len(sizes) != 1:
+            raise ValueError(f"x and y must have the same number of examples, got sizes {sorted(sizes)}")
+        return sizes.pop()
 
-    def _sums(self, grads: list[tf.Tensor], first3: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
-        return grads, tf.concat([first3, _sq_norm(grads)[None]], axis=0)  # ||sum g||^2 is not additive
+    @staticmethod
+    def _sums(grads: list[tf.Tensor], first3: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
+        g2 = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float64) ** 2) for g in grads])  # not additive: recomputed
+        return grads, tf.concat([first3, g2[None]], axis=0)
 
-    def _statistics(self, x: Any, y: Any, mask: tf.Tensor) -> Any:
+    def _statistics(self, x: Any, y: Any, mask: Any) -> Any:
         self.trace_count += 1  # Python side effect: runs once per trace
-        return self.stats(x, y, mask)
 
-    def _inputs(self, batch: Any, micro: MicroBatch) -> tuple[Any, Any, Any]:
-        return (*batch, micro.mask.astype(tf.as_dtype(self.stats.variables[0].dtype).name))
+        def replica(x: Any, y: Any, mask: tf.Tensor) -> Any:
+            grads, vec = self.stats(x, y, mask)
+            ctx = tf.distribute.get_replica_context()
+            return self._sums(ctx.all_reduce(SUM, list(grads)), ctx.all_reduce(SUM, vec[:3]))
+
+        return self.strategy.run(replica, args=(x, y, mask))
 
     def statistics(self, model: Any, batch: Any, micro: MicroBatch, *, verify: bool) -> Any:
-        x, y, mask = self._inputs(batch, micro)
-        st = self.stats
-        if st.method == "fast" and (verify or st.signature(x, y) not in st.verdicts):
+        (x, y), st = batch, self.stats
+        mask = micro.mask.astype(tf.as_dtype(st.variables[0].dtype).name)
+        if st.method == "fast" and (verify or st.signature(x, y) not in st.verdicts):  # probe on the host
             sig = st.signature(x, y)
             had = st.verdicts.get(sig, "unseen")
             if not st.verify(x, y, mask) and had is None and st.verdicts.get(sig) is not None:
                 self._stats_fn = tf.function(self._statistics)  # its traces took the fast path
-        return self._stats_fn(*self._place(x, y, mask, micro))
+        base, size = self.process_index * self.shards, micro.size
 
-    def _place(self, x: Any, y: Any, mask: Any, micro: MicroBatch) -> tuple[Any, Any, Any]:
-        return x, y, mask
+        def put(a: np.ndarray) -> Any:  # replica r's shard
+            return self.strategy.experimental_distribute_values_from_function(
+                lambda ctx: a[(ctx.replica_id_in_sync_group - base) * size:][:size])
 
-    def combine(self, a: Any, b: Any) -> Any:
-        return self._combine_fn(a, b)
+        out = self._stats_fn(*tf.nest.map_structure(put, (x, y, mask)))
+        return tf.nest.map_structure(lambda t: self.strategy.experimental_local_results(t)[0], out)
 
     def all_reduce(self, stats: Any) -> Any:
-        return stats
+        return stats  # done inside strategy.run
 
     def scalars(self, stats: Any) -> ScalarStats:
         return ScalarStats.from_vector(stats[1].numpy())
@@ -132,88 +139,67 @@ class KerasBackend:
         return None if self.optimizer is None else _rate(self.optimizer)
 
     def _update(self, grads: list[tf.Tensor], count: tf.Tensor, lr: tf.Tensor) -> None:
-        n = tf.maximum(count, 1.0)
-        mean = [g / tf.cast(n, g.dtype) for g in grads]
+        mean = [g / tf.cast(tf.maximum(count, 1.0), g.dtype) for g in grads]
         if self.optimizer is not None:
             self.optimizer.apply_gradients(zip(mean, self.stats.variables))
-            return
-        for v, g in zip(self.stats.variables, mean):
-            _tf_variable(v).assign_sub(tf.cast(lr, g.dtype) * g)
+        else:
+            for v, g in zip(self.stats.variables, mean):
+                _tf_variable(v).assign_sub(tf.cast(lr, g.dtype) * g)
 
     def apply(self, model: Any, stats: Any, lr: float) -> Any:
         self._update_fn(stats[0], stats[1][0], tf.constant(lr, tf.float64))
         return model
 
+    def gather_replicas(self, words_for: Callable[[int], np.ndarray]) -> np.ndarray:
+        """Every replica's int32 words ``words_for(replica id)``, shape (replicas, k): one all-gather."""
+        local = self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: np.asarray(words_for(ctx.replica_id_in_sync_group), np.int32)[None])
+        return self.strategy.experimental_local_results(self._gather_fn(local))[0].numpy()
+
     def gather(self, words: np.ndarray) -> np.ndarray:
-        return np.asarray(words)[None]
+        return self.gather_replicas(lambda r: words)[:: self.shards]  # one row per worker
 
 
 class CABSTrainer:
     """CABS training of a Keras model (or a list of variables) on in-memory ``data = (x, y)``.
 
     ``loss_fn``, ``method``, ``chunk_size``, ``verify_every``: as :class:`PerExampleStats`.
-    ``optimizer``: None (SGD at ``controller.lr``) or a ``keras.optimizers.Optimizer`` fed
-    the batch's mean gradient; its learning rate (a schedule evaluated at its iterations)
-    is the rate the controller couples to, equal to ``controller.lr`` at construction.
-    ``buckets``: padded sizes (:meth:`CABSController.padding_buckets`), one trace each;
-    ``max_micro_batch``: larger batches are split and their sums added.
+    ``optimizer``: None (SGD at ``controller.lr``) or a ``keras.optimizers.Optimizer`` fed the
+    batch's mean gradient, whose rate (a schedule at its iterations) the controller couples
+    to; it must equal ``controller.lr`` at construction. ``buckets``: padded sizes
+    (:meth:`CABSController.padding_buckets`), one trace each; ``max_micro_batch``: at most
+    this many examples per pass, the sums of the passes added.
     """
+
+    strategy: tf.distribute.Strategy | None = None  # None: the strategy in force (one replica by default)
+    check_every = 0  # one process: nothing to compare
 
     def __init__(self, model: keras.Layer | Sequence[tf.Variable], loss_fn: Callable[..., tf.Tensor],
                  controller: CABSController, data: tuple[Any, Any], *,
                  optimizer: keras.optimizers.Optimizer | None = None, method: Method = "auto",
                  chunk_size: int | None = None, buckets: Sequence[int] | None = None, seed: int = 0,
                  max_micro_batch: int | None = None, verify_every: int | None = VERIFY_EVERY) -> None:
-        self._setup(model, loss_fn, controller, data, optimizer, dict(
-            method=method, chunk_size=chunk_size, verify_every=verify_every),
-            dict(seed=seed, buckets=buckets, max_micro_batch=max_micro_batch, verify_every=verify_every))
-
-    def _setup(self, model: Any, loss_fn: Callable[..., tf.Tensor], controller: CABSController,
-               data: tuple[Any, Any], optimizer: Any, stats_kw: dict, loop_kw: dict,
-               backend: type[KerasBackend] = KerasBackend, **backend_kw: Any) -> None:
         if not isinstance(data, tuple) or len(data) != 2:
             raise ValueError(f"data must be a tuple (x, y), got {type(data).__name__}")
         if optimizer is not None:
             check_learning_rate(controller, _rate(optimizer))
-        self.model, self.data = model, data
-        self.stats = PerExampleStats(model, loss_fn, **stats_kw)
-        self.backend = backend(self.stats, optimizer, **backend_kw)
-        self.loop = CABSLoop(self.backend, controller, num_examples=self.backend.num_examples(data), **loop_kw)
+        self.model, self.data, self.strategy = model, data, self.strategy or tf.distribute.get_strategy()
+        self.stats = PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, verify_every=verify_every)
+        self.backend = KerasBackend(self.stats, optimizer, self.strategy)
+        self.loop = CABSLoop(self.backend, controller, num_examples=self.backend.num_examples(data), seed=seed,
+                             buckets=buckets, max_micro_batch=max_micro_batch, verify_every=verify_every,
+                             check_every=self.check_every)
         self._run = self.loop.init()
 
-    @property
-    def state(self) -> ControllerState:
-        """The controller's state (``state.batch_size``: the next step's size)."""
-        return self._run.controller
-
-    @state.setter
-    def state(self, value: ControllerState) -> None:
-        self._run = self._run._replace(controller=value)
-
-    @property
-    def sampler(self) -> SamplerState:
-        return self._run.sampler
-
-    @property
-    def batch_size(self) -> int:
-        return self.state.batch_size
-
-    @property
-    def examples_seen(self) -> int:
-        return self.sampler.examples_seen
-
-    @property
-    def epoch(self) -> float:
-        return self.sampler.epoch
-
-    @property
-    def buckets(self) -> tuple[int, ...] | None:
-        return self.loop.buckets
-
-    @property
-    def trace_count(self) -> int:
-        """Traces of the statistics function (at most one per bucket)."""
-        return self.backend.trace_count
+    state = property(lambda self: self._run.controller,
+                     lambda self, s: setattr(self, "_run", self._run._replace(controller=s)),
+                     doc="The controller's state (``state.batch_size``: the next step's size).")
+    sampler = property(lambda self: self._run.sampler, doc="The sampler's position.")
+    batch_size = property(lambda self: self._run.controller.batch_size, doc="The next step's size.")
+    examples_seen = property(lambda self: self._run.sampler.examples_seen, doc="Examples drawn so far.")
+    epoch = property(lambda self: self._run.sampler.epoch, doc="Epochs drawn so far.")
+    buckets = property(lambda self: self.loop.buckets, doc="The padded sizes of the whole batch.")
+    trace_count = property(lambda self: self.backend.trace_count, doc="Traces of the statistics (one per bucket).")
 
     def step(self, batch: tuple[Any, ...] | None = None) -> StepInfo:
         """One CABS step on the decided number of examples (or on ``batch = (x, y[, mask])``,
@@ -224,7 +210,8 @@ class CABSTrainer:
         return info
 
     def run(self, steps: int, callback: Callable[[int, StepInfo], None] | None = None) -> list[StepInfo]:
-        infos = []
+        """``steps`` steps; ``callback(k, info)`` after each."""
+        infos: list[StepInfo] = []
         for k in range(steps):
             infos.append(self.step())
             if callback is not None:
@@ -233,10 +220,10 @@ class CABSTrainer:
 
     def _arrays(self) -> list[Any]:
         own = self.model.weights if isinstance(self.model, keras.Layer) else self.stats.variables
-        return list(own) + (list(self.backend.optimizer.variables) if self.backend.optimizer else [])
+        return list(own) + list(self.backend.optimizer.variables if self.backend.optimizer else [])
 
     def save(self, path: str, **extra: Any) -> None:
-        """Controller, sampler, weights and optimizer state to one ``.npz`` (atomic)."""
+        """Controller, sampler, weights (and buffers) and optimizer state to one ``.npz``, atomically."""
         self.loop.save(path, self._run, [_tf_variable(v).numpy() for v in self._arrays()], **extra)
 
     def restore(self, path: str, *, allow: Sequence[str] = ()) -> None:
@@ -246,29 +233,23 @@ class CABSTrainer:
             run, arrays, _ = self.loop.load(path, allow=allow)
         except zipfile.BadZipFile as e:  # a torn file: CABSLoop.load lets this one through
             raise ValueError(f"{path}: not a CABS checkpoint file ({e})") from e
-        like = self._arrays()
-        check_arrays(path, arrays, like)
-        for v, a in zip(like, arrays):
+        check_arrays(path, arrays, self._arrays())
+        for v, a in zip(self._arrays(), arrays):
             _tf_variable(v).assign(a)
         self._run = run
 
 
 def fit(model: keras.Model, x: Any, y: Any, *, loss_fn: Callable[..., tf.Tensor], controller: CABSController,
         steps: int, verbose: bool = False, **kw: Any) -> dict[str, list[float]]:
-    """``model.fit``-like: ``steps`` CABS steps (``kw``: :class:`CABSTrainer`'s options);
-    returns ``{"loss", "batch_size", "epoch"}`` per step. ``loss_fn`` returns per-example losses."""
-    trainer = CABSTrainer(model, loss_fn, controller, (x, y), **kw)
-    history: dict[str, list[float]] = {"loss": [], "batch_size": [], "epoch": []}
+    """``model.fit``-like: ``steps`` CABS steps (``kw``: :class:`CABSTrainer`'s options); returns
+    ``{"loss", "batch_size", "epoch"}`` per step. ``loss_fn`` returns per-example losses."""
+    tr, history = CABSTrainer(model, loss_fn, controller, (x, y), **kw), {"loss": [], "batch_size": [], "epoch": []}
 
     def log(k: int, info: StepInfo) -> None:
-        for key, v in (("loss", float("nan") if info.loss is None else info.loss),
-                       ("batch_size", info.batch_size), ("epoch", trainer.epoch)):
+        for key, v in zip(history, (float("nan") if info.loss is None else info.loss, info.batch_size, tr.epoch)):
             history[key].append(v)
         if verbose:
-            print(f"step {k + 1}: loss {info.loss} next batch {info.batch_size} epoch {trainer.epoch:.3f}")
+            print(f"step {k + 1}: loss {info.loss} next batch {info.batch_size} epoch {tr.epoch:.3f}")
 
-    trainer.run(steps, log)
+    tr.run(steps, log)
     return history
-
-
-__all__ = ["CABSTrainer", "DecisionBatches", "KerasBackend", "fit"]
