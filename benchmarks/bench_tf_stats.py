@@ -4,14 +4,14 @@ For the MLP 784-512-512-10 and the paper's MNIST CNN (NHWC: conv5x5x32, pool,
 conv5x5x64, pool, dense 1024, dense 10), at several batch sizes:
 
 - plain:   a tf.function gradient step (mean loss, tape.gradient, ||g||^2 read)
-- fast:    cabs_tf.StatsStep(method="fast")   (one forward, one backward)
-- generic: cabs_tf.StatsStep(method="generic") (tf.vectorized_map, chunked)
+- fast:    cabs_tf.PerExampleStats(method="fast")   (one forward, one backward)
+- generic: cabs_tf.PerExampleStats(method="generic") (tf.vectorized_map, chunked)
 
 Prints milliseconds per step (median of --reps after a warm-up) and the
 ratios to plain; the last lines give the batch-128 ratios.
 
 ``--verify`` adds the cost of the checks that establish the fast path
-(issue 12): the probe ``StatsStep.verify`` runs on the host before a step on
+(issue 12): the probe ``PerExampleStats.verify`` runs on the host before a step on
 the first step and every ``--verify-every`` steps (the trainer's schedule).
 It prints the first probe (which traces the probe function), a later probe,
 and the fast step with the probes amortised, both in steady state (a probe
@@ -79,14 +79,14 @@ def plain_step(model: keras.Model):
 
 
 def stats_step(model: keras.Model, method: str, chunk_size: int):
-    step = cabs_tf.StatsStep(model, xent, method=method, chunk_size=chunk_size)
+    step = cabs_tf.PerExampleStats(model, xent, method=method, chunk_size=chunk_size)
     fn = tf.function(step)
     return lambda x, y: fn(x, y)[1]
 
 
 def verify_cost(model: keras.Model, x, y, reps: int) -> tuple[float, float]:
-    """(first probe ms, median later probe ms) of ``StatsStep.verify`` on (x, y)."""
-    step = cabs_tf.StatsStep(model, xent, method="fast")
+    """(first probe ms, median later probe ms) of ``PerExampleStats.verify`` on (x, y)."""
+    step = cabs_tf.PerExampleStats(model, xent, method="fast")
     t0 = time.perf_counter()
     assert step.verify(x, y)
     first = (time.perf_counter() - t0) * 1e3

@@ -1,7 +1,7 @@
 """Per-example statistics of docs/spec.md section 4 for Keras 3 models (TensorFlow
 backend) and for lists of ``tf.Variable`` s with a per-example loss.
 
-:class:`StatsStep` returns, for a batch ``(x, y)`` with a 0/1 weight mask
+:class:`PerExampleStats` returns, for a batch ``(x, y)`` with a 0/1 weight mask
 ``w``, the summed gradient ``sum_i w_i g_i`` (one tensor per variable, the
 ordinary gradient times m) and ONE float64 tensor of the four scalars of
 :class:`cabs_core.ScalarStats`: ``[m, sum_i l_i, S = sum_i ||g_i||^2,
@@ -19,7 +19,7 @@ one device-to-host copy per step. Two exact paths:
   to a while loop; we detect this and warn (:class:`PforFallbackWarning`).
 
 The fast path returns S only when it has established its decomposition for
-this model and input signature (see :meth:`StatsStep.verify`): a probe on a
+this model and input signature (see :meth:`PerExampleStats.verify`): a probe on a
 small batch of k examples (k differs from every other dimension) must show
 every captured layer input and output gradient with leading axis k, the
 per-layer terms must rebuild every parameter's full gradient (no use of a
@@ -82,11 +82,8 @@ class PforFallbackWarning(UserWarning):
     """tf.vectorized_map could not vectorise an op and runs a slow while loop."""
 
 
-#: the adapter's former name of :class:`cabs_core.UnsupportedModelError` (kept importable)
-UnsupportedLayerError = UnsupportedModelError
-
-__all__ = ["BatchNormTrainingError", "FastPathFallbackWarning", "PforFallbackWarning", "StatsStep",
-           "TiedProjection", "UnsupportedLayerError", "UnsupportedModelError", "VERIFY_EVERY"]
+__all__ = ["BatchNormTrainingError", "FastPathFallbackWarning", "PforFallbackWarning", "PerExampleStats",
+           "TiedProjection", "UnsupportedModelError", "VERIFY_EVERY"]
 
 
 _FAST_TYPES = (kl.Dense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization)
@@ -160,7 +157,7 @@ def _check_model(model: keras.Layer) -> list[str]:
         for attr in ("kernel_regularizer", "bias_regularizer", "activity_regularizer",
                      "embeddings_regularizer", "gamma_regularizer", "beta_regularizer"):
             if getattr(layer, attr, None) is not None:
-                raise UnsupportedLayerError(
+                raise UnsupportedModelError(
                     f"layer {layer.name!r} has a {attr}: a batch-level penalty is not part of any "
                     f"example's loss l_i. Add the penalty to the per-example loss instead, or use "
                     f"decoupled weight decay (and consider CABSController's loss_floor)."
@@ -485,11 +482,11 @@ def _check_losses(losses: tf.Tensor) -> tf.Tensor:
     return losses
 
 
-class StatsStep:
+class PerExampleStats:
     """CABS statistics of one batch (docs/spec.md section 4), as graph code.
 
-    ``target``: a built Keras 3 model (``loss(y_true, y_pred) -> (m,)``) or a
-    list of ``tf.Variable`` s (``loss(x, y) -> (m,)`` computed from them).
+    ``target``: a built Keras 3 model (``loss_fn(y_true, y_pred) -> (m,)``) or a
+    list of ``tf.Variable`` s (``loss_fn(x, y) -> (m,)`` computed from them).
     ``method``: ``"fast"`` (supported layers whose decomposition the probe
     establishes, else :class:`cabs_core.UnsupportedModelError`), ``"generic"``,
     or ``"auto"`` (fast where established, else generic with one
@@ -508,18 +505,19 @@ class StatsStep:
     def __init__(
         self,
         target: keras.Layer | Sequence[tf.Variable],
-        loss: Callable[..., tf.Tensor],
+        loss_fn: Callable[..., tf.Tensor],
         *,
         method: Method = "auto",
-        chunk_size: int = 32,
+        chunk_size: int | None = None,
         verify_every: int | None = VERIFY_EVERY,
     ) -> None:
         if method not in ("auto", "fast", "generic"):
             raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
+        chunk_size = 32 if chunk_size is None else chunk_size  # None: the adapter's default
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         verify_due(1, verify_every)  # validates
-        self.loss = loss
+        self.loss_fn = loss_fn
         self.chunk_size = chunk_size
         self.verify_every = verify_every
         self.requested = method
@@ -568,8 +566,8 @@ class StatsStep:
     def per_example_loss(self, x: Nest, y: Nest) -> tf.Tensor:
         """l_i for every example of the batch, shape (m,)."""
         if self.model is not None:
-            return _check_losses(self.loss(y, self.model(x, training=True)))
-        return _check_losses(self.loss(x, y))
+            return _check_losses(self.loss_fn(y, self.model(x, training=True)))
+        return _check_losses(self.loss_fn(x, y))
 
     @tf.autograph.experimental.do_not_convert  # plain Python control flow on static shapes
     def __call__(

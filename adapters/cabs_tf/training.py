@@ -1,17 +1,12 @@
-"""Training with CABS: batches whose size follows the decisions, the SGD step,
-bucketed shapes and checkpoint/resume.
-
-One step (Balles et al. 2017, Algorithm 1):
-
-    indices <- sampler.next_batch(m_t)            (host, cabs_core sampler)
-    pad to the bucket >= m_t, mask w = 1 for the m_t real examples
-    grad_sum, v <- StatsStep(x, y, w)             (device, one tf.function per bucket)
-    theta <- theta - lr * grad_sum / m_t          (the current batch's mean gradient)
-    m_{t+1} <- controller.update(ScalarStats.from_vector(v.numpy()))   (one host copy)
-"""
+"""CABS training for Keras 3 / TensorFlow: :class:`KerasBackend`, the framework's part of
+:class:`cabs_core.loop.CABSLoop` (which draws, pads, micro-batches, decides and checkpoints):
+statistics in one ``tf.function`` per bucket, each replica of the strategy in force summing
+its shard and all-reducing inside ``strategy.run``, and the update in a separate
+``tf.function`` run only when the loop accepts the step."""
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -19,208 +14,242 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cabs_core import (
-    CABSController,
-    ControllerState,
-    SamplerState,
-    ScalarStats,
-    StepInfo,
-    bucket_for,
-    next_batch,
-    pad_indices,
-    verify_due,
-)
+from cabs_core import CABSController, SamplerState, ScalarStats, StepInfo, next_batch
 from cabs_core.exactness import VERIFY_EVERY
+from cabs_core.loop import CABSLoop, MicroBatch, check_arrays, check_learning_rate, plan_batch
 
-from .stats import Method, StatsStep
+from .stats import Method, PerExampleStats
 
-_TRAINER_FORMAT = "cabs-tf-trainer/1"
+SUM = tf.distribute.ReduceOp.SUM
 
 
-def _take(data: Any, idx: np.ndarray) -> Any:
-    return tf.nest.map_structure(lambda a: np.take(a, idx, axis=0), data)
+def _take(data: Any, rows: np.ndarray) -> Any:
+    return tf.nest.map_structure(lambda a: np.take(np.asarray(a), rows, axis=0), data)
+
+
+def _tf_variable(v: Any) -> Any:
+    """The ``tf.Variable`` behind a Keras 3 variable (a distributed one under a strategy)."""
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+def _rate(optimizer: keras.optimizers.Optimizer) -> float:
+    """The optimizer's learning rate now (its schedule at its iterations), also when mirrored."""
+    return float(tf.convert_to_tensor(_tf_variable(optimizer.learning_rate)))
 
 
 class DecisionBatches:
-    """Batches ``(x, y, mask)`` of in-memory data drawn by the core's sampler.
+    """Batches ``(x, y, mask)`` whose size follows the decisions, for your own loop or ``tf.data``:
+    the sampler's next ``batch_size`` examples padded to ``buckets`` (padding: mask 0)."""
 
-    ``next(batch_size)`` returns the next ``batch_size`` examples of the
-    sampler's stream, padded to the smallest of ``buckets`` >= batch_size
-    (padding repeats the batch's first example with mask 0, so it is finite
-    and changes none of the statistics). ``x``/``y`` are arrays or nests of
-    arrays with a leading example axis.
-    """
-
-    def __init__(
-        self, x: Any, y: Any, *, buckets: Sequence[int] | None = None, seed: int = 0, mask_dtype: str = "float32"
-    ) -> None:
-        sizes = {len(a) for a in tf.nest.flatten((x, y))}
-        if len(sizes) != 1:
-            raise ValueError(f"x and y must have the same number of examples, got sizes {sorted(sizes)}")
-        self.x, self.y = x, y
-        self.buckets = tuple(buckets) if buckets else None
-        self.sampler = SamplerState(sizes.pop(), seed)
-        self.mask_dtype = mask_dtype
+    def __init__(self, x: Any, y: Any, *, buckets: Sequence[int] | None = None, seed: int = 0,
+                 mask_dtype: str = "float32") -> None:
+        self.x, self.y, self.buckets, self.mask_dtype = x, y, buckets, mask_dtype
+        self.sampler = SamplerState(KerasBackend.num_examples((x, y)), seed)
 
     def next(self, batch_size: int) -> tuple[Any, Any, np.ndarray]:
         idx, self.sampler = next_batch(self.sampler, batch_size)
-        idx, real = pad_indices(idx, bucket_for(batch_size, self.buckets) if self.buckets else batch_size)
-        return _take(self.x, idx), _take(self.y, idx), real.astype(self.mask_dtype)
+        (mb,) = plan_batch(idx, buckets=self.buckets)
+        return _take(self.x, mb.rows), _take(self.y, mb.rows), mb.mask.astype(self.mask_dtype)
 
     def dataset(self, batch_size: Callable[[], int]) -> tf.data.Dataset:
-        """An endless ``tf.data.Dataset`` of ``(x, y, mask)`` whose batch size is
-        ``batch_size()`` at the moment each batch is drawn (pass e.g.
-        ``lambda: trainer.state.batch_size``). No prefetching: the next size is
-        decided by the step that consumes the current batch."""
-
-        def spec(a: np.ndarray) -> tf.TensorSpec:
-            return tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype))
-
+        """An endless ``tf.data.Dataset`` of :meth:`next` ``(batch_size())`` (e.g. ``lambda:
+        trainer.state.batch_size``), without prefetching: the step decides the next size."""
         def gen() -> Iterator[tuple[Any, Any, np.ndarray]]:
             while True:
                 yield self.next(int(batch_size()))
 
-        sig = (tf.nest.map_structure(spec, self.x), tf.nest.map_structure(spec, self.y),
-               tf.TensorSpec((None,), tf.as_dtype(self.mask_dtype)))
-        ds = tf.data.Dataset.from_generator(gen, output_signature=sig)
+        def spec(a: Any) -> tf.TensorSpec:
+            return tf.TensorSpec((None, *np.shape(a)[1:]), np.asarray(a).dtype)
+
+        sig = (*tf.nest.map_structure(spec, (self.x, self.y)), tf.TensorSpec((None,), self.mask_dtype))
         opts = tf.data.Options()
-        opts.autotune.enabled = False
-        opts.experimental_optimization.inject_prefetch = False
-        return ds.with_options(opts)
+        opts.autotune.enabled, opts.experimental_optimization.inject_prefetch = False, False
+        return tf.data.Dataset.from_generator(gen, output_signature=sig).with_options(opts)
+
+
+class KerasBackend:
+    """The :class:`cabs_core.loop.Backend` over the replicas of ``strategy`` (one for the default
+    strategy): ``shards`` = this worker's replicas, ``processes`` = the workers. Statistics:
+    ``(grad_sum per variable, float64 [m, sum l_i, S, ||sum g_i||^2])``, all-reduced."""
+
+    pads = True
+
+    def __init__(self, stats: PerExampleStats, optimizer: Any, strategy: tf.distribute.Strategy) -> None:
+        self.stats, self.optimizer, self.strategy, self.trace_count = stats, optimizer, strategy, 0
+        with strategy.scope():
+            if optimizer is not None:
+                optimizer.build(stats.variables)
+        ids = strategy.experimental_local_results(
+            strategy.experimental_distribute_values_from_function(lambda ctx: ctx.replica_id_in_sync_group))
+        self.shards = len(ids)
+        self.processes, self.process_index = strategy.num_replicas_in_sync // self.shards, min(ids) // self.shards
+        self._stats_fn, self._update_fn = tf.function(self._statistics), tf.function(self._update)
+        self.combine = tf.function(lambda a, b: self._sums([x + y for x, y in zip(a[0], b[0])], a[1][:3] + b[1][:3]))
+        self._gather_fn = tf.function(lambda local: strategy.run(
+            lambda v: tf.distribute.get_replica_context().all_gather(v, axis=0), args=(local,)))
+
+    take = staticmethod(_take)
+
+    @staticmethod
+    def num_examples(source: Any) -> int:
+        sizes = {len(a) for a in tf.nest.flatten(source)}
+        if len(sizes) != 1:
+            raise ValueError(f"x and y must have the same number of examples, got sizes {sorted(sizes)}")
+        return sizes.pop()
+
+    @staticmethod
+    def _sums(grads: list[tf.Tensor], first3: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
+        g2 = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float64) ** 2) for g in grads])  # not additive: recomputed
+        return grads, tf.concat([first3, g2[None]], axis=0)
+
+    def _statistics(self, x: Any, y: Any, mask: Any) -> Any:
+        self.trace_count += 1  # Python side effect: runs once per trace
+
+        def replica(x: Any, y: Any, mask: tf.Tensor) -> Any:
+            grads, vec = self.stats(x, y, mask)
+            ctx = tf.distribute.get_replica_context()
+            return self._sums(ctx.all_reduce(SUM, list(grads)), ctx.all_reduce(SUM, vec[:3]))
+
+        return self.strategy.run(replica, args=(x, y, mask))
+
+    def statistics(self, model: Any, batch: Any, micro: MicroBatch, *, verify: bool) -> Any:
+        (x, y), st = batch, self.stats
+        mask = micro.mask.astype(tf.as_dtype(st.variables[0].dtype).name)
+        if st.method == "fast" and (verify or st.signature(x, y) not in st.verdicts):  # probe on the host
+            sig = st.signature(x, y)
+            had = st.verdicts.get(sig, "unseen")
+            if not st.verify(x, y, mask) and had is None and st.verdicts.get(sig) is not None:
+                self._stats_fn = tf.function(self._statistics)  # its traces took the fast path
+        base, size = self.process_index * self.shards, micro.size
+
+        def put(a: np.ndarray) -> Any:  # replica r's shard
+            return self.strategy.experimental_distribute_values_from_function(
+                lambda ctx: a[(ctx.replica_id_in_sync_group - base) * size:][:size])
+
+        out = self._stats_fn(*tf.nest.map_structure(put, (x, y, mask)))
+        return tf.nest.map_structure(lambda t: self.strategy.experimental_local_results(t)[0], out)
+
+    def all_reduce(self, stats: Any) -> Any:
+        return stats  # done inside strategy.run
+
+    def scalars(self, stats: Any) -> ScalarStats:
+        return ScalarStats.from_vector(stats[1].numpy())
+
+    def learning_rate(self, model: Any) -> float | None:
+        return None if self.optimizer is None else _rate(self.optimizer)
+
+    def _update(self, grads: list[tf.Tensor], count: tf.Tensor, lr: tf.Tensor) -> None:
+        mean = [g / tf.cast(tf.maximum(count, 1.0), g.dtype) for g in grads]
+        if self.optimizer is not None:
+            self.optimizer.apply_gradients(zip(mean, self.stats.variables))
+        else:
+            for v, g in zip(self.stats.variables, mean):
+                _tf_variable(v).assign_sub(tf.cast(lr, g.dtype) * g)
+
+    def apply(self, model: Any, stats: Any, lr: float) -> Any:
+        self._update_fn(stats[0], stats[1][0], tf.constant(lr, tf.float64))
+        return model
+
+    def gather_replicas(self, words_for: Callable[[int], np.ndarray]) -> np.ndarray:
+        """Every replica's int32 words ``words_for(replica id)``, shape (replicas, k): one all-gather."""
+        local = self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: np.asarray(words_for(ctx.replica_id_in_sync_group), np.int32)[None])
+        return self.strategy.experimental_local_results(self._gather_fn(local))[0].numpy()
+
+    def gather(self, words: np.ndarray) -> np.ndarray:
+        return self.gather_replicas(lambda r: words)[:: self.shards]  # one row per worker
 
 
 class CABSTrainer:
-    """SGD with CABS batch sizes on in-memory data.
+    """CABS training of a Keras model (or a list of variables) on in-memory ``data = (x, y)``.
 
-    ``target``, ``loss``, ``method``, ``chunk_size``: as :class:`StatsStep`.
-    ``controller``: a :class:`cabs_core.CABSController` (its ``lr`` is the SGD
-    learning rate). Shapes are padded to ``controller.padding_buckets(buckets)``
-    (its own buckets, else ``buckets``, else a geometric grid): at most one trace per bucket.
-    ``verify_every``: the fast path is probed on the real batch (outside the
-    traced step) on the first step and then every ``verify_every`` steps
-    (None/0: only on the first step of each input signature), see
-    :meth:`StatsStep.verify`; a probe that fails switches to the generic path
-    (one retrace per bucket) or, under ``method="fast"``, raises.
+    ``loss_fn``, ``method``, ``chunk_size``, ``verify_every``: as :class:`PerExampleStats`.
+    ``optimizer``: None (SGD at ``controller.lr``) or a ``keras.optimizers.Optimizer`` fed the
+    batch's mean gradient, whose rate (a schedule at its iterations) the controller couples
+    to; it must equal ``controller.lr`` at construction. ``buckets``: padded sizes
+    (:meth:`CABSController.padding_buckets`), one trace each; ``max_micro_batch``: at most
+    this many examples per pass, the sums of the passes added.
     """
 
-    def __init__(
-        self,
-        target: keras.Layer | Sequence[tf.Variable],
-        loss: Callable[..., tf.Tensor],
-        controller: CABSController,
-        x: Any,
-        y: Any,
-        *,
-        method: Method = "auto",
-        chunk_size: int = 32,
-        seed: int = 0,
-        buckets: Sequence[int] | None = None,
-        verify_every: int | None = VERIFY_EVERY,
-    ) -> None:
-        self.stats = StatsStep(target, loss, method=method, chunk_size=chunk_size, verify_every=verify_every)
-        self.verify_every = verify_every
-        self._steps_taken = 0
-        self.controller = controller
-        self.state: ControllerState = controller.init()
-        dtype = tf.as_dtype(self.stats.variables[0].dtype).name
-        self.buckets = controller.padding_buckets(buckets)
-        self.batches = DecisionBatches(x, y, buckets=self.buckets, seed=seed, mask_dtype=dtype)
-        self.trace_count = 0
-        self._step = tf.function(self._train_step)
+    strategy: tf.distribute.Strategy | None = None  # None: the strategy in force (one replica by default)
+    check_every = 0  # one process: nothing to compare
 
-    def _train_step(self, x: Any, y: Any, mask: tf.Tensor) -> tf.Tensor:
-        self.trace_count += 1  # Python side effect: runs once per trace
-        grads, vec = self.stats(x, y, mask)
-        finite = tf.reduce_all(tf.math.is_finite(vec))  # no update from a non-finite step
-        scale = tf.where(finite, self.controller.lr / tf.maximum(vec[0], 1.0), 0.0)  # lr * mean gradient
-        for v, g in zip(self.stats.variables, grads):
-            v.assign_sub(tf.cast(scale, v.dtype) * tf.where(finite, g, tf.zeros_like(g)))
-        return vec
+    def __init__(self, model: keras.Layer | Sequence[tf.Variable], loss_fn: Callable[..., tf.Tensor],
+                 controller: CABSController, data: tuple[Any, Any], *,
+                 optimizer: keras.optimizers.Optimizer | None = None, method: Method = "auto",
+                 chunk_size: int | None = None, buckets: Sequence[int] | None = None, seed: int = 0,
+                 max_micro_batch: int | None = None, verify_every: int | None = VERIFY_EVERY) -> None:
+        if not isinstance(data, tuple) or len(data) != 2:
+            raise ValueError(f"data must be a tuple (x, y), got {type(data).__name__}")
+        if optimizer is not None:
+            check_learning_rate(controller, _rate(optimizer))
+        self.model, self.data, self.strategy = model, data, self.strategy or tf.distribute.get_strategy()
+        self.stats = PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, verify_every=verify_every)
+        self.backend = KerasBackend(self.stats, optimizer, self.strategy)
+        self.loop = CABSLoop(self.backend, controller, num_examples=self.backend.num_examples(data), seed=seed,
+                             buckets=buckets, max_micro_batch=max_micro_batch, verify_every=verify_every,
+                             check_every=self.check_every)
+        self._run = self.loop.init()
 
-    def _maybe_verify(self, x: Any, y: Any, mask: Any) -> None:
-        """Probe the fast path on this batch when due (host side, before the
-        traced step); if a signature falls back, retrace the step."""
-        stats = self.stats
-        if stats.method != "fast":
-            return
-        due = verify_due(self._steps_taken, self.verify_every)
-        self._steps_taken += 1
-        sig = stats.signature(x, y)
-        if sig in stats.verdicts and not due:
-            return
-        had = stats.verdicts.get(sig, "unseen")
-        if not stats.verify(x, y, mask) and had is None and stats.verdicts.get(sig) is not None:
-            self._step = tf.function(self._train_step)  # its traces took the fast path
+    state = property(lambda self: self._run.controller,
+                     lambda self, s: setattr(self, "_run", self._run._replace(controller=s)),
+                     doc="The controller's state (``state.batch_size``: the next step's size).")
+    sampler = property(lambda self: self._run.sampler, doc="The sampler's position.")
+    batch_size = property(lambda self: self._run.controller.batch_size, doc="The next step's size.")
+    examples_seen = property(lambda self: self._run.sampler.examples_seen, doc="Examples drawn so far.")
+    epoch = property(lambda self: self._run.sampler.epoch, doc="Epochs drawn so far.")
+    buckets = property(lambda self: self.loop.buckets, doc="The padded sizes of the whole batch.")
+    trace_count = property(lambda self: self.backend.trace_count, doc="Traces of the statistics (one per bucket).")
 
-    def apply(self, x: Any, y: Any, mask: Any) -> StepInfo:
-        """One SGD step on a given (padded) batch, then the controller's decision."""
-        self._maybe_verify(x, y, mask)
-        vec = self._step(x, y, mask)
-        self.state, info = self.controller.update(self.state, ScalarStats.from_vector(vec.numpy()))
+    def step(self, batch: tuple[Any, ...] | None = None) -> StepInfo:
+        """One CABS step on the decided number of examples (or on ``batch = (x, y[, mask])``,
+        its rows with mask != 0); returns what the controller decided."""
+        if batch is not None and len(batch) == 3:
+            batch = _take(batch[:2], np.flatnonzero(np.asarray(batch[2]) != 0))
+        self._run, _, info = self.loop.step(self._run, self.model, self.data, batch=batch)
         return info
 
-    def step(self) -> StepInfo:
-        """Draw a batch of the decided size, take the SGD step, decide the next size."""
-        return self.apply(*self.batches.next(self.state.batch_size))
-
     def run(self, steps: int, callback: Callable[[int, StepInfo], None] | None = None) -> list[StepInfo]:
-        infos = []
+        """``steps`` steps; ``callback(k, info)`` after each."""
+        infos: list[StepInfo] = []
         for k in range(steps):
             infos.append(self.step())
             if callback is not None:
                 callback(k, infos[-1])
         return infos
 
-    @property
-    def epoch(self) -> float:
-        return self.batches.sampler.epoch
+    def _arrays(self) -> list[Any]:
+        own = self.model.weights if isinstance(self.model, keras.Layer) else self.stats.variables
+        return list(own) + list(self.backend.optimizer.variables if self.backend.optimizer else [])
 
-    def state_dict(self) -> dict:
-        """Controller and sampler state (JSON-serialisable). Save the weights
-        with the framework (``model.save_weights``, ``tf.train.Checkpoint``)."""
-        return {"format": _TRAINER_FORMAT, "controller": self.state.to_dict(),
-                "sampler": self.batches.sampler.to_dict()}
+    def save(self, path: str, **extra: Any) -> None:
+        """Controller, sampler, weights (and buffers) and optimizer state to one ``.npz``, atomically."""
+        self.loop.save(path, self._run, [_tf_variable(v).numpy() for v in self._arrays()], **extra)
 
-    def load_state_dict(self, d: dict) -> None:
-        if d.get("format") != _TRAINER_FORMAT:
-            raise ValueError(f"not a cabs_tf trainer state (format {d.get('format')!r})")
-        sampler = SamplerState.from_dict(d["sampler"])
-        if sampler.num_examples != self.batches.sampler.num_examples:
-            raise ValueError(
-                f"checkpoint is for {sampler.num_examples} examples, this data has "
-                f"{self.batches.sampler.num_examples}"
-            )
-        self.state = ControllerState.from_dict(d["controller"])
-        self.batches.sampler = sampler
+    def restore(self, path: str, *, allow: Sequence[str] = ()) -> None:
+        """Resume from :meth:`save`; a changed configuration (lr, bs_max, seed, ...) raises
+        :class:`cabs_core.CheckpointMismatchError` unless named in ``allow``."""
+        try:
+            run, arrays, _ = self.loop.load(path, allow=allow)
+        except zipfile.BadZipFile as e:  # a torn file: CABSLoop.load lets this one through
+            raise ValueError(f"{path}: not a CABS checkpoint file ({e})") from e
+        check_arrays(path, arrays, self._arrays())
+        for v, a in zip(self._arrays(), arrays):
+            _tf_variable(v).assign(a)
+        self._run = run
 
 
-def fit(
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    *,
-    loss: Callable[..., tf.Tensor],
-    controller: CABSController,
-    steps: int,
-    method: Method = "auto",
-    chunk_size: int = 32,
-    seed: int = 0,
-    verbose: bool = False,
-    verify_every: int | None = VERIFY_EVERY,
-) -> dict[str, list[float]]:
-    """``model.fit``-like entry point: train ``model`` with CABS for ``steps``
-    steps and return a history ``{"loss", "batch_size", "epoch"}`` per step.
-    ``loss(y_true, y_pred)`` must return per-example losses (``reduction=None``)."""
-    trainer = CABSTrainer(model, loss, controller, x, y, method=method, chunk_size=chunk_size, seed=seed,
-                          verify_every=verify_every)
-    history: dict[str, list[float]] = {"loss": [], "batch_size": [], "epoch": []}
+def fit(model: keras.Model, x: Any, y: Any, *, loss_fn: Callable[..., tf.Tensor], controller: CABSController,
+        steps: int, verbose: bool = False, **kw: Any) -> dict[str, list[float]]:
+    """``model.fit``-like: ``steps`` CABS steps (``kw``: :class:`CABSTrainer`'s options); returns
+    ``{"loss", "batch_size", "epoch"}`` per step. ``loss_fn`` returns per-example losses."""
+    tr, history = CABSTrainer(model, loss_fn, controller, (x, y), **kw), {"loss": [], "batch_size": [], "epoch": []}
 
     def log(k: int, info: StepInfo) -> None:
-        history["loss"].append(float("nan") if info.loss is None else info.loss)
-        history["batch_size"].append(info.batch_size)
-        history["epoch"].append(trainer.epoch)
+        for key, v in zip(history, (float("nan") if info.loss is None else info.loss, info.batch_size, tr.epoch)):
+            history[key].append(v)
         if verbose:
-            print(f"step {k + 1}: loss {info.loss} next batch {info.batch_size} epoch {trainer.epoch:.3f}")
+            print(f"step {k + 1}: loss {info.loss} next batch {info.batch_size} epoch {tr.epoch:.3f}")
 
-    trainer.run(steps, log)
+    tr.run(steps, log)
     return history

@@ -1,21 +1,19 @@
 """TensorFlow trainer: the models of :mod:`.models` in Keras 3 (TensorFlow
-backend), plain SGD in ``tf.function``, and CABS's per-example statistics
-through :class:`cabs_tf.StatsStep`.
+backend), plain SGD in ``tf.function``, and CABS through :class:`cabs_tf.CABSTrainer`.
 
 Batches are padded to a few sizes (:func:`cabs_core.geometric_buckets`, ratio 1.5)
-with a 0/1 mask, so that the varying CABS batch sizes trace a handful of
-graphs, not one per size.
+with a 0/1 mask, so that the varying batch sizes trace a handful of graphs, not
+one per size.
 """
 
 from __future__ import annotations
 
-import cabs_tf  # noqa: F401  (sets KERAS_BACKEND=tensorflow before keras is imported)
+import cabs_tf  # sets KERAS_BACKEND=tensorflow before keras is imported
 import keras
 import numpy as np
 import tensorflow as tf
-from cabs_tf import StatsStep
 
-from cabs_core import ScalarStats, bucket_for, geometric_buckets, pad_indices
+from cabs_core import CABSController, bucket_for, geometric_buckets, pad_indices
 
 from ..data import Dataset
 from .models import Conv, architecture
@@ -52,6 +50,7 @@ class TensorFlowTrainer:
 
     def __init__(self, dataset: Dataset, model: str) -> None:
         self.model_name, self.image_shape, self.num_classes = model, dataset.image_shape, dataset.num_classes
+        self.train = (dataset.x_train, dataset.y_train.astype(np.int32))
         self.x = {"train": tf.constant(dataset.x_train), "test": tf.constant(dataset.x_test)}
         self.y = {"train": tf.constant(dataset.y_train, tf.int32), "test": tf.constant(dataset.y_test, tf.int32)}
         self.sizes = geometric_buckets(1, max(len(dataset.y_train), 2048), ratio=1.5)
@@ -62,10 +61,8 @@ class TensorFlowTrainer:
         self.model = build_model(self.model_name, self.image_shape, self.num_classes, seed)
         self.variables = list(self.model.trainable_variables)
         self.num_parameters = int(sum(np.prod(v.shape) for v in self.variables))
-        self.stats = StatsStep(self.model, _per_example_loss)
         # fresh graphs per model: the variables are captured by the traced functions
         self._sgd = tf.function(self._sgd_step)
-        self._cabs = tf.function(self._cabs_step)
         self._eval = tf.function(self._eval_chunk)
 
     def _padded(self, indices: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
@@ -82,21 +79,15 @@ class TensorFlowTrainer:
             v.assign_sub(lr * g)
         return loss
 
-    def _cabs_step(self, idx: tf.Tensor, mask: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
-        x, y = tf.gather(self.x["train"], idx), tf.gather(self.y["train"], idx)
-        grads, vector = self.stats(x, y, mask)
-        scale = lr / tf.maximum(tf.cast(vector[0], tf.float32), 1.0)
-        for v, g in zip(self.variables, grads):
-            v.assign_sub(tf.cast(scale, v.dtype) * g)
-        return vector
-
     def sgd_step(self, indices: np.ndarray, lr: float) -> float:
         idx, mask = self._padded(indices)
         return float(self._sgd(idx, mask, tf.constant(lr, tf.float32)))
 
-    def cabs_step(self, indices: np.ndarray, lr: float) -> ScalarStats:
-        idx, mask = self._padded(indices)
-        return ScalarStats.from_vector(self._cabs(idx, mask, tf.constant(lr, tf.float32)).numpy())
+    def cabs_run(self, controller: CABSController, seed: int) -> cabs_tf.CABSTrainer:
+        """CABS on the train split with this trainer's model (``batch_size``, ``examples_seen``,
+        ``step()``): plain SGD at ``controller.lr``, the sampler seeded with ``seed``."""
+        return cabs_tf.CABSTrainer(self.model, _per_example_loss, controller, self.train, seed=seed,
+                                   buckets=self.sizes)
 
     def _eval_chunk(self, x: tf.Tensor, y: tf.Tensor, idx: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         xb, yb = tf.gather(x, idx), tf.gather(y, idx)

@@ -92,11 +92,11 @@ def statistics(
     dtype: str,
     method: str = "auto",
 ) -> dict:
-    """The step's statistics through ``cabs_tf.StatsStep`` in ``tf.function``; one host copy of four scalars."""
+    """The step's statistics through ``cabs_tf.PerExampleStats`` in ``tf.function``; one host copy of four scalars."""
     import cabs_tf
 
     net = build(model, params, dtype)
-    step = cabs_tf.StatsStep(net, per_example_loss, method=method)
+    step = cabs_tf.PerExampleStats(net, per_example_loss, method=method)
     w = None if mask is None else tf.constant(mask, dtype=dtype)
     grads, vector = tf.function(step)(*_data(x, y, dtype), w)
     count, loss_sum, sq_norm_sum, _ = vector.numpy()
@@ -126,7 +126,7 @@ def train(
     import cabs_tf
 
     net = build(model, params, dtype)
-    trainer = cabs_tf.CABSTrainer(net, per_example_loss, controller, *_data(x, y, dtype), seed=seed)
+    trainer = cabs_tf.CABSTrainer(net, per_example_loss, controller, _data(x, y, dtype), seed=seed)
     sizes = []
     for _ in range(steps):
         sizes.append(trainer.state.batch_size)
@@ -142,7 +142,7 @@ def refusal() -> str:
     h = kl.BatchNormalization(dtype="float64")(kl.Dense(5, dtype="float64")(inputs))
     net = keras.Model(inputs, kl.Dense(3, dtype="float64")(h))
     try:
-        step = cabs_tf.StatsStep(net, per_example_loss)
+        step = cabs_tf.PerExampleStats(net, per_example_loss)
         step(tf.ones((8, 6), tf.float64), tf.zeros(8, tf.int64))
     except ValueError as e:
         return f"{type(e).__name__}: {e}"

@@ -107,7 +107,7 @@ def token_data(m, t, vocab, seed=0):
 def run_stats(model, loss, x, y, method="auto", mode="graph", mask=None):
     """``(what, S)``: what is 'fast' (no warning), 'fallback' (auto warned) or
     'refused' (UnsupportedModelError; S None)."""
-    step = cabs_tf.StatsStep(model, loss, method=method, chunk_size=4)
+    step = cabs_tf.PerExampleStats(model, loss, method=method, chunk_size=4)
     call = tf.function(step) if mode == "graph" else step
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")

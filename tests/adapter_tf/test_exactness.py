@@ -34,8 +34,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::cabs_tf.stats.PforFallbackWarni
 WRONG = ["fold", "time_major", "expand_dims", "halves", "buffer", "kernel_outside", "batch_mix"]
 
 
-def test_old_name_is_the_core_error():
-    assert cabs_tf.UnsupportedLayerError is cabs_core.UnsupportedModelError
+def test_the_errors_are_the_core_ones():
+    assert cabs_tf.UnsupportedModelError is cabs_core.UnsupportedModelError
+    assert not hasattr(cabs_tf, "UnsupportedLayerError")
     assert issubclass(cabs_tf.stats.BatchNormTrainingError, cabs_core.UnsupportedModelError)
 
 
@@ -77,7 +78,7 @@ def test_grouped_conv1d_auto_fast_and_generic_are_exact():
     x, y = float_data(m, t, d)
     want = brute_force(model, xent, x, y)
     for method in ("auto", "generic"):
-        step = cabs_tf.StatsStep(model, xent, method=method, chunk_size=4)
+        step = cabs_tf.PerExampleStats(model, xent, method=method, chunk_size=4)
         with warnings.catch_warnings():
             warnings.simplefilter("error", cabs_core.FastPathFallbackWarning)
             grads, vec = tf.function(step)(x, y)
@@ -114,7 +115,7 @@ def test_visible_tie_is_exact_on_the_fast_path(t, m):
         what, s = run_stats(model, lm_loss, x, y, "fast", mode)
         assert what == "fast"
         np.testing.assert_allclose(s, want.sq_norm_sum, rtol=1e-9)
-    grads, _ = tf.function(cabs_tf.StatsStep(model, lm_loss, method="fast"))(x, y)
+    grads, _ = tf.function(cabs_tf.PerExampleStats(model, lm_loss, method="fast"))(x, y)
     for g, w in zip(grads, want.grad_sum):
         np.testing.assert_allclose(g.numpy(), w, rtol=1e-9, atol=1e-12)
 
@@ -141,7 +142,7 @@ def test_untied_language_model_stays_fast():
 
 def test_one_warning_per_signature_and_verdict_cached():
     model = build(Pattern("fold", 3, 4), float_data(2, 3, 4)[0])
-    step = cabs_tf.StatsStep(model, xent)
+    step = cabs_tf.PerExampleStats(model, xent)
     x, y = float_data(6, 3, 4)
     with pytest.warns(cabs_core.FastPathFallbackWarning, match="inner"):
         step(x, y)
@@ -172,7 +173,7 @@ def test_trainer_reprobes_every_verify_every_steps():
     x, y = rng.normal(size=(40, 4)), rng.integers(0, 3, size=40).astype("int32")
     model = build(Switch(), x)
     ctl = cabs_core.CABSController(lr=0.05, bs_min=4, bs_max=8, bs_init=8)
-    tr = cabs_tf.CABSTrainer(model, xent, ctl, x, y, verify_every=3, buckets=(8,))
+    tr = cabs_tf.CABSTrainer(model, xent, ctl, (x, y), verify_every=3, buckets=(8,))
     with warnings.catch_warnings():
         warnings.simplefilter("error", cabs_core.FastPathFallbackWarning)
         for _ in range(3):
@@ -181,10 +182,11 @@ def test_trainer_reprobes_every_verify_every_steps():
     model.switch.assign(1.0)
     with pytest.warns(cabs_core.FastPathFallbackWarning, match="inner"):
         tr.step()  # the 4th step (index 3) is re-probed and falls back
+    batches = cabs_tf.DecisionBatches(x, y, buckets=tr.buckets, mask_dtype="float64")
     for _ in range(2):
-        xb, yb, mask = tr.batches.next(tr.state.batch_size)
+        xb, yb, mask = batches.next(tr.state.batch_size)
         want = brute_force(model, xent, xb[mask == 1], yb[mask == 1])
-        vec = tr._step(xb, yb, mask).numpy()
+        vec = tr.backend._stats_fn(xb, yb, mask)[1].numpy()
         np.testing.assert_allclose(vec[2], want.sq_norm_sum, rtol=1e-9)
 
 
@@ -192,7 +194,7 @@ def test_trainer_probe_runs_once_with_default_verify_every_and_keeps_traces():
     model = mlp()
     x, y = np.random.default_rng(0).normal(size=(50, 12)), np.random.default_rng(1).integers(0, 5, 50)
     ctl = cabs_core.CABSController(lr=0.1, bs_min=2, bs_max=64)
-    tr = cabs_tf.CABSTrainer(model, xent, ctl, x, y.astype("int32"))
+    tr = cabs_tf.CABSTrainer(model, xent, ctl, (x, y.astype("int32")))
     for b in (2, 3, 5, 9, 17, 33, 2, 40):
         tr.state = dataclasses.replace(tr.state, batch_size=b)
         tr.step()
@@ -202,7 +204,7 @@ def test_trainer_probe_runs_once_with_default_verify_every_and_keeps_traces():
 
 def test_verify_every_is_validated():
     with pytest.raises(ValueError, match="verify_every"):
-        cabs_tf.StatsStep(mlp(), xent, verify_every=-1)
+        cabs_tf.PerExampleStats(mlp(), xent, verify_every=-1)
 
 
 # -- the property test ---------------------------------------------------------------

@@ -41,7 +41,7 @@ def model_with(layer):
 
 def test_unknown_layer_falls_back_to_generic_and_is_exact():
     model = model_with(Scale(dtype="float64"))
-    step = cabs_tf.StatsStep(model, xent)
+    step = cabs_tf.PerExampleStats(model, xent)
     assert step.method == "generic" and "Scale" in step.refusals[0]
     x, y = data_for(model, 5)
     _, vec = tf.function(step)(x, y)
@@ -50,15 +50,15 @@ def test_unknown_layer_falls_back_to_generic_and_is_exact():
 
 def test_unknown_layer_refused_under_fast():
     model = model_with(Scale(dtype="float64", name="my_scale"))
-    with pytest.raises(cabs_tf.UnsupportedLayerError, match="my_scale.*Scale is not one of Dense"):
-        cabs_tf.StatsStep(model, xent, method="fast")
+    with pytest.raises(cabs_tf.UnsupportedModelError, match="my_scale.*Scale is not one of Dense"):
+        cabs_tf.PerExampleStats(model, xent, method="fast")
 
 
 def test_frozen_unknown_layer_keeps_fast_path():
     layer = Scale(dtype="float64")
     model = model_with(layer)
     layer.trainable = False
-    step = cabs_tf.StatsStep(model, xent)
+    step = cabs_tf.PerExampleStats(model, xent)
     assert step.method == "fast"
     x, y = data_for(model, 5)
     _, vec = tf.function(step)(x, y)
@@ -69,24 +69,24 @@ def test_batchnorm_in_training_mode_is_refused_with_options():
     bn = keras.layers.BatchNormalization(dtype="float64", name="bn")
     model = model_with(bn)
     for method in ("auto", "fast", "generic"):
-        with pytest.raises(cabs_tf.UnsupportedLayerError, match=r"'bn'.*trainable = False.*LayerNormalization"):
-            cabs_tf.StatsStep(model, xent, method=method)
+        with pytest.raises(cabs_tf.UnsupportedModelError, match=r"'bn'.*trainable = False.*LayerNormalization"):
+            cabs_tf.PerExampleStats(model, xent, method=method)
     bn.trainable = False  # inference mode: examples are independent again
     x, y = data_for(model, 4)
-    step = cabs_tf.StatsStep(model, xent)
+    step = cabs_tf.PerExampleStats(model, xent)
     _, vec = tf.function(step)(x, y)
     np.testing.assert_allclose(vec.numpy()[2], brute_force(model, xent, x, y).sq_norm_sum, rtol=1e-10)
 
 
 def test_regulariser_is_refused():
     model = model_with(keras.layers.Dense(4, kernel_regularizer="l2", dtype="float64", name="reg"))
-    with pytest.raises(cabs_tf.UnsupportedLayerError, match="'reg' has a kernel_regularizer"):
-        cabs_tf.StatsStep(model, xent)
+    with pytest.raises(cabs_tf.UnsupportedModelError, match="'reg' has a kernel_regularizer"):
+        cabs_tf.PerExampleStats(model, xent)
 
 
 def test_pfor_fallback_is_detected_and_still_exact():
     model = model_with(SortLayer(dtype="float64"))
-    step = cabs_tf.StatsStep(model, xent, chunk_size=2)
+    step = cabs_tf.PerExampleStats(model, xent, chunk_size=2)
     x, y = data_for(model, 4)
     with pytest.warns(cabs_tf.PforFallbackWarning, match="MUCH slower"):
         _, vec = tf.function(step)(x, y)
@@ -101,10 +101,10 @@ def test_pfor_converter_loop_is_detected():
 
     model = mnist_cnn()
     x, y = data_for(model, 3)
-    step = cabs_tf.StatsStep(model, xent, method="generic")
+    step = cabs_tf.PerExampleStats(model, xent, method="generic")
     with pytest.warns(cabs_tf.PforFallbackWarning, match="Conv2DBackpropFilter"):
         tf.function(step)(x, y)
-    fast = cabs_tf.StatsStep(model, xent)
+    fast = cabs_tf.PerExampleStats(model, xent)
     with warnings.catch_warnings():
         warnings.simplefilter("error", cabs_tf.PforFallbackWarning)
         tf.function(fast)(x, y)
@@ -114,21 +114,21 @@ def test_pfor_converter_loop_is_detected():
 def test_bad_arguments():
     model = model_with(keras.layers.Dense(4, dtype="float64"))
     with pytest.raises(ValueError, match="method must be"):
-        cabs_tf.StatsStep(model, xent, method="exact")
+        cabs_tf.PerExampleStats(model, xent, method="exact")
     with pytest.raises(ValueError, match="chunk_size"):
-        cabs_tf.StatsStep(model, xent, chunk_size=0)
+        cabs_tf.PerExampleStats(model, xent, chunk_size=0)
     unbuilt = keras.Sequential([keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="build it"):
-        cabs_tf.StatsStep(unbuilt, xent)
+        cabs_tf.PerExampleStats(unbuilt, xent)
     with pytest.raises(ValueError, match="mask must have shape"):
         x, y = data_for(model, 4)
-        tf.function(cabs_tf.StatsStep(model, xent))(x, y, np.ones((4, 1)))
+        tf.function(cabs_tf.PerExampleStats(model, xent))(x, y, np.ones((4, 1)))
 
 
 def test_vector_feeds_the_controller():
     model = model_with(keras.layers.Dense(4, dtype="float64"))
     x, y = data_for(model, 8)
-    _, vec = tf.function(cabs_tf.StatsStep(model, xent))(x, y)
+    _, vec = tf.function(cabs_tf.PerExampleStats(model, xent))(x, y)
     ctl = cabs_core.CABSController(lr=0.1, bs_min=2, bs_max=64)
     _, info = ctl.update(ctl.init(), cabs_core.ScalarStats.from_vector(vec.numpy()))
     _, want = ctl.update(ctl.init(), brute_force(model, xent, x, y))

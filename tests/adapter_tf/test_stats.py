@@ -36,7 +36,7 @@ def check(grads, vec, want):
 def test_exact_against_brute_force(name, method):
     model = MODELS[name]()
     x, y = data_for(model, 7)
-    step = cabs_tf.StatsStep(model, xent, method=method, chunk_size=3)
+    step = cabs_tf.PerExampleStats(model, xent, method=method, chunk_size=3)
     assert step.method == method
     grads, vec = run(step, x, y)
     check(grads, vec, brute_force(model, xent, x, y))
@@ -49,7 +49,7 @@ def test_masked_equals_unmasked_subset(name):
     keep = np.array([1, 0, 1, 1, 0, 0, 1, 1], dtype=np.float64)
     want = brute_force(model, xent, x[keep == 1], y[keep == 1])
     for method in ("fast", "generic"):
-        grads, vec = run(cabs_tf.StatsStep(model, xent, method=method, chunk_size=3), x, y, keep)
+        grads, vec = run(cabs_tf.PerExampleStats(model, xent, method=method, chunk_size=3), x, y, keep)
         check(grads, vec, want)
         assert vec[0] == 5.0
 
@@ -57,9 +57,9 @@ def test_masked_equals_unmasked_subset(name):
 def test_chunked_equals_unchunked_and_fast():
     model = mnist_cnn()
     x, y = data_for(model, 10)
-    _, fast = run(cabs_tf.StatsStep(model, xent, method="fast"), x, y)
+    _, fast = run(cabs_tf.PerExampleStats(model, xent, method="fast"), x, y)
     for c in (1, 3, 4, 10, 64):
-        _, gen = run(cabs_tf.StatsStep(model, xent, method="generic", chunk_size=c), x, y)
+        _, gen = run(cabs_tf.PerExampleStats(model, xent, method="generic", chunk_size=c), x, y)
         np.testing.assert_allclose(gen, fast, rtol=1e-10)
 
 
@@ -77,7 +77,7 @@ def test_shared_layer_and_strided_dilated_conv():
     out = keras.layers.Dense(3, dtype="float64")(keras.layers.Concatenate(dtype="float64")([a, b]))
     model = keras.Model(inp, out)
     x, y = data_for(model, 5)
-    grads, vec = run(cabs_tf.StatsStep(model, xent, method="fast"), x, y)
+    grads, vec = run(cabs_tf.PerExampleStats(model, xent, method="fast"), x, y)
     check(grads, vec, brute_force(model, xent, x, y))
 
 
@@ -90,7 +90,7 @@ def test_variables_and_loss():
         return tf.reduce_sum((tf.tanh(x @ w + b) - y) ** 2, axis=1)
 
     x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 3))
-    grads, vec = run(cabs_tf.StatsStep([w, b], loss, chunk_size=4), x, y)
+    grads, vec = run(cabs_tf.PerExampleStats([w, b], loss, chunk_size=4), x, y)
     losses, per = [], [[], []]
     for i in range(6):
         with tf.GradientTape() as t:
@@ -99,15 +99,15 @@ def test_variables_and_loss():
             per[k].append(g.numpy())
         losses.append(li.numpy())
     check(grads, vec, cabs_core.batch_stats_from_per_example(np.array(losses), [np.stack(p) for p in per]))
-    with pytest.raises(cabs_tf.UnsupportedLayerError, match="needs a Keras model"):
-        cabs_tf.StatsStep([w, b], loss, method="fast")
+    with pytest.raises(cabs_tf.UnsupportedModelError, match="needs a Keras model"):
+        cabs_tf.PerExampleStats([w, b], loss, method="fast")
 
 
 def test_float32_model_gives_float64_vector():
     model = mlp(dtype="float32")
     x, y = data_for(model, 6)
     x = x.astype("float32")
-    _, vec = run(cabs_tf.StatsStep(model, xent), x, y)
+    _, vec = run(cabs_tf.PerExampleStats(model, xent), x, y)
     want = brute_force(model, xent, x, y)
     assert vec.dtype == np.float64
     np.testing.assert_allclose(vec[2], want.sq_norm_sum, rtol=1e-4)
@@ -116,7 +116,7 @@ def test_float32_model_gives_float64_vector():
 def test_per_example_loss_shape_is_checked():
     model = mlp()
     x, y = data_for(model, 4)
-    step = cabs_tf.StatsStep(model, lambda yt, yp: tf.reduce_mean(xent(yt, yp)))
+    step = cabs_tf.PerExampleStats(model, lambda yt, yp: tf.reduce_mean(xent(yt, yp)))
     with pytest.raises(ValueError, match=r"per-example losses of shape \(m,\).*reduction=None"):
         run(step, x, y)
 
@@ -137,7 +137,7 @@ def test_conv_with_many_input_channels(padding):
     )
     model = keras.Model(inp, keras.layers.Dense(3, dtype="float64")(flat))
     x, y = data_for(model, 4)
-    grads, vec = run(cabs_tf.StatsStep(model, xent, method="fast"), x, y)
+    grads, vec = run(cabs_tf.PerExampleStats(model, xent, method="fast"), x, y)
     check(grads, vec, brute_force(model, xent, x, y))
 
 
@@ -147,7 +147,7 @@ def test_numpy_batches_are_accepted(method):
     model = mlp()
     x, y = data_for(model, 7)
     x, y = np.asarray(x), np.asarray(y)
-    step = cabs_tf.StatsStep(model, xent, method=method)
+    step = cabs_tf.PerExampleStats(model, xent, method=method)
     want = brute_force(model, xent, x, y)
     grads, vec = step(x, y, np.ones(7))
     check([g.numpy() for g in grads], vec.numpy(), want)
@@ -159,7 +159,7 @@ def test_empty_batch_is_a_skipped_step(method):
     """Issue 14, item 4: an empty batch gives count 0 on every path, and the controller skips it."""
     model = mlp()
     x, y = data_for(model, 3)
-    grads, vec = cabs_tf.StatsStep(model, xent, method=method)(x[:0], y[:0])
+    grads, vec = cabs_tf.PerExampleStats(model, xent, method=method)(x[:0], y[:0])
     assert vec.numpy().tolist() == [0.0, 0.0, 0.0, 0.0]
     assert [tuple(g.shape) for g in grads] == [tuple(v.shape) for v in model.trainable_variables]
     ctl = cabs_core.CABSController(lr=0.1)
@@ -177,4 +177,4 @@ def test_nan_and_inf_in_padding_rows_change_nothing(method):
     x[1].flat[0], x[4].flat[2] = np.nan, np.inf
     keep = w.astype(bool)
     want = brute_force(model, xent, x[keep], np.asarray(y)[keep])
-    check(*run(cabs_tf.StatsStep(model, xent, method=method), x, y, w), want)
+    check(*run(cabs_tf.PerExampleStats(model, xent, method=method), x, y, w), want)
