@@ -9,7 +9,6 @@ batches of the decided sizes.
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -283,10 +282,7 @@ class CABSTrainer:
 
     def restore(self, path: str | os.PathLike[str], *, allow: Sequence[str] = ()) -> None:
         """Load a :meth:`save` file into this trainer, its model and optimizer (all checked first)."""
-        try:
-            run, arrays, extra = self.loop.load(path, allow=allow)
-        except (zipfile.BadZipFile, EOFError) as e:  # CABSLoop.load lets these through (torn or empty file)
-            raise ValueError(f"{os.fspath(path)}: not a CABS checkpoint file ({e})") from e
+        run, arrays, extra = self.loop.load(path, allow=allow)
         tensors, opt = list(self.model.state_dict().values()), extra.get("optimizer")
         if (opt is None) != (self.optimizer is None):
             raise ValueError(f"{os.fspath(path)}: the checkpoint holds {'no' if opt is None else 'an'} optimizer "
