@@ -559,13 +559,17 @@ def _grid_note(s: Summary) -> str:
     base = [m for m in s.methods if m.family != "cabs"]
     if not cabs_lrs or not base:
         return ""
-    fams = sorted({m.family for m in base})
-    per = {f: sum(m.family == f for m in base) for f in fams}
-    return (f"- tuning: CABS ran at {len(cabs_lrs)} learning rate{'s' if len(cabs_lrs) > 1 else ''} "
-            f"({', '.join(f'{x:g}' for x in cabs_lrs)}); the baselines ran a grid of "
-            + ", ".join(f"{per[f]} {FAMILY_NAMES[f]} runs" for f in fams)
-            + f" ({len(base)} in all) per seed, and the tables show the best learning rate of each baseline "
-            "batch size: the baselines are tuned on this very budget, CABS "
+    groups = {m.group for m in base}
+    lrs = sorted({m.lr for m in base})
+    def n(k: int, word: str) -> str:
+        return f"{k} {word}{'' if k == 1 else 's'}"
+
+    return (f"- tuning: CABS ran at {n(len(cabs_lrs), 'learning rate')} "
+            f"({', '.join(f'{x:g}' for x in cabs_lrs)}); the SGD baselines ran {n(len(base), 'run')} per seed, "
+            f"{n(len(lrs), 'learning rate')} ({', '.join(f'{x:g}' for x in lrs)}) for each of "
+            f"{n(len(groups), 'combination')} of batch size and schedule, and the tables show each combination at "
+            "its best learning rate: "
+            "the baselines are tuned on this very budget, CABS "
             + ("is not" if len(cabs_lrs) == 1 else f"only over {len(cabs_lrs)} values"))
 
 
@@ -746,7 +750,8 @@ def figure_series(s: Summary) -> dict[str, list[Series]]:
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
            "tab:cyan", "tab:grey")
 _LINESTYLES = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_MARKERS = ("s", "^", "D", "v", "P", "X", "*", "<", ">", "d")  # the baselines'; CABS has its own
+_CABS_MARKERS = ("o", "h", "p", "8", "H")
 
 
 def line_styles(series: list[Series]) -> list[dict[str, Any]]:
@@ -754,13 +759,15 @@ def line_styles(series: list[Series]) -> list[dict[str, Any]]:
     visible: CABS wide, solid and black-ish, drawn underneath; each baseline thinner, dashed in its own
     pattern, with its own marker at its own offset along the line."""
     cabs_colors = iter(["black", "dimgrey", "saddlebrown", "darkviolet", "darkgreen"] * 10)
-    out, k = [], 0
+    out, k, c = [], 0, 0
     n = max(1, len(series))
     for i, sr in enumerate(series):
         offset = 0.1 * i / n  # markers of different curves at different places along the line
         if sr.family == "cabs":
-            out.append({"color": next(cabs_colors), "linewidth": 3.0, "linestyle": "-", "marker": "o",
-                        "markersize": 6, "markevery": (offset, 0.1), "zorder": 2})
+            out.append({"color": next(cabs_colors), "linewidth": 3.0, "linestyle": "-",
+                        "marker": _CABS_MARKERS[c % len(_CABS_MARKERS)], "markersize": 6, "markevery": (offset, 0.1),
+                        "zorder": 2})
+            c += 1
         else:
             out.append({"color": _COLORS[k % len(_COLORS)], "linewidth": 1.4,
                         "linestyle": _LINESTYLES[k % len(_LINESTYLES)], "marker": _MARKERS[k % len(_MARKERS)],
@@ -792,6 +799,7 @@ def write_figures(s: Summary, out_dir: str | Path) -> dict[str, str]:
     epochs), the same three as separate figures, and CABS's own statistics. With several seeds every
     curve is the mean over the seeds with a min-max band. Returns {figure: file name}."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     out_dir = Path(out_dir)
     data = figure_series(s)
@@ -805,7 +813,11 @@ def write_figures(s: Summary, out_dir: str | Path) -> dict[str, str]:
     def decorate(ax: Any, key: str, ylabel: str, log: bool) -> None:
         ax.set_xlabel("epochs")
         ax.set_ylabel(ylabel)
-        if log:
+        if key == "batch_size":  # powers of two, written out
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        elif log:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         for sr, st in zip(data[key], styles):
@@ -820,9 +832,9 @@ def write_figures(s: Summary, out_dir: str | Path) -> dict[str, str]:
         ax.set_title(ylabel)
     handles, labels = axs[0].get_legend_handles_labels()
     fig.suptitle(title)
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
-    rows = math.ceil(len(labels) / 4)
-    fig.tight_layout(rect=(0, min(0.45, 0.06 * rows + 0.02), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=8)
+    rows = math.ceil(len(labels) / 5)
+    fig.tight_layout(rect=(0, min(0.45, 0.045 * rows + 0.015), 1, 1))
     fig.savefig(out_dir / FIGURES["panels"])
     written["panels"] = FIGURES["panels"]
 

@@ -169,7 +169,8 @@ def test_means_and_spreads_across_seeds(tmp_path, trainer, no_figures):
     cabs_final = [train_loss(seed, 976) for seed in range(3)]
     assert cabs.final_train_loss == pytest.approx(statistics.mean(cabs_final))
     assert "3 seeds (0, 1, 2" in md and "sample standard deviation (ddof 1)" in md
-    assert "CABS ran at 1 learning rate (0.1); the baselines ran a grid of 1 SGD" in md
+    assert ("CABS ran at 1 learning rate (0.1); the SGD baselines ran 1 run per seed, 1 learning rate (0.1) for "
+            "each of 1 combination of batch size and schedule") in md
     assert "noisy" in md
     j = json.loads((tmp_path / "summary.json").read_text())
     assert len(j["runs"]) == 6 and j["seeds"] == [0, 1, 2]
