@@ -22,6 +22,15 @@ may use fewer examples than the budget, never a smaller last batch. The
 "final" figures are those of the evaluation after a run's last step, and
 only of a run that ended normally.
 
+With ``--seeds N`` every method runs once per seed: run ids end in ``_s<seed>``, the ``run``
+record names its ``method`` (the id without the seed), every ``run``/``step``/``eval``/``end``
+record has ``seed``, and the ``config`` record lists the ``seeds``. The summary groups a method's
+runs into a :class:`MethodSummary` (mean ± sample standard deviation across the seeds; the
+figures draw the mean and a min-max band). A log without these fields is one seed, ``config["seed"]``.
+
+The automatic target is :data:`TARGET_FRACTION` of the training loss before the first step
+(:func:`automatic_target`), the same for every method, defined before any of them trains.
+
 ``wall_time`` is the run's training time in seconds so far, evaluations excluded.
 The figures and the summary are computed from the log alone, so
 ``cabs-experiment --out OUT --report-only`` redraws them from ``OUT/log.jsonl``.

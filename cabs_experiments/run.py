@@ -13,8 +13,11 @@ Methods (``--methods``):
   ``step`` divides it by 10 at 50% and 75% of the budget, ``exp`` decays it
   smoothly to 1% of its start value at the end).
 
+With ``--seeds N`` every method runs once per seed (``--seed``, ``--seed`` + 1, ...), seed by
+seed; the summary reports means ± standard deviations across the seeds.
+
 The driver is framework-free: it owns the sampler (:func:`cabs_core.next_batch`,
-the same example order for every method under one ``--seed``), the batch
+the same example order for every method under one seed), the batch
 sizes, the learning rate schedules, the budget and the log; the backend
 (:mod:`cabs_experiments.backends`) owns parameters and arithmetic.
 
