@@ -184,8 +184,11 @@ class MethodSummary:
     num_seeds: int = 1  # seeds of the experiment (a method of an interrupted log may have fewer runs)
 
     def _all(self, name: str, scale: float = 1.0) -> list[float]:
+        """Every seed's value (scaled), or [] when some seed has none (or is missing from the log)."""
         vals = [getattr(r, name) for r in self.seeds]
-        return [v * scale for v in vals] if all(v is not None and math.isfinite(v) for v in vals) else []
+        if len(vals) < self.num_seeds or not all(v is not None and math.isfinite(v) for v in vals):
+            return []
+        return [v * scale for v in vals]
 
     @property
     def status(self) -> str:
@@ -222,7 +225,7 @@ class MethodSummary:
 
     @property
     def wall_time(self) -> float:
-        return _mean([r.wall_time for r in self.seeds])
+        return _mean(self._all("wall_time"))
 
     def score(self) -> tuple[float, float, float]:
         """Ranking: reached the target in most seeds, then fewest epochs to it (mean over the seeds

@@ -287,3 +287,20 @@ def test_each_seed_of_a_command_is_that_seeds_single_run(tmp_path, no_figures):
     s = write_report(tmp_path / "two")
     assert all(len(m.seeds) == 2 and m.status == "ok" for m in s.methods)
     assert all(math.isfinite(m.final_train_loss) for m in s.methods)
+
+
+def test_an_interrupted_log_of_several_seeds_gives_no_mean_over_the_seeds_that_remain(tmp_path, trainer,
+                                                                                       no_figures):
+    """Cut during seed 1: the methods have 2 and 1 of 3 seeds; their cells are n/a, and the status says why."""
+    run_experiment(three_seeds(tmp_path), fake_dataset())
+    lines = (tmp_path / "log.jsonl").read_text().splitlines(keepends=True)
+    k = next(i for i, line in enumerate(lines) if json.loads(line).get("run") == "sgd_bs50_lr0.1_s1")
+    (tmp_path / "log.jsonl").write_text("".join(lines[: k + 3]))  # its run record, the eval at step 0, a step
+    s = summarize(read_jsonl(tmp_path / "log.jsonl"))
+    assert s.target_loss == pytest.approx(0.1 * statistics.mean([2.0, 3.0]))  # the seeds that started
+    by = {m.run: m for m in s.methods}
+    assert [r.seed for r in by["cabs_lr0.1"].seeds] == [0, 1] and [r.seed for r in by["sgd_bs50_lr0.1"].seeds] == [0, 1]
+    md = summary_markdown(s)
+    assert "| CABS, lr 0.1 (2 of 3 seeds logged) | " in md and "| n/a | n/a |" in md
+    assert "| SGD bs 50, lr 0.1 (seed 1 interrupted at step 1; 2 of 3 seeds logged) | " in md
+    assert by["cabs_lr0.1"].epochs_to_target is None and math.isnan(by["cabs_lr0.1"].final_train_loss)
