@@ -774,25 +774,41 @@ def line_styles(series: list[Series]) -> list[dict[str, Any]]:
     out, k, c = [], 0, 0
     n = max(1, len(series))
     for i, sr in enumerate(series):
-        offset = 0.1 * i / n  # markers of different curves at different places along the line
+        offset = i / n  # markers of different curves at different epochs (a fraction of their spacing)
         if sr.family == "cabs":
             out.append({"color": next(cabs_colors), "linewidth": 3.0, "linestyle": "-",
-                        "marker": _CABS_MARKERS[c % len(_CABS_MARKERS)], "markersize": 6, "markevery": (offset, 0.1),
+                        "marker": _CABS_MARKERS[c % len(_CABS_MARKERS)], "markersize": 6, "marker_offset": offset,
                         "zorder": 2})
             c += 1
         else:
             out.append({"color": _COLORS[k % len(_COLORS)], "linewidth": 1.4,
                         "linestyle": _LINESTYLES[k % len(_LINESTYLES)], "marker": _MARKERS[k % len(_MARKERS)],
-                        "markersize": 5, "markevery": (offset, 0.1), "zorder": 3})
+                        "markersize": 5, "marker_offset": offset, "zorder": 3})
             k += 1
     return out
+
+
+def _marks(xs: list[float], offset: float, count: int = 10) -> list[int]:
+    """Indices of the points nearest to ``count`` evenly spaced epochs, shifted by ``offset`` (a fraction
+    of the spacing): markers at the same epochs whatever the number of points, staggered per curve."""
+    import numpy as np
+
+    if not xs:
+        return []
+    x = np.asarray(xs)
+    lo, hi = float(x[0]), float(x[-1])
+    at = lo + (hi - lo) * (np.arange(count) + offset) / count
+    return sorted({int(i) for i in np.clip(np.searchsorted(x, at), 0, len(xs) - 1)})
 
 
 def _draw(ax: Any, sr: Series, style: dict[str, Any], step: bool = False) -> None:
     if not sr.x:
         return
     label = sr.label + (f" ({sr.note})" if sr.note else "")
-    if step:
+    style = dict(style)
+    style["markevery"] = _marks(sr.x, style.pop("marker_offset", 0.0))
+    if step:  # many points (one per step): a thinner line, so that CABS's steps stay readable
+        style["linewidth"] = min(style["linewidth"], 1.6)
         ax.plot(sr.x, sr.mean, drawstyle="steps-post", label=label, **style)
     else:
         ax.plot(sr.x, sr.mean, label=label, **style)
