@@ -827,7 +827,7 @@ def write_figures(s: Summary, out_dir: str | Path) -> dict[str, str]:
     epochs), the same three as separate figures, and CABS's own statistics. With several seeds every
     curve is the mean over the seeds with a min-max band. Returns {figure: file name}."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     out_dir = Path(out_dir)
     data = figure_series(s)
@@ -843,7 +843,7 @@ def write_figures(s: Summary, out_dir: str | Path) -> dict[str, str]:
         ax.set_ylabel(ylabel)
         if key == "batch_size":  # powers of two, written out
             ax.set_yscale("log", base=2)
-            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
         elif log:
             ax.set_yscale("log")
@@ -893,7 +893,9 @@ def write_figures(s: Summary, out_dir: str | Path) -> dict[str, str]:
         top.set_yscale("log")
         top.set_ylabel("loss, variance")
         top.set_title(f"CABS statistics: {title.split(':')[0]}" + ("" if n == 1 else f", seed {cabs_runs[0].seed}"))
-        bottom.set_yscale("log")
+        bottom.set_yscale("log", base=2)
+        bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        bottom.yaxis.set_minor_formatter(NullFormatter())
         bottom.set_ylabel("batch size")
         bottom.set_xlabel("epochs")
         for ax in (top, bottom):
