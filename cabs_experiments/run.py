@@ -13,8 +13,11 @@ Methods (``--methods``):
   ``step`` divides it by 10 at 50% and 75% of the budget, ``exp`` decays it
   smoothly to 1% of its start value at the end).
 
+With ``--seeds N`` every method runs once per seed (``--seed``, ``--seed`` + 1, ...), seed by
+seed; the summary reports means ± standard deviations across the seeds.
+
 The driver is framework-free: it owns the sampler (:func:`cabs_core.next_batch`,
-the same example order for every method under one ``--seed``), the batch
+the same example order for every method under one seed), the batch
 sizes, the learning rate schedules, the budget and the log; the backend
 (:mod:`cabs_experiments.backends`) owns parameters and arithmetic.
 
@@ -32,7 +35,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -43,7 +46,17 @@ from cabs_core import CABSController, ConfigError, NonFiniteStatisticsError, Sam
 from .backends import BACKENDS, Trainer, make_trainer
 from .backends.models import MODELS, default_model
 from .data import DATASETS, Dataset, load_dataset
-from .report import LAST_BATCH, LOG_NAME, SUMMARY_MD, JsonlLog, Summary, summary_markdown, verdict, write_report
+from .report import (
+    LAST_BATCH,
+    LOG_NAME,
+    SUMMARY_MD,
+    TARGET_FRACTION,
+    JsonlLog,
+    Summary,
+    summary_markdown,
+    verdict,
+    write_report,
+)
 
 FAMILIES = ("cabs", "sgd", "sgd-decay")
 DECAYS = ("step", "exp")
@@ -62,6 +75,7 @@ class Method:
 
     @property
     def run_id(self) -> str:
+        """The method's id (its runs' ids add ``_s<seed>`` when the experiment has several seeds)."""
         if self.family == "cabs":
             return f"cabs_lr{self.lr:g}"
         name = "sgd" if self.decay is None else f"sgd-{self.decay}"
@@ -99,6 +113,7 @@ class ExperimentConfig:
     model: str | None = None  # None: mlp for digits/MNIST, cnn for CIFAR-10/SVHN
     epochs: float | None = None  # None: DEFAULT_EPOCHS[dataset]
     seed: int = 0
+    seeds: int = 1  # seeds seed, seed + 1, ..., seed + seeds - 1: every method once per seed
     out: str | None = None  # None: runs/<dataset>-<model>-<backend>
     overwrite: bool = False  # replace what a previous run left in ``out``
     methods: tuple[str, ...] = FAMILIES
@@ -113,6 +128,7 @@ class ExperimentConfig:
     eval_every: float | None = None  # epochs; None: epochs / 20
     eval_train_examples: int = 10_000
     target_loss: float | None = None
+    target_fraction: float = TARGET_FRACTION  # the automatic target: this fraction of the initial training loss
     progress: bool | None = None  # None: when stderr is a terminal
     log_every: int = 1
     threads: int | None = None  # None: 1 for the mlp (small matrices), the framework's default for the cnn
@@ -139,6 +155,10 @@ class ExperimentConfig:
             self.out = f"runs/{self.dataset}-{self.model}-{self.backend}"
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        if not (math.isfinite(self.target_fraction) and 0 < self.target_fraction < 1):
+            raise ValueError(f"--target-fraction must lie in (0, 1), got {self.target_fraction}")
         bad = [m for m in self.methods if m not in FAMILIES]
         if bad or not self.methods:
             raise ValueError(f"--methods must be a non-empty subset of {', '.join(FAMILIES)}, got {list(self.methods)}")
@@ -184,6 +204,15 @@ class ExperimentConfig:
             bs_init=min(self.cabs_bs_init, cap),
             mode=self.cabs_mode,  # type: ignore[arg-type]
         )
+
+    def seed_list(self) -> list[int]:
+        """The seeds of the experiment: ``seed``, ``seed + 1``, ... (``seeds`` of them)."""
+        return list(range(self.seed, self.seed + self.seeds))
+
+    def run_id(self, method: Method, seed: int) -> str:
+        """A run's id in the log: the method's id, with ``_s<seed>`` when there are several seeds
+        (a log of one seed keeps the ids it always had)."""
+        return method.run_id if self.seeds == 1 else f"{method.run_id}_s{seed}"
 
     def method_list(self) -> list[Method]:
         """The runs, CABS first, then every (batch size, lr) of each SGD family."""
@@ -267,8 +296,9 @@ def run_method(
     if method.family == "cabs":
         ctl = cfg.controller(method.lr, num_examples)
         cabs = trainer.cabs_run(ctl, cfg.seed)  # the adapter's own CABSTrainer on these parameters
-    rid = method.run_id
-    log.write({"kind": "run", "run": rid, "family": method.family, "group": method.group, "label": method.label,
+    rid = cfg.run_id(method, cfg.seed)
+    log.write({"kind": "run", "run": rid, "method": method.run_id,
+               "family": method.family, "group": method.group, "label": method.label,
                "lr": method.lr, "batch_size": method.batch_size, "decay": method.decay,
                "controller": None if ctl is None else {k: v for k, v in asdict(ctl).items() if v is not None}})
     progress.describe(method.label)
@@ -378,18 +408,23 @@ def run_experiment(cfg: ExperimentConfig, dataset: Dataset | None = None) -> Sum
         rng = np.random.default_rng(cfg.seed)
         train_subset = np.sort(rng.choice(n, cfg.eval_train_examples, replace=False))
     header = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "progress", "data_dir")}
+    seeds = cfg.seed_list()
     header.update(kind="config", data=dataset.describe(), num_train=n, num_test=len(dataset.y_test),
                   budget_examples=budget, last_batch=LAST_BATCH, num_parameters=trainer.num_parameters,
-                  eval_train_subset=train_subset is not None, runs=[m.run_id for m in methods])
-    progress = _Progress(budget * len(methods), cfg.progress)
+                  eval_train_subset=train_subset is not None, seeds=seeds,
+                  runs=[cfg.run_id(m, s) for s in seeds for m in methods])
+    progress = _Progress(budget * len(methods) * len(seeds), cfg.progress)
     try:
         with JsonlLog(out / LOG_NAME) as log:
             log.write(header)
-            for m in methods:
-                run_method(trainer, m, cfg, n, log, progress, train_subset)
+            for s in seeds:  # seed by seed: an interrupted log holds whole comparisons of the first seeds
+                seed_cfg = replace(cfg, seed=s)
+                log.tags = {"seed": s}  # every run, step, eval and end record of this seed says so
+                for m in methods:
+                    run_method(trainer, m, seed_cfg, n, log, progress, train_subset)
     finally:
         progress.close()
-    return write_report(out, cfg.target_loss)
+    return write_report(out, cfg.target_loss, cfg.target_fraction)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -438,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget per method in epochs (default: " +
                    ", ".join(f"{k} {v:g}" for k, v in DEFAULT_EPOCHS.items()) + ")")
     p.add_argument("--seed", type=int, default=d.seed, help="initial parameters and example order (default 0)")
+    p.add_argument("--seeds", type=int, default=d.seeds,
+                   help="run every method with N seeds: --seed, --seed + 1, ... (default 1); figures show the "
+                   "mean and the min-max band, tables mean ± standard deviation")
     p.add_argument("--out", default=None,
                    help="output folder (default: runs/DATASET-MODEL-BACKEND); refused if it holds files")
     p.add_argument("--overwrite", action="store_true", help="replace the files a previous run left in --out")
@@ -457,7 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-train-examples", type=int, default=d.eval_train_examples,
                    help="training loss on a fixed subset of this many examples (default: %(default)s)")
     p.add_argument("--target-loss", type=float, default=None,
-                   help="training loss to reach (default: the highest of the families' lowest losses)")
+                   help="training loss to reach (default: --target-fraction of the loss before the first step)")
+    p.add_argument("--target-fraction", type=float, default=d.target_fraction,
+                   help="the automatic target: this fraction of the mean training loss before the first step "
+                   "(default: %(default)s)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="log every k-th step (default: 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the framework (default: 1 for the mlp, the framework's default otherwise)")
@@ -487,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if report_only:
             if not (Path(cfg.out) / LOG_NAME).is_file():
                 raise ValueError(f"--report-only: no {Path(cfg.out) / LOG_NAME} to read")
-            s = write_report(cfg.out, cfg.target_loss)
+            s = write_report(cfg.out, cfg.target_loss, cfg.target_fraction)
         else:
             s = run_experiment(cfg)
     except ValueError as e:  # DataError is a ValueError

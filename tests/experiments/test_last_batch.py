@@ -184,14 +184,16 @@ def test_final_figures_only_from_a_run_that_ended_normally(tmp_path):
     ok_end = {"kind": "end", "run": "ok", "status": "ok", "reason": None, "steps": 1, "examples": 40,
               "examples_left": 60, "next_batch_size": 80, "wall_time": 1.0}
     late = dict(ok_end, run="late", steps=2, examples=80, examples_left=20)  # a step after the last evaluation
-    s = summarize(base + run("ok", "sgd", ok_end) + run("late", "sgd", late) + run("open", "sgd", None))
+    # (these logs have no evaluation before the first step, so no automatic target: one is given)
+    s = summarize(base + run("ok", "sgd", ok_end) + run("late", "sgd", late) + run("open", "sgd", None),
+                  target_loss=0.1)
     by = {r.run: r for r in s.runs}
     assert (by["ok"].final_train_loss, by["ok"].final_test_accuracy, by["ok"].examples) == (0.5, 0.9, 40)
     for rid in ("late", "open"):
         assert math.isnan(by[rid].final_train_loss) and math.isnan(by[rid].final_test_accuracy)
     assert by["open"].status == "incomplete" and by["open"].examples is None
     with pytest.raises(ValueError, match="written before .* remainder"):
-        summarize([{"kind": "config", "epochs": 1}] + run("ok", "sgd", ok_end))
+        summarize([{"kind": "config", "epochs": 1}] + run("ok", "sgd", ok_end), target_loss=0.1)
 
 
 def test_the_last_step_is_logged_with_log_every(tmp_path, fake):

@@ -43,8 +43,9 @@ CURVES = {
 def test_summary_numbers(tmp_path):
     fake_log(tmp_path / "log.jsonl", CURVES)
     s = summarize(read_jsonl(tmp_path / "log.jsonl"))
-    # automatic target: the highest of the families' lowest losses = sgd's 0.15
-    assert s.target_loss == 0.15
+    # automatic target: 10% of the training loss before the first step (2.0), whatever the methods reach
+    assert s.target_loss == pytest.approx(0.2)
+    assert s.target_rule.startswith("automatic: 10% of the training loss before the first step (2, seed 0)")
     by = {r.run: r for r in s.runs}
     assert by["cabs"].epochs_to_target == 2 and by["cabs"].wall_to_target == 4
     assert by["sgd_a"].epochs_to_target is None
