@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cabs_core import ScalarStats, discretise, reduce_stats, to_host
+from cabs_core import CABSController, SamplerState, discretise, next_batch
 from cabs_experiments.backends import make_trainer
 from cabs_experiments.data import load_digits_dataset
 from cabs_experiments.report import read_jsonl
@@ -74,11 +74,12 @@ def test_config_errors(kw, match):
 
 
 @pytest.mark.parametrize("backend", ALL)
-def test_trainer_cabs_step_is_the_sgd_step(backend, digits):
-    """Both paths apply theta - lr * mean gradient; the CABS path also returns exact-looking statistics."""
+def test_a_cabs_run_steps_like_sgd_on_the_same_examples(backend, digits):
+    """Both paths apply theta - lr * mean gradient to the same examples; the CABS run is the adapter's
+    own trainer, drawing the seed's stream, and reports exact-looking statistics."""
     tr = make_trainer(backend, digits, "mlp", threads=1)
     assert tr.num_parameters == 64 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
-    idx = np.arange(3, 23)  # 20 examples: padded to 27 in the compiled backends
+    idx, _ = next_batch(SamplerState(len(digits.y_train), 5), 20)  # 20 examples: padded in compiled backends
     tr.reset(5)
     loss0, acc0 = tr.evaluate("test")
     assert loss0 == pytest.approx(math.log(10), rel=0.15) and 0 <= acc0 <= 1
@@ -86,11 +87,11 @@ def test_trainer_cabs_step_is_the_sgd_step(backend, digits):
     after_sgd = tr.evaluate("test")
     tr.reset(5)
     assert tr.evaluate("test") == pytest.approx((loss0, acc0))  # reset restores the seed's parameters
-    stats = tr.cabs_step(idx, 0.5)
-    m, loss_sum, s, g2 = to_host(stats if isinstance(stats, ScalarStats) else reduce_stats(stats))
-    assert m == 20 and loss_sum / m == pytest.approx(sgd_loss, rel=1e-5)
-    xi = (s - g2 / m) / (m - 1)  # within-batch variance: positive, and S >= ||sum g||^2 / m
-    assert xi > 0 and s >= g2 / m
+    run = tr.cabs_run(CABSController(lr=0.5, bs_min=20, bs_max=40), 5)
+    assert (run.batch_size, run.examples_seen) == (20, 0)
+    info = run.step()
+    assert run.examples_seen == 20 and info.loss == pytest.approx(sgd_loss, rel=1e-5)
+    assert info.variance > 0 and 20 <= info.batch_size <= 40
     assert tr.evaluate("test") == pytest.approx(after_sgd, rel=1e-4)
     sub = tr.evaluate("train", np.arange(100))
     assert sub[0] > 0 and 0 <= sub[1] <= 1
