@@ -26,7 +26,7 @@ from cabs_core.loop import CHECK_EVERY, MicroBatch
 
 from .dispatch import Method
 from .stats import LossFn, PyTree
-from .train import CABSTrainer, TrainState, _Backend
+from .train import CABSTrainer, TrainState, _Backend, _reduce
 
 
 def data_mesh(devices: Sequence[Any] | None = None, axis_name: str = "data") -> Mesh:
@@ -87,7 +87,7 @@ class _MeshBackend(_Backend):
         return self.stats_fn(model[0], jax.tree.map(glob, batch), glob(micro.mask), path=path)
 
     def scalars(self, stats: BatchStats) -> ScalarStats:
-        return ScalarStats(*(v.addressable_data(0) for v in self.reduce_fn(stats)))  # a local replica
+        return ScalarStats(*(v.addressable_data(0) for v in _reduce(stats)))  # a local replica
 
     def gather(self, words: np.ndarray) -> np.ndarray:
         if self.processes == 1:

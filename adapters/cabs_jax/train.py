@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -19,8 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cabs_core import BatchStats, CABSController, ConfigError, ControllerState, SamplerState, StepInfo, combine
-from cabs_core import reduce_stats as _reduce
+from cabs_core import (
+    BatchStats,
+    CABSController,
+    ConfigError,
+    ControllerState,
+    SamplerState,
+    StepInfo,
+    combine,
+    reduce_stats,
+)
 from cabs_core.exactness import VERIFY_EVERY
 from cabs_core.loop import CHECK_EVERY, CABSLoop, MicroBatch, RunState, check_arrays, check_learning_rate
 
@@ -60,10 +69,26 @@ class TrainState(NamedTuple):
     sampler: SamplerState
 
 
-def _next_lr(optimizer: optax.GradientTransformation, params: PyTree, opt_state: PyTree) -> jax.Array:
+@partial(jax.jit, static_argnames="optimizer")
+def _next_lr(params: PyTree, opt_state: PyTree, optimizer: optax.GradientTransformation) -> jax.Array:
     """The learning rate the next ``optimizer.update`` uses: the ``hyperparams`` an update would
     record (schedules evaluated at the current count); the update itself is dead code under jit."""
     return optimizer.update(jax.tree.map(jnp.zeros_like, params), opt_state, params)[1].hyperparams["learning_rate"]
+
+
+@partial(jax.jit, static_argnames="optimizer")
+def _update(params: PyTree, opt_state: PyTree, stats: BatchStats, lr: jax.Array,
+            optimizer: optax.GradientTransformation | None) -> tuple[PyTree, PyTree]:
+    """theta <- theta - lr g_bar, or ``optimizer`` fed g_bar = grad_sum / count."""
+    inv_m = 1 / jnp.maximum(stats.count, 1)
+    g = jax.tree.unflatten(jax.tree.structure(params), [g * inv_m for g in stats.grad_sum])
+    if optimizer is None:
+        return jax.tree.map(lambda p, gi: p - (lr * gi).astype(p.dtype), params, g), opt_state
+    updates, opt_state = optimizer.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+_reduce = jax.jit(reduce_stats)  # compiled functions shared by every trainer
 
 
 class _Backend:
@@ -74,21 +99,10 @@ class _Backend:
     def __init__(self, trainer: CABSTrainer) -> None:
         self.t = trainer
         self.stats_fn = jax.jit(self._stats, static_argnames="path")
-        self.update_fn = jax.jit(self._update)
-        self.reduce_fn = jax.jit(_reduce)
-        self.lr_fn = None if trainer.optimizer is None else jax.jit(lambda p, s: _next_lr(trainer.optimizer, p, s))
 
     def _stats(self, params: PyTree, batch: PyTree, mask: jax.Array, path: Method) -> BatchStats:
         self.t.traces += 1
         return self.t.stats(params, batch, mask, method=path)
-
-    def _update(self, params: PyTree, opt_state: PyTree, stats: BatchStats, lr: jax.Array) -> tuple[PyTree, PyTree]:
-        inv_m = 1 / jnp.maximum(stats.count, 1)
-        g = jax.tree.unflatten(jax.tree.structure(params), [g * inv_m for g in stats.grad_sum])
-        if self.t.optimizer is None:
-            return jax.tree.map(lambda p, gi: p - (lr * gi).astype(p.dtype), params, g), opt_state
-        updates, opt_state = self.t.optimizer.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
 
     def take(self, source: PyTree, rows: np.ndarray) -> PyTree:
         def one(a: Any) -> Any:
@@ -109,13 +123,13 @@ class _Backend:
         return stats
 
     def scalars(self, stats: BatchStats) -> Any:
-        return self.reduce_fn(stats)  # still on the device: the controller makes the one host copy
+        return _reduce(stats)  # still on the device: the controller makes the one host copy
 
     def learning_rate(self, model: Any) -> float | None:
-        return None if self.lr_fn is None else float(self.lr_fn(*model))
+        return None if self.t.optimizer is None else float(_next_lr(*model, self.t.optimizer))
 
     def apply(self, model: Any, stats: BatchStats, lr: float) -> Any:
-        return self.update_fn(*model, stats, jnp.asarray(lr, stats.loss_sum.dtype))
+        return _update(*model, stats, jnp.asarray(lr, stats.loss_sum.dtype), self.t.optimizer)
 
     def gather(self, words: np.ndarray) -> np.ndarray:
         return np.asarray(words)[None]
@@ -165,7 +179,7 @@ class CABSTrainer:
         if getattr(opt_state, "hyperparams", {}).get("learning_rate") is None:
             raise ConfigError("optimizer", "the optimizer's learning rate must be readable: build it as "
                               "optax.inject_hyperparams(optax.sgd)(learning_rate=...) (or adam, ...)")
-        check_learning_rate(self.controller, float(_next_lr(self.optimizer, params, opt_state)))
+        check_learning_rate(self.controller, float(_next_lr(params, opt_state, self.optimizer)))
 
     def init(self, params: PyTree) -> TrainState:
         """The state before the first step."""
