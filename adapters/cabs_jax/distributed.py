@@ -1,18 +1,12 @@
-"""Data-parallel CABS on JAX's own sharding: ``jax.shard_map`` over a 1-D device mesh and ``lax.psum``.
+"""Data-parallel CABS on JAX's own sharding: one compiled ``jax.shard_map`` over a 1-D mesh with ``lax.psum``.
 
-:class:`cabs_core.loop.CABSLoop` splits each global batch over the mesh (shards =
-this process's devices, processes = ``jax.process_count()``) and pads every
-shard to one per-device bucket; here one compiled ``shard_map`` computes each
-device's statistics and ``psum``-s the four sums over the mesh axis, so they
-arrive replicated on every device of every process (``all_reduce`` is the
-identity) and every process decides the same. The update is the single-device
-one on replicated arrays. Every ``check_every`` steps the processes gather the
-loop's digest (``multihost_utils.process_allgather``). See ``docs/distributed/jax.md``.
+The loop (:mod:`cabs_core.loop`) shards each global batch over the mesh (shards = this process's
+devices, processes = ``jax.process_count()``); the four sums arrive replicated on every device, so
+``all_reduce`` is the identity and every process decides the same. See ``docs/distributed/jax.md``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,12 +15,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cabs_core import BatchStats, CABSController, ScalarStats, shard_buckets
+from cabs_core import BatchStats, CABSController, shard_buckets
 from cabs_core.loop import CHECK_EVERY, MicroBatch
 
 from .dispatch import Method
 from .stats import LossFn, PyTree
-from .train import CABSTrainer, TrainState, _Backend, _reduce
+from .train import CABSTrainer, _Backend
 
 
 def data_mesh(devices: Sequence[Any] | None = None, axis_name: str = "data") -> Mesh:
@@ -39,11 +33,9 @@ def data_mesh(devices: Sequence[Any] | None = None, axis_name: str = "data") -> 
 
 def _replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Every leaf replicated on all devices of ``mesh`` (works across processes)."""
-    sharding = NamedSharding(mesh, P())
-
     def put(x: Any) -> jax.Array:
         x = np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda index: x[index])
 
     return jax.tree.map(put, tree)
 
@@ -72,9 +64,6 @@ class _MeshBackend(_Backend):
         return jax.shard_map(local, mesh=self.t.mesh, in_specs=(P(), spec, spec), out_specs=P(),
                              check_vma=False)(params, batch, mask)
 
-    def take(self, source: PyTree, rows: np.ndarray) -> PyTree:
-        return jax.tree.map(lambda a: a[rows], source)
-
     def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
         local = jax.tree.map(lambda a: a.addressable_data(0), model[0])
         first = jax.tree.map(lambda a: a[: micro.size], batch)  # one device's shard: the compiled signature
@@ -85,16 +74,6 @@ class _MeshBackend(_Backend):
             return jax.make_array_from_process_local_data(self.sharding, a, (n,) + a.shape[1:])
 
         return self.stats_fn(model[0], jax.tree.map(glob, batch), glob(micro.mask), path=path)
-
-    def scalars(self, stats: BatchStats) -> ScalarStats:
-        return ScalarStats(*(v.addressable_data(0) for v in _reduce(stats)))  # a local replica
-
-    def gather(self, words: np.ndarray) -> np.ndarray:
-        if self.processes == 1:
-            return np.asarray(words)[None]
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(np.asarray(words))).reshape(self.processes, -1)
 
 
 class DataParallelCABSTrainer(CABSTrainer):
@@ -122,20 +101,8 @@ class DataParallelCABSTrainer(CABSTrainer):
         self.world_size = self.backend.shards * self.backend.processes
         self.device_buckets = shard_buckets(self.buckets, self.world_size)
 
-    def init(self, params: PyTree) -> TrainState:
-        """The state before the first step; parameters and optimizer state replicated on the mesh."""
-        s = super().init(params)
-        return s._replace(params=_replicate(s.params, self.mesh), opt_state=_replicate(s.opt_state, self.mesh))
-
-    def save(self, path: str | os.PathLike[str], state: TrainState) -> None:
-        """:meth:`CABSTrainer.save`, by process 0 only."""
-        if jax.process_index() == 0:
-            super().save(path, state)
-
-    def restore(self, path: str | os.PathLike[str], like: TrainState, *, allow: Sequence[str] = ()) -> TrainState:
-        """:meth:`CABSTrainer.restore`, then replicated on this mesh."""
-        s = super().restore(path, like, allow=allow)
-        return s._replace(params=_replicate(s.params, self.mesh), opt_state=_replicate(s.opt_state, self.mesh))
+    def _place(self, tree: PyTree) -> PyTree:
+        return _replicate(tree, self.mesh)
 
 
 __all__ = ["DataParallelCABSTrainer", "data_mesh"]

@@ -1,10 +1,8 @@
 """CABS training in JAX: a small :class:`cabs_core.loop.Backend` behind :class:`CABSTrainer`.
 
-:class:`cabs_core.loop.CABSLoop` does the step (sampler, padding to buckets,
-micro-batches, controller, non-finite policy, checkpoint file); this module
-supplies what only JAX can: the statistics of a padded batch, compiled once per
-bucket, and the update, a separate compiled function applied only to steps the
-controller accepted. The model threaded through the loop is ``(params, opt_state)``.
+The loop does the step; the backend computes the statistics of a padded batch (compiled once per
+bucket) and the update (compiled apart, applied only to the steps the controller accepted), on the
+model ``(params, opt_state)``.
 """
 
 from __future__ import annotations
@@ -20,18 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cabs_core import (
-    BatchStats,
-    CABSController,
-    ConfigError,
-    ControllerState,
-    SamplerState,
-    StepInfo,
-    combine,
-    reduce_stats,
-)
+from cabs_core import BatchStats, CABSController, ConfigError, ControllerState, SamplerState, ScalarStats, StepInfo
 from cabs_core.exactness import VERIFY_EVERY
 from cabs_core.loop import CHECK_EVERY, CABSLoop, MicroBatch, RunState, check_arrays, check_learning_rate
+from cabs_core.stats import combine, reduce_stats
 
 from .dispatch import Method, batch_stats
 from .flax_fast import FlaxLoss
@@ -122,8 +112,8 @@ class _Backend:
     def all_reduce(self, stats: BatchStats) -> BatchStats:
         return stats
 
-    def scalars(self, stats: BatchStats) -> Any:
-        return _reduce(stats)  # still on the device: the controller makes the one host copy
+    def scalars(self, stats: BatchStats) -> ScalarStats:  # a local replica, still on the device:
+        return ScalarStats(*(v.addressable_data(0) for v in _reduce(stats)))  # the controller copies it
 
     def learning_rate(self, model: Any) -> float | None:
         return None if self.t.optimizer is None else float(_next_lr(*model, self.t.optimizer))
@@ -132,7 +122,11 @@ class _Backend:
         return _update(*model, stats, jnp.asarray(lr, stats.loss_sum.dtype), self.t.optimizer)
 
     def gather(self, words: np.ndarray) -> np.ndarray:
-        return np.asarray(words)[None]
+        if self.processes == 1:
+            return np.asarray(words)[None]
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(np.asarray(words))).reshape(self.processes, -1)
 
 
 class CABSTrainer:
@@ -149,17 +143,9 @@ class CABSTrainer:
     _backend, _check_every = _Backend, CHECK_EVERY  # the data-parallel trainer sets its own
 
     def __init__(
-        self,
-        loss_fn: LossFn,
-        controller: CABSController,
-        data: PyTree,
-        *,
-        optimizer: optax.GradientTransformation | None = None,
-        method: Method = "auto",
-        chunk_size: int | None = None,
-        buckets: Sequence[int] | None = None,
-        seed: int = 0,
-        max_micro_batch: int | None = None,
+        self, loss_fn: LossFn, controller: CABSController, data: PyTree, *,
+        optimizer: optax.GradientTransformation | None = None, method: Method = "auto", chunk_size: int | None = None,
+        buckets: Sequence[int] | None = None, seed: int = 0, max_micro_batch: int | None = None,
         verify_every: int | None = VERIFY_EVERY,
     ) -> None:
         self.stats = PerExampleStats(loss_fn, method=method, chunk_size=chunk_size)
@@ -168,12 +154,16 @@ class CABSTrainer:
         self.loop = CABSLoop(self.backend, controller, num_examples=batch_size_of(data), seed=seed, buckets=buckets,
                              max_micro_batch=max_micro_batch, verify_every=verify_every, check_every=self._check_every)
         self.buckets = self.loop.buckets
-        if optimizer is not None:
-            try:
-                probe = optimizer.init(jnp.zeros(1))
-            except Exception:  # a transformation tied to a parameter structure: checked in init
-                return
+        try:  # the rate is checked now on a stand-in parameter, else (a structured optimizer) in init
+            probe = None if optimizer is None else optimizer.init(jnp.zeros(1))
+        except Exception:
+            probe = None
+        if probe is not None:
             self._check_lr(jnp.zeros(1), probe)
+
+    def _place(self, tree: PyTree) -> PyTree:
+        """Where parameters and optimizer state live (the data-parallel trainer replicates them)."""
+        return tree
 
     def _check_lr(self, params: PyTree, opt_state: PyTree) -> None:
         if getattr(opt_state, "hyperparams", {}).get("learning_rate") is None:
@@ -187,7 +177,7 @@ class CABSTrainer:
         if self.optimizer is not None:
             self._check_lr(params, opt_state)
         run = self.loop.init()
-        return TrainState(params, opt_state, run.controller, run.sampler)  # type: ignore[arg-type]
+        return TrainState(self._place(params), self._place(opt_state), run.controller, run.sampler)  # type: ignore
 
     def step(self, state: TrainState) -> tuple[TrainState, StepInfo]:
         """One CABS step with ``state.controller.batch_size`` examples (:meth:`CABSLoop.step`)."""
@@ -196,7 +186,10 @@ class CABSTrainer:
         return TrainState(params, opt_state, run.controller, run.sampler), info  # type: ignore[arg-type]
 
     def save(self, path: str | os.PathLike[str], state: TrainState) -> None:
-        """One atomic ``.npz`` (:meth:`CABSLoop.save`): the envelope, then the leaves of (params, opt_state)."""
+        """One atomic ``.npz`` (:meth:`CABSLoop.save`): the envelope, then the leaves of (params, opt_state),
+        written by process 0 only."""
+        if jax.process_index() != 0:
+            return
         leaves = [np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a)
                   for a in jax.tree.leaves((state.params, state.opt_state))]
         self.loop.save(path, RunState(state.controller, state.sampler), leaves)
@@ -211,5 +204,5 @@ class CABSTrainer:
         template, treedef = jax.tree.flatten((like.params, like.opt_state))
         check_arrays(path, arrays, template)
         leaves = [jnp.asarray(a, jnp.result_type(t)) for a, t in zip(arrays, template)]
-        params, opt_state = jax.tree.unflatten(treedef, leaves)
+        params, opt_state = self._place(jax.tree.unflatten(treedef, leaves))
         return TrainState(params, opt_state, run.controller, run.sampler)  # type: ignore[arg-type]
