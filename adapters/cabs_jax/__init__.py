@@ -13,10 +13,10 @@ from __future__ import annotations
 from cabs_core import FastPathFallbackWarning, UnsupportedModelError
 from cabs_core.exactness import VERIFY_EVERY
 
-from .dispatch import Method, batch_stats
+from .dispatch import Method, PerExampleStats, batch_stats
 from .flax_fast import BatchNormTrainingError, FlaxLoss, UnsupportedLayerError, fast_stats, is_supported
 from .stats import generic_stats, grad_tree
-from .train import CABSTrainer, PerExampleStats, TrainState
+from .train import CABSTrainer, TrainState
 
 __all__ = [
     "BatchNormTrainingError",

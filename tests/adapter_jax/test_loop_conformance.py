@@ -13,10 +13,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from cabs_conformance.loop_reference import LinearBackend, problem
-from cabs_jax import CABSTrainer
+from cabs_jax import CABSTrainer, PerExampleStats
 
-from cabs_core import CABSController, bucket_for
+from cabs_core import CABSController, batch_stats_from_per_example, bucket_for
 from cabs_core.loop import CABSLoop
 
 CTL = dict(lr=0.05, c=40.0, bs_min=4, bs_max=64, mu=0.9)
@@ -102,3 +103,18 @@ def test_resume_after_k_steps_is_the_uninterrupted_run(tmp_path) -> None:
         sizes.append(info.batch_size)
     assert sizes == want_sizes[k:]
     np.testing.assert_array_equal(np.asarray(state.params), want_w)
+
+
+def test_per_example_stats_is_batch_stats_against_a_float64_loop() -> None:
+    (x, y), _ = problem(20)
+    w = np.linspace(-1.0, 1.0, x.shape[1])
+    mask = np.arange(20) % 3 != 0
+    stats = PerExampleStats(squared_error, chunk_size=4)(jnp.asarray(w), (x, y), jnp.asarray(mask))
+    r = x @ w - y
+    want = batch_stats_from_per_example(0.5 * r**2, [r[:, None] * x], mask.astype(np.float64))
+    assert float(stats.count) == float(want.count) == 13
+    np.testing.assert_allclose(float(stats.loss_sum), float(want.loss_sum), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(stats.grad_sum[0]), want.grad_sum[0], rtol=1e-12)
+    np.testing.assert_allclose(float(stats.sq_norm_sum), float(want.sq_norm_sum), rtol=1e-12)
+    with pytest.raises(ValueError, match="method must be"):
+        PerExampleStats(squared_error, method="exact")
