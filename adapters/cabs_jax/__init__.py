@@ -4,7 +4,7 @@ Exact per-step statistics of docs/spec.md section 4 under ``jax.jit`` (the gener
 ``vmap(grad)`` path for any ``loss(params, example)``, and a fast path for
 Flax linen models of Dense/Conv/Embed/LayerNorm layers), batches padded to a
 few bucket sizes with a 0/1 mask so that each bucket compiles once, and a
-drop-in training step driven by :class:`cabs_core.CABSController`.
+trainer built on :class:`cabs_core.loop.CABSLoop` (:class:`CABSTrainer`, :class:`DataParallelCABSTrainer`).
 See ``docs/jax.md``.
 """
 
@@ -13,26 +13,18 @@ from __future__ import annotations
 from cabs_core import FastPathFallbackWarning, UnsupportedModelError
 from cabs_core.exactness import VERIFY_EVERY
 
-from .dispatch import Method, batch_stats
+from .dispatch import Method, PerExampleStats, batch_stats
 from .flax_fast import BatchNormTrainingError, FlaxLoss, UnsupportedLayerError, fast_stats, is_supported
 from .stats import generic_stats, grad_tree
-from .train import (
-    BatchIterator,
-    CABSTrainer,
-    TrainState,
-    load_checkpoint,
-    pad_batch,
-    save_checkpoint,
-    take_batch,
-)
+from .train import CABSTrainer, TrainState
 
 __all__ = [
-    "BatchIterator",
     "BatchNormTrainingError",
     "CABSTrainer",
     "FastPathFallbackWarning",
     "FlaxLoss",
     "Method",
+    "PerExampleStats",
     "TrainState",
     "UnsupportedLayerError",
     "UnsupportedModelError",
@@ -42,22 +34,11 @@ __all__ = [
     "generic_stats",
     "grad_tree",
     "is_supported",
-    "load_checkpoint",
-    "pad_batch",
-    "save_checkpoint",
-    "take_batch",
 ]
 
-from .distributed import (  # noqa: E402  data parallelism (docs/distributed/jax.md)
-    DataParallelCABSTrainer,
-    allgather_digests,
-    data_mesh,
-    verify_sync,
-)
+from .distributed import DataParallelCABSTrainer, data_mesh  # noqa: E402  data parallelism (docs/distributed/jax.md)
 
 __all__ += [
     "DataParallelCABSTrainer",
-    "allgather_digests",
     "data_mesh",
-    "verify_sync",
 ]

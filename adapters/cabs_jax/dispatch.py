@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +58,23 @@ def batch_stats(
 
 _fast_jit = jax.jit(fast_stats_unchecked, static_argnums=0)
 _generic_jit = jax.jit(generic_stats, static_argnums=0, static_argnames="chunk_size")
+
+
+class PerExampleStats:
+    """``PerExampleStats(loss_fn)(params, batch, mask)``: :func:`cabs_jax.batch_stats` as an object."""
+
+    def __init__(self, loss_fn: LossFn, *, method: Method = "auto", chunk_size: int | None = None) -> None:
+        if method not in ("auto", "fast", "generic"):
+            raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
+        self.loss_fn, self.method, self.chunk_size = loss_fn, method, chunk_size
+
+    def __call__(self, params: PyTree, batch: PyTree, mask: jax.Array | None = None, *,
+                 method: Method | None = None) -> BatchStats:
+        """Exact statistics of the examples of ``batch`` with ``mask`` 1 (traceable)."""
+        return batch_stats(self.loss_fn, params, batch, mask, method=method or self.method, chunk_size=self.chunk_size)
+
+    def path(self, params: PyTree, batch: PyTree, mask: Any, *, reprobe: bool) -> Method:
+        """The path this batch takes, established on the host before compiling (:mod:`cabs_jax.verify`)."""
+        if self.method == "generic" or not isinstance(self.loss_fn, FlaxLoss):
+            return self.method
+        return resolve(self.loss_fn, params, batch, mask, self.method, reprobe=reprobe)  # type: ignore[return-value]

@@ -1,18 +1,16 @@
-"""A drop-in CABS training step for JAX: padded buckets, the core controller and sampler.
+"""CABS training in JAX: a small :class:`cabs_core.loop.Backend` behind :class:`CABSTrainer`.
 
-Each step (docs/spec.md section 2): draw the decided number of examples with the core
-sampler, pad them up to the smallest bucket >= that size (0/1 mask), run one
-compiled step (statistics, SGD update with the batch's *mean* gradient,
-reduction to four scalars), and let :class:`cabs_core.CABSController` decide
-the next batch size from those four scalars: the only device-to-host copy.
-A program is compiled once per bucket, not once per batch size.
+The loop does the step; the backend computes the statistics of a padded batch (compiled once per
+bucket) and the update (compiled apart, applied only to the steps the controller accepted), on the
+model ``(params, opt_state)``.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import zipfile
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -20,100 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cabs_core import (
-    BatchStats,
-    CABSController,
-    ControllerState,
-    SamplerState,
-    ScalarStats,
-    StepInfo,
-    bucket_for,
-    next_batch,
-    pad_indices,
-    reduce_stats,
-)
-from cabs_core.exactness import VERIFY_EVERY, verify_due
+from cabs_core import BatchStats, CABSController, ConfigError, ControllerState, SamplerState, ScalarStats, StepInfo
+from cabs_core.exactness import VERIFY_EVERY
+from cabs_core.loop import CHECK_EVERY, CABSLoop, MicroBatch, RunState, check_arrays, check_learning_rate
+from cabs_core.stats import combine, reduce_stats
 
-from .dispatch import Method, batch_stats
-from .flax_fast import FlaxLoss
+from .dispatch import Method, PerExampleStats
 from .stats import LossFn, PyTree, batch_size_of
-from .verify import resolve
-
-_CHECKPOINT_FORMAT = "cabs-jax-checkpoint/1"
-
-
-def pad_batch(batch: PyTree, size: int) -> tuple[PyTree, np.ndarray]:
-    """Pad a batch of m <= size examples to ``size`` with copies of example 0 and the 0/1 mask."""
-    m = batch_size_of(batch)
-    if m > size:
-        raise ValueError(f"cannot pad a batch of {m} examples down to {size}")
-    idx, mask = pad_indices(np.arange(m), size)
-    return _gather(batch, idx), mask
-
-
-def _gather(data: PyTree, idx: np.ndarray) -> PyTree:
-    """Rows ``idx`` of every array: on the device for jax arrays, on the host for numpy ones."""
-    def take(a: Any) -> Any:
-        if isinstance(a, jax.Array):
-            return jnp.take(a, jnp.asarray(idx), axis=0)
-        return np.asarray(a)[idx]
-
-    return jax.tree.map(take, data)
-
-
-def take_batch(
-    data: PyTree, sampler: SamplerState, batch_size: int, buckets: Sequence[int]
-) -> tuple[PyTree, np.ndarray, SamplerState]:
-    """The next ``batch_size`` examples of ``data`` in the core sampler's order, padded to a bucket.
-
-    Returns (batch, mask, new sampler state); the batch's leading axis is
-    ``bucket_for(batch_size, buckets)``.
-    """
-    n = batch_size_of(data)
-    if n != sampler.num_examples:
-        raise ValueError(f"data holds {n} examples but the sampler state expects {sampler.num_examples}")
-    idx, sampler = next_batch(sampler, batch_size)
-    padded, mask = pad_indices(idx, bucket_for(batch_size, buckets))
-    return _gather(data, padded), mask, sampler
-
-
-class BatchIterator:
-    """Batches of ``data`` (numpy or jax arrays) in the core sampler's order, padded to buckets.
-
-    The batch size may change at every call: ``batch, mask = it.next(batch_size)``.
-    ``it.state`` is the sampler state to checkpoint; pass it back as ``state`` to resume.
-    """
-
-    def __init__(
-        self, data: PyTree, buckets: Sequence[int], *, seed: int = 0, state: SamplerState | None = None
-    ) -> None:
-        self.data, self.buckets = data, tuple(buckets)
-        self.state = SamplerState(batch_size_of(data), seed) if state is None else state
-
-    def next(self, batch_size: int) -> tuple[PyTree, np.ndarray]:
-        batch, mask, self.state = take_batch(self.data, self.state, batch_size, self.buckets)
-        return batch, mask
-
-    @property
-    def epoch(self) -> float:
-        return self.state.epoch
-
-
-def apply_mean_gradient(
-    params: PyTree, opt_state: PyTree, stats: BatchStats, lr: float, optimizer: optax.GradientTransformation | None
-) -> tuple[PyTree, PyTree]:
-    """theta <- theta - lr * grad_sum / count (the paper's update), or ``optimizer``
-    applied to that mean gradient; traceable."""
-    inv_m = 1 / jnp.maximum(stats.count, 1)
-    mean_grad = jax.tree.unflatten(jax.tree.structure(params), [g * inv_m for g in stats.grad_sum])
-    if optimizer is None:
-        return jax.tree.map(lambda p, g: p - jnp.asarray(lr, p.dtype) * g.astype(p.dtype), params, mean_grad), opt_state
-    updates, opt_state = optimizer.update(mean_grad, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
 
 
 class TrainState(NamedTuple):
-    """Everything a resumed run needs: parameters, optimizer, controller and sampler states."""
+    """Everything a resumed run needs: parameters, optimizer state and the loop's
+    :class:`cabs_core.loop.RunState`, as its two parts (controller, sampler)."""
 
     params: PyTree
     opt_state: PyTree
@@ -121,111 +37,150 @@ class TrainState(NamedTuple):
     sampler: SamplerState
 
 
-class CABSTrainer:
-    """SGD with CABS batch sizes on ``data`` (a pytree of arrays, leading axis = examples).
+@partial(jax.jit, static_argnames="optimizer")
+def _next_lr(params: PyTree, opt_state: PyTree, optimizer: optax.GradientTransformation) -> jax.Array:
+    """The learning rate the next ``optimizer.update`` uses: the ``hyperparams`` an update would
+    record (schedules evaluated at the current count); the update itself is dead code under jit."""
+    return optimizer.update(jax.tree.map(jnp.zeros_like, params), opt_state, params)[1].hyperparams["learning_rate"]
 
-    loss: ``loss(params, example) -> scalar`` or a :class:`cabs_jax.FlaxLoss`.
-    controller: the core :class:`~cabs_core.CABSController` (its ``lr`` is the
-    SGD learning rate). optimizer: None for plain SGD, theta <- theta - lr *
-    g_bar (the paper's update), or any optax transformation applied to the
-    mean gradient g_bar. buckets: padded sizes to compile for (default: the
-    controller's buckets, else :func:`cabs_core.geometric_buckets`). ``traces`` counts
-    compilations of the step. verify_every: with the fast path (a ``FlaxLoss``,
-    method ``"auto"`` or ``"fast"``), the probe that establishes its per-example
-    decomposition (:mod:`cabs_jax.verify`) runs on the first step of each input
-    signature and again every ``verify_every`` steps (None or 0: first step only), on
-    the host side, as its own compiled computation on the batch's first real examples.
+
+@partial(jax.jit, static_argnames="optimizer")
+def _update(params: PyTree, opt_state: PyTree, stats: BatchStats, lr: jax.Array,
+            optimizer: optax.GradientTransformation | None) -> tuple[PyTree, PyTree]:
+    """theta <- theta - lr g_bar, or ``optimizer`` fed g_bar = grad_sum / count."""
+    inv_m = 1 / jnp.maximum(stats.count, 1)
+    g = jax.tree.unflatten(jax.tree.structure(params), [g * inv_m for g in stats.grad_sum])
+    if optimizer is None:
+        return jax.tree.map(lambda p, gi: p - (lr * gi).astype(p.dtype), params, g), opt_state
+    updates, opt_state = optimizer.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+_reduce = jax.jit(reduce_stats)  # compiled functions shared by every trainer
+
+
+class _Backend:
+    """The single-device :class:`cabs_core.loop.Backend`: padded batches, one program per bucket."""
+
+    shards, processes, process_index, pads = 1, 1, 0, True
+
+    def __init__(self, trainer: CABSTrainer) -> None:
+        self.t = trainer
+        self.stats_fn = jax.jit(self._stats, static_argnames="path")
+
+    def _stats(self, params: PyTree, batch: PyTree, mask: jax.Array, path: Method) -> BatchStats:
+        self.t.traces += 1
+        return self.t.stats(params, batch, mask, method=path)
+
+    def take(self, source: PyTree, rows: np.ndarray) -> PyTree:
+        def one(a: Any) -> Any:
+            return jnp.take(a, jnp.asarray(rows), axis=0) if isinstance(a, jax.Array) else np.asarray(a)[rows]
+        return jax.tree.map(one, source)
+
+    def num_examples(self, source: PyTree) -> int:
+        return batch_size_of(source)
+
+    def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
+        path = self.t.stats.path(model[0], batch, micro.mask, reprobe=verify)
+        return self.stats_fn(model[0], batch, micro.mask, path=path)
+
+    def combine(self, a: BatchStats, b: BatchStats) -> BatchStats:
+        return combine(a, b)
+
+    def all_reduce(self, stats: BatchStats) -> BatchStats:
+        return stats
+
+    def scalars(self, stats: BatchStats) -> ScalarStats:  # a local replica, still on the device:
+        return ScalarStats(*(v.addressable_data(0) for v in _reduce(stats)))  # the controller copies it
+
+    def learning_rate(self, model: Any) -> float | None:
+        return None if self.t.optimizer is None else float(_next_lr(*model, self.t.optimizer))
+
+    def apply(self, model: Any, stats: BatchStats, lr: float) -> Any:
+        return _update(*model, stats, jnp.asarray(lr, stats.loss_sum.dtype), self.t.optimizer)
+
+    def gather(self, words: np.ndarray) -> np.ndarray:
+        if self.processes == 1:
+            return np.asarray(words)[None]
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(np.asarray(words))).reshape(self.processes, -1)
+
+
+class CABSTrainer:
+    """SGD (or an optax optimizer) with CABS batch sizes on ``data`` (a pytree, leading axis = examples).
+
+    loss_fn: ``loss_fn(params, example) -> scalar`` or a :class:`cabs_jax.FlaxLoss`; method,
+    chunk_size: as :class:`PerExampleStats`. optimizer: None for theta <- theta - lr g_bar at
+    ``controller.lr``, or an optax transformation fed g_bar built with
+    ``optax.inject_hyperparams(...)(learning_rate=...)``, whose rate (after its schedule) is the one
+    the controller couples to; it must start at ``controller.lr``. buckets, seed, max_micro_batch,
+    verify_every: as :class:`cabs_core.loop.CABSLoop`. ``traces`` counts compilations of the statistics.
     """
 
+    _backend, _check_every = _Backend, CHECK_EVERY  # the data-parallel trainer sets its own
+
     def __init__(
-        self,
-        loss: LossFn,
-        controller: CABSController,
-        data: PyTree,
-        *,
-        optimizer: optax.GradientTransformation | None = None,
-        method: Method = "auto",
-        chunk_size: int | None = None,
-        buckets: Sequence[int] | None = None,
-        seed: int = 0,
+        self, loss_fn: LossFn, controller: CABSController, data: PyTree, *,
+        optimizer: optax.GradientTransformation | None = None, method: Method = "auto", chunk_size: int | None = None,
+        buckets: Sequence[int] | None = None, seed: int = 0, max_micro_batch: int | None = None,
         verify_every: int | None = VERIFY_EVERY,
     ) -> None:
-        if not isinstance(controller, CABSController):
-            raise ValueError(f"controller must be a cabs_core.CABSController, got {type(controller).__name__}")
-        if method not in ("auto", "fast", "generic"):
-            raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
-        verify_due(0, verify_every)  # validates it
-        buckets = controller.padding_buckets(buckets)
-        self.loss, self.controller, self.data = loss, controller, data
-        self.num_examples = batch_size_of(data)
-        self.optimizer, self.method, self.chunk_size = optimizer, method, chunk_size
-        self.buckets, self.seed, self.verify_every = buckets, seed, verify_every
-        self.traces = 0
-        self._step = jax.jit(self._device_step, static_argnames=("path",))
+        self.stats = PerExampleStats(loss_fn, method=method, chunk_size=chunk_size)
+        self.controller, self.data, self.optimizer, self.traces = controller, data, optimizer, 0
+        self.backend = self._backend(self)
+        self.loop = CABSLoop(self.backend, controller, num_examples=batch_size_of(data), seed=seed, buckets=buckets,
+                             max_micro_batch=max_micro_batch, verify_every=verify_every, check_every=self._check_every)
+        self.buckets = self.loop.buckets
+        try:  # the rate is checked now on a stand-in parameter, else (a structured optimizer) in init
+            probe = None if optimizer is None else optimizer.init(jnp.zeros(1))
+        except Exception:
+            probe = None
+        if probe is not None:
+            self._check_lr(jnp.zeros(1), probe)
+
+    def _place(self, tree: PyTree) -> PyTree:
+        """Where parameters and optimizer state live (the data-parallel trainer replicates them)."""
+        return tree
+
+    def _check_lr(self, params: PyTree, opt_state: PyTree) -> None:
+        if getattr(opt_state, "hyperparams", {}).get("learning_rate") is None:
+            raise ConfigError("optimizer", "the optimizer's learning rate must be readable: build it as "
+                              "optax.inject_hyperparams(optax.sgd)(learning_rate=...) (or adam, ...)")
+        check_learning_rate(self.controller, float(_next_lr(params, opt_state, self.optimizer)))
 
     def init(self, params: PyTree) -> TrainState:
         """The state before the first step."""
         opt_state = () if self.optimizer is None else self.optimizer.init(params)
-        return TrainState(params, opt_state, self.controller.init(), SamplerState(self.num_examples, self.seed))
-
-    def _device_step(
-        self, params: PyTree, opt_state: PyTree, batch: PyTree, mask: jax.Array, path: Method
-    ) -> tuple[PyTree, PyTree, ScalarStats]:
-        """Statistics, the update with the mean gradient, four scalars; traced once per bucket (and path)."""
-        self.traces += 1
-        stats = batch_stats(self.loss, params, batch, mask, method=path, chunk_size=self.chunk_size)
-        params, opt_state = apply_mean_gradient(params, opt_state, stats, self.controller.lr, self.optimizer)
-        return params, opt_state, reduce_stats(stats)
+        if self.optimizer is not None:
+            self._check_lr(params, opt_state)
+        run = self.loop.init()
+        return TrainState(self._place(params), self._place(opt_state), run.controller, run.sampler)  # type: ignore
 
     def step(self, state: TrainState) -> tuple[TrainState, StepInfo]:
-        """One CABS step with ``state.controller.batch_size`` examples.
+        """One CABS step with ``state.controller.batch_size`` examples (:meth:`CABSLoop.step`)."""
+        run, (params, opt_state), info = self.loop.step(
+            RunState(state.controller, state.sampler), (state.params, state.opt_state), self.data)
+        return TrainState(params, opt_state, run.controller, run.sampler), info  # type: ignore[arg-type]
 
-        A step the controller skips for non-finite statistics (policy
-        ``nonfinite="skip"``) leaves parameters and optimizer state unchanged.
-        """
-        batch, mask, sampler = take_batch(self.data, state.sampler, state.controller.batch_size, self.buckets)
-        path: Method = self.method
-        if path != "generic" and isinstance(self.loss, FlaxLoss):  # probe on the host, outside the compiled step
-            due = verify_due(state.controller.step, self.verify_every)
-            path = resolve(self.loss, state.params, batch, mask, self.method, reprobe=due)  # type: ignore[assignment]
-        params, opt_state, scalars = self._step(state.params, state.opt_state, batch, mask, path=path)
-        cstate, info = self.controller.update(state.controller, scalars)  # the one host copy
-        if info.skipped and info.reason == "nonfinite":
-            params, opt_state = state.params, state.opt_state
-        return TrainState(params, opt_state, cstate, sampler), info
+    def save(self, path: str | os.PathLike[str], state: TrainState) -> None:
+        """One atomic ``.npz`` (:meth:`CABSLoop.save`): the envelope, then the leaves of (params, opt_state),
+        written by process 0 only."""
+        if jax.process_index() != 0:
+            return
+        leaves = [np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a)
+                  for a in jax.tree.leaves((state.params, state.opt_state))]
+        self.loop.save(path, RunState(state.controller, state.sampler), leaves)
 
-
-def save_checkpoint(path: str | os.PathLike, state: TrainState) -> None:
-    """Write parameters, optimizer state, controller and sampler states to one ``.npz`` file."""
-    leaves = jax.tree.leaves((state.params, state.opt_state))
-    meta = {
-        "format": _CHECKPOINT_FORMAT,
-        "leaves": len(leaves),
-        "controller": state.controller.to_dict(),
-        "sampler": state.sampler.to_dict(),
-    }
-    arrays: dict[str, Any] = {f"leaf_{k}": np.asarray(x) for k, x in enumerate(leaves)}
-    arrays["meta"] = np.asarray(json.dumps(meta))
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def load_checkpoint(path: str | os.PathLike, like: TrainState) -> TrainState:
-    """Read a checkpoint; ``like`` (e.g. ``trainer.init(params)``) gives the pytree structure."""
-    template, treedef = jax.tree.flatten((like.params, like.opt_state))
-    with np.load(path, allow_pickle=False) as f:
-        meta = json.loads(str(f["meta"]))
-        if meta.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a cabs_jax checkpoint (format {meta.get('format')!r})")
-        if meta["leaves"] != len(template):
-            raise ValueError(f"{path}: checkpoint holds {meta['leaves']} arrays, the template {len(template)}")
-        leaves = []
-        for k, t in enumerate(template):
-            a = f[f"leaf_{k}"]
-            if a.shape != jnp.shape(t):
-                raise ValueError(f"{path}: array {k} has shape {a.shape}, the template {jnp.shape(t)}")
-            leaves.append(jnp.asarray(a, dtype=jnp.result_type(t)))
-    params, opt_state = jax.tree.unflatten(treedef, leaves)
-    return TrainState(
-        params, opt_state, ControllerState.from_dict(meta["controller"]), SamplerState.from_dict(meta["sampler"])
-    )
+    def restore(self, path: str | os.PathLike[str], like: TrainState, *, allow: Sequence[str] = ()) -> TrainState:
+        """The state saved in ``path``; ``like`` (e.g. ``trainer.init(params)``) gives structure and dtypes.
+        A changed configuration raises :class:`cabs_core.CheckpointMismatchError` unless its keys are in ``allow``."""
+        try:
+            run, arrays, _ = self.loop.load(path, allow=allow)
+        except zipfile.BadZipFile as e:  # a torn file; CABSLoop.load lets this one through
+            raise ValueError(f"{os.fspath(path)}: not a CABS checkpoint file ({e})") from e
+        template, treedef = jax.tree.flatten((like.params, like.opt_state))
+        check_arrays(path, arrays, template)
+        leaves = [jnp.asarray(a, jnp.result_type(t)) for a, t in zip(arrays, template)]
+        params, opt_state = self._place(jax.tree.unflatten(treedef, leaves))
+        return TrainState(params, opt_state, run.controller, run.sampler)  # type: ignore[arg-type]

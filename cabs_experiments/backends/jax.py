@@ -1,5 +1,5 @@
 """JAX trainer: the models of :mod:`.models` in Flax linen, plain SGD under
-``jax.jit``, and CABS's per-example statistics through :func:`cabs_jax.batch_stats`.
+``jax.jit`` for the baselines, and CABS runs through :class:`cabs_jax.CABSTrainer`.
 
 Batches are gathered on the device from padded index vectors with a 0/1 mask,
 padded to a few sizes (:func:`cabs_core.geometric_buckets` with ratio 1.5),
@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cabs_jax import FlaxLoss, batch_stats, grad_tree
+from cabs_jax import CABSTrainer, FlaxLoss
 
-from cabs_core import ScalarStats, bucket_for, geometric_buckets, pad_indices, reduce_stats
+from cabs_core import CABSController, StepInfo, bucket_for, geometric_buckets, pad_indices
 
 from ..data import Dataset
 from .models import Conv, Layer, architecture
@@ -61,7 +61,6 @@ class JaxTrainer:
         self.y = {"train": jnp.asarray(dataset.y_train, jnp.int32), "test": jnp.asarray(dataset.y_test, jnp.int32)}
         self.sizes = geometric_buckets(1, max(len(dataset.y_train), 2048), ratio=1.5)
         self._sgd = jax.jit(self._sgd_step)
-        self._cabs = jax.jit(self._cabs_step)
         self._eval = jax.jit(self._eval_chunk)
         self.reset(0)
 
@@ -83,22 +82,14 @@ class JaxTrainer:
         loss, g = jax.value_and_grad(mean_loss)(params)
         return jax.tree.map(lambda p, gi: p - lr * gi, params, g), loss
 
-    def _cabs_step(self, params: Any, x: jax.Array, y: jax.Array, idx: jax.Array, mask: jax.Array,
-                   lr: jax.Array) -> tuple[Any, ScalarStats]:
-        stats = batch_stats(self.floss, params, (x[idx], y[idx]), mask)
-        scale = lr / jnp.maximum(stats.count, 1)
-        new = jax.tree.map(lambda p, g: p - (scale * g).astype(p.dtype), params, grad_tree(stats, params))
-        return new, reduce_stats(stats)
-
     def sgd_step(self, indices: np.ndarray, lr: float) -> float:
         idx, mask = self._padded(indices)
         self.params, loss = self._sgd(self.params, self.x["train"], self.y["train"], idx, mask, jnp.float32(lr))
         return float(loss)
 
-    def cabs_step(self, indices: np.ndarray, lr: float) -> ScalarStats:
-        idx, mask = self._padded(indices)
-        self.params, stats = self._cabs(self.params, self.x["train"], self.y["train"], idx, mask, jnp.float32(lr))
-        return stats
+    def cabs_run(self, controller: CABSController, seed: int) -> CABSRun:
+        """A CABS run on the train split (sampler ``seed``) training this trainer's parameters."""
+        return CABSRun(self, controller, seed)
 
     def _eval_chunk(self, params: Any, x: jax.Array, y: jax.Array, idx: jax.Array,
                     mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -120,6 +111,32 @@ class JaxTrainer:
             loss_sum += float(ls)
             correct += float(c)
         return loss_sum / len(idx_all), correct / len(idx_all)
+
+
+class CABSRun:
+    """CABS steps of :class:`cabs_jax.CABSTrainer` (plain SGD at ``controller.lr``) on the
+    owner's train split; after each step the owner's parameters are the trained ones."""
+
+    def __init__(self, owner: JaxTrainer, controller: CABSController, seed: int) -> None:
+        self.owner = owner
+        self.trainer = CABSTrainer(owner.floss, controller, (owner.x["train"], owner.y["train"]), seed=seed)
+        self.state = self.trainer.init(owner.params)
+
+    @property
+    def batch_size(self) -> int:
+        """The decided size of the next step."""
+        return self.state.controller.batch_size
+
+    @property
+    def examples_seen(self) -> int:
+        """Examples drawn so far (the sampler's count)."""
+        return self.state.sampler.examples_seen
+
+    def step(self) -> StepInfo:
+        """One CABS step; raises :class:`cabs_core.NonFiniteStatisticsError` under the default policy."""
+        self.state, info = self.trainer.step(self.state)
+        self.owner.params = self.state.params
+        return info
 
 
 def make_trainer(dataset: Dataset, model: str, threads: int | None = None) -> JaxTrainer:

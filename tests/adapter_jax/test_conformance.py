@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cabs_core import BatchStats, CABSController, NonFiniteStatisticsError, SamplerState, shard
+from cabs_core import BatchStats, CABSController, NonFiniteStatisticsError, SamplerState, next_batch, shard
+from cabs_core.loop import plan_batch
 
 VECTORS = sorted(p for p in files("cabs_conformance").joinpath("vectors").iterdir() if p.name.endswith(".json"))
 
@@ -47,9 +48,12 @@ def test_conformance_vector(path) -> None:
     if v["kind"] == "sampler":
         data = jnp.arange(v["num_examples"])  # gathering jax rows must give the indices themselves
         state = SamplerState(v["num_examples"], v["seed"])
+        backend = cabs_jax.CABSTrainer(lambda p, e: p * e, CABSController(lr=0.1), data).backend
         for b, exp in zip(v["batch_sizes"], v["expect"]):
-            batch, mask, state = cabs_jax.take_batch(data, state, b, (b,))
-            assert np.asarray(batch).tolist() == exp["indices"] and bool(np.all(mask))
+            idx, state = next_batch(state, b)
+            (micro,) = plan_batch(idx)  # the trainer's loop plans, its backend gathers
+            batch = backend.take(data, micro.rows)
+            assert np.asarray(batch).tolist() == exp["indices"] and bool(np.all(micro.mask))
             got = [shard(np.asarray(batch), v["world_size"], r).tolist() for r in range(v["world_size"])]
             assert got == exp["shards"] and state.examples_seen == exp["examples_seen"]
         return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import cabs_jax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,40 +23,24 @@ def random_data(n: int = 200, seed: int = 0):
     return x, y
 
 
-def test_padding_and_taking_batches() -> None:
-    batch, mask = cabs_jax.pad_batch((np.arange(3.0), np.array([5, 6, 7])), 5)
-    np.testing.assert_array_equal(batch[0], [0, 1, 2, 0, 0])
-    np.testing.assert_array_equal(mask, [1, 1, 1, 0, 0])
-    x, y = random_data(10)
-    batch, mask, state = cabs_jax.take_batch((x, jnp.asarray(y)), SamplerState(10, seed=3), 6, (4, 8))
-    idx, _ = next_batch(SamplerState(10, seed=3), 6)
-    assert mask.tolist() == [True] * 6 + [False] * 2 and state.examples_seen == 6
-    np.testing.assert_array_equal(batch[0][:6], x[idx])
-    np.testing.assert_array_equal(np.asarray(batch[1][:6]), y[idx])  # jax arrays are gathered on the device
-    with pytest.raises(ValueError, match="expects 11"):
-        cabs_jax.take_batch((x, y), SamplerState(11), 6, (8,))
-
-
-def test_batch_iterator_follows_the_sampler_and_resumes() -> None:
+def test_batches_follow_the_core_sampler_padded_to_a_bucket() -> None:
+    """The loop plans (sampler, bucket, mask); the backend gathers rows of numpy and jax arrays alike."""
     x, y = random_data(30)
-    sizes = [7, 12, 3, 20, 9]
-    it = cabs_jax.BatchIterator((jnp.asarray(x), y), (4, 8, 16, 32), seed=2)
-    sampler, saved, later = SamplerState(30, seed=2), None, []
-    for k, b in enumerate(sizes):
-        if k == 2:
-            saved = it.state
-        batch, mask = it.next(b)
-        if k >= 2:
-            later.append(batch[1])
+    trainer = CABSTrainer(lambda p, e: jnp.sum(p * e[0]), CABSController(0.1, 4, 32), (x, jnp.asarray(y)),
+                          buckets=(4, 8, 16, 32), seed=2)
+    state, sampler = trainer.init(jnp.zeros(4)), SamplerState(30, seed=2)
+    run = cabs_core.loop.RunState(state.controller, state.sampler)
+    for b in (7, 12, 3, 20):
+        run = run._replace(controller=dataclasses.replace(run.controller, batch_size=b))
+        (micro,), new_sampler = trainer.loop.plan(run)
         idx, sampler = next_batch(sampler, b)
-        assert batch[0].shape[0] == bucket_for(b, (4, 8, 16, 32)) and int(mask.sum()) == b
-        np.testing.assert_array_equal(np.asarray(batch[0])[:b], x[idx])
-        np.testing.assert_array_equal(batch[1][:b], y[idx])
-    assert it.state == sampler and it.epoch == sum(sizes) / 30
-    resumed = cabs_jax.BatchIterator((jnp.asarray(x), y), (4, 8, 16, 32), state=saved)
-    for b, want in zip(sizes[2:], later):
-        np.testing.assert_array_equal(resumed.next(b)[0][1], want)
-    assert resumed.state == it.state
+        bx, by = trainer.backend.take(trainer.data, micro.rows)
+        assert len(micro.rows) == bucket_for(b, (4, 8, 16, 32)) and micro.mask.tolist()[:b] == [True] * b
+        assert micro.count == b and isinstance(by, jax.Array)  # jax arrays are gathered on the device
+        np.testing.assert_array_equal(bx[:b], x[idx])
+        np.testing.assert_array_equal(np.asarray(by)[:b], y[idx])
+        run = run._replace(sampler=new_sampler)
+    assert run.sampler == sampler
 
 
 def test_one_compilation_per_bucket() -> None:
@@ -110,8 +93,9 @@ def test_optax_optimizer_gets_the_mean_gradient() -> None:
     floss = FlaxLoss(MLP(), cross_entropy)
     controller = CABSController(lr=0.1, bs_min=8, bs_max=32)
     params = init_f64(MLP(), x[:1])
-    opt = optax.adam(1e-2)
-    trainer = CABSTrainer(floss, controller, (x, y), optimizer=opt, method="generic", chunk_size=3)
+    opt = optax.adam(0.1)
+    trainer = CABSTrainer(floss, controller, (x, y), optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=0.1),
+                          method="generic", chunk_size=3)
     state, _ = trainer.step(trainer.init(params))
     idx, _ = next_batch(SamplerState(64), 8)
     batch = (jnp.asarray(x[idx]), jnp.asarray(y[idx]))
@@ -146,21 +130,24 @@ def test_checkpoint_resume_makes_the_same_decisions(tmp_path) -> None:
     floss = FlaxLoss(MLP(), cross_entropy)
     controller = CABSController(lr=0.2, bs_min=3, bs_max=60, c=20.0)
 
-    def trainer() -> CABSTrainer:
-        return CABSTrainer(floss, controller, (x, y), optimizer=optax.sgd(0.2, momentum=0.9), seed=11)
+    momentum = optax.inject_hyperparams(optax.sgd)(learning_rate=0.2, momentum=0.9)
+
+    def trainer(controller: CABSController = controller, seed: int = 11) -> CABSTrainer:
+        return CABSTrainer(floss, controller, (x, y), optimizer=momentum, seed=seed)
 
     t1 = trainer()
     state = t1.init(init_f64(MLP(), x[:1]))
     sizes = []
     for k in range(8):
         if k == 4:
-            cabs_jax.save_checkpoint(tmp_path / "ckpt.npz", state)
+            t1.save(tmp_path / "ckpt.npz", state)
             saved = state
         state, info = t1.step(state)
         sizes.append(info.batch_size)
     assert len(set(sizes)) > 1
     t2 = trainer()
-    resumed = cabs_jax.load_checkpoint(tmp_path / "ckpt.npz", like=t2.init(init_f64(MLP(), x[:1], seed=9)))
+    like = t2.init(init_f64(MLP(), x[:1], seed=9))
+    resumed = t2.restore(tmp_path / "ckpt.npz", like)
     assert resumed.controller == saved.controller and resumed.sampler == saved.sampler
     for k in range(4, 8):
         resumed, info = t2.step(resumed)
@@ -170,7 +157,42 @@ def test_checkpoint_resume_makes_the_same_decisions(tmp_path) -> None:
     for a, b in zip(resumed_arrays, jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="shape"):
-        cabs_jax.load_checkpoint(tmp_path / "ckpt.npz", like=t2.init(init_f64(MLP(hidden=(6, 5)), x[:1])))
+        t2.restore(tmp_path / "ckpt.npz", t2.init(init_f64(MLP(hidden=(6, 5)), x[:1])))
+    with np.load(tmp_path / "ckpt.npz") as f:
+        assert '"cabs-checkpoint/1"' in str(f["envelope"])
+
+
+@pytest.mark.parametrize(("key", "changed"), [("lr", {"lr": 0.3}), ("bs_max", {"bs_max": 50}), ("seed", {})])
+def test_checkpoint_of_another_configuration_is_refused_unless_allowed(tmp_path, key: str, changed: dict) -> None:
+    x, y = random_data(40)
+
+    def loss(w, example):  # a linear model: cheap to compile
+        return 0.5 * (example[0] @ w - example[1]) ** 2
+
+    t = CABSTrainer(loss, CABSController(lr=0.2, bs_min=3, bs_max=40), (x, y), seed=1)
+    state, _ = t.step(t.init(jnp.zeros(4)))
+    t.save(tmp_path / "c.npz", state)
+    other = CABSTrainer(loss, CABSController(**{"lr": 0.2, "bs_min": 3, "bs_max": 40, **changed}), (x, y),
+                        seed=2 if key == "seed" else 1)
+    with pytest.raises(cabs_core.CheckpointMismatchError, match=f"{key}: checkpoint") as e:
+        other.restore(tmp_path / "c.npz", other.init(jnp.zeros(4)))
+    assert len(e.value.differences) == 1
+    resumed = other.restore(tmp_path / "c.npz", other.init(jnp.zeros(4)), allow=[key])
+    assert resumed.controller.step == 1 and resumed.sampler.examples_seen == 3
+    np.testing.assert_array_equal(resumed.params, state.params)
+
+
+def test_torn_or_garbage_checkpoint_files_are_refused(tmp_path) -> None:
+    x, y = random_data(40)
+    t = CABSTrainer(lambda w, e: jnp.sum(w * e[0]), CABSController(lr=0.2, bs_min=3, bs_max=40), (x, y))
+    state = t.init(jnp.zeros(4))
+    t.save(tmp_path / "c.npz", state)
+    whole = (tmp_path / "c.npz").read_bytes()
+    (tmp_path / "torn.npz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "junk.npz").write_bytes(b"not a checkpoint at all")
+    for name in ("torn.npz", "junk.npz"):
+        with pytest.raises(ValueError, match=f"{name}: not a CABS checkpoint file"):
+            t.restore(tmp_path / name, state)
 
 
 def test_nonfinite_statistics_raise_or_skip_without_touching_params() -> None:
@@ -196,8 +218,12 @@ def test_trainer_configuration_errors() -> None:
         CABSTrainer(floss, CABSController(0.1, 4, 64), (x, y), buckets=(4, 8, 32))
     with pytest.raises(ValueError, match="method"):
         CABSTrainer(floss, CABSController(0.1, 4, 64), (x, y), method="exact")
-    with pytest.raises(ValueError, match="CABSController"):
+    with pytest.raises(TypeError, match="CABSController"):
         CABSTrainer(floss, {"lr": 0.1}, (x, y))
+    with pytest.raises(cabs_core.ConfigError, match="inject_hyperparams"):
+        CABSTrainer(floss, CABSController(0.1, 4, 64), (x, y), optimizer=optax.sgd(0.1))
+    with pytest.raises(cabs_core.ConfigError, match="differs from controller.lr"):
+        CABSTrainer(floss, CABSController(0.1, 4, 64), (x, y), optimizer=optax.inject_hyperparams(optax.sgd)(0.3))
 
 
 def test_training_on_digits_lowers_the_loss() -> None:

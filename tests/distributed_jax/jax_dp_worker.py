@@ -2,8 +2,9 @@
 
 Usage: python jax_dp_worker.py OUT.json TMPDIR. Trains a tiny float64 MLP with
 cabs_jax.CABSTrainer (one device) and cabs_jax.DataParallelCABSTrainer (4 and 2
-devices) on the same global batches, checkpoints and resumes, injects a desync,
-and writes every decision, parameter and error message to OUT.json for the tests.
+devices) on the same global batches, checkpoints and resumes, compares with the
+core's NumPy reference loop on its linear problem, and writes every decision and
+parameter to OUT.json for the tests.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from cabs_conformance.loop_reference import LinearBackend, problem  # noqa: E402
 
-import cabs_core  # noqa: E402
 from cabs_core import CABSController  # noqa: E402
+from cabs_core.loop import CABSLoop  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -82,7 +84,7 @@ def main(out_path: str, tmp: str) -> None:
 
     # 2. generic path (vmap of grad under lax.scan), optax momentum, multiple_of=4 (even shards).
     ctrl_m = CABSController(lr=0.5, bs_min=4, bs_max=40, mu=0.5, bs_init=8, multiple_of=4, c=6.0)
-    opt = optax.sgd(0.5, momentum=0.9)
+    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5, momentum=0.9)
     g1 = cabs_jax.CABSTrainer(loss, ctrl_m, data, optimizer=opt, method="generic", chunk_size=3, seed=1)
     r1, gdec1, _ = run(g1, g1.init(params), 6)
     g4 = cabs_jax.DataParallelCABSTrainer(loss, ctrl_m, data, optimizer=opt, method="generic", chunk_size=3, seed=1,
@@ -114,38 +116,26 @@ def main(out_path: str, tmp: str) -> None:
         resumed[name] = {"decisions": dec, "params": flat(st.params), "digest": st.controller.digest(),
                          "seen": st.sampler.examples_seen, "world_size": t.world_size}
     one = cabs_jax.CABSTrainer(loss, ctrl, data, seed=3)
-    st = cabs_jax.load_checkpoint(path, one.init(params))
+    st = one.restore(path, one.init(params))
     st, dec, _ = run(one, st, steps - 4)
     resumed["single"] = {"decisions": dec, "params": flat(st.params), "digest": st.controller.digest(),
                          "seen": st.sampler.examples_seen}
     out["resume"] = resumed
 
-    # 4. desync: an injected gather reports a different digest for process 2 at the check every 3 steps.
-    seen_digests: list[int] = []
-
-    def bad_gather(d: int) -> list[int]:
-        seen_digests.append(d)
-        return [d, d, d ^ 1, d]
-
-    t = cabs_jax.DataParallelCABSTrainer(loss, ctrl, data, seed=3, mesh=cabs_jax.data_mesh(devs[:4]),
-                                         check_every=3, gather=bad_gather)
-    st = t.init(params)
-    desync: dict = {"error": None}
-    for k in range(1, 7):
-        try:
-            st, _ = t.step(st)
-        except cabs_core.DesyncError as e:
-            odd = [n for n, d in zip(e.names, e.digests) if d != e.digests[0]]
-            desync = {"error": str(e), "at_call": k, "step": e.step, "processes": odd,
-                      "gathered": len(seen_digests)}
-            break
-    good = cabs_jax.DataParallelCABSTrainer(loss, ctrl, data, seed=3, mesh=cabs_jax.data_mesh(devs[:4]),
-                                            check_every=1, gather=cabs_jax.allgather_digests)
-    st = good.init(params)
-    for _ in range(3):
-        st, _ = good.step(st)  # real single-process gather: one digest, in sync
-    desync["allgather_single_process"] = cabs_jax.allgather_digests(st.controller.digest()) == [st.controller.digest()]
-    out["desync"] = desync
+    # 4. the linear problem of the core's NumPy reference loop: 4 devices, whole and in micro-batches of 3 per device.
+    (lx, ly), w0 = problem()
+    lctl = CABSController(lr=0.05, c=40.0, bs_min=4, bs_max=64, mu=0.9)
+    loop = CABSLoop(LinearBackend(), lctl, num_examples=len(ly))
+    run_, model, ref = loop.init(), (w0, np.zeros_like(w0)), []
+    for _ in range(15):
+        run_, model, info = loop.step(run_, model, (lx, ly))
+        ref.append(info.batch_size)
+    out["linear"] = {"reference": {"decisions": ref, "params": model[0].tolist()}}
+    for name, micro in (("dp4", None), ("dp4_micro3", 3)):
+        t = cabs_jax.DataParallelCABSTrainer(lambda w, e: 0.5 * (e[0] @ w - e[1]) ** 2, lctl, (lx, ly),
+                                             mesh=cabs_jax.data_mesh(devs[:4]), max_micro_batch=micro)
+        st, dec, _ = run(t, t.init(jnp.asarray(w0)), 15)
+        out["linear"][name] = {"decisions": dec, "params": flat(st.params), "traces": t.traces}
     out["seconds"] = time.time() - t0
     with open(out_path, "w") as f:
         json.dump(out, f)
