@@ -169,8 +169,9 @@ class Backend(Protocol):
         ...
 
     def learning_rate(self, model: Any) -> float | None:
-        """The learning rate the next update uses (the optimizer's, after any
-        schedule), or None for plain SGD at ``controller.lr``."""
+        """The learning rate this step's update uses (the optimizer's, after any
+        schedule), or None for plain SGD at ``controller.lr``. Called after
+        :meth:`scalars`, so that one host copy can bring both."""
         ...
 
     def apply(self, model: Any, stats: Any, lr: float) -> Any:
@@ -287,9 +288,10 @@ class CABSLoop:
             s = self.backend.statistics(model, self.backend.take(source, mb.rows), mb, verify=verify and k == 0)
             stats = s if stats is None else self.backend.combine(stats, s)
         stats = self.backend.all_reduce(stats)
-        lr = self.backend.learning_rate(model)
+        scalars = self.backend.scalars(stats)
+        lr = self.backend.learning_rate(model)  # after scalars: a backend may bring it in the same host copy
         lr = self.controller.lr if lr is None else float(lr)
-        cstate, info = self.controller.update(run.controller, self.backend.scalars(stats), lr=lr)
+        cstate, info = self.controller.update(run.controller, scalars, lr=lr)
         if info.reason != "nonfinite":
             model = self.backend.apply(model, stats, lr)
         new = RunState(cstate, sampler)

@@ -8,7 +8,6 @@ model ``(params, opt_state)``.
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -37,11 +36,20 @@ class TrainState(NamedTuple):
     sampler: SamplerState
 
 
-@partial(jax.jit, static_argnames="optimizer")
 def _next_lr(params: PyTree, opt_state: PyTree, optimizer: optax.GradientTransformation) -> jax.Array:
     """The learning rate the next ``optimizer.update`` uses: the ``hyperparams`` an update would
     record (schedules evaluated at the current count); the update itself is dead code under jit."""
     return optimizer.update(jax.tree.map(jnp.zeros_like, params), opt_state, params)[1].hyperparams["learning_rate"]
+
+
+@partial(jax.jit, static_argnames="optimizer")
+def _host_vector(stats: BatchStats, params: PyTree, opt_state: PyTree,
+                 optimizer: optax.GradientTransformation | None) -> jax.Array:
+    """The four scalars of :class:`ScalarStats` and, with an optimizer, the rate of the next
+    update, stacked on the device: the step's one host copy."""
+    values = list(reduce_stats(stats)) + ([] if optimizer is None else [_next_lr(params, opt_state, optimizer)])
+    dtype = jnp.promote_types(stats.loss_sum.dtype, jnp.float32)
+    return jnp.stack([jnp.reshape(jnp.asarray(v).astype(dtype), ()) for v in values])
 
 
 @partial(jax.jit, static_argnames="optimizer")
@@ -54,9 +62,6 @@ def _update(params: PyTree, opt_state: PyTree, stats: BatchStats, lr: jax.Array,
         return jax.tree.map(lambda p, gi: p - (lr * gi).astype(p.dtype), params, g), opt_state
     updates, opt_state = optimizer.update(g, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
-
-
-_reduce = jax.jit(reduce_stats)  # compiled functions shared by every trainer
 
 
 class _Backend:
@@ -81,6 +86,7 @@ class _Backend:
         return batch_size_of(source)
 
     def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
+        self._model = model  # for the learning rate read in scalars
         path = self.t.stats.path(model[0], batch, micro.mask, reprobe=verify)
         return self.stats_fn(model[0], batch, micro.mask, path=path)
 
@@ -90,11 +96,13 @@ class _Backend:
     def all_reduce(self, stats: BatchStats) -> BatchStats:
         return stats
 
-    def scalars(self, stats: BatchStats) -> ScalarStats:  # a local replica, still on the device:
-        return ScalarStats(*(v.addressable_data(0) for v in _reduce(stats)))  # the controller copies it
+    def scalars(self, stats: BatchStats) -> ScalarStats:  # one copy of a local replica
+        host = np.asarray(_host_vector(stats, *self._model, self.t.optimizer).addressable_data(0), np.float64)
+        self._lr = None if self.t.optimizer is None else float(host[4])
+        return ScalarStats(*(float(v) for v in host[:4]))
 
     def learning_rate(self, model: Any) -> float | None:
-        return None if self.t.optimizer is None else float(_next_lr(*model, self.t.optimizer))
+        return self._lr
 
     def apply(self, model: Any, stats: BatchStats, lr: float) -> Any:
         return _update(*model, stats, jnp.asarray(lr, stats.loss_sum.dtype), self.t.optimizer)
@@ -147,7 +155,7 @@ class CABSTrainer:
         if getattr(opt_state, "hyperparams", {}).get("learning_rate") is None:
             raise ConfigError("optimizer", "the optimizer's learning rate must be readable: build it as "
                               "optax.inject_hyperparams(optax.sgd)(learning_rate=...) (or adam, ...)")
-        check_learning_rate(self.controller, float(_next_lr(params, opt_state, self.optimizer)))
+        check_learning_rate(self.controller, float(_next_lr(params, opt_state, self.optimizer)))  # once, eagerly
 
     def init(self, params: PyTree) -> TrainState:
         """The state before the first step."""
@@ -175,10 +183,7 @@ class CABSTrainer:
     def restore(self, path: str | os.PathLike[str], like: TrainState, *, allow: Sequence[str] = ()) -> TrainState:
         """The state saved in ``path``; ``like`` (e.g. ``trainer.init(params)``) gives structure and dtypes.
         A changed configuration raises :class:`cabs_core.CheckpointMismatchError` unless its keys are in ``allow``."""
-        try:
-            run, arrays, _ = self.loop.load(path, allow=allow)
-        except zipfile.BadZipFile as e:  # a torn file; CABSLoop.load lets this one through
-            raise ValueError(f"{os.fspath(path)}: not a CABS checkpoint file ({e})") from e
+        run, arrays, _ = self.loop.load(path, allow=allow)
         template, treedef = jax.tree.flatten((like.params, like.opt_state))
         check_arrays(path, arrays, template)
         leaves = [jnp.asarray(a, jnp.result_type(t)) for a, t in zip(arrays, template)]

@@ -105,24 +105,29 @@ def test_optax_optimizer_gets_the_mean_gradient() -> None:
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
-def test_only_the_controller_copies_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_host_copy_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step's host transfer is one stacked vector: the four scalars (and an optimizer's rate)."""
+    import cabs_jax.train as train_module
+
     x, y = random_data(50)
-    calls = []
-    real_to_host = cabs_core.controller.to_host
+    copies = []
+    real = train_module._host_vector
 
-    def counting_to_host(stats):
-        calls.append(stats)
-        return real_to_host(stats)
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        copies.append(out)
+        return out
 
-    monkeypatch.setattr(cabs_core.controller, "to_host", counting_to_host)
-    trainer = CABSTrainer(FlaxLoss(MLP(), cross_entropy), CABSController(0.1, 4, 16), (jnp.asarray(x), jnp.asarray(y)))
-    state = trainer.init(init_f64(MLP(), x[:1]))
-    for _ in range(3):
-        state, _ = trainer.step(state)
-    assert len(calls) == 3
-    for s in calls:  # four 0-d arrays still on the device when the controller asks for them
-        assert isinstance(s, cabs_core.ScalarStats) and all(isinstance(v, jax.Array) and v.shape == () for v in s)
-    assert all(isinstance(p, jax.Array) for p in jax.tree.leaves(state.params))
+    monkeypatch.setattr(train_module, "_host_vector", counting)
+    for optimizer, width in ((None, 4), (optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), 5)):
+        copies.clear()
+        trainer = CABSTrainer(FlaxLoss(MLP(), cross_entropy), CABSController(0.1, 4, 16),
+                              (jnp.asarray(x), jnp.asarray(y)), optimizer=optimizer)
+        state = trainer.init(init_f64(MLP(), x[:1]))
+        for _ in range(3):
+            state, _ = trainer.step(state)
+        assert len(copies) == 3 and all(isinstance(v, jax.Array) and v.shape == (width,) for v in copies)
+        assert all(isinstance(p, jax.Array) for p in jax.tree.leaves(state.params))
 
 
 def test_checkpoint_resume_makes_the_same_decisions(tmp_path) -> None:
