@@ -578,6 +578,7 @@ class StatsStep:
         self._probe_fns: dict[tuple, Any] = {}
         self._probe_layers: dict[tuple, list[str]] = {}
         self._eager_calls: dict[tuple, int] = {}
+        self._signature_ids = (id(self.model), tuple(id(v) for v in self.variables))
         #: number of probes run (each costs about a fast step on k examples plus k single-example steps)
         self.probe_count = 0
 
@@ -630,9 +631,16 @@ class StatsStep:
     def signature(self, x: Nest, y: Nest) -> tuple:
         """What a verdict is cached by: the model, its trainable variables, and
         the shapes and dtypes of the inputs without the example axis."""
-        spec = tuple((tuple(t.shape[1:]), tf.as_dtype(t.dtype).name) for t in tf.nest.flatten((x, y)))
-        return (id(self.model), tuple(id(v) for v in self.variables), str(tf.nest.map_structure(lambda _: 0, (x, y))),
-                spec)
+        flat = tf.nest.flatten((x, y))
+        spec = tuple((tuple(t.shape)[1:], t.dtype.name if isinstance(t.dtype, tf.DType) else tf.as_dtype(t.dtype).name)
+                     for t in flat)
+        # the trainer looks the signature up before every step: the common (tensor, tensor) batch
+        # gets the string below without its cost
+        if len(flat) == 2 and not tf.nest.is_nested(x) and not tf.nest.is_nested(y):
+            nest = "(0, 0)"
+        else:
+            nest = str(tf.nest.map_structure(lambda _: 0, (x, y)))
+        return (*self._signature_ids, nest, spec)
 
     def _probe_size(self, x: Nest, y: Nest) -> int:
         """k: differs from every dimension of the inputs (the full batch size

@@ -222,6 +222,19 @@ def test_probe_square_sums_match_float64(shape, dtype):
     np.testing.assert_allclose(got, want, rtol=rtol)
 
 
+def test_signature_of_plain_and_nested_batches():
+    """The per-step signature: the (tensor, tensor) shortcut gives the general key,
+    and batches differing in nesting, shapes without the example axis or dtypes differ."""
+    step = cabs_tf.StatsStep(mlp(), xent)
+    x, y = tf.zeros((5, 4)), tf.zeros((5,), tf.int32)
+    general = str(tf.nest.map_structure(lambda _: 0, (x, y)))
+    assert step.signature(x, y)[2] == general
+    assert step.signature(x, y) == step.signature(tf.ones((7, 4)), np.zeros(7, np.int32))
+    others = [((x,), y), ({"a": x}, y), (tf.zeros((5, 3)), y), (x, tf.zeros((5,), tf.int64)), (tf.zeros((5, 4, 1)), y)]
+    keys = {step.signature(x, y)} | {step.signature(a, b) for a, b in others}
+    assert len(keys) == 1 + len(others)
+
+
 # -- the property test ---------------------------------------------------------------
 
 STEPS = ["dense", "dense_shared", "ln", "conv", "fold", "time_major", "expand_dims", "halves", "buffer",
