@@ -422,8 +422,9 @@ def _sq_sum64(t: tf.Tensor) -> tf.Tensor:
     """sum(t**2) as float64 for the probe's weight-sized sums, without a float64
     copy of the weight: squared and summed in rows of 256 (else of the last axis,
     if at most 512) in float32, the row sums in float64. A row of n terms carries a
-    relative rounding error below n * eps (1.5e-5 for 256 float32 terms, 3e-5 for
-    512, against the check's 2e-4); other dtypes and shapes are cast to float64 first."""
+    relative rounding error below n * u (u = 2**-24, the unit roundoff: 1.5e-5 for 256
+    float32 terms, 3e-5 for 512, against the check's 2e-4); other dtypes and shapes
+    are cast to float64 first."""
     t = tf.convert_to_tensor(t)
     n = t.shape.num_elements()
     if t.dtype == tf.float32 and n is not None and n % 256 == 0:
