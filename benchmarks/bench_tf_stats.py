@@ -13,10 +13,11 @@ ratios to plain; the last lines give the batch-128 ratios.
 ``--verify`` adds the cost of the checks that establish the fast path
 (issue 12): the probe ``PerExampleStats.verify`` runs on the host before a step on
 the first step and every ``--verify-every`` steps (the trainer's schedule).
-It prints the first probe (which traces the probe function), a later probe,
-and the fast step with the probes amortised, both in steady state (a probe
-every verify_every steps) and over a run of ``--run-steps`` steps that
-includes the first probe.
+It prints the first probe (which traces the probe function), a later probe
+(median of ``--reps``, alternating with fast steps), the trainer's per-step
+look-up of the verdict, and the fast step with the checks amortised, both in
+steady state (the look-up, a probe every verify_every steps) and over a run of
+``--run-steps`` steps that includes the first probe.
 
     python benchmarks/bench_tf_stats.py                 # short default run
     python benchmarks/bench_tf_stats.py --batches 32 128 512 --reps 10
@@ -84,18 +85,29 @@ def stats_step(model: keras.Model, method: str, chunk_size: int):
     return lambda x, y: fn(x, y)[1]
 
 
-def verify_cost(model: keras.Model, x, y, reps: int) -> tuple[float, float]:
-    """(first probe ms, median later probe ms) of ``PerExampleStats.verify`` on (x, y)."""
+def verify_cost(model: keras.Model, x, y, reps: int, fast) -> tuple[float, float, float, float]:
+    """(first probe ms, median later probe ms, median fast step ms, look-up ms) of
+    ``PerExampleStats.verify`` on (x, y) as the trainer runs it: the later probes alternate
+    with fast steps (``fast``, already traced) so that load on a shared machine hits
+    both alike; the look-up is the trainer's per-step check of the signature's verdict."""
     step = cabs_tf.PerExampleStats(model, xent, method="fast")
     t0 = time.perf_counter()
     assert step.verify(x, y)
     first = (time.perf_counter() - t0) * 1e3
-    out = []
+    probes, steps = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        step.verify(x, y)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return first, statistics.median(out)
+        fast(x, y).numpy()
+        steps.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        assert step.verify(x, y)
+        probes.append((time.perf_counter() - t0) * 1e3)
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        assert step.signature(x, y) in step.verdicts
+    lookup = (time.perf_counter() - t0) * 1e3 / n
+    return first, statistics.median(probes), statistics.median(steps), lookup
 
 
 def time_ms(fn, x, y, reps: int) -> float:
@@ -148,19 +160,25 @@ def main() -> None:
             if b == 128:
                 at128[name] = (r_fast, r_gen)
             if args.verify:
-                first, probe = verify_cost(model, x, y, args.reps)
+                first, probe, fast_ms, lookup = verify_cost(model, x, y, args.reps, steps["fast"])
                 n, every = args.run_steps, args.verify_every
-                steady = probe / every / ms["fast"]
-                run = (first + (n // every - (1 if n % every == 0 else 0)) * probe) / n / ms["fast"]
-                verified.append((name, b, ms["fast"], first, probe, steady, run))
+                later = (n - 1) // every if every else 0  # probes after the first in a run of n steps
+                steady = (lookup + (probe / every if every else 0.0)) / fast_ms
+                run = (n * lookup + first + later * probe) / n / fast_ms
+                verified.append((name, b, fast_ms, lookup, first, probe, steady, run))
     for name, (rf, rg) in at128.items():
         print(f"batch 128, {name}: fast {rf:.2f}x plain, generic {rg:.2f}x plain")
     if args.verify:
-        print(f"\nprobes: first (traces), later (median), fast step with probes every {args.verify_every} steps "
-              f"(steady; over a run of {args.run_steps} steps with the first probe)")
-        print(f"{'model':5} {'batch':>5} {'fast ms':>8} {'first ms':>9} {'probe ms':>9} {'steady':>8} {'run':>8}")
-        for name, b, fast, first, probe, steady, run in verified:
-            print(f"{name:5} {b:>5} {fast:>8.2f} {first:>9.1f} {probe:>9.2f} {steady:>+7.2%} {run:>+7.2%}")
+        print(f"\nprobes: first (traces), later (median, alternating with fast steps, whose median is the fast "
+              f"column), fast step with probes every {args.verify_every} steps (steady; over a run of "
+              f"{args.run_steps} steps with the first probe; 2% after: the run length at which the checks cost 2%)")
+        print(f"{'model':5} {'batch':>5} {'fast ms':>8} {'look-up us':>10} {'first ms':>9} {'probe ms':>9} "
+              f"{'steady':>8} {'run':>8} {'2% after':>9}")
+        for name, b, fast, lookup, first, probe, steady, run in verified:
+            # run length N at which (first - probe) / N / fast + steady = 2%: the first probe amortised
+            after = f"{(first - probe) / fast / (0.02 - steady):9.0f}" if steady < 0.02 else f"{'never':>9}"
+            print(f"{name:5} {b:>5} {fast:>8.2f} {1e3 * lookup:>10.1f} {first:>9.1f} {probe:>9.2f} {steady:>+7.2%} "
+                  f"{run:>+7.2%} {after}")
 
 
 if __name__ == "__main__":

@@ -113,13 +113,22 @@ def _synthetic(tree: PyTree, seed: int) -> PyTree:
 
 
 def _probe_rows(batch: PyTree, weights: Any, k: int) -> PyTree:
-    """The first k examples with weight != 0 (padding rows only if there are fewer real ones)."""
+    """The first k examples with weight != 0 (padding rows only if there are fewer real ones).
+    Arrays held on the host or on CPU devices are indexed in NumPy: an eager ``jnp.take``
+    would compile a gather program for every batch size (a tenth of a second, once per
+    bucket, on the first probe); arrays on an accelerator are gathered there."""
     if weights is None:
         idx = np.arange(k)
     else:
         w = np.asarray(weights)
         idx = np.concatenate([np.flatnonzero(w != 0), np.flatnonzero(w == 0)])[:k]
-    return jax.tree.map(lambda a: a[idx] if isinstance(a, np.ndarray) else jnp.take(a, jnp.asarray(idx), axis=0), batch)
+
+    def take(a: Any) -> Any:
+        if isinstance(a, jax.Array) and (not a.is_fully_addressable or any(d.platform != "cpu" for d in a.devices())):
+            return jnp.take(a, jnp.asarray(idx), axis=0)
+        return np.asarray(a)[idx]
+
+    return jax.tree.map(take, batch)
 
 
 def probe(
@@ -138,6 +147,9 @@ def probe(
                 where, reason = _first_difference(uses_k, uses_m, k, m)
                 raise UnsupportedModelError(f"{where}: {reason}", layer=where, reason=reason)
             known = structure(uses_m)
+            checked = {m: None}  # the full batch has the probed structure: _full_batch_check need not trace it again
+        else:
+            checked = {}
         concrete = not (_is_traced(params) or _is_traced(batch) or _is_traced(weights))
         with jax.ensure_compile_time_eval():  # values, also inside a caller's trace
             if concrete:
@@ -165,7 +177,7 @@ def probe(
     except Exception as e:  # the fast path's own machinery failed on this model: a result, not a crash
         reason = f"the fast path failed on this model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return Verdict(UnsupportedModelError(reason, reason=reason))
-    return Verdict(None, known)
+    return Verdict(None, known, checked)
 
 
 def _first_difference(uses_k: tuple, uses_m: tuple, k: int, m: int) -> tuple[str, str]:
@@ -219,7 +231,7 @@ def resolve(
         new.probes = (verdict.probes if verdict is not None else 0) + 1
         new.warned = verdict.warned if verdict is not None else False
         if verdict is not None and new.error is None and new.structure == verdict.structure:
-            new.checked = verdict.checked  # the full-batch sizes already checked against this structure
+            new.checked = {**verdict.checked, **new.checked}  # the full-batch sizes already checked against it
         cache[sig] = verdict = new
     try:
         if verdict.error is not None:

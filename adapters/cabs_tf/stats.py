@@ -415,6 +415,24 @@ def _example_axis_reason(layer: keras.Layer, a: tf.Tensor, z: tf.Tensor, n: int 
     return None
 
 
+def _sq_sum64(t: tf.Tensor) -> tf.Tensor:
+    """sum(t**2) as float64 for the probe's weight-sized sums, without a float64
+    copy of the weight: squared and summed in rows of 256 (else of the last axis,
+    if at most 512) in float32, the row sums in float64. A row of n terms carries a
+    relative rounding error below n * u (u = 2**-24, the unit roundoff: 1.5e-5 for 256
+    float32 terms, 3e-5 for 512, against the check's 2e-4); other dtypes and shapes
+    are cast to float64 first."""
+    t = tf.convert_to_tensor(t)
+    n = t.shape.num_elements()
+    if t.dtype == tf.float32 and n is not None and n % 256 == 0:
+        rows = tf.reshape(t, [-1, 256])
+    elif t.dtype == tf.float32 and t.shape.rank is not None and t.shape.rank >= 2 and 0 < t.shape[-1] <= 512:
+        rows = t
+    else:
+        return tf.reduce_sum(tf.cast(t, tf.float64) ** 2)
+    return tf.reduce_sum(tf.cast(tf.reduce_sum(rows * rows, axis=-1), tf.float64))
+
+
 #: a probe whose losses or gradients are not finite: it neither establishes nor refutes the fast path
 _INCONCLUSIVE = UnsupportedModelError("the probe's losses or gradients are not finite", reason="non-finite probe")
 
@@ -559,6 +577,7 @@ class PerExampleStats:
         self._probe_fns: dict[tuple, Any] = {}
         self._probe_layers: dict[tuple, list[str]] = {}
         self._eager_calls: dict[tuple, int] = {}
+        self._signature_ids = (id(self.model), tuple(id(v) for v in self.variables))
         #: number of probes run (each costs about a fast step on k examples plus k single-example steps)
         self.probe_count = 0
 
@@ -611,9 +630,16 @@ class PerExampleStats:
     def signature(self, x: Nest, y: Nest) -> tuple:
         """What a verdict is cached by: the model, its trainable variables, and
         the shapes and dtypes of the inputs without the example axis."""
-        spec = tuple((tuple(t.shape[1:]), tf.as_dtype(t.dtype).name) for t in tf.nest.flatten((x, y)))
-        return (id(self.model), tuple(id(v) for v in self.variables), str(tf.nest.map_structure(lambda _: 0, (x, y))),
-                spec)
+        flat = tf.nest.flatten((x, y))
+        spec = tuple((tuple(t.shape)[1:], t.dtype.name if isinstance(t.dtype, tf.DType) else tf.as_dtype(t.dtype).name)
+                     for t in flat)
+        # the trainer looks the signature up before every step: the common (tensor, tensor) batch
+        # gets the string below without its cost
+        if len(flat) == 2 and not tf.nest.is_nested(x) and not tf.nest.is_nested(y):
+            nest = "(0, 0)"
+        else:
+            nest = str(tf.nest.map_structure(lambda _: 0, (x, y)))
+        return (*self._signature_ids, nest, spec)
 
     def _probe_size(self, x: Nest, y: Nest) -> int:
         """k: differs from every dimension of the inputs (the full batch size
@@ -698,19 +724,19 @@ class PerExampleStats:
         fn = self._probe_fns.get(sig)
         if fn is None:
             fn = self._probe_fns[sig] = tf.function(self._probe, autograph=False)
-        try:
-            fast_s, ref_s, diffs, scales, fast_layer, ref_layer = fn(xk, yk)
-            if not all(bool(tf.reduce_all(tf.math.is_finite(t))) for t in (ref_s, diffs, scales, ref_layer)):
+        try:  # one copy of the six results to the host, then NumPy only
+            fast_s, ref_s, diffs, scales, fast_layer, ref_layer = (t.numpy() for t in fn(xk, yk))
+            if not all(np.all(np.isfinite(t)) for t in (ref_s, diffs, scales, ref_layer)):
                 return _INCONCLUSIVE  # non-finite losses or gradients on these examples prove nothing
             names = [getattr(v, "path", v.name) for v in self.variables]
             fast_s, ref_s = float(fast_s), float(ref_s)
             k = int(tf.nest.flatten(xk)[0].shape[0])
             rtol = rtol_for(tf.as_dtype(self.variables[0].dtype).name)
-            for name, d, (full, s_v) in zip(names, diffs.numpy(), scales.numpy()):
+            for name, d, (full, s_v) in zip(names, diffs, scales):
                 check_close(f"the gradient of {name} rebuilt from the layer's captured calls (an unseen use "
                             f"of the weight outside its layer?)", d, accounting_scale(full, k, s_v), rtol,
                             layer=str(name))
-            for name, f, r in zip(self._probe_layers[sig], fast_layer.numpy(), ref_layer.numpy()):
+            for name, f, r in zip(self._probe_layers[sig], fast_layer, ref_layer):
                 check_close("the layer's share of S on the probe batch (fast path vs a loop over single "
                             "examples; examples mixed or moved?)", abs(f - r), abs(r), rtol, layer=name)
             check_close("S on the probe batch (fast path vs a loop over single examples)",
@@ -761,15 +787,18 @@ class PerExampleStats:
         diffs, scales = [], []
         for v, g in zip(self.variables, var_grads):
             r = rebuilt.get(id(v), tf.zeros_like(g))
-            full = tf.norm(tf.cast(g, tf.float64))
-            diffs.append(tf.norm(tf.cast(r, tf.float64) - tf.cast(tf.reshape(g, r.shape), tf.float64)))
+            full = tf.sqrt(_sq_sum64(g))
+            g_r = tf.reshape(g, r.shape)
+            # r - g in their common dtype: its rounding (eps * |r - g|) is far below the check's tolerance
+            d = r - g_r if r.dtype == g_r.dtype else tf.cast(r, tf.float64) - tf.cast(g_r, tf.float64)
+            diffs.append(tf.sqrt(_sq_sum64(d)))
             s_v = tf.cast(layer_s.get(id(v), tf.zeros([], tf.float64)), tf.float64)
             scales.append(tf.stack([full, s_v]))
         def one(xy1: tuple[Nest, Nest]) -> tf.Tensor:  # ||g_i||^2 per variable of one example
             with tf.GradientTape() as tape:
                 li = self.per_example_loss(*tf.nest.map_structure(lambda t: t[None], xy1))[0]
             gi = tape.gradient(li, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return tf.stack([tf.reduce_sum(tf.cast(tf.convert_to_tensor(t), tf.float64) ** 2) for t in gi])
+            return tf.stack([_sq_sum64(t) for t in gi])
 
         # a loop over the k single examples (traced once), the reference: sum_i ||g_i||^2 per variable
         ref = tf.map_fn(one, (xk, yk), fn_output_signature=tf.TensorSpec([len(self.variables)], tf.float64))

@@ -194,6 +194,31 @@ def test_verdict_is_cached_per_signature_and_a_new_shape_is_probed() -> None:
     assert probes_run(floss) == before + 1
 
 
+def test_probe_rows_are_the_first_real_examples_and_the_full_batch_is_not_planned_twice(monkeypatch) -> None:
+    from cabs_jax import verify
+
+    x = np.arange(24.0).reshape(6, 4)
+    w = np.array([0, 1, 0, 1, 1, 1])
+    for batch in [(x, x[:, 0]), (jnp.asarray(x), jnp.asarray(x[:, 0]))]:
+        rows = verify._probe_rows(batch, w, 3)
+        np.testing.assert_array_equal(rows[0], x[[1, 3, 4]])
+        np.testing.assert_array_equal(rows[1], x[[1, 3, 4], 0])
+        np.testing.assert_array_equal(verify._probe_rows(batch, np.array([0, 0, 0, 0, 0, 1]), 3)[0], x[[5, 0, 1]])
+        np.testing.assert_array_equal(verify._probe_rows(batch, None, 3)[0], x[:3])
+    floss = FlaxLoss(MLP(), cross_entropy)
+    rng = np.random.default_rng(1)
+    batch = (jnp.asarray(rng.normal(size=(9, 4))), jnp.asarray(rng.integers(0, 3, size=9)))
+    params = init_f64(MLP(), batch[0][:1])
+    plans = []
+    plan = verify._plan
+    monkeypatch.setattr(verify, "_plan", lambda f, p, xx, m: plans.append(m) or plan(f, p, xx, m))
+    assert verify.resolve(floss, params, batch, None, "fast") == "fast"
+    k = verify._probe_size(params, batch[0], 9)
+    assert plans == [k, 9]  # the probe's structure at k and m; the full-batch check reuses the latter
+    got = cabs_jax.batch_stats(floss, params, batch, method="fast")
+    assert_stats_close(got, loop_oracle(floss, params, batch))
+
+
 def test_trainer_probes_every_verify_every_steps_and_falls_back_exactly() -> None:
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(120, 4)), rng.integers(0, 3, size=120)

@@ -207,6 +207,36 @@ def test_verify_every_is_validated():
         cabs_tf.PerExampleStats(mlp(), xent, verify_every=-1)
 
 
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((784, 512), "float32"), ((5, 5, 32, 64), "float32"), ((7, 600), "float32"), ((9, 300), "float32"),
+     ((10,), "float32"), ((1, 1), "float32"), ((784, 512), "float64"), ((3, 2), "float16")],
+)
+def test_probe_square_sums_match_float64(shape, dtype):
+    """The probe's weight-sized sums of squares (float32 rows, float64 row sums) agree
+    with a float64 sum well within the checks' tolerance, for every layout they take."""
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    t = (rng.standard_normal(shape) * rng.uniform(0.1, 10.0, size=shape[-1])).astype(dtype)
+    got = cabs_tf.stats._sq_sum64(tf.constant(t)).numpy()
+    want = np.sum(t.astype(np.float64) ** 2)
+    assert got.dtype == np.float64
+    rtol = {"float64": 1e-12, "float32": 3e-5, "float16": 1e-12}[dtype]
+    np.testing.assert_allclose(got, want, rtol=rtol)
+
+
+def test_signature_of_plain_and_nested_batches():
+    """The per-step signature: the (tensor, tensor) shortcut gives the general key,
+    and batches differing in nesting, shapes without the example axis or dtypes differ."""
+    step = cabs_tf.PerExampleStats(mlp(), xent)
+    x, y = tf.zeros((5, 4)), tf.zeros((5,), tf.int32)
+    general = str(tf.nest.map_structure(lambda _: 0, (x, y)))
+    assert step.signature(x, y)[2] == general
+    assert step.signature(x, y) == step.signature(tf.ones((7, 4)), np.zeros(7, np.int32))
+    others = [((x,), y), ({"a": x}, y), (tf.zeros((5, 3)), y), (x, tf.zeros((5,), tf.int64)), (tf.zeros((5, 4, 1)), y)]
+    keys = {step.signature(x, y)} | {step.signature(a, b) for a, b in others}
+    assert len(keys) == 1 + len(others)
+
+
 # -- the property test ---------------------------------------------------------------
 
 STEPS = ["dense", "dense_shared", "ln", "conv", "fold", "time_major", "expand_dims", "halves", "buffer",
