@@ -20,36 +20,15 @@ import pytest
 
 import cabs_experiments.report as report_module
 import cabs_experiments.run as run_module
-from cabs_core import CABSController, SamplerState, ScalarStats, StepInfo, next_batch
+from cabs_core import CABSController, ScalarStats
 from cabs_experiments.data import Dataset
 from cabs_experiments.report import read_jsonl
 from cabs_experiments.run import ExperimentConfig, run_experiment
 
+from .fakes import FakeCABS
+
 N = 1000  # training examples of the fake data set; budget = epochs * N
 XI, LOSS, LR = 400.0, 1.0, 0.1  # CABS decides lr * xi / L = 40 after every step
-
-
-class _FakeCABS:
-    """A CABS run on synthetic statistics: mean loss LOSS and xi = XI, whatever the batch."""
-
-    def __init__(self, trainer: FakeTrainer, controller: CABSController, seed: int) -> None:
-        self.trainer, self.ctl = trainer, controller
-        self.state, self.sampler = controller.init(), SamplerState(N, seed)
-
-    @property
-    def batch_size(self) -> int:
-        return self.state.batch_size
-
-    @property
-    def examples_seen(self) -> int:
-        return self.sampler.examples_seen
-
-    def step(self) -> StepInfo:
-        idx, self.sampler = next_batch(self.sampler, self.state.batch_size)
-        m = self.trainer._take(idx)
-        # xi = (S - ||sum g||^2 / m) / (m - 1) = XI with sum g = 0; mean loss LOSS
-        self.state, info = self.ctl.update(self.state, ScalarStats(float(m), LOSS * m, XI * (m - 1), 0.0))
-        return info
 
 
 class FakeTrainer:
@@ -81,8 +60,9 @@ class FakeTrainer:
         self._take(indices)
         return LOSS
 
-    def cabs_run(self, controller: CABSController, seed: int) -> _FakeCABS:
-        return _FakeCABS(self, controller, seed)
+    def cabs_run(self, controller: CABSController, seed: int) -> FakeCABS:
+        # xi = (S - ||sum g||^2 / m) / (m - 1) = XI with sum g = 0; mean loss LOSS
+        return FakeCABS(self._take, controller, seed, N, lambda m: ScalarStats(float(m), LOSS * m, XI * (m - 1), 0.0))
 
     def evaluate(self, split: str, indices: np.ndarray | None = None) -> tuple[float, float]:
         return float(self.trained), 0.5

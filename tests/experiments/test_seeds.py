@@ -20,10 +20,12 @@ import pytest
 
 import cabs_experiments.report as report_module
 import cabs_experiments.run as run_module
-from cabs_core import CABSController, SamplerState, ScalarStats, StepInfo, next_batch
+from cabs_core import CABSController, SamplerState, ScalarStats, next_batch
 from cabs_experiments.data import Dataset, load_digits_dataset
 from cabs_experiments.report import figure_series, line_styles, read_jsonl, summarize, summary_markdown, write_report
 from cabs_experiments.run import ExperimentConfig, main, run_experiment
+
+from .fakes import FakeCABS
 
 N = 1000
 
@@ -38,28 +40,6 @@ def train_loss(seed: int, trained: int) -> float:
 
 def accuracy(seed: int, trained: int) -> float:
     return (0.9 + 0.01 * seed) * trained / N
-
-
-class _FakeCABS:
-    def __init__(self, trainer: SeedTrainer, controller: CABSController, seed: int) -> None:
-        self.trainer, self.ctl, self.seed = trainer, controller, seed
-        self.state = controller.init()
-        self.sampler = SamplerState(N, seed)
-
-    @property
-    def batch_size(self) -> int:
-        return self.state.batch_size
-
-    @property
-    def examples_seen(self) -> int:
-        return self.sampler.examples_seen
-
-    def step(self) -> StepInfo:
-        idx, self.sampler = next_batch(self.sampler, self.state.batch_size)
-        m = self.trainer.take(idx)
-        stats = ScalarStats(float(m), 1.0 * m, 400.0 * (1 + self.seed) * (m - 1), 0.0)
-        self.state, info = self.ctl.update(self.state, stats)
-        return info
 
 
 class SeedTrainer:
@@ -87,9 +67,10 @@ class SeedTrainer:
         self.take(indices)
         return 1.0
 
-    def cabs_run(self, controller: CABSController, seed: int) -> _FakeCABS:
+    def cabs_run(self, controller: CABSController, seed: int) -> FakeCABS:
         assert seed == self.seed  # the run draws the stream of the seed its parameters come from
-        return _FakeCABS(self, controller, seed)
+        return FakeCABS(self.take, controller, seed, N,
+                        lambda m: ScalarStats(float(m), 1.0 * m, 400.0 * (1 + seed) * (m - 1), 0.0))
 
     def evaluate(self, split: str, indices: np.ndarray | None = None) -> tuple[float, float]:
         return train_loss(self.seed, self.trained), accuracy(self.seed, self.trained)
