@@ -418,7 +418,8 @@ def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, us
     sq = sum(sq_by_path.values(), jnp.zeros((m,), dtype))
     # b carries the factor w_i, so the norms carry w_i^2 = w_i for a 0/1 mask
     sq_sum = jnp.sum(jnp.where(w != 0, sq, 0))
-    grad_sum = tuple(g.astype(jnp.result_type(p)) for g, p in zip(jax.tree.leaves(param_grads), jax.tree.leaves(params)))
+    leaves = zip(jax.tree.leaves(param_grads), jax.tree.leaves(params))
+    grad_sum = tuple(g.astype(jnp.result_type(p)) for g, p in leaves)  # the parameters' dtypes (they feed the update)
     stats = BatchStats(jnp.sum(w), jnp.sum(w * losses), grad_sum, sq_sum)
     return stats, param_grads, inputs, out_grads, sq_by_path
 

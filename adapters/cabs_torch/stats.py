@@ -34,6 +34,7 @@ generic path for that signature from then on.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -310,17 +311,19 @@ def tied_layers_sq_norm_sums(calls: dict[nn.Module, list[tuple[Tensor, Tensor]]]
     work = sum(_work_per_example(mod, a, b) for mod, c in live.items() for a, b in c)
     step = max(1, min(n, chunk_elements // max(1, work)))
     totals = []
-    for s in range(0, n, step):
-        pieces = {}
-        for mod, c in live.items():
-            rule = rule_for(mod)
-            assert rule is not None  # the layers were chosen by rule_for
-            pieces[mod] = combine_pieces([rule(mod, a[s : s + step], b[s : s + step]) for a, b in c])
-        rows = min(n, s + step) - s
-        for shape, owners in params:
-            uses = [pieces[mod][name] for mod, name in owners if mod in pieces and name in pieces[mod]]
-            if uses:
-                totals.append(tied_sq_norm_sum(uses, rows, shape))
+    with _full_precision(next(iter(live.values()))[0][1]):
+        for s in range(0, n, step):
+            pieces = {}
+            for mod, c in live.items():
+                rule = rule_for(mod)
+                assert rule is not None  # the layers were chosen by rule_for
+                pieces[mod] = combine_pieces([rule(mod, _wide(a[s : s + step]), _wide(b[s : s + step]))
+                                              for a, b in c])
+            rows = min(n, s + step) - s
+            for shape, owners in params:
+                uses = [pieces[mod][name] for mod, name in owners if mod in pieces and name in pieces[mod]]
+                if uses:
+                    totals.append(tied_sq_norm_sum(uses, rows, shape))
     return totals
 
 
@@ -329,17 +332,41 @@ def layer_sq_norm_sums(mod: Any, rule: Rule, inputs: list[Tensor], grads: list[T
     """One layer's share of S, as 0-d tensors to add up, from its calls' inputs
     and output gradients (the calls whose output reached the loss): the
     rank-one formula for a Linear layer called once on (m, p) inputs, the
-    layer's rule in chunks of examples otherwise."""
-    if len(inputs) == 1 and isinstance(mod, nn.Linear) and inputs[0].dim() == 2:
-        return [linear_rank_one_sq_sum(mod, inputs[0], grads[0])]
-    n = inputs[0].shape[0]
-    per_example = sum(_work_per_example(mod, a, b) for a, b in zip(inputs, grads))
-    step = max(1, min(n, chunk_elements // max(1, per_example)))
-    totals = []
-    for s in range(0, n, step):
-        pieces = combine_pieces([rule(mod, a[s : s + step], b[s : s + step]) for a, b in zip(inputs, grads)])
-        totals.extend(piece_sq_norm_sum(piece) for piece in pieces.values())
-    return totals
+    layer's rule in chunks of examples otherwise. Low-precision (bfloat16,
+    float16) inputs and gradients are upcast to float32 chunk by chunk, and
+    autocast is off, so the squares and their sums are formed in >= float32."""
+    with _full_precision(grads[0]):
+        if len(inputs) == 1 and isinstance(mod, nn.Linear) and inputs[0].dim() == 2:
+            return [linear_rank_one_sq_sum(mod, _wide(inputs[0]), _wide(grads[0]))]
+        n = inputs[0].shape[0]
+        per_example = sum(_work_per_example(mod, a, b) for a, b in zip(inputs, grads))
+        step = max(1, min(n, chunk_elements // max(1, per_example)))
+        totals = []
+        for s in range(0, n, step):
+            pieces = combine_pieces([rule(mod, _wide(a[s : s + step]), _wide(b[s : s + step]))
+                                     for a, b in zip(inputs, grads)])
+            totals.extend(piece_sq_norm_sum(piece) for piece in pieces.values())
+        return totals
+
+
+def _wide(t: Tensor) -> Tensor:
+    """A floating tensor of fewer than 32 bits (bfloat16, float16) as float32; others unchanged."""
+    return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
+
+
+def _full_precision(t: Tensor) -> Any:
+    """A context in which autocast (``torch.autocast`` around the user's call) is off on
+    ``t``'s device, so that the statistics' products run in their operands' dtypes."""
+    if t.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autocast_rtol(device: torch.device) -> float:
+    """The checks' tolerance for the dtype autocast computes in on ``device`` (0.0 when it is off)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device.type):
+        return rtol_for(str(torch.get_autocast_dtype(device.type)))
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -441,7 +468,8 @@ def _generic(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = params[0].device
     dtype = _stat_dtype(device)
-    sums = [] if sq_only else [torch.zeros_like(p) for p in params]
+    # grad_sum accumulated in >= float32 over the chunks, returned in each parameter's dtype
+    sums = [] if sq_only else [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]
     sq = torch.zeros((), dtype=dtype, device=device)
     all_losses = []
     per_example = looped if model in _VMAP_FAILED else batched
@@ -462,15 +490,17 @@ def _generic(
         all_losses.append(losses)
         n = losses.shape[0]
         w = None if weights is None else weights[sl]
-        for k, name in enumerate(names):
-            gk = g[name]
-            gw = gk if w is None else gk * w.to(gk.dtype).reshape((n,) + (1,) * (gk.dim() - 1))
-            if not sq_only:
-                sums[k] += gw.sum(0)
-            sq = sq + torch.dot(gw.reshape(-1), gk.reshape(-1)).to(dtype)
+        with _full_precision(sq):
+            for k, name in enumerate(names):
+                gk = _wide(g[name])  # squares of bfloat16/float16 gradients in float32
+                gw = gk if w is None else gk * w.to(gk.dtype).reshape((n,) + (1,) * (gk.dim() - 1))
+                if not sq_only:
+                    sums[k] += gw.sum(0)
+                sq = sq + torch.dot(gw.reshape(-1), gk.reshape(-1)).to(dtype)
         del g
     losses = torch.cat(all_losses)
-    return _count_and_loss(losses, weights, dtype) + (tuple(sums), sq)
+    grad_sums = tuple(t.to(p.dtype) for t, p in zip(sums, params))
+    return _count_and_loss(losses, weights, dtype) + (grad_sums, sq)
 
 
 def _loop_sq_norm_sum(model: nn.Module, loss_fn: LossFn, inputs: tuple[Any, ...], targets: Any,
@@ -485,7 +515,9 @@ def _loop_sq_norm_sum(model: nn.Module, loss_fn: LossFn, inputs: tuple[Any, ...]
         _check_losses(losses, 1)
         for g in torch.autograd.grad(losses[0], params, allow_unused=True):
             if g is not None:
-                sq = sq + torch.dot(g.reshape(-1), g.reshape(-1)).to(dtype)
+                g = _wide(g).reshape(-1)
+                with _full_precision(g):
+                    sq = sq + torch.dot(g, g).to(dtype)
     return sq
 
 
@@ -776,9 +808,11 @@ class PerExampleStats:
                 fast_s, generic_s = float(sq), float(generic)  # the probe's host transfer
                 if not (math.isfinite(fast_s) and math.isfinite(generic_s)):
                     return None
-                self._check_accounting(plan, grads, kept, k)
+                rtol = max(plan.rtol, _autocast_rtol(plan.params[0].device))  # autocast: its dtype's tolerance
+                with _full_precision(plan.params[0]):
+                    self._check_accounting(plan, grads, kept, k, rtol)
                 check_close(f"S on a probe batch of {k} examples (fast vs generic)", abs(fast_s - generic_s),
-                            abs(generic_s), plan.rtol)
+                            abs(generic_s), rtol)
             except UnsupportedModelError as err:
                 if isinstance(err, BatchNormTrainingError):
                     raise
@@ -811,7 +845,7 @@ class PerExampleStats:
 
     @staticmethod
     def _check_accounting(plan: _Plan, grads: tuple[Tensor | None, ...], kept: dict[_Record, list[Any]],
-                          k: int) -> None:
+                          k: int, rtol: float) -> None:
         """Each parameter's gradient rebuilt from its layers' captured terms equals
         its full gradient: a difference is a use the fast path does not see."""
         for p, g, owners, name in zip(plan.params, grads, plan.owners, plan.names):
@@ -819,10 +853,10 @@ class PerExampleStats:
             uses: list[Piece] = []
             for rec, pname in owners:
                 for a, b in kept.get(rec, []):
-                    piece = rec.rule(rec.mod, a, b).get(pname)
+                    piece = rec.rule(rec.mod, _wide(a), _wide(b)).get(pname)
                     if piece is not None:
                         uses.append(piece)
-            full = torch.zeros_like(p) if g is None else g.detach()
+            full = _wide(torch.zeros_like(p) if g is None else g.detach())
             rebuilt = None
             for piece in uses:
                 term = piece_grad_sum(piece, k, shape).to(full.dtype)
@@ -838,7 +872,7 @@ class PerExampleStats:
             s_param = float(tied_sq_norm_sum(uses, k, shape)) if uses else 0.0
             diff = float(torch.linalg.vector_norm(full if rebuilt is None else rebuilt - full))
             check_close(f"the gradient of {name!r} rebuilt from its layers' captured terms (a use outside "
-                        f"the layer?)", diff, accounting_scale(full_norm, k, s_param), plan.rtol, layer=name)
+                        f"the layer?)", diff, accounting_scale(full_norm, k, s_param), rtol, layer=name)
 
     @staticmethod
     def _check_compiled_calls(plan: _Plan, structure: list[_Call]) -> None:
