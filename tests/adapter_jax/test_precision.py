@@ -4,8 +4,8 @@ count, loss sum and S accumulated in >= float32, on the fast, generic and auto p
 The oracle is a loop over single examples of the same model with its weights cast
 to float64 (docs/jax.md, "Mixed precision"). A bfloat16 model computes its
 forward and backward passes with ~3 significant digits, so its statistics can
-only agree with the float64 model to a few 1e-2: the documented tolerance is
-``RTOL_BF16`` (relative, loss sum, S and ||sum g||); the count must be exact.
+only agree with the float64 model to about 1e-2: the documented tolerances are
+``RTOL_BF16`` (relative, loss sum and S) and ``RTOL_GRAD`` (sum g); the count must be exact.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from jax_test_models import cross_entropy, loop_oracle
 
 from cabs_core import BatchStats, CABSController
 
-#: documented tolerance (docs/jax.md): bfloat16 statistics vs the float64 model
-RTOL_BF16 = 5e-2
+#: documented tolerances (docs/jax.md): bfloat16 statistics vs the float64 model, on the loss
+#: sum and S, and on grad_sum (the model's own bfloat16 backward pass summed over the examples)
+RTOL_BF16, RTOL_GRAD = 1e-2, 5e-2
 
 
 class SmallMLP(nn.Module):
@@ -87,7 +88,7 @@ def _assert_close_to_oracle(got: BatchStats, want: BatchStats, m: int) -> None:
                                    err_msg=name)
     g = np.concatenate([np.asarray(a, np.float64).ravel() for a in got.grad_sum])
     w = np.concatenate([np.asarray(a, np.float64).ravel() for a in want.grad_sum])
-    assert np.linalg.norm(g - w) <= RTOL_BF16 * np.linalg.norm(w)
+    assert np.linalg.norm(g - w) <= RTOL_GRAD * np.linalg.norm(w)
 
 
 @pytest.fixture(params=[True, False], ids=["x64", "x32"])

@@ -5,8 +5,8 @@ float64, with the per-example squares formed in >= float32, on every path.
 The oracle is a loop of single-example backward passes of the same model with its
 weights cast to float64. A low-precision forward and backward pass carries ~3
 significant digits, so the documented tolerance (docs/torch.md, "Mixed
-precision") is ``RTOL_LOW`` relative on the loss sum, S and ||sum g||; the count
-is exact.
+precision") is ``RTOL_LOW`` relative on the loss sum and S, ``RTOL_GRAD`` on
+sum g; the count is exact.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from torch import nn
 
 from cabs_core import BatchStats, CABSController, FastPathFallbackWarning
 
-#: documented tolerance (docs/torch.md): low-precision statistics vs the float64 model
-RTOL_LOW = 5e-2
+#: documented tolerances (docs/torch.md): low-precision statistics vs the float64 model, on the
+#: loss sum and S (observed: <= 1e-3), and on grad_sum, the model's own low-precision backward
+#: pass summed over the examples (observed: ~2e-2 for bfloat16)
+RTOL_LOW, RTOL_GRAD = 1e-2, 5e-2
 
 
 def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -72,7 +74,7 @@ def assert_close_to_oracle(got: BatchStats, want: BatchStats) -> None:
         assert abs(g - w) <= RTOL_LOW * abs(w), (name, g, w)
     g = torch.cat([t.double().reshape(-1) for t in got.grad_sum])
     w = torch.cat([t.reshape(-1) for t in want.grad_sum])
-    assert float(torch.linalg.vector_norm(g - w)) <= RTOL_LOW * float(torch.linalg.vector_norm(w))
+    assert float(torch.linalg.vector_norm(g - w)) <= RTOL_GRAD * float(torch.linalg.vector_norm(w))
 
 
 def run(model: nn.Module, method: str, x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None,
