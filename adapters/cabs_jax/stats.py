@@ -10,8 +10,8 @@ time. Everything is traceable: call it inside ``jax.jit``.
 (rebuild the pytree with :func:`grad_tree`).
 
 Precision (docs/jax.md, "Mixed precision"): ``count``, ``loss_sum`` and ``S``
-are accumulated in :func:`stat_dtype` (float64 with ``jax_enable_x64``, else
-float32), whatever the parameters' dtype: a bfloat16 count stops at 256. Squared
+are accumulated in :func:`stat_dtype` (at least float32, float64 for float64
+parameters), whatever the parameters' dtype: a bfloat16 count stopped at 256. Squared
 norms of per-example gradients are formed in at least float32
 (:func:`compute_dtype`); each ``grad_sum`` leaf is accumulated in at least
 float32 and returned in its parameter's dtype (it feeds the update).
@@ -65,10 +65,12 @@ def float_dtype(params: PyTree) -> Any:
 
 
 def stat_dtype(params: PyTree) -> Any:
-    """The dtype of ``count``, ``loss_sum`` and ``S``: float64 where JAX allows it
-    (``jax_enable_x64``), else float32 -- never the parameters' bfloat16/float16."""
-    float_dtype(params)  # validates
-    return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
+    """The dtype of ``count``, ``loss_sum`` and ``S``: the parameters' floating dtype
+    promoted to at least float32 (float32 for bfloat16/float16 and float32
+    parameters, float64 for float64 ones). Not float64 for float32 parameters under
+    ``jax_enable_x64``: the trainer's mean gradient ``grad_sum / count`` would then
+    turn float32 optimizer states into float64 ones."""
+    return compute_dtype(float_dtype(params))
 
 
 def compute_dtype(dtype: Any) -> Any:
