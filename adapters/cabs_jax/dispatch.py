@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from cabs_core import BatchStats, UnsupportedModelError
 
 from .flax_fast import FlaxLoss, fast_stats_unchecked
-from .stats import LossFn, PyTree, batch_size_of, float_dtype, generic_stats
+from .stats import LossFn, PyTree, batch_size_of, generic_stats, stat_dtype
 from .verify import resolve
 
 Method = Literal["auto", "fast", "generic"]
@@ -45,7 +45,7 @@ def batch_stats(
             reason="not a FlaxLoss",
         )
     if batch_size_of(batch) == 0:  # spec section 5: an empty batch has count 0 (the controller skips the step)
-        zero = jnp.zeros((), float_dtype(params))
+        zero = jnp.zeros((), stat_dtype(params))
         return BatchStats(zero, zero, tuple(jnp.zeros_like(p) for p in jax.tree.leaves(params)), zero)
     eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, batch, weights)))
     if method != "generic" and isinstance(loss, FlaxLoss):

@@ -48,7 +48,7 @@ from cabs_core import (
     linear_sq_norms,
 )
 
-from .stats import PyTree, batch_size_of, check_weights, float_dtype, generic_stats
+from .stats import PyTree, batch_size_of, check_weights, compute_dtype, float_dtype, generic_stats, stat_dtype
 
 SUPPORTED = (nn.Dense, nn.Conv, nn.Embed, nn.LayerNorm)
 
@@ -391,7 +391,8 @@ def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, us
     """One forward and backward pass: (BatchStats, parameter gradients, captured
     inputs and output gradients by (path, method), per-example squared norms by path)."""
     m = batch_size_of(batch)
-    dtype = float_dtype(params)
+    dtype = stat_dtype(params)  # count, loss sum and S: >= float32 whatever the parameters' dtype
+    w = jnp.asarray(w).astype(dtype)
     x = floss.inputs(batch)
     zeros = {(u.path, u.method): jnp.zeros(u.y.shape, u.y.dtype) for u in uses}
 
@@ -409,13 +410,16 @@ def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, us
     for u in uses:
         by_path.setdefault(u.path, []).append(u)
     sq_by_path = {}
+    # the norms from activations and output gradients in at least float32 (bfloat16 ones are upcast)
+    wide_grads = {k: b.astype(compute_dtype(b.dtype)) for k, b in out_grads.items()}
     with jax.default_matmul_precision("highest"):  # no reduced-precision (e.g. TF32) products in the norms
         for path, group in by_path.items():
-            sq_by_path[path] = _path_sq_norms(group, inputs, out_grads, m).astype(dtype)
+            sq_by_path[path] = _path_sq_norms(group, inputs, wide_grads, m).astype(dtype)
     sq = sum(sq_by_path.values(), jnp.zeros((m,), dtype))
     # b carries the factor w_i, so the norms carry w_i^2 = w_i for a 0/1 mask
     sq_sum = jnp.sum(jnp.where(w != 0, sq, 0))
-    grad_sum = tuple(g.astype(dtype) for g in jax.tree.leaves(param_grads))
+    leaves = zip(jax.tree.leaves(param_grads), jax.tree.leaves(params))
+    grad_sum = tuple(g.astype(jnp.result_type(p)) for g, p in leaves)  # the parameters' dtypes (they feed the update)
     stats = BatchStats(jnp.sum(w), jnp.sum(w * losses), grad_sum, sq_sum)
     return stats, param_grads, inputs, out_grads, sq_by_path
 
@@ -462,7 +466,7 @@ def fast_stats_unchecked(
     """The fast path without the probe (the caller has established it for this
     signature): only the structural checks of the full batch."""
     m = batch_size_of(batch)
-    w = check_weights(weights, m, float_dtype(params))
+    w = check_weights(weights, m, stat_dtype(params))
     uses = _plan(floss, params, floss.inputs(batch), m)
     return _fast_parts(floss, params, batch, w, uses)[0]
 

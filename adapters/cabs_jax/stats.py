@@ -8,6 +8,13 @@ time. Everything is traceable: call it inside ``jax.jit``.
 
 ``grad_sum`` is a tuple of arrays in the order of ``jax.tree.leaves(params)``
 (rebuild the pytree with :func:`grad_tree`).
+
+Precision (docs/jax.md, "Mixed precision"): ``count``, ``loss_sum`` and ``S``
+are accumulated in :func:`stat_dtype` (at least float32, float64 for float64
+parameters), whatever the parameters' dtype: a bfloat16 count stopped at 256. Squared
+norms of per-example gradients are formed in at least float32
+(:func:`compute_dtype`); each ``grad_sum`` leaf is accumulated in at least
+float32 and returned in its parameter's dtype (it feeds the update).
 """
 
 from __future__ import annotations
@@ -57,6 +64,21 @@ def float_dtype(params: PyTree) -> Any:
     return jnp.result_type(*dts)
 
 
+def stat_dtype(params: PyTree) -> Any:
+    """The dtype of ``count``, ``loss_sum`` and ``S``: the parameters' floating dtype
+    promoted to at least float32 (float32 for bfloat16/float16 and float32
+    parameters, float64 for float64 ones). Not float64 for float32 parameters under
+    ``jax_enable_x64``: the trainer's mean gradient ``grad_sum / count`` would then
+    turn float32 optimizer states into float64 ones."""
+    return compute_dtype(float_dtype(params))
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """``dtype`` promoted to at least float32: where squares of (per-example)
+    gradients and activations are formed and summed."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def grad_tree(stats: BatchStats, params: PyTree) -> PyTree:
     """``stats.grad_sum`` as a pytree shaped like ``params``."""
     return jax.tree.unflatten(jax.tree.structure(params), list(stats.grad_sum))
@@ -86,8 +108,9 @@ def generic_stats(
     examples at a time (None: all m at once).
     """
     m = batch_size_of(batch)
-    dtype = float_dtype(params)
+    dtype = stat_dtype(params)
     w = check_weights(weights, m, dtype)
+    leaves = jax.tree.leaves(params)
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if chunk_size is None or chunk_size >= m:
@@ -108,12 +131,13 @@ def generic_stats(
         loss_sum = loss_sum + jnp.sum(jnp.where(keep, wc * losses.astype(dtype), 0))
         new_grad_sum, sq = [], jnp.zeros((chunk_size,), dtype)
         for acc, g in zip(grad_sum, jax.tree.leaves(grads)):
-            g = jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0).astype(dtype)
-            new_grad_sum.append(acc + jnp.tensordot(wc, g, axes=1))
-            sq = sq + jnp.sum(g.reshape(chunk_size, -1) ** 2, axis=1)
+            g = jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0).astype(acc.dtype)  # >= float32
+            new_grad_sum.append(acc + jnp.tensordot(wc.astype(acc.dtype), g, axes=1))
+            sq = sq + jnp.sum(g.reshape(chunk_size, -1) ** 2, axis=1).astype(dtype)
         return (loss_sum, tuple(new_grad_sum), sq_sum + jnp.sum(wc * sq)), None
 
     zero = jnp.zeros((), dtype)
-    init = (zero, tuple(jnp.zeros(jnp.shape(p), dtype) for p in jax.tree.leaves(params)), zero)
+    init = (zero, tuple(jnp.zeros(jnp.shape(p), compute_dtype(jnp.result_type(p))) for p in leaves), zero)
     (loss_sum, grad_sum, sq_sum), _ = jax.lax.scan(fold, init, (chunks, w_chunks))
+    grad_sum = tuple(g.astype(jnp.result_type(p)) for g, p in zip(grad_sum, leaves))  # the parameters' dtypes
     return BatchStats(jnp.sum(w), loss_sum, grad_sum, sq_sum)

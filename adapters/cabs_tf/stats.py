@@ -315,13 +315,38 @@ def _group_slices(layer: keras.Layer, views: list[tf.Tensor], b: tf.Tensor) -> l
     return [([v[:, :, i * c : (i + 1) * c] for v in views], b[:, :, i * q : (i + 1) * q]) for i in range(g)]
 
 
+def _wide_dtype(dtype: Any) -> tf.DType:
+    """float32 for float16/bfloat16, ``dtype`` otherwise."""
+    dtype = tf.as_dtype(dtype)
+    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+
+
+def _wide(t: tf.Tensor) -> tf.Tensor:
+    """A float16/bfloat16 tensor as float32 (others unchanged): squares and sums of
+    low-precision activations and gradients are formed in >= float32."""
+    return tf.cast(t, tf.float32) if t.dtype in (tf.float16, tf.bfloat16) else t
+
+
+def _wide_calls(calls: list[tuple]) -> list[tuple]:
+    """``(a, z, b, is_projection)`` calls with a and b upcast by :func:`_wide`."""
+    return [(_wide(a), z, _wide(b), proj) for a, z, b, proj in calls]
+
+
+def _stat_dtype(variables: Sequence[Any]) -> tf.DType:
+    """The dtype of count, loss sum and S on the device: float64 if a variable is
+    float64, else float32 (never a mixed-precision policy's float16)."""
+    return tf.float64 if any(tf.as_dtype(v.dtype) == tf.float64 for v in variables) else tf.float32
+
+
 def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int]) -> tf.Tensor:
     """Per-example ||g_i||^2 over this layer's trainable variables, shape (m,).
 
     ``calls``: ``(a, z, b, is_projection)`` per call (``is_projection``: a
     :class:`TiedProjection` use of an Embedding's table). A layer called
     several times (shared weights) has g_i = sum over all calls and
-    positions, so the calls are concatenated along T."""
+    positions, so the calls are concatenated along T. Float16/bfloat16 inputs
+    and output gradients (mixed precision) are upcast to float32 first."""
+    calls = _wide_calls(calls)
     if isinstance(layer, kl.Embedding):
         lookups = [c for c in calls if not c[3]]
         proj = [c for c in calls if c[3]]
@@ -360,10 +385,11 @@ def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tenso
     """The gradient of each of the layer's variables rebuilt from the captured
     per-layer terms, summed over examples and positions: ``{id(variable): grad}``.
     It equals the variable's full gradient only if the captured calls are
-    every use of the variable (the accounting check)."""
+    every use of the variable (the accounting check). Computed in >= float32."""
+    calls = _wide_calls(calls)
     out: dict[int, tf.Tensor] = {}
     if isinstance(layer, kl.Embedding):
-        grad = tf.zeros(layer.embeddings.shape, layer.embeddings.dtype)
+        grad = tf.zeros(layer.embeddings.shape, calls[0][2].dtype)
         for a, _, g, is_projection in calls:
             if is_projection:  # z = h E^T: dE = b^T h
                 grad += tf.matmul(tf.reshape(g, [-1, g.shape[-1]]), tf.reshape(a, [-1, a.shape[-1]]),
@@ -594,7 +620,7 @@ class PerExampleStats:
     ) -> tuple[list[tf.Tensor], tf.Tensor]:
         """``(grad_sum, vector)``: sum_i w_i g_i per variable, and float64
         ``[count, loss_sum, sq_norm_sum, grad_sum_sq_norm]``."""
-        dtype = self.variables[0].dtype
+        dtype = _stat_dtype(self.variables)
         if tf.nest.flatten(x)[0].shape[0] == 0:  # spec section 5: count 0 (the controller skips the step)
             return [tf.zeros_like(v) for v in self.variables], tf.zeros((4,), tf.float64)
         w = _as_mask(mask, _first_dim(x), dtype)
@@ -731,7 +757,7 @@ class PerExampleStats:
             names = [getattr(v, "path", v.name) for v in self.variables]
             fast_s, ref_s = float(fast_s), float(ref_s)
             k = int(tf.nest.flatten(xk)[0].shape[0])
-            rtol = rtol_for(tf.as_dtype(self.variables[0].dtype).name)
+            rtol = self._rtol()
             for name, d, (full, s_v) in zip(names, diffs, scales):
                 check_close(f"the gradient of {name} rebuilt from the layer's captured calls (an unseen use "
                             f"of the weight outside its layer?)", d, accounting_scale(full, k, s_v), rtol,
@@ -751,6 +777,16 @@ class PerExampleStats:
                 f"the fast path's probe failed: {type(e).__name__}: {msg}", reason=f"probe failed: {msg}")
         return None
 
+    def _rtol(self) -> float:
+        """The checks' tolerance: the loosest of the variables' dtypes and, under a
+        mixed-precision policy, the layers' compute dtypes (float16 for ``mixed_float16``)."""
+        names = {tf.as_dtype(v.dtype).name for v in self.variables}
+        if self.model is not None:
+            names |= {tf.as_dtype(layer.compute_dtype).name
+                      for layer in self.model._flatten_layers(include_self=True, recursive=True)
+                      if getattr(layer, "compute_dtype", None) is not None}
+        return max(rtol_for(n) for n in names)
+
     def _fail(self, sig: tuple, e: UnsupportedModelError) -> None:
         """A check failed: raise under ``fast``, else warn once and stay generic."""
         self.verdicts[sig] = e.reason or str(e)
@@ -766,7 +802,7 @@ class PerExampleStats:
         accounting difference on the probe batch, and S from a loop over the
         k single examples. Structural failures raise at trace time."""
         k = int(tf.nest.flatten(xk)[0].shape[0])
-        w = tf.ones([k], self.variables[0].dtype)
+        w = tf.ones([k], _stat_dtype(self.variables))
         losses, total, var_grads, calls = self._capture(xk, yk, w)
         for layer, a, z, _ in calls:
             why = _example_axis_reason(layer, a, z, k)
@@ -824,7 +860,8 @@ class PerExampleStats:
         ]
         with tf.GradientTape() as tape:
             with _Recorder(layers) as rec:
-                losses = self.per_example_loss(x, y)
+                # a float16 loss (mixed precision) is summed in float32: count, loss sum and S never in float16
+                losses = _wide(self.per_example_loss(x, y))
             w = tf.cast(w, losses.dtype)
             total = tf.reduce_sum(w * losses)
         grads = tape.gradient(
@@ -902,7 +939,7 @@ class PerExampleStats:
 
     def _loop(self, xy: tuple[Nest, Nest]) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """Per-example gradients one example at a time (``tf.map_fn``), without pfor."""
-        dtype = self.variables[0].dtype
+        dtype = _stat_dtype(self.variables)
 
         def one(xy1: tuple[Nest, Nest]) -> tuple[tf.Tensor, list[tf.Tensor]]:
             loss, g = self._per_example(xy1)
@@ -939,17 +976,21 @@ class PerExampleStats:
             loss_sum, s, sums = acc
             wk = ws[k]
             losses, g = self._vmap(tf.nest.map_structure(lambda t: t[k], (xs, ys)))
-            wl = tf.cast(wk, losses.dtype)
+            losses = tf.cast(losses, dtype)  # a float16 loss (mixed precision) is summed in float32
+            g = [_wide(gi) for gi in g]  # squares and sums of low-precision gradients in float32
             sums = [a + tf.tensordot(tf.cast(wk, gi.dtype), gi, 1) for a, gi in zip(sums, g)]
-            sq = tf.add_n([tf.reduce_sum(tf.reshape(gi * gi, [c, -1]), axis=1) for gi in g])
-            return loss_sum + tf.reduce_sum(wl * losses), s + tf.reduce_sum(tf.cast(wk, sq.dtype) * sq), sums
+            sq = tf.add_n([tf.cast(tf.reduce_sum(tf.reshape(gi * gi, [c, -1]), axis=1), dtype) for gi in g])
+            wd = tf.cast(wk, dtype)
+            return loss_sum + tf.reduce_sum(wd * losses), s + tf.reduce_sum(wd * sq), sums
 
-        dtype = self.variables[0].dtype
-        acc = (tf.zeros([], dtype), tf.zeros([], dtype), [tf.zeros(v.shape, v.dtype) for v in self.variables])
+        dtype = _stat_dtype(self.variables)
+        acc = (tf.zeros([], dtype), tf.zeros([], dtype),
+               [tf.zeros(v.shape, _wide_dtype(v.dtype)) for v in self.variables])  # grad_sum in >= float32
         if n == 1:
             loss_sum, s, sums = chunk(tf.constant(0), acc)
         else:
             _, (loss_sum, s, sums) = tf.while_loop(
                 lambda k, _: k < n, lambda k, a: (k + 1, chunk(k, a)), (tf.constant(0), acc)
             )
-        return tf.reduce_sum(w), loss_sum, list(sums), s
+        sums = [tf.cast(t, v.dtype) for t, v in zip(sums, self.variables)]  # grad_sum in the variables' dtypes
+        return tf.reduce_sum(tf.cast(w, dtype)), loss_sum, sums, s

@@ -73,8 +73,10 @@ from .sums import (
     _batch_size,
     _check_losses,
     _count_and_loss,
+    _full_precision,
     _LossShapeError,
     _stat_dtype,
+    _wide,
     functional_state,
     layer_sq_norm_sums,
     tied_layers_sq_norm_sums,
@@ -255,6 +257,13 @@ class _TieGroup:
         return tied_layers_sq_norm_sums(calls, owners, chunk_elements)
 
 
+def _autocast_rtol(device: torch.device) -> float:
+    """The checks' tolerance for the dtype autocast computes in on ``device`` (0.0 when it is off)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device.type):
+        return rtol_for(str(torch.get_autocast_dtype(device.type)))
+    return 0.0
+
+
 @dataclass(frozen=True)
 class _ViewOf:
     """Where a layer's output lies in the tensor it is a view of (its base)."""
@@ -336,7 +345,8 @@ def _generic(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     device = params[0].device
     dtype = _stat_dtype(device)
-    sums = [] if sq_only else [torch.zeros_like(p) for p in params]
+    # grad_sum accumulated in >= float32 over the chunks, returned in each parameter's dtype
+    sums = [] if sq_only else [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]
     sq = torch.zeros((), dtype=dtype, device=device)
     all_losses = []
     per_example = looped if model in _VMAP_FAILED else batched
@@ -357,15 +367,17 @@ def _generic(
         all_losses.append(losses)
         n = losses.shape[0]
         w = None if weights is None else weights[sl]
-        for k, name in enumerate(names):
-            gk = g[name]
-            gw = gk if w is None else gk * w.to(gk.dtype).reshape((n,) + (1,) * (gk.dim() - 1))
-            if not sq_only:
-                sums[k] += gw.sum(0)
-            sq = sq + torch.dot(gw.reshape(-1), gk.reshape(-1)).to(dtype)
+        with _full_precision(sq):
+            for k, name in enumerate(names):
+                gk = _wide(g[name])  # squares of bfloat16/float16 gradients in float32
+                gw = gk if w is None else gk * w.to(gk.dtype).reshape((n,) + (1,) * (gk.dim() - 1))
+                if not sq_only:
+                    sums[k] += gw.sum(0)
+                sq = sq + torch.dot(gw.reshape(-1), gk.reshape(-1)).to(dtype)
         del g
     losses = torch.cat(all_losses)
-    return _count_and_loss(losses, weights, dtype) + (tuple(sums), sq)
+    grad_sums = tuple(t.to(p.dtype) for t, p in zip(sums, params))
+    return _count_and_loss(losses, weights, dtype) + (grad_sums, sq)
 
 
 def _loop_sq_norm_sum(model: nn.Module, loss_fn: LossFn, inputs: tuple[Any, ...], targets: Any,
@@ -380,7 +392,9 @@ def _loop_sq_norm_sum(model: nn.Module, loss_fn: LossFn, inputs: tuple[Any, ...]
         _check_losses(losses, 1)
         for g in torch.autograd.grad(losses[0], params, allow_unused=True):
             if g is not None:
-                sq = sq + torch.dot(g.reshape(-1), g.reshape(-1)).to(dtype)
+                g = _wide(g).reshape(-1)
+                with _full_precision(g):
+                    sq = sq + torch.dot(g, g).to(dtype)
     return sq
 
 
@@ -673,9 +687,11 @@ class PerExampleStats:
                 fast_s, generic_s = float(sq), float(generic)  # the probe's host transfer
                 if not (math.isfinite(fast_s) and math.isfinite(generic_s)):
                     return None
-                self._check_accounting(plan, grads, kept, k)
+                rtol = max(plan.rtol, _autocast_rtol(plan.params[0].device))  # autocast: its dtype's tolerance
+                with _full_precision(plan.params[0]):
+                    self._check_accounting(plan, grads, kept, k, rtol)
                 check_close(f"S on a probe batch of {k} examples (fast vs generic)", abs(fast_s - generic_s),
-                            abs(generic_s), plan.rtol)
+                            abs(generic_s), rtol)
             except UnsupportedModelError as err:
                 if isinstance(err, BatchNormTrainingError):
                     raise
@@ -708,7 +724,7 @@ class PerExampleStats:
 
     @staticmethod
     def _check_accounting(plan: _Plan, grads: tuple[Tensor | None, ...], kept: dict[_Record, list[Any]],
-                          k: int) -> None:
+                          k: int, rtol: float) -> None:
         """Each parameter's gradient rebuilt from its layers' captured terms equals
         its full gradient: a difference is a use the fast path does not see."""
         for p, g, owners, name in zip(plan.params, grads, plan.owners, plan.names):
@@ -716,10 +732,10 @@ class PerExampleStats:
             uses: list[Piece] = []
             for rec, pname in owners:
                 for a, b in kept.get(rec, []):
-                    piece = rec.rule(rec.mod, a, b).get(pname)
+                    piece = rec.rule(rec.mod, _wide(a), _wide(b)).get(pname)
                     if piece is not None:
                         uses.append(piece)
-            full = torch.zeros_like(p) if g is None else g.detach()
+            full = _wide(torch.zeros_like(p) if g is None else g.detach())
             rebuilt = None
             for piece in uses:
                 term = piece_grad_sum(piece, k, shape).to(full.dtype)
@@ -735,7 +751,7 @@ class PerExampleStats:
             s_param = float(tied_sq_norm_sum(uses, k, shape)) if uses else 0.0
             diff = float(torch.linalg.vector_norm(full if rebuilt is None else rebuilt - full))
             check_close(f"the gradient of {name!r} rebuilt from its layers' captured terms (a use outside "
-                        f"the layer?)", diff, accounting_scale(full_norm, k, s_param), plan.rtol, layer=name)
+                        f"the layer?)", diff, accounting_scale(full_norm, k, s_param), rtol, layer=name)
 
     @staticmethod
     def _check_compiled_calls(plan: _Plan, structure: list[_Call]) -> None:

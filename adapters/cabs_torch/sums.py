@@ -5,6 +5,7 @@ at import time (issue 13: they imported each other)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -79,17 +80,19 @@ def tied_layers_sq_norm_sums(calls: dict[nn.Module, list[tuple[Tensor, Tensor]]]
     work = sum(_work_per_example(mod, a, b) for mod, c in live.items() for a, b in c)
     step = max(1, min(n, chunk_elements // max(1, work)))
     totals = []
-    for s in range(0, n, step):
-        pieces = {}
-        for mod, c in live.items():
-            rule = rule_for(mod)
-            assert rule is not None  # the layers were chosen by rule_for
-            pieces[mod] = combine_pieces([rule(mod, a[s : s + step], b[s : s + step]) for a, b in c])
-        rows = min(n, s + step) - s
-        for shape, owners in params:
-            uses = [pieces[mod][name] for mod, name in owners if mod in pieces and name in pieces[mod]]
-            if uses:
-                totals.append(tied_sq_norm_sum(uses, rows, shape))
+    with _full_precision(next(iter(live.values()))[0][1]):
+        for s in range(0, n, step):
+            pieces = {}
+            for mod, c in live.items():
+                rule = rule_for(mod)
+                assert rule is not None  # the layers were chosen by rule_for
+                pieces[mod] = combine_pieces([rule(mod, _wide(a[s : s + step]), _wide(b[s : s + step]))
+                                              for a, b in c])
+            rows = min(n, s + step) - s
+            for shape, owners in params:
+                uses = [pieces[mod][name] for mod, name in owners if mod in pieces and name in pieces[mod]]
+                if uses:
+                    totals.append(tied_sq_norm_sum(uses, rows, shape))
     return totals
 
 
@@ -98,17 +101,34 @@ def layer_sq_norm_sums(mod: Any, rule: Rule, inputs: list[Tensor], grads: list[T
     """One layer's share of S, as 0-d tensors to add up, from its calls' inputs
     and output gradients (the calls whose output reached the loss): the
     rank-one formula for a Linear layer called once on (m, p) inputs, the
-    layer's rule in chunks of examples otherwise."""
-    if len(inputs) == 1 and isinstance(mod, nn.Linear) and inputs[0].dim() == 2:
-        return [linear_rank_one_sq_sum(mod, inputs[0], grads[0])]
-    n = inputs[0].shape[0]
-    per_example = sum(_work_per_example(mod, a, b) for a, b in zip(inputs, grads))
-    step = max(1, min(n, chunk_elements // max(1, per_example)))
-    totals = []
-    for s in range(0, n, step):
-        pieces = combine_pieces([rule(mod, a[s : s + step], b[s : s + step]) for a, b in zip(inputs, grads)])
-        totals.extend(piece_sq_norm_sum(piece) for piece in pieces.values())
-    return totals
+    layer's rule in chunks of examples otherwise. Low-precision (bfloat16,
+    float16) inputs and gradients are upcast to float32 chunk by chunk, and
+    autocast is off, so the squares and their sums are formed in >= float32."""
+    with _full_precision(grads[0]):
+        if len(inputs) == 1 and isinstance(mod, nn.Linear) and inputs[0].dim() == 2:
+            return [linear_rank_one_sq_sum(mod, _wide(inputs[0]), _wide(grads[0]))]
+        n = inputs[0].shape[0]
+        per_example = sum(_work_per_example(mod, a, b) for a, b in zip(inputs, grads))
+        step = max(1, min(n, chunk_elements // max(1, per_example)))
+        totals = []
+        for s in range(0, n, step):
+            pieces = combine_pieces([rule(mod, _wide(a[s : s + step]), _wide(b[s : s + step]))
+                                     for a, b in zip(inputs, grads)])
+            totals.extend(piece_sq_norm_sum(piece) for piece in pieces.values())
+        return totals
+
+
+def _wide(t: Tensor) -> Tensor:
+    """A floating tensor of fewer than 32 bits (bfloat16, float16) as float32; others unchanged."""
+    return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
+
+
+def _full_precision(t: Tensor) -> Any:
+    """A context in which autocast (``torch.autocast`` around the user's call) is off on
+    ``t``'s device, so that the statistics' products run in their operands' dtypes."""
+    if t.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _work_per_example(mod: nn.Module, a: Tensor, b: Tensor) -> int:
