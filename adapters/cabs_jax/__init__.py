@@ -14,7 +14,7 @@ from cabs_core import FastPathFallbackWarning, UnsupportedModelError
 from cabs_core.exactness import VERIFY_EVERY
 
 from .dispatch import Method, PerExampleStats, batch_stats
-from .flax_fast import BatchNormTrainingError, FlaxLoss, UnsupportedLayerError, fast_stats, is_supported
+from .flax_fast import BatchNormTrainingError, FlaxLoss, fast_stats, is_supported
 from .stats import generic_stats, grad_tree
 from .train import CABSTrainer, TrainState
 
@@ -26,7 +26,6 @@ __all__ = [
     "Method",
     "PerExampleStats",
     "TrainState",
-    "UnsupportedLayerError",
     "UnsupportedModelError",
     "VERIFY_EVERY",
     "batch_stats",

@@ -17,10 +17,10 @@ Method = Literal["auto", "fast", "generic"]
 
 
 def batch_stats(
-    loss: LossFn,
+    loss_fn: LossFn,
     params: PyTree,
     batch: PyTree,
-    weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
     *,
     method: Method = "auto",
     chunk_size: int | None = None,
@@ -31,29 +31,29 @@ def batch_stats(
     Dense/Conv/Embed/LayerNorm layers and whose per-example decomposition the
     probe establishes for this input signature (:mod:`cabs_jax.verify`); else
     it raises :class:`~cabs_core.UnsupportedModelError` naming the layer and the
-    reason. ``"generic"`` works for any ``loss(params, example)``; ``"auto"``
+    reason. ``"generic"`` works for any ``loss_fn(params, example)``; ``"auto"``
     takes the fast path where it is established, else the generic path (one
     :class:`~cabs_core.FastPathFallbackWarning` per signature). ``chunk_size``
     bounds the generic path's memory. Traceable: call it inside ``jax.jit``.
     """
     if method not in ("auto", "fast", "generic"):
         raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
-    if method == "fast" and not isinstance(loss, FlaxLoss):
+    if method == "fast" and not isinstance(loss_fn, FlaxLoss):
         raise UnsupportedModelError(
             f"method='fast' needs a cabs_jax.FlaxLoss (a linen module and a per-example output loss), "
-            f"got {type(loss).__name__}; use method='generic' for other loss functions",
+            f"got {type(loss_fn).__name__}; use method='generic' for other loss functions",
             reason="not a FlaxLoss",
         )
     if batch_size_of(batch) == 0:  # spec section 5: an empty batch has count 0 (the controller skips the step)
         zero = jnp.zeros((), stat_dtype(params))
         return BatchStats(zero, zero, tuple(jnp.zeros_like(p) for p in jax.tree.leaves(params)), zero)
-    eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, batch, weights)))
-    if method != "generic" and isinstance(loss, FlaxLoss):
-        if resolve(loss, params, batch, weights, method) == "fast":
-            return (_fast_jit if eager else fast_stats_unchecked)(loss, params, batch, weights)
+    eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, batch, mask)))
+    if method != "generic" and isinstance(loss_fn, FlaxLoss):
+        if resolve(loss_fn, params, batch, mask, method) == "fast":
+            return (_fast_jit if eager else fast_stats_unchecked)(loss_fn, params, batch, mask)
     if eager:  # one compiled program rather than one dispatch per operation
-        return _generic_jit(loss, params, batch, weights, chunk_size=chunk_size)
-    return generic_stats(loss, params, batch, weights, chunk_size=chunk_size)
+        return _generic_jit(loss_fn, params, batch, mask, chunk_size=chunk_size)
+    return generic_stats(loss_fn, params, batch, mask, chunk_size=chunk_size)
 
 
 _fast_jit = jax.jit(fast_stats_unchecked, static_argnums=0)

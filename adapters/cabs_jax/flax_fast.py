@@ -57,7 +57,6 @@ SUPPORTED = (nn.Dense, nn.Conv, nn.Embed, nn.LayerNorm)
 METHODS = {"Dense": ("__call__",), "Conv": ("__call__",), "Embed": ("__call__", "attend"), "LayerNorm": ("__call__",)}
 
 #: the adapter's former error name, kept importable: the core's error
-UnsupportedLayerError = UnsupportedModelError
 
 
 def _unsupported(where: str, reason: str) -> UnsupportedModelError:
@@ -497,4 +496,4 @@ def is_supported(floss: FlaxLoss, params: PyTree, batch: PyTree) -> tuple[bool, 
     return True, None
 
 
-__all__ = ["BatchNormTrainingError", "FlaxLoss", "UnsupportedLayerError", "fast_stats", "is_supported"]
+__all__ = ["BatchNormTrainingError", "FlaxLoss", "fast_stats", "is_supported"]

@@ -56,8 +56,9 @@ def _host_vector(stats: BatchStats, params: PyTree, opt_state: PyTree,
 def _update(params: PyTree, opt_state: PyTree, stats: BatchStats, lr: jax.Array,
             optimizer: optax.GradientTransformation | None) -> tuple[PyTree, PyTree]:
     """theta <- theta - lr g_bar, or ``optimizer`` fed g_bar = grad_sum / count."""
-    inv_m = 1 / jnp.maximum(stats.count, 1)
+    inv_m = 1 / jnp.maximum(stats.count, 1)  # count in >= float32: g_bar back in each parameter's dtype
     g = jax.tree.unflatten(jax.tree.structure(params), [g * inv_m for g in stats.grad_sum])
+    g = jax.tree.map(lambda gi, p: gi.astype(p.dtype), g, params)
     if optimizer is None:
         return jax.tree.map(lambda p, gi: p - (lr * gi).astype(p.dtype), params, g), opt_state
     updates, opt_state = optimizer.update(g, opt_state, params)

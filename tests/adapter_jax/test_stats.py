@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cabs_jax import BatchNormTrainingError, FlaxLoss, UnsupportedLayerError
+from cabs_jax import BatchNormTrainingError, FlaxLoss, UnsupportedModelError
 from jax_test_models import MLP, EmbedLN, PaperCNN, assert_stats_close, cross_entropy, init_f64, loop_oracle
 
 from cabs_core import FastPathFallbackWarning
@@ -90,7 +90,7 @@ def test_generic_path_on_a_plain_function() -> None:
     tree = cabs_jax.grad_tree(got, params)
     total_grad = jax.grad(lambda p: jnp.sum(jax.vmap(loss, (None, 0))(p, batch)))(params)
     np.testing.assert_allclose(tree["w2"], total_grad["w2"])
-    with pytest.raises(UnsupportedLayerError, match="FlaxLoss"):
+    with pytest.raises(UnsupportedModelError, match="FlaxLoss"):
         cabs_jax.batch_stats(loss, params, batch, method="fast")
 
 
@@ -127,7 +127,7 @@ def test_unknown_layers_fall_back_or_are_refused() -> None:
         floss = FlaxLoss(module, cross_entropy)
         params = init_f64(module, batch[0][:1])
         assert cabs_jax.is_supported(floss, params, batch)[0] is False
-        with pytest.raises(UnsupportedLayerError, match=why):
+        with pytest.raises(UnsupportedModelError, match=why):
             cabs_jax.batch_stats(floss, params, batch, method="fast")
         # "auto" falls back to the generic path: still exact
         with pytest.warns(FastPathFallbackWarning, match=why):
@@ -159,7 +159,7 @@ def test_batchnorm_training_is_refused_eval_is_exact() -> None:
         with pytest.raises(BatchNormTrainingError, match="use_running_average=True.*group_variance"):
             cabs_jax.batch_stats(train, params, batch, method=method)
     evaluation = FlaxLoss(WithBatchNorm(train=False), cross_entropy, collections=stats)
-    with pytest.raises(UnsupportedLayerError, match="BatchNorm_0/"):
+    with pytest.raises(UnsupportedModelError, match="BatchNorm_0/"):
         cabs_jax.batch_stats(evaluation, params, batch, method="fast")
     got = jax.jit(lambda p, b: cabs_jax.batch_stats(evaluation, p, b))(params, batch)
     assert_stats_close(got, loop_oracle(evaluation, params, batch))

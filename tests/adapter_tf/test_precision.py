@@ -19,12 +19,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from cabs_tf import PerExampleStats
 from keras import ops
-
-try:
-    from cabs_tf import PerExampleStats as StatsStep  # the name on main since issue 13
-except ImportError:  # this branch's name (before the rename)
-    from cabs_tf import StatsStep
 
 from cabs_core import FastPathFallbackWarning
 
@@ -103,7 +99,7 @@ def test_mixed_float16_matches_float64_oracle(case: str) -> None:
     for method, graph in (("fast", False), ("generic", False), ("auto", False), ("fast", True), ("generic", True)):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FastPathFallbackWarning)  # auto must not fall back
-            step = StatsStep(model, loss, method=method)
+            step = PerExampleStats(model, loss, method=method)
             if graph:  # traced: the probe runs at trace time on synthetic inputs
                 step = tf.function(step, autograph=False)
             grads, vector = step(tf.constant(x), tf.constant(y))
