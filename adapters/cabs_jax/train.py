@@ -23,6 +23,7 @@ from cabs_core.loop import CHECK_EVERY, CABSLoop, MicroBatch, RunState, check_ar
 from cabs_core.stats import combine, reduce_stats
 
 from .dispatch import Method, PerExampleStats
+from .nnx import trainable_state
 from .stats import LossFn, PyTree, batch_size_of
 
 
@@ -87,7 +88,6 @@ class _Backend:
         return batch_size_of(source)
 
     def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
-        self._model = model  # for the learning rate read in scalars
         path = self.t.stats.path(model[0], batch, micro.mask, reprobe=verify)
         return self.stats_fn(model[0], batch, micro.mask, path=path)
 
@@ -119,7 +119,7 @@ class _Backend:
 class CABSTrainer:
     """SGD (or an optax optimizer) with CABS batch sizes on ``data`` (a pytree, leading axis = examples).
 
-    loss_fn: ``loss_fn(params, example) -> scalar`` or a :class:`cabs_jax.FlaxLoss`; method,
+    loss_fn: ``loss_fn(params, example) -> scalar``, a :class:`cabs_jax.FlaxLoss` or :class:`cabs_jax.NNXLoss`; method,
     chunk_size: as :class:`PerExampleStats`. optimizer: None for theta <- theta - lr g_bar at
     ``controller.lr``, or an optax transformation fed g_bar built with
     ``optax.inject_hyperparams(...)(learning_rate=...)``, whose rate (after its schedule) is the one
@@ -159,7 +159,8 @@ class CABSTrainer:
         check_learning_rate(self.controller, float(_next_lr(params, opt_state, self.optimizer)))  # once, eagerly
 
     def init(self, params: PyTree) -> TrainState:
-        """The state before the first step."""
+        """The state before the first step (with a :class:`cabs_jax.NNXLoss`, ``params`` may be the ``nnx.Module``)."""
+        params = trainable_state(self.stats.loss_fn, params)
         opt_state = () if self.optimizer is None else self.optimizer.init(params)
         if self.optimizer is not None:
             self._check_lr(params, opt_state)
@@ -168,6 +169,7 @@ class CABSTrainer:
 
     def step(self, state: TrainState) -> tuple[TrainState, StepInfo]:
         """One CABS step with ``state.controller.batch_size`` examples (:meth:`CABSLoop.step`)."""
+        self.backend._model = (state.params, state.opt_state)  # for the rate read in scalars (every backend)
         run, (params, opt_state), info = self.loop.step(
             RunState(state.controller, state.sampler), (state.params, state.opt_state), self.data)
         return TrainState(params, opt_state, run.controller, run.sampler), info  # type: ignore[arg-type]
