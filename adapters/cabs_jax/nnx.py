@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cabs_core import UnsupportedModelError
+from cabs_core import ConfigError, UnsupportedModelError
 
 from .flax_fast import BatchNormTrainingError
 
@@ -97,6 +97,21 @@ class NNXLoss:
         return self.module
 
 
+def optax_of(optimizer: Any) -> Any:
+    """The optax transformation of a fresh ``nnx.Optimizer`` (its ``tx``); anything else is returned as is.
+
+    The trainer keeps the optimizer state in its :class:`cabs_jax.TrainState`, so an ``nnx.Optimizer``
+    that has already stepped (its state would be dropped) is refused."""
+    if not isinstance(optimizer, nnx.Optimizer):
+        return optimizer
+    steps = int(optimizer.step[...])
+    if steps != 0:
+        raise ConfigError("optimizer", f"this nnx.Optimizer has already taken {steps} steps: the trainer starts "
+                          "its own optimizer state and would drop that one; pass a fresh nnx.Optimizer or its "
+                          "optax transformation (optimizer.tx)")
+    return optimizer.tx
+
+
 def trainable_state(loss_fn: Any, params: PyTree) -> PyTree:
     """``params`` as a pytree: an ``nnx.Module`` (with an :class:`NNXLoss`) becomes its state of the loss's
     ``wrt`` filter; anything else is returned as is."""
@@ -108,4 +123,4 @@ def trainable_state(loss_fn: Any, params: PyTree) -> PyTree:
     return nnx.state(params, loss_fn.wrt)
 
 
-__all__ = ["NNXLoss", "trainable_state"]
+__all__ = ["NNXLoss", "optax_of", "trainable_state"]

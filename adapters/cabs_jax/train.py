@@ -23,7 +23,7 @@ from cabs_core.loop import CHECK_EVERY, CABSLoop, MicroBatch, RunState, check_ar
 from cabs_core.stats import combine, reduce_stats
 
 from .dispatch import Method, PerExampleStats
-from .nnx import trainable_state
+from .nnx import optax_of, trainable_state
 from .stats import LossFn, PyTree, batch_size_of
 
 
@@ -122,9 +122,10 @@ class CABSTrainer:
     loss_fn: ``loss_fn(params, example) -> scalar``, a :class:`cabs_jax.FlaxLoss` or :class:`cabs_jax.NNXLoss`; method,
     chunk_size: as :class:`PerExampleStats`. optimizer: None for theta <- theta - lr g_bar at
     ``controller.lr``, or an optax transformation fed g_bar built with
-    ``optax.inject_hyperparams(...)(learning_rate=...)``, whose rate (after its schedule) is the one
-    the controller couples to; it must start at ``controller.lr``. buckets, seed, max_micro_batch,
-    verify_every: as :class:`cabs_core.loop.CABSLoop`. ``traces`` counts compilations of the statistics.
+    ``optax.inject_hyperparams(...)(learning_rate=...)`` (or a fresh ``nnx.Optimizer`` of one), whose rate
+    (after its schedule) is the one the controller couples to; it must start at ``controller.lr``.
+    buckets, seed, max_micro_batch, verify_every: as :class:`cabs_core.loop.CABSLoop`. ``traces`` counts
+    compilations of the statistics.
     """
 
     _backend, _check_every = _Backend, CHECK_EVERY  # the data-parallel trainer sets its own
@@ -136,6 +137,7 @@ class CABSTrainer:
         verify_every: int | None = VERIFY_EVERY,
     ) -> None:
         self.stats = PerExampleStats(loss_fn, method=method, chunk_size=chunk_size)
+        optimizer = optax_of(optimizer)  # a fresh nnx.Optimizer: its optax transformation
         self.controller, self.data, self.optimizer, self.traces = controller, data, optimizer, 0
         self.backend = self._backend(self)
         self.loop = CABSLoop(self.backend, controller, num_examples=batch_size_of(data), seed=seed, buckets=buckets,

@@ -14,7 +14,14 @@ from cabs_jax import CABSTrainer, DataParallelCABSTrainer, NNXLoss, data_mesh
 from flax import nnx
 from jax_test_models import assert_stats_close, cross_entropy, loop_oracle
 
-from cabs_core import BatchNormTrainingError, CABSController, SamplerState, UnsupportedModelError, next_batch
+from cabs_core import (
+    BatchNormTrainingError,
+    CABSController,
+    ConfigError,
+    SamplerState,
+    UnsupportedModelError,
+    next_batch,
+)
 
 F64 = jnp.float64
 
@@ -150,8 +157,8 @@ def test_checkpoint_round_trip_with_momentum_resumes_the_same_run(tmp_path) -> N
     momentum = optax.inject_hyperparams(optax.sgd)(learning_rate=0.2, momentum=0.9)
     controller = CABSController(lr=0.2, bs_min=3, bs_max=40, c=20.0)
 
-    def trainer() -> CABSTrainer:
-        return CABSTrainer(loss, controller, (x, y), optimizer=momentum, seed=11)
+    def trainer(optimizer=momentum) -> CABSTrainer:
+        return CABSTrainer(loss, controller, (x, y), optimizer=optimizer, seed=11)
 
     t1 = trainer()
     state, sizes = t1.init(loss.params), []
@@ -161,8 +168,9 @@ def test_checkpoint_round_trip_with_momentum_resumes_the_same_run(tmp_path) -> N
             saved = state
         state, info = t1.step(state)
         sizes.append(info.batch_size)
-    t2 = trainer()
-    like = t2.init(NNXLoss(NNXMLP(nnx.Rngs(9)), cross_entropy).params)  # other values, same structure
+    other = NNXMLP(nnx.Rngs(9))  # other values, same structure; a fresh nnx.Optimizer stands for its tx
+    t2 = trainer(nnx.Optimizer(other, momentum, wrt=nnx.Param))
+    like = t2.init(NNXLoss(other, cross_entropy).params)
     resumed = t2.restore(tmp_path / "nnx.npz", like)
     assert resumed.controller == saved.controller and resumed.sampler == saved.sampler
     got, want = (resumed.params, resumed.opt_state), (saved.params, saved.opt_state)
@@ -189,3 +197,14 @@ def test_data_parallel_trainer_on_a_one_device_mesh_matches_the_single_device_tr
     for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-13)
     assert dataclasses.asdict(s1.controller) == dataclasses.asdict(s2.controller)
+
+
+def test_an_nnx_optimizer_that_has_stepped_is_refused() -> None:
+    model = NNXMLP(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), wrt=nnx.Param)
+    x, y = data(20, (4,), 3)
+    loss = NNXLoss(model, cross_entropy)
+    assert CABSTrainer(loss, CABSController(0.1, 4, 16), (x, y), optimizer=opt).optimizer is opt.tx
+    opt.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+    with pytest.raises(ConfigError, match="already taken 1 steps"):
+        CABSTrainer(loss, CABSController(0.1, 4, 16), (x, y), optimizer=opt)
