@@ -84,6 +84,33 @@ def test_mlp_statistics_equal_a_float64_loop_and_an_nnx_free_loss() -> None:
                                [float(mlp_by_hand(loss.params, (x[i], y[i]))) for i in range(9)], rtol=1e-12)
 
 
+class Tied(nnx.Module):
+    """One Linear applied twice (shared weights) and a bare nnx.Param scale: uses NNX keeps in one state entry."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.lin = nnx.Linear(3, 3, param_dtype=F64, rngs=rngs)
+        self.scale = nnx.Param(jnp.asarray([1.5, -0.5, 2.0], F64))
+        self.alias = self.lin  # the same layer under two names
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.alias(jnp.tanh(self.lin(x))) * self.scale
+
+
+def test_shared_layers_and_bare_params_equal_an_nnx_free_loop() -> None:
+    loss = NNXLoss(Tied(nnx.Rngs(4)), cross_entropy)
+    assert len(jax.tree.leaves(loss.params)) == 3  # kernel, bias (once), scale
+
+    def by_hand(p, example):
+        lin = p["alias"] if "alias" in p else p["lin"]  # the shared layer is stored once, under one of its names
+        k, b, s = lin["kernel"][...], lin["bias"][...], p["scale"][...]
+        return cross_entropy((jnp.tanh(example[0] @ k + b) @ k + b) * s, example)
+
+    x, y = data(6, (3,), 3, seed=3)
+    batch, mask = (jnp.asarray(x), jnp.asarray(y)), np.array([1, 1, 1, 0, 1, 1], np.float64)
+    want = loop_oracle(by_hand, loss.params, batch, mask)
+    assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask), want)
+
+
 def test_cnn_with_eval_batchnorm_equals_a_float64_loop() -> None:
     model = NNXCNN(nnx.Rngs(1))
     loss = NNXLoss(model, cross_entropy)
