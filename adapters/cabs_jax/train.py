@@ -88,6 +88,7 @@ class _Backend:
         return batch_size_of(source)
 
     def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
+        self._model = model  # for the learning rate read in scalars
         path = self.t.stats.path(model[0], batch, micro.mask, reprobe=verify)
         return self.stats_fn(model[0], batch, micro.mask, path=path)
 
@@ -171,7 +172,7 @@ class CABSTrainer:
 
     def step(self, state: TrainState) -> tuple[TrainState, StepInfo]:
         """One CABS step with ``state.controller.batch_size`` examples (:meth:`CABSLoop.step`)."""
-        self.backend._model = (state.params, state.opt_state)  # for the rate read in scalars (every backend)
+        self.backend._model = (state.params, state.opt_state)  # also for backends whose statistics() don't set it
         run, (params, opt_state), info = self.loop.step(
             RunState(state.controller, state.sampler), (state.params, state.opt_state), self.data)
         return TrainState(params, opt_state, run.controller, run.sampler), info  # type: ignore[arg-type]
