@@ -2,7 +2,8 @@
 
 Exact per-step statistics of docs/spec.md section 4 under ``jax.jit`` (the generic
 ``vmap(grad)`` path for any ``loss(params, example)``, and a fast path for
-Flax linen models of Dense/Conv/Embed/LayerNorm layers), batches padded to a
+Flax linen models of Dense/Conv/Embed/LayerNorm layers; Flax NNX
+modules through :class:`NNXLoss` on the generic path), batches padded to a
 few bucket sizes with a 0/1 mask so that each bucket compiles once, and a
 trainer built on :class:`cabs_core.loop.CABSLoop` (:class:`CABSTrainer`, :class:`DataParallelCABSTrainer`).
 See ``docs/jax.md``.
@@ -15,6 +16,7 @@ from cabs_core.exactness import VERIFY_EVERY
 
 from .dispatch import Method, PerExampleStats, batch_stats
 from .flax_fast import BatchNormTrainingError, FlaxLoss, fast_stats, is_supported
+from .nnx import NNXLoss
 from .stats import generic_stats, grad_tree
 from .train import CABSTrainer, TrainState
 
@@ -24,6 +26,7 @@ __all__ = [
     "FastPathFallbackWarning",
     "FlaxLoss",
     "Method",
+    "NNXLoss",
     "PerExampleStats",
     "TrainState",
     "UnsupportedModelError",

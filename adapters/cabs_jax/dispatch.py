@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from cabs_core import BatchStats, UnsupportedModelError
 
 from .flax_fast import FlaxLoss, fast_stats_unchecked
+from .nnx import NNXLoss, trainable_state
 from .stats import LossFn, PyTree, batch_size_of, generic_stats, stat_dtype
 from .verify import resolve
 
@@ -35,9 +36,17 @@ def batch_stats(
     takes the fast path where it is established, else the generic path (one
     :class:`~cabs_core.FastPathFallbackWarning` per signature). ``chunk_size``
     bounds the generic path's memory. Traceable: call it inside ``jax.jit``.
+    With an :class:`NNXLoss`, ``params`` is its trainable ``nnx.State`` (or the ``nnx.Module``
+    itself, whose state of the loss's ``wrt`` filter is read); NNX models take the generic path.
     """
     if method not in ("auto", "fast", "generic"):
         raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
+    params = trainable_state(loss_fn, params)
+    if method == "fast" and isinstance(loss_fn, NNXLoss):
+        raise UnsupportedModelError(
+            "method='fast' is not available for Flax NNX models yet (cabs_jax.NNXLoss): their statistics "
+            "are computed on the exact generic path; use method='auto' or 'generic'",
+            layer=type(loss_fn.module).__name__, reason="no fast path for NNX models")
     if method == "fast" and not isinstance(loss_fn, FlaxLoss):
         raise UnsupportedModelError(
             f"method='fast' needs a cabs_jax.FlaxLoss (a linen module and a per-example output loss), "

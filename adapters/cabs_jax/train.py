@@ -23,6 +23,7 @@ from cabs_core.loop import CHECK_EVERY, CABSLoop, MicroBatch, RunState, check_ar
 from cabs_core.stats import combine, reduce_stats
 
 from .dispatch import Method, PerExampleStats
+from .nnx import optax_of, trainable_state
 from .stats import LossFn, PyTree, batch_size_of
 
 
@@ -119,12 +120,13 @@ class _Backend:
 class CABSTrainer:
     """SGD (or an optax optimizer) with CABS batch sizes on ``data`` (a pytree, leading axis = examples).
 
-    loss_fn: ``loss_fn(params, example) -> scalar`` or a :class:`cabs_jax.FlaxLoss`; method,
+    loss_fn: ``loss_fn(params, example) -> scalar``, a :class:`cabs_jax.FlaxLoss` or :class:`cabs_jax.NNXLoss`; method,
     chunk_size: as :class:`PerExampleStats`. optimizer: None for theta <- theta - lr g_bar at
     ``controller.lr``, or an optax transformation fed g_bar built with
-    ``optax.inject_hyperparams(...)(learning_rate=...)``, whose rate (after its schedule) is the one
-    the controller couples to; it must start at ``controller.lr``. buckets, seed, max_micro_batch,
-    verify_every: as :class:`cabs_core.loop.CABSLoop`. ``traces`` counts compilations of the statistics.
+    ``optax.inject_hyperparams(...)(learning_rate=...)`` (or a fresh ``nnx.Optimizer`` of one), whose rate
+    (after its schedule) is the one the controller couples to; it must start at ``controller.lr``.
+    buckets, seed, max_micro_batch, verify_every: as :class:`cabs_core.loop.CABSLoop`. ``traces`` counts
+    compilations of the statistics.
     """
 
     _backend, _check_every = _Backend, CHECK_EVERY  # the data-parallel trainer sets its own
@@ -136,6 +138,7 @@ class CABSTrainer:
         verify_every: int | None = VERIFY_EVERY,
     ) -> None:
         self.stats = PerExampleStats(loss_fn, method=method, chunk_size=chunk_size)
+        optimizer = optax_of(optimizer)  # a fresh nnx.Optimizer: its optax transformation
         self.controller, self.data, self.optimizer, self.traces = controller, data, optimizer, 0
         self.backend = self._backend(self)
         self.loop = CABSLoop(self.backend, controller, num_examples=batch_size_of(data), seed=seed, buckets=buckets,
@@ -159,7 +162,8 @@ class CABSTrainer:
         check_learning_rate(self.controller, float(_next_lr(params, opt_state, self.optimizer)))  # once, eagerly
 
     def init(self, params: PyTree) -> TrainState:
-        """The state before the first step."""
+        """The state before the first step (with a :class:`cabs_jax.NNXLoss`, ``params`` may be the ``nnx.Module``)."""
+        params = trainable_state(self.stats.loss_fn, params)
         opt_state = () if self.optimizer is None else self.optimizer.init(params)
         if self.optimizer is not None:
             self._check_lr(params, opt_state)
@@ -168,6 +172,7 @@ class CABSTrainer:
 
     def step(self, state: TrainState) -> tuple[TrainState, StepInfo]:
         """One CABS step with ``state.controller.batch_size`` examples (:meth:`CABSLoop.step`)."""
+        self.backend._model = (state.params, state.opt_state)  # also for backends whose statistics() don't set it
         run, (params, opt_state), info = self.loop.step(
             RunState(state.controller, state.sampler), (state.params, state.opt_state), self.data)
         return TrainState(params, opt_state, run.controller, run.sampler), info  # type: ignore[arg-type]
