@@ -172,7 +172,6 @@ class CABSTrainer:
 
     def step(self, state: TrainState) -> tuple[TrainState, StepInfo]:
         """One CABS step with ``state.controller.batch_size`` examples (:meth:`CABSLoop.step`)."""
-        self.backend._model = (state.params, state.opt_state)  # also for backends whose statistics() don't set it
         run, (params, opt_state), info = self.loop.step(
             RunState(state.controller, state.sampler), (state.params, state.opt_state), self.data)
         return TrainState(params, opt_state, run.controller, run.sampler), info  # type: ignore[arg-type]
