@@ -75,8 +75,30 @@ def _batchnorm_error(path: str) -> BatchNormTrainingError:
     )
 
 
+class ModuleLoss:
+    """The loss of a module's batched forward pass ``apply(params, x)``: one example's loss
+    (the generic signature) and a batch's per-example losses. Subclasses give ``apply``,
+    ``inputs(example_or_batch)`` and ``output_loss(output, example)``."""
+
+    inputs: Callable[[PyTree], Any]
+    output_loss: Callable[[Any, PyTree], jax.Array]
+
+    def apply(self, params: PyTree, x: Any) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, params: PyTree, example: PyTree) -> jax.Array:
+        """The loss of one example (the generic signature)."""
+        x = jax.tree.map(lambda a: jnp.asarray(a)[None], self.inputs(example))
+        out = jax.tree.map(lambda a: a[0], self.apply(params, x))
+        return self.output_loss(out, example)
+
+    def batch_losses(self, params: PyTree, batch: PyTree) -> jax.Array:
+        """Per-example losses (m,) of a batch, from one batched forward pass."""
+        return jax.vmap(self.output_loss)(self.apply(params, self.inputs(batch)), batch)
+
+
 @dataclass(frozen=True, eq=False)
-class FlaxLoss:
+class FlaxLoss(ModuleLoss):
     """``loss(params, example) -> scalar`` for a linen module, in a form the fast path understands.
 
     module: the ``flax.linen.Module``; params: its ``'params'`` collection.
@@ -95,16 +117,6 @@ class FlaxLoss:
         """The module's output on a batch of inputs, refusing BatchNorm in training mode."""
         with nn.intercept_methods(_refuse_batchnorm_training):
             return self.module.apply({"params": params, **self.collections}, x)
-
-    def __call__(self, params: PyTree, example: PyTree) -> jax.Array:
-        """The loss of one example (the generic signature)."""
-        x = jax.tree.map(lambda a: jnp.asarray(a)[None], self.inputs(example))
-        out = jax.tree.map(lambda a: a[0], self.apply(params, x))
-        return self.output_loss(out, example)
-
-    def batch_losses(self, params: PyTree, batch: PyTree) -> jax.Array:
-        """Per-example losses (m,) of a batch, from one batched forward pass."""
-        return jax.vmap(self.output_loss)(self.apply(params, self.inputs(batch)), batch)
 
 
 def _path(module: nn.Module) -> tuple[str, ...]:

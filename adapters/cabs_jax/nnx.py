@@ -16,12 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from cabs_core import ConfigError, UnsupportedModelError
 
-from .flax_fast import BatchNormTrainingError
+from .flax_fast import BatchNormTrainingError, ModuleLoss
 
 PyTree = Any
 
@@ -50,7 +49,7 @@ def _refuse_training_mode(module: nnx.Module) -> None:
             )
 
 
-class NNXLoss:
+class NNXLoss(ModuleLoss):
     """``loss(params, example) -> scalar`` for a Flax NNX module.
 
     module: the ``nnx.Module``. output_loss(output, example) -> scalar: the loss of ONE example
@@ -76,16 +75,6 @@ class NNXLoss:
     def apply(self, params: PyTree, x: Any) -> Any:
         """The module's output on a batch of inputs, with ``params`` as its trainable state (pure)."""
         return nnx.merge(self.graphdef, params, self.rest)(x)
-
-    def __call__(self, params: PyTree, example: PyTree) -> jax.Array:
-        """The loss of one example (the generic signature)."""
-        x = jax.tree.map(lambda a: jnp.asarray(a)[None], self.inputs(example))
-        out = jax.tree.map(lambda a: a[0], self.apply(params, x))
-        return self.output_loss(out, example)
-
-    def batch_losses(self, params: PyTree, batch: PyTree) -> jax.Array:
-        """Per-example losses (m,) of a batch, from one batched forward pass."""
-        return jax.vmap(self.output_loss)(self.apply(params, self.inputs(batch)), batch)
 
     def update(self, params: PyTree) -> nnx.Module:
         """Write ``params`` (e.g. a trainer state's ``params``) into the user's module and return it."""
