@@ -114,8 +114,8 @@ class KerasBackend:
     def statistics(self, model: Any, batch: Any, micro: MicroBatch, *, verify: bool) -> Any:
         (x, y), st = batch, self.stats
         mask = micro.mask.astype(tf.as_dtype(st.variables[0].dtype).name)
-        if st.method == "fast" and (verify or st.signature(x, y) not in st.verdicts):  # probe on the host
-            sig = st.signature(x, y)
+        sig = st.signature(x, y) if st.method == "fast" else None
+        if sig is not None and (verify or sig not in st.verdicts):  # probe on the host
             had = st.verdicts.get(sig, "unseen")
             if not st.verify(x, y, mask) and had is None and st.verdicts.get(sig) is not None:
                 self._stats_fn = tf.function(self._statistics)  # its traces took the fast path
