@@ -118,7 +118,7 @@ class CABSRun:
     @property
     def examples_seen(self) -> int:
         """Examples drawn by the sampler so far."""
-        return self.trainer.run.sampler.examples_seen
+        return self.trainer.examples_seen
 
     def step(self) -> StepInfo:
         """One CABS step (raises :class:`cabs_core.NonFiniteStatisticsError` under the default policy)."""

@@ -123,7 +123,7 @@ def test_resume_after_k_steps_is_the_uninterrupted_run(tmp_path, k):
     with torch.no_grad():
         model.weight.fill_(7.0)  # overwritten by the checkpoint
     again.restore(tmp_path / "ckpt.npz")
-    assert again.state == first.state and again.run.sampler == first.run.sampler
+    assert again.state == first.state and again.sampler == first.sampler
     assert head + run(again, STEPS - k) == sizes
     assert_weights(model, w)
 

@@ -65,7 +65,7 @@ def desync(x, y) -> dict:
             opt.step(x[idx], y[idx])
             if step == 1 and dist.get_rank() == 1:
                 nudged = dataclasses.replace(opt.state, xi_avg=math.nextafter(opt.state.xi_avg, math.inf))
-                opt.run = opt.run._replace(controller=nudged)
+                opt.state = nudged
     except DesyncError as e:
         result.update(raised_at=step, message=str(e))
     # another configuration on one rank: caught when the optimizer is built
