@@ -182,7 +182,7 @@ class Trainer(abc.ABC):
 
     def _loaded(self, run: RunState, extra: dict[str, Any]) -> None:
         self.run_state = run
-        if self.feeder is not None:
+        if self.feeder is not None and run.sampler is not None:
             self.feeder.state, self.feeder.batches = run.sampler, int(extra.get("batches", 0))
         self.check_sync()  # a checkpoint of any world size: then the processes must agree
 
