@@ -53,10 +53,5 @@ class DataParallelCABSTrainer(CABSTrainer):
                                            "optimizer to the strategy in force when it is constructed)")
         super().__init__(model, loss_fn, controller, data, **kw)
 
-    def check_sync(self) -> None:
-        """Compare the workers' digests now (collective)."""
-        self.loop.check_sync(self._run)
-
-    def save(self, path: str, **extra: Any) -> None:
-        """As :meth:`CABSTrainer.save`; ``replicas`` is informative (any count may resume it)."""
-        super().save(path, replicas=int(self.strategy.num_replicas_in_sync), **extra)
+    def _extra(self) -> dict[str, Any]:
+        return {**super()._extra(), "replicas": int(self.strategy.num_replicas_in_sync)}  # informative: any count

@@ -6,6 +6,7 @@ its shard and all-reducing inside ``strategy.run``, and the update in a separate
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -15,7 +16,8 @@ import tensorflow as tf
 
 from cabs_core import CABSController, SamplerState, ScalarStats, StepInfo, next_batch
 from cabs_core.exactness import VERIFY_EVERY
-from cabs_core.loop import CABSLoop, MicroBatch, check_arrays, check_learning_rate, plan_batch
+from cabs_core.loop import MicroBatch, check_arrays, check_learning_rate, plan_batch
+from cabs_core.trainer import BackendDefaults, Trainer
 
 from .stats import Method, PerExampleStats
 
@@ -66,7 +68,7 @@ class DecisionBatches:
         return tf.data.Dataset.from_generator(gen, output_signature=sig).with_options(opts)
 
 
-class KerasBackend:
+class KerasBackend(BackendDefaults):
     """The :class:`cabs_core.loop.Backend` over the replicas of ``strategy`` (one for the default
     strategy): ``shards`` = this worker's replicas, ``processes`` = the workers. Statistics:
     ``(grad_sum per variable, float64 [m, sum l_i, S, ||sum g_i||^2])``, all-reduced."""
@@ -128,9 +130,6 @@ class KerasBackend:
         out = self._stats_fn(*tf.nest.map_structure(put, (x, y, mask)))
         return tf.nest.map_structure(lambda t: self.strategy.experimental_local_results(t)[0], out)
 
-    def all_reduce(self, stats: Any) -> Any:
-        return stats  # done inside strategy.run
-
     def scalars(self, stats: Any) -> ScalarStats:
         return ScalarStats.from_vector(stats[1].numpy())
 
@@ -159,8 +158,9 @@ class KerasBackend:
         return self.gather_replicas(lambda r: words)[:: self.shards]  # one row per worker
 
 
-class CABSTrainer:
-    """CABS training of a Keras model (or a list of variables) on in-memory ``data = (x, y)``.
+class CABSTrainer(Trainer):
+    """CABS training of a Keras model (or a list of variables) on in-memory ``data = (x, y)``;
+    steps, properties, ``run``, checkpoints: :class:`cabs_core.trainer.Trainer`.
 
     ``loss_fn``, ``method``, ``chunk_size``, ``verify_every``: as :class:`PerExampleStats`.
     ``optimizer``: None (SGD at ``controller.lr``) or a ``keras.optimizers.Optimizer`` fed the
@@ -184,20 +184,10 @@ class CABSTrainer:
             check_learning_rate(controller, _rate(optimizer))
         self.model, self.data, self.strategy = model, data, self.strategy or tf.distribute.get_strategy()
         self.stats = PerExampleStats(model, loss_fn, method=method, chunk_size=chunk_size, verify_every=verify_every)
-        self.backend = KerasBackend(self.stats, optimizer, self.strategy)
-        self.loop = CABSLoop(self.backend, controller, num_examples=self.backend.num_examples(data), seed=seed,
-                             buckets=buckets, max_micro_batch=max_micro_batch, verify_every=verify_every,
-                             check_every=self.check_every)
-        self._run = self.loop.init()
+        backend = KerasBackend(self.stats, optimizer, self.strategy)
+        self._start(backend, controller, backend.num_examples(data), seed, buckets=buckets,
+                    max_micro_batch=max_micro_batch, verify_every=verify_every, check_every=self.check_every)
 
-    state = property(lambda self: self._run.controller,
-                     lambda self, s: setattr(self, "_run", self._run._replace(controller=s)),
-                     doc="The controller's state (``state.batch_size``: the next step's size).")
-    sampler = property(lambda self: self._run.sampler, doc="The sampler's position.")
-    batch_size = property(lambda self: self._run.controller.batch_size, doc="The next step's size.")
-    examples_seen = property(lambda self: self._run.sampler.examples_seen, doc="Examples drawn so far.")
-    epoch = property(lambda self: self._run.sampler.epoch, doc="Epochs drawn so far.")
-    buckets = property(lambda self: self.loop.buckets, doc="The padded sizes of the whole batch.")
     trace_count = property(lambda self: self.backend.trace_count, doc="Traces of the statistics (one per bucket).")
 
     def step(self, batch: tuple[Any, ...] | None = None) -> StepInfo:
@@ -205,34 +195,20 @@ class CABSTrainer:
         its rows with mask != 0); returns what the controller decided."""
         if batch is not None and len(batch) == 3:
             batch = _take(batch[:2], np.flatnonzero(np.asarray(batch[2]) != 0))
-        self._run, _, info = self.loop.step(self._run, self.model, self.data, batch=batch)
-        return info
+        return self._step(batch)
 
-    def run(self, steps: int, callback: Callable[[int, StepInfo], None] | None = None) -> list[StepInfo]:
-        """``steps`` steps; ``callback(k, info)`` after each."""
-        infos: list[StepInfo] = []
-        for k in range(steps):
-            infos.append(self.step())
-            if callback is not None:
-                callback(k, infos[-1])
-        return infos
-
-    def _arrays(self) -> list[Any]:
+    def _variables(self) -> list[Any]:
         own = self.model.weights if isinstance(self.model, keras.Layer) else self.stats.variables
         return list(own) + list(self.backend.optimizer.variables if self.backend.optimizer else [])
 
-    def save(self, path: str, **extra: Any) -> None:
-        """Controller, sampler, weights (and buffers) and optimizer state to one ``.npz``, atomically."""
-        self.loop.save(path, self._run, [_tf_variable(v).numpy() for v in self._arrays()], **extra)
+    def _arrays(self) -> tuple[list[Any], dict[str, Any]]:
+        """The weights (and buffers), then the optimizer's variables."""
+        return [_tf_variable(v).numpy() for v in self._variables()], {}
 
-    def restore(self, path: str, *, allow: Sequence[str] = ()) -> None:
-        """Resume from :meth:`save`; a changed configuration (lr, bs_max, seed, ...) raises
-        :class:`cabs_core.CheckpointMismatchError` unless named in ``allow``."""
-        run, arrays, _ = self.loop.load(path, allow=allow)
-        check_arrays(path, arrays, self._arrays())
-        for v, a in zip(self._arrays(), arrays):
+    def _load_arrays(self, path: str | os.PathLike[str], arrays: list[np.ndarray], extra: dict[str, Any]) -> None:
+        check_arrays(path, arrays, self._variables())
+        for v, a in zip(self._variables(), arrays):
             _tf_variable(v).assign(a)
-        self._run = run
 
 
 def fit(model: keras.Model, x: Any, y: Any, *, loss_fn: Callable[..., tf.Tensor], controller: CABSController,
