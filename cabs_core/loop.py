@@ -164,14 +164,10 @@ class Backend(Protocol):
         """The sums over all processes (identity for one process)."""
         ...
 
-    def scalars(self, stats: Any) -> ScalarStats:
-        """The four scalars m, sum l_i, S, ||sum g_i||^2, in one host copy."""
-        ...
-
-    def learning_rate(self, model: Any) -> float | None:
-        """The learning rate this step's update uses (the optimizer's, after any
-        schedule), or None for plain SGD at ``controller.lr``. Called after
-        :meth:`scalars`, so that one host copy can bring both."""
+    def scalars(self, model: Any, stats: Any) -> tuple[ScalarStats, float | None]:
+        """The four scalars m, sum l_i, S, ||sum g_i||^2 and the learning rate this
+        step's update will use (the optimizer's, after any schedule; None for plain
+        SGD at ``controller.lr``), in one host copy."""
         ...
 
     def apply(self, model: Any, stats: Any, lr: float) -> Any:
@@ -288,8 +284,7 @@ class CABSLoop:
             s = self.backend.statistics(model, self.backend.take(source, mb.rows), mb, verify=verify and k == 0)
             stats = s if stats is None else self.backend.combine(stats, s)
         stats = self.backend.all_reduce(stats)
-        scalars = self.backend.scalars(stats)
-        lr = self.backend.learning_rate(model)  # after scalars: a backend may bring it in the same host copy
+        scalars, lr = self.backend.scalars(model, stats)
         lr = self.controller.lr if lr is None else float(lr)
         cstate, info = self.controller.update(run.controller, scalars, lr=lr)
         if info.reason != "nonfinite":

@@ -39,11 +39,8 @@ class BackendDefaults:
     def all_reduce(self, stats: Any) -> Any:
         return stats
 
-    def scalars(self, stats: BatchStats) -> ScalarStats:
-        return reduce_stats(stats)
-
-    def learning_rate(self, model: Any) -> float | None:
-        return None
+    def scalars(self, model: Any, stats: BatchStats) -> tuple[ScalarStats, float | None]:
+        return reduce_stats(stats), None
 
     def gather(self, words: np.ndarray) -> np.ndarray:
         if self.processes != 1:

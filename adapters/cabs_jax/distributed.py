@@ -65,7 +65,6 @@ class _MeshBackend(_Backend):
                              check_vma=False)(params, batch, mask)
 
     def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
-        self._model = model  # for the learning rate read in scalars
         local = jax.tree.map(lambda a: a.addressable_data(0), model[0])
         first = jax.tree.map(lambda a: a[: micro.size], batch)  # one device's shard: the compiled signature
         path = self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify)

@@ -20,7 +20,8 @@ import optax
 from cabs_core import BatchStats, CABSController, ConfigError, ControllerState, SamplerState, ScalarStats, StepInfo
 from cabs_core.exactness import VERIFY_EVERY
 from cabs_core.loop import CHECK_EVERY, CABSLoop, MicroBatch, RunState, check_arrays, check_learning_rate
-from cabs_core.stats import combine, reduce_stats
+from cabs_core.stats import reduce_stats
+from cabs_core.trainer import BackendDefaults
 
 from .dispatch import Method, PerExampleStats
 from .nnx import optax_of, trainable_state
@@ -66,10 +67,10 @@ def _update(params: PyTree, opt_state: PyTree, stats: BatchStats, lr: jax.Array,
     return optax.apply_updates(params, updates), opt_state
 
 
-class _Backend:
+class _Backend(BackendDefaults):
     """The single-device :class:`cabs_core.loop.Backend`: padded batches, one program per bucket."""
 
-    shards, processes, process_index, pads = 1, 1, 0, True
+    pads = True
 
     def __init__(self, trainer: CABSTrainer) -> None:
         self.t = trainer
@@ -88,30 +89,19 @@ class _Backend:
         return batch_size_of(source)
 
     def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
-        self._model = model  # for the learning rate read in scalars
         path = self.t.stats.path(model[0], batch, micro.mask, reprobe=verify)
         return self.stats_fn(model[0], batch, micro.mask, path=path)
 
-    def combine(self, a: BatchStats, b: BatchStats) -> BatchStats:
-        return combine(a, b)
-
-    def all_reduce(self, stats: BatchStats) -> BatchStats:
-        return stats
-
-    def scalars(self, stats: BatchStats) -> ScalarStats:  # one copy of a local replica
-        host = np.asarray(_host_vector(stats, *self._model, self.t.optimizer).addressable_data(0), np.float64)
-        self._lr = None if self.t.optimizer is None else float(host[4])
-        return ScalarStats(*(float(v) for v in host[:4]))
-
-    def learning_rate(self, model: Any) -> float | None:
-        return self._lr
+    def scalars(self, model: Any, stats: BatchStats) -> tuple[ScalarStats, float | None]:
+        host = np.asarray(_host_vector(stats, *model, self.t.optimizer).addressable_data(0), np.float64)  # one copy
+        return ScalarStats(*(float(v) for v in host[:4])), None if self.t.optimizer is None else float(host[4])
 
     def apply(self, model: Any, stats: BatchStats, lr: float) -> Any:
         return _update(*model, stats, jnp.asarray(lr, stats.loss_sum.dtype), self.t.optimizer)
 
     def gather(self, words: np.ndarray) -> np.ndarray:
         if self.processes == 1:
-            return np.asarray(words)[None]
+            return super().gather(words)
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(np.asarray(words))).reshape(self.processes, -1)

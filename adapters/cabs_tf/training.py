@@ -130,11 +130,8 @@ class KerasBackend(BackendDefaults):
         out = self._stats_fn(*tf.nest.map_structure(put, (x, y, mask)))
         return tf.nest.map_structure(lambda t: self.strategy.experimental_local_results(t)[0], out)
 
-    def scalars(self, stats: Any) -> ScalarStats:
-        return ScalarStats.from_vector(stats[1].numpy())
-
-    def learning_rate(self, model: Any) -> float | None:
-        return None if self.optimizer is None else _rate(self.optimizer)
+    def scalars(self, model: Any, stats: Any) -> tuple[ScalarStats, float | None]:
+        return ScalarStats.from_vector(stats[1].numpy()), None if self.optimizer is None else _rate(self.optimizer)
 
     def _update(self, grads: list[tf.Tensor], count: tf.Tensor, lr: tf.Tensor) -> None:
         mean = [g / tf.cast(tf.maximum(count, 1.0), g.dtype) for g in grads]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import Sampler
 
-from cabs_core import BatchStats, CABSController, StepInfo
+from cabs_core import BatchStats, CABSController, ScalarStats, StepInfo, reduce_stats
 from cabs_core.exactness import VERIFY_EVERY
 from cabs_core.loop import MicroBatch, check_arrays, check_learning_rate
 from cabs_core.trainer import BackendDefaults, DecisionSampler, Trainer
@@ -89,8 +89,8 @@ class TorchBackend(BackendDefaults):
         self.last_stats = stats
         return stats
 
-    def learning_rate(self, model: nn.Module) -> float | None:
-        return None if self.optimizer is None else _one_lr(self.optimizer)
+    def scalars(self, model: nn.Module, stats: BatchStats) -> tuple[ScalarStats, float | None]:
+        return reduce_stats(stats), None if self.optimizer is None else _one_lr(self.optimizer)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, stats: BatchStats, lr: float) -> nn.Module:

@@ -97,11 +97,8 @@ class LinearBackend:
             out = combine(out, p)
         return out
 
-    def scalars(self, stats: BatchStats) -> ScalarStats:
-        return reduce_stats(stats)
-
-    def learning_rate(self, model: Any) -> float | None:
-        return None if self.lr_schedule is None else self.lr_schedule(self.updates)
+    def scalars(self, model: Any, stats: BatchStats) -> tuple[ScalarStats, float | None]:
+        return reduce_stats(stats), None if self.lr_schedule is None else self.lr_schedule(self.updates)
 
     def apply(self, model: Any, stats: BatchStats, lr: float) -> Any:
         w, v = model
