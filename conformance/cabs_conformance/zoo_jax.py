@@ -85,10 +85,10 @@ def statistics(
     """The step's statistics through ``cabs_jax.batch_stats`` under jit; grad_sum in the portable layout."""
     tree = to_tree(params, dtype)
     w = None if mask is None else jnp.asarray(mask, dtype=dtype)
-    s = jax.jit(lambda p, b, w: cabs_jax.batch_stats(loss(model), p, b, w, method=method))(tree, _data(x, y, dtype), w)
-    supported, _ = cabs_jax.is_supported(loss(model), tree, _data(x[:1], y[:1], dtype))
+    path = cabs_jax.PerExampleStats(loss(model), method=method).path(tree, _data(x, y, dtype), w, reprobe=False)
+    s = jax.jit(lambda p, b, w: cabs_jax.batch_stats(loss(model), p, b, w, method=path))(tree, _data(x, y, dtype), w)
     return {
-        "method": "fast" if method == "fast" or (method == "auto" and supported) else "generic",
+        "method": path,  # the path the statistics took (auto: fast where the probe established it)
         "count": float(s.count),
         "loss_sum": float(s.loss_sum),
         "sq_norm_sum": float(s.sq_norm_sum),
