@@ -18,7 +18,7 @@ probe batch size and the schedule of repeated probes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -120,3 +120,29 @@ def verify_due(step: int, verify_every: int | None) -> bool:
     if step == 0:
         return True
     return verify_every is not None and verify_every > 0 and step % verify_every == 0
+
+
+PATH_CODES = {"fast": 0, "generic": 1, "refused": 2}
+
+
+def agree_on_path(
+    path: str | None, error: UnsupportedModelError | None, gather: Callable[[np.ndarray], np.ndarray]
+) -> str:
+    """The one path every process takes for a step (a collective): each process
+    establishes the fast path on its own shard, so their verdicts can differ, and
+    processes on different programs would meet in the same collective.
+
+    ``path``: this process's verdict (``"fast"`` or ``"generic"``), or ``error`` if it
+    refused the fast path (``method="fast"``). ``gather``: every process's int32
+    words, as :meth:`cabs_core.loop.Backend.gather`. Returns ``"fast"`` only if every
+    process established it; a refusal on any process raises
+    :class:`UnsupportedModelError` on every process, naming the ones that refused.
+    """
+    code = PATH_CODES["refused" if error is not None else path or "generic"]
+    codes = np.asarray(gather(np.asarray([code], np.int32))).reshape(-1)
+    refused = [p for p, c in enumerate(codes) if c == PATH_CODES["refused"]]
+    if refused:
+        why = f": {error}" if error is not None else " (see that process's error)"
+        raise UnsupportedModelError(f"the fast path was refused on process(es) {refused}{why}",
+                                    layer=getattr(error, "layer", None), reason=getattr(error, "reason", None))
+    return "fast" if (codes == PATH_CODES["fast"]).all() else "generic"

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cabs_core import BatchStats, CABSController, shard_buckets
+from cabs_core import BatchStats, CABSController, UnsupportedModelError, agree_on_path, shard_buckets
 from cabs_core.loop import CHECK_EVERY, MicroBatch
 
 from .dispatch import Method
@@ -52,7 +52,7 @@ class _MeshBackend(_Backend):
             raise ValueError(f"the mesh must hold the same number of devices of every process, grouped in process "
                              f"order (the loop's shard layout); its devices belong to processes {owners}")
         self.axis = mesh.axis_names[0]
-        self.sharding = NamedSharding(mesh, P(self.axis))
+        self.sharding, self.agreed = NamedSharding(mesh, P(self.axis)), {}  # per-device size -> agreed path
 
     def _stats(self, params: PyTree, batch: PyTree, mask: jax.Array, path: Method) -> BatchStats:
         self.t.traces += 1
@@ -67,7 +67,16 @@ class _MeshBackend(_Backend):
     def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
         local = jax.tree.map(lambda a: a.addressable_data(0), model[0])
         first = jax.tree.map(lambda a: a[: micro.size], batch)  # one device's shard: the compiled signature
-        path = self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify)
+        if self.processes == 1:
+            path = self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify)
+        elif verify or micro.size not in self.agreed:  # every process probes its own shard: one verdict for all
+            try:
+                mine, error = self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify), None
+            except UnsupportedModelError as e:
+                mine, error = None, e
+            path = self.agreed[micro.size] = agree_on_path(mine, error, self.gather)  # type: ignore[assignment]
+        else:
+            path = self.agreed[micro.size]
         n = self.processes * self.shards * micro.size
 
         def glob(a: np.ndarray) -> jax.Array:
