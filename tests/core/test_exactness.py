@@ -60,3 +60,24 @@ def test_verify_due_schedule():
     assert [s for s in range(25) if verify_due(s, np.int64(10))] == [0, 10, 20]  # NumPy integers too
     with pytest.raises(ValueError, match="verify_every"):
         verify_due(3, -1)
+
+
+def _gather_of(codes: list[int]):
+    """A gather across processes whose other processes said ``codes`` (this process: the caller's word)."""
+    def gather(words: np.ndarray) -> np.ndarray:
+        return np.asarray([[int(words[0])], *([c] for c in codes)], np.int32)
+    return gather
+
+
+def test_processes_agree_on_one_path():
+    from cabs_core import UnsupportedModelError, agree_on_path
+
+    assert agree_on_path("fast", None, _gather_of([0, 0])) == "fast"
+    assert agree_on_path("fast", None, _gather_of([0, 1])) == "generic"  # one process could not establish it
+    assert agree_on_path("generic", None, _gather_of([0])) == "generic"
+    with pytest.raises(UnsupportedModelError, match=r"refused on process\(es\) \[2\] \(see that process"):
+        agree_on_path("fast", None, _gather_of([0, 2]))
+    mine = UnsupportedModelError("tied weight", layer="Dense_0", reason="unseen use")
+    with pytest.raises(UnsupportedModelError, match=r"process\(es\) \[0\]: tied weight") as e:
+        agree_on_path(None, mine, _gather_of([0]))
+    assert e.value.layer == "Dense_0" and e.value.reason == "unseen use"
