@@ -3,7 +3,7 @@
 
     python3 dev.py demo      # the demo, end to end
     python3 dev.py test      # every test session (nox), each in its own venv
-    python3 dev.py results   # the runs of docs/results.md into runs/results (about 25 minutes)
+    python3 dev.py results   # the runs of docs/results.md into runs/results (under 30 minutes)
 
 Extra arguments go to nox, e.g. ``python3 dev.py test -s torch``. The first
 run creates ``.venv-tools`` with nox and uv (pinned in constraints.txt); nox then

@@ -6,7 +6,7 @@ pytest process, so that the core tests' float64 settings don't leak).
 conformance: every backend in one environment, the vectors through each.
 experiments: the experiment command end to end on every framework.
 lint: ruff, and mypy on cabs_core. demo: the README's demo (the default experiment).
-results: the runs of docs/results.md (not a test; not in the defaults; about 25 minutes).
+results: the runs of docs/results.md (not a test; not in the defaults; under 30 minutes).
 bench: the torch statistics benchmark beside BackPACK and Opacus (not a test).
 All installs are pinned by constraints.txt (CPU builds of the frameworks).
 """
@@ -145,7 +145,8 @@ def demo(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def results(session: nox.Session) -> None:
     """docs/results.md's runs: digits, mnist-5k and mnist1d, 3 seeds, CABS and SGD over learning-rate grids
-    (torch, CPU), into runs/results (not a test; not in the defaults). ``nox -s results -- --datasets digits``
-    passes its arguments to ``python -m cabs_experiments.results``."""
+    (torch, CPU), into runs/results, the page's figures into docs/results (not a test; not in the defaults).
+    ``nox -s results -- --datasets digits`` passes its arguments to ``python -m cabs_experiments.results``."""
     _install_extras(session, "torch,experiments")
-    session.run("python", "-m", "cabs_experiments.results", "--out", "runs/results", "--overwrite", *session.posargs)
+    session.run("python", "-m", "cabs_experiments.results", "--out", "runs/results", "--overwrite",
+                "--figures", "docs/results", *session.posargs)

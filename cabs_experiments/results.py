@@ -1,8 +1,8 @@
 """The results page's runs, in one command: CABS against tuned SGD on digits, mnist-5k and
 mnist1d, several seeds, CABS over a small learning-rate grid like the baselines.
 
-    python -m cabs_experiments.results                 # runs/results/, about 25 minutes on 2 CPU cores
-    python3 dev.py results                             # the same, in its own venv, from a clean checkout
+    python -m cabs_experiments.results                 # runs/results/, under 30 minutes on 2 CPU cores
+    python3 dev.py results                             # the same in its own venv, plus --figures docs/results
 
 Each data set is one ``cabs-experiment`` run (:func:`cabs_experiments.run.run_experiment`) with
 the settings of :data:`PLANS`, written to ``OUT/<dataset>/`` (log, figures, ``summary.md``).
@@ -27,6 +27,7 @@ from typing import Any
 
 from .report import (
     _HEAD,
+    FIGURES,
     LOG_NAME,
     SUMMARY_MD,
     TARGET_FRACTION,
@@ -223,7 +224,8 @@ def results_markdown(plans: Sequence[Plan], out: Path, walls: dict[str, float]) 
             "does; wall times are training only (evaluations excluded) on whatever else the machine was doing. "
             "Epochs to a target are read at the evaluation points (every 1/20 of the budget).", ""]
     if total is not None:
-        head += [f"Total wall time of the command: {total:.0f} s.", ""]
+        head += [f"Wall time of the {len(plans)} data sets (training, evaluations, reports): {total:.0f} s; the command "
+                 "adds its start-up and this page.", ""]
     return "\n".join(head) + "\n" + "\n".join(dataset_section(p, out, walls.get(p.dataset)) for p in plans)
 
 
@@ -247,6 +249,31 @@ def run_results(plans: Sequence[Plan], out: str | Path, seeds: int = 3, overwrit
     return path
 
 
+PAGE_FIGURES = ("panels", "cabs")  # per data set: the three panels, and why CABS's batch went where it went
+
+
+def copy_figures(plans: Sequence[Plan], out: str | Path, dest: str | Path, colors: int = 64) -> list[Path]:
+    """Copy each data set's page figures from ``out/<dataset>/`` to ``dest/<dataset>_<name>.png`` with a palette
+    of ``colors`` colours (the same drawing, about a third of the bytes: for a docs folder); returns the copies."""
+    from PIL import Image  # matplotlib's own dependency
+
+    srcs = [(plan.dataset, Path(out) / plan.dataset / FIGURES[k]) for plan in plans for k in PAGE_FIGURES]
+    missing = [str(s) for _, s in srcs if not s.is_file()]
+    if missing:
+        raise ValueError(f"--figures: {', '.join(missing)} missing: run the data set first")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, src in srcs:
+        with Image.open(src) as im:
+            small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
+                                               dither=Image.Dither.NONE)
+        path = dest / f"{name}_{src.name}"
+        small.save(path, optimize=True)
+        written.append(path)
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cabs_experiments.results", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/results", help="output folder (default: %(default)s)")
@@ -256,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace what a previous run left in --out")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite OUT/results.md from the logs under OUT")
+    p.add_argument("--figures", default=None, metavar="DIR",
+                   help="also copy each data set's panels and CABS statistics figures to DIR as small PNGs "
+                   "(docs/results for docs/results.md)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None)
     bar.add_argument("--no-progress", dest="progress", action="store_false")
@@ -276,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             path.write_text(results_markdown(plans, out, walls), encoding="utf-8")
         else:
             path = run_results(plans, a.out, a.seeds, a.overwrite, a.progress)
+        if a.figures is not None:
+            for f in copy_figures(plans, a.out, a.figures):
+                print(f"results: wrote {f}")
     except (ValueError, OSError) as e:
         print(f"results: error: {e}", file=sys.stderr)
         return 2

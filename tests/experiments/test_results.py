@@ -25,6 +25,7 @@ from cabs_experiments.results import (  # noqa: E402
     Plan,
     batch_profile,
     command,
+    copy_figures,
     main,
     run_results,
 )
@@ -134,3 +135,17 @@ def test_the_plans_are_the_three_data_sets_with_a_cabs_grid() -> None:
         cfg = p.config(Path("runs/results"), 3, False, False)  # the options are valid
         assert cfg.seeds == 3 and cfg.out == str(Path("runs/results") / p.dataset)
         assert re.search(rf"--dataset {p.dataset} .*--seeds 3 ", command(cfg.__dict__, Path(cfg.out)))
+
+
+def test_figures_are_copied_small_with_the_same_size(tiny_run, tmp_path) -> None:
+    from PIL import Image
+
+    out, _ = tiny_run
+    copies = copy_figures([TINY], out, tmp_path / "docs")
+    assert [p.name for p in copies] == ["digits_panels.png", "digits_cabs_statistics.png"]
+    for p, src in zip(copies, ("panels.png", "cabs_statistics.png")):
+        with Image.open(p) as small, Image.open(out / "digits" / src) as big:
+            assert small.size == big.size and small.mode == "P" and len(small.getcolors()) <= 64
+        assert p.stat().st_size < (out / "digits" / src).stat().st_size
+    with pytest.raises(ValueError, match="mnist1d.*missing"):
+        copy_figures([PLANS["mnist1d"]], out, tmp_path / "docs")
