@@ -224,8 +224,8 @@ def results_markdown(plans: Sequence[Plan], out: Path, walls: dict[str, float]) 
             "does; wall times are training only (evaluations excluded) on whatever else the machine was doing. "
             "Epochs to a target are read at the evaluation points (every 1/20 of the budget).", ""]
     if total is not None:
-        head += [f"Wall time of the {len(plans)} data sets (training, evaluations, reports): {total:.0f} s; the command "
-                 "adds its start-up and this page.", ""]
+        head += [f"Wall time of the {len(plans)} data sets (training, evaluations, reports): {total:.0f} s; the "
+                 "command adds its start-up and this page.", ""]
     return "\n".join(head) + "\n" + "\n".join(dataset_section(p, out, walls.get(p.dataset)) for p in plans)
 
 
