@@ -3,6 +3,7 @@
 
     python3 dev.py demo      # the demo, end to end
     python3 dev.py test      # every test session (nox), each in its own venv
+    python3 dev.py results   # the runs of docs/results.md into runs/results (under 30 minutes)
 
 Extra arguments go to nox, e.g. ``python3 dev.py test -s torch``. The first
 run creates ``.venv-tools`` with nox and uv (pinned in constraints.txt); nox then
@@ -42,11 +43,11 @@ def main(argv: list[str]) -> int:
     if sys.version_info < (3, 10):  # noqa: UP036 (dev.py must explain itself on an old Python)
         print("dev.py: Python >= 3.10 is needed", file=sys.stderr)
         return 2
-    if not argv or argv[0] not in ("demo", "test"):
+    if not argv or argv[0] not in ("demo", "test", "results"):
         print(__doc__.strip())
         return 2
     command, rest = argv[0], argv[1:]
-    sessions = ["-s", "demo"] if command == "demo" else []
+    sessions = ["-s", command] if command in ("demo", "results") else []
     nox = [str(_tools_python()), "-m", "nox", "--noxfile", str(ROOT / "noxfile.py"), *sessions, *rest]
     return subprocess.run(nox, cwd=ROOT).returncode
 

@@ -6,6 +6,7 @@ pytest process, so that the core tests' float64 settings don't leak).
 conformance: every backend in one environment, the vectors through each.
 experiments: the experiment command end to end on every framework.
 lint: ruff, and mypy on cabs_core. demo: the README's demo (the default experiment).
+results: the runs of docs/results.md (not a test; not in the defaults; under 30 minutes).
 bench: the torch statistics benchmark beside BackPACK and Opacus (not a test).
 All installs are pinned by constraints.txt (CPU builds of the frameworks).
 """
@@ -139,3 +140,13 @@ def demo(session: nox.Session) -> None:
     """The README's demo: CABS against SGD baselines on scikit-learn's digits (torch, CPU)."""
     _install_extras(session, "torch,experiments")
     session.run("cabs-experiment", "--out", "runs/demo", "--overwrite", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def results(session: nox.Session) -> None:
+    """docs/results.md's runs: digits, mnist-5k and mnist1d, 3 seeds, CABS and SGD over learning-rate grids
+    (torch, CPU), into runs/results, the page's figures into docs/results (not a test; not in the defaults).
+    ``nox -s results -- --datasets digits`` passes its arguments to ``python -m cabs_experiments.results``."""
+    _install_extras(session, "torch,experiments")
+    session.run("python", "-m", "cabs_experiments.results", "--out", "runs/results", "--overwrite",
+                "--figures", "docs/results", *session.posargs)
