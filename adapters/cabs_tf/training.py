@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cabs_core import CABSController, SamplerState, ScalarStats, StepInfo, next_batch
-from cabs_core.exactness import VERIFY_EVERY
+from cabs_core.exactness import VERIFY_EVERY, UnsupportedModelError, agree_on_path
 from cabs_core.loop import MicroBatch, check_arrays, check_learning_rate, plan_batch
 from cabs_core.trainer import BackendDefaults, Trainer
 
@@ -118,8 +118,18 @@ class KerasBackend(BackendDefaults):
         mask = micro.mask.astype(tf.as_dtype(st.variables[0].dtype).name)
         sig = st.signature(x, y) if st.method == "fast" else None
         if sig is not None and (verify or sig not in st.verdicts):  # probe on the host
-            had = st.verdicts.get(sig, "unseen")
-            if not st.verify(x, y, mask) and had is None and st.verdicts.get(sig) is not None:
+            had, error = st.verdicts.get(sig, "unseen"), None
+            try:
+                st.verify(x, y, mask)
+            except UnsupportedModelError as e:  # method="fast": with several workers, raised on all of them
+                error = e
+            if self.processes > 1:  # each worker probed its own rows: one path for all (else they would hang)
+                mine = "fast" if sig in st.verdicts and st.verdicts[sig] is None else "generic"
+                if agree_on_path(mine, error, self.gather) == "generic" and st.verdicts.get(sig) is None:
+                    st.verdicts[sig] = "the fast path was not established on every worker"
+            elif error is not None:
+                raise error
+            if had is None and st.verdicts.get(sig) is not None:
                 self._stats_fn = tf.function(self._statistics)  # its traces took the fast path
         base, size = self.process_index * self.shards, micro.size
 
