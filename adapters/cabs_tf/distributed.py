@@ -71,9 +71,9 @@ def _refuses(address: str, timeout_s: float = 1.0) -> bool:
 
 
 def lost_workers(message: str, task_type: str, me: int, addresses: list[str]) -> list[int]:
-    """The peers a collective's error ``message`` names (``/job:T/replica:0/task:i`` or an address
+    """The peers a collective's error ``message`` names (``/job:T[/replica:0]/task:i`` or an address
     of the cluster), else those that no longer accept connections; never ``me``."""
-    named = {int(i) for i in re.findall(rf"/job:{re.escape(task_type)}/replica:\d+/task:(\d+)", message)}
+    named = {int(i) for i in re.findall(rf"/job:{re.escape(task_type)}/(?:replica:\d+/)?task:(\d+)", message)}
     named |= {i for i, a in enumerate(addresses) if re.search(rf"(?<![\w.]){re.escape(a)}(?!\d)", message)}
     named.discard(me)
     if not named:

@@ -188,6 +188,9 @@ def test_lost_workers_are_named_from_the_error_or_by_probing():
         addresses = ["127.0.0.1:1", alive, dead]
         assert lost_workers(tf_message, "worker", 0, addresses) == [2]  # the task and the address TF names
         assert lost_workers(f"ipv4:{dead}: refused", "worker", 0, addresses) == [2]  # the address alone
+        heartbeat = ("Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are "
+                     "unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed.")
+        assert lost_workers(heartbeat, "worker", 0, addresses) == [1]  # a hung worker (SIGSTOP), TF 2.21's words
         assert lost_workers("Collective ops timed out", "worker", 0, [alive, alive, dead]) == [2]  # probed
         assert lost_workers("timed out", "worker", 2, [alive, alive, dead]) == []  # nobody to name
     finally:
