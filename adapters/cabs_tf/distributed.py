@@ -85,7 +85,8 @@ class DataParallelCABSTrainer(CABSTrainer):
     """:class:`CABSTrainer` over the replicas of ``strategy`` (default: the strategy in force);
     the other arguments are :class:`CABSTrainer`'s. Build the model, and the optimizer, inside
     ``strategy.scope()``. Every ``check_every`` steps (0: never) the workers compare one digest
-    of their run (:class:`cabs_core.DesyncError`)."""
+    of their run (:class:`cabs_core.DesyncError`). A collective that fails because a worker of a
+    multi-worker run is gone raises :class:`WorkerLostError` naming it."""
 
     def __init__(self, model: Any, loss_fn: Any, controller: Any, data: tuple[Any, Any], *,
                  strategy: tf.distribute.Strategy | None = None, check_every: int = CHECK_EVERY, **kw: Any) -> None:
@@ -114,14 +115,16 @@ class DataParallelCABSTrainer(CABSTrainer):
                 raise
             task_type, me, addresses = cluster
             lost = lost_workers(str(e), task_type, me, addresses)
-            who = ", ".join(f"{task_type} {i} ({addresses[i]})" for i in lost) or "no worker could be named"
+            who = (", ".join(f"{task_type} {i} ({addresses[i]})" for i in lost)
+                   or "a worker (none could be named: the error names none and every peer accepts connections)")
             timeout = getattr(getattr(self.strategy.extended, "_communication_options", None), "timeout_seconds",
                               None)
+            bound = "no collective timeout" if timeout is None else f"collective timeout {timeout} s"
             first = next((ln.strip() for ln in str(e).splitlines() if "abort" in ln.lower() or "fail" in ln.lower()),
                          str(e).strip().splitlines()[0] if str(e).strip() else "")
             raise WorkerLostError(
                 f"{task_type} {me}: lost {who} during {what} (a collective failed with {type(e).__name__}: "
-                f"{first[:300]}; collective timeout {timeout} s). The other workers cannot continue: restart every "
+                f"{first[:300]}; {bound}). The other workers cannot continue: restart every "
                 f"worker from the last checkpoint (trainer.restore), with the same or another number of workers.",
                 lost) from e
 

@@ -69,6 +69,7 @@ def _launch(commands: dict[str, tuple[list[str], dict[str, str]]], out: Path,
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
             time.sleep(0.2)
+        late = [name for name, p in procs.items() if p.poll() is None]
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -80,7 +81,8 @@ def _launch(commands: dict[str, tuple[list[str], dict[str, str]]], out: Path,
     want = {name: expected.get(name, 0) for name in commands}
     if codes != want:
         tails = "\n".join(f"--- {n} (exit {codes[n]}):\n{logs[n][-3000:]}" for n in commands)
-        pytest.fail(f"exit codes {codes}, expected {want} (launch timeout {LAUNCH_TIMEOUT_S} s)\n{tails}")
+        why = f"{late} still ran after {LAUNCH_TIMEOUT_S} s (killed); " if late else ""
+        pytest.fail(f"{why}exit codes {codes}, expected {want}\n{tails}")
     return logs
 
 
