@@ -12,9 +12,11 @@ A tiny float64 Keras MLP trains on generated data with
 decision) and a last line with the final parameters. ``--save PATH --save-every k``: the
 chief (worker 0) writes a checkpoint every k steps; ``--restore PATH``: every worker resumes
 from it, with any number of workers. ``--steps`` is the step to reach: a resumed run
-continues from its checkpoint's step. A lost worker makes the others fail within about
-``--timeout`` seconds (the collectives' timeout) with a :class:`cabs_tf.WorkerLostError`
-naming it (docs/distributed/tensorflow.md).
+continues from its checkpoint's step. A lost worker makes the others fail with a
+:class:`cabs_tf.WorkerLostError` naming it: a dead one at once, a stopped one after
+TensorFlow's heartbeat timeout (about 10 s), one stuck in its own code after ``--timeout``
+seconds (the collectives' timeout); then restart all from the last checkpoint
+(docs/distributed/tensorflow.md, "A lost worker").
 """
 
 from __future__ import annotations

@@ -50,6 +50,9 @@ _LOST = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.
          tf.errors.AbortedError)
 
 
+_SAYS_WHY = ("abort", "fail", "timed out", "unhealthy", "refused", "reset")  # the line of TF's error to quote
+
+
 def _cluster(strategy: tf.distribute.Strategy) -> tuple[str, int, list[str]] | None:
     """(task type, this task's index, the addresses of its job) of a multi-worker strategy, else None."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -120,8 +123,8 @@ class DataParallelCABSTrainer(CABSTrainer):
             timeout = getattr(getattr(self.strategy.extended, "_communication_options", None), "timeout_seconds",
                               None)
             bound = "no collective timeout" if timeout is None else f"collective timeout {timeout} s"
-            first = next((ln.strip() for ln in str(e).splitlines() if "abort" in ln.lower() or "fail" in ln.lower()),
-                         str(e).strip().splitlines()[0] if str(e).strip() else "")
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if any(w in ln.lower() for w in _SAYS_WHY)), lines[0] if lines else "")
             raise WorkerLostError(
                 f"{task_type} {me}: lost {who} during {what} (a collective failed with {type(e).__name__}: "
                 f"{first[:300]}; {bound}). The other workers cannot continue: restart every "
