@@ -59,11 +59,14 @@ def main() -> None:
     except cabs_core.DesyncError as e:
         result["desync"] = {"step": step, "error_step": e.step, "names": e.names, "message": str(e)}
 
-    # 3. a run that saves every 2 steps; worker 1 dies after step 5, worker 0 must fail naming it
+    # 3. a run that saves every 2 steps; worker 1 dies after step 5, worker 0 must fail at step 6 naming it
     killed = ex.make_trainer(strategy, check_every=2)
     ex.train(killed, KILL_AFTER, chief=me == 0, save=str(out / "killed.npz"), save_every=SAVE_EVERY)
     (out / f"worker{me}.json").write_text(json.dumps(result))
-    if me == 1:
+    if me == 1:  # once worker 0 has finished step 5 too (its last pulls from worker 1 served)
+        deadline = time.monotonic() + 60
+        while not (out / "worker0.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGKILL)
     start = time.monotonic()
     try:
