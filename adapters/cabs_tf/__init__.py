@@ -18,7 +18,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from .distributed import DataParallelCABSTrainer, logical_cpu_devices  # noqa: E402
+from .distributed import DataParallelCABSTrainer, WorkerLostError, logical_cpu_devices  # noqa: E402
 from .per_example import (  # noqa: E402
     bias_sq_norms,
     embedding_sq_norms,
@@ -38,6 +38,7 @@ from .training import CABSTrainer, DecisionBatches, fit  # noqa: E402
 
 __all__ = [
     "CABSTrainer",
+    "WorkerLostError",
     "DataParallelCABSTrainer",
     "DecisionBatches",
     "fit",

@@ -86,8 +86,8 @@ class KerasBackend(BackendDefaults):
         self.processes, self.process_index = strategy.num_replicas_in_sync // self.shards, min(ids) // self.shards
         self._stats_fn, self._update_fn = tf.function(self._statistics), tf.function(self._update)
         self.combine = tf.function(lambda a, b: self._sums([x + y for x, y in zip(a[0], b[0])], a[1][:3] + b[1][:3]))
-        self._gather_fn = tf.function(lambda local: strategy.run(
-            lambda v: tf.distribute.get_replica_context().all_gather(v, axis=0), args=(local,)))
+        self._gather_fn = tf.function(lambda local: strategy.run(  # identity: placed on the device (MWMS does not)
+            lambda v: tf.distribute.get_replica_context().all_gather(tf.identity(v), axis=0), args=(local,)))
 
     take = staticmethod(_take)
 
