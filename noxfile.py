@@ -84,7 +84,7 @@ def torch(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def jax(session: nox.Session) -> None:
     """Core tests on jax arrays (float64), then the JAX adapter's tests."""
-    _install_extras(session, "jax,dev")
+    _install_extras(session, "jax,equinox,dev")
     session.run(*PYTEST, "tests/core", "--backends=jax", *session.posargs)
     _adapter_tests(session, "adapter_jax")
     _adapter_tests(session, "distributed_jax")

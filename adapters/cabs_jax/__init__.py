@@ -3,7 +3,8 @@
 Exact per-step statistics of docs/spec.md section 4 under ``jax.jit`` (the generic
 ``vmap(grad)`` path for any ``loss(params, example)``, and a fast path for
 Flax linen models of Dense/Conv/Embed/LayerNorm layers; Flax NNX
-modules through :class:`NNXLoss` on the generic path), batches padded to a
+modules through :class:`NNXLoss` and Equinox modules through :class:`EquinoxLoss` on the
+generic path), batches padded to a
 few bucket sizes with a 0/1 mask so that each bucket compiles once, and a
 trainer built on :class:`cabs_core.loop.CABSLoop` (:class:`CABSTrainer`, :class:`DataParallelCABSTrainer`).
 See ``docs/jax.md``.
@@ -42,5 +43,15 @@ from .distributed import DataParallelCABSTrainer, data_mesh  # noqa: E402  data 
 
 __all__ += [
     "DataParallelCABSTrainer",
+    "EquinoxLoss",
     "data_mesh",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``EquinoxLoss`` on first use: Equinox is imported only by those who use it."""
+    if name == "EquinoxLoss":
+        from .equinox import EquinoxLoss
+
+        return EquinoxLoss
+    raise AttributeError(f"module 'cabs_jax' has no attribute {name!r}")

@@ -103,7 +103,10 @@ def optax_of(optimizer: Any) -> Any:
 
 def trainable_state(loss_fn: Any, params: PyTree) -> PyTree:
     """``params`` as a pytree: an ``nnx.Module`` (with an :class:`NNXLoss`) becomes its state of the loss's
-    ``wrt`` filter; anything else is returned as is."""
+    ``wrt`` filter, an Equinox module (with a :class:`cabs_jax.EquinoxLoss`) its trainable part; anything
+    else is returned as is."""
+    if hasattr(loss_fn, "trainable_of"):
+        return loss_fn.trainable_of(params)
     if not isinstance(params, nnx.Module):
         return params
     if not isinstance(loss_fn, NNXLoss):
