@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -86,7 +87,85 @@ __all__ = ["BatchNormTrainingError", "FastPathFallbackWarning", "PforFallbackWar
            "TiedProjection", "UnsupportedModelError", "VERIFY_EVERY"]
 
 
-_FAST_TYPES = (kl.Dense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization)
+_FAST_TYPES = (kl.Dense, kl.EinsumDense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization)
+
+
+class _EinsumRoles:
+    """The roles of the letters of an :class:`keras.layers.EinsumDense` equation
+    ``in,kernel->out`` (an ellipsis expanded to upper-case letters for an input of
+    rank ``rank``), from which the layer's per-example gradient follows:
+
+    - ``e``: the example axis, the input's and the output's first letter (not in
+      the kernel);
+    - ``h``: kernel letters also in the input and the output (a weight block per
+      value, e.g. per head);
+    - ``t``: input letters shared with the output, not in the kernel (positions,
+      summed in the Gram form);
+    - ``p``: kernel letters only in the input (contracted); ``q``: kernel letters
+      only in the output; ``r``: input letters in neither (summed out first).
+
+    The per-example kernel gradient is ``g_i[kernel] = sum_{t, r} a_i b_i``; per
+    value of ``h`` it is :func:`linear_sq_norms` of ``a`` as (T, P) and ``b`` as (T, Q).
+    """
+
+    def __init__(self, equation: str, rank: int | None) -> None:
+        eq = equation.replace(" ", "")
+        match = re.fullmatch(r"([a-zA-Z.]+),([a-zA-Z]+)->([a-zA-Z.]+)", eq)
+        if match is None:
+            raise ValueError(f"equation {equation!r} is not of the form 'in,kernel->out'")
+        a, k, z = match.groups()
+        if "..." in a:
+            if a.count("...") != 1 or z.count("...") != 1 or "." in a.replace("...", "") + z.replace("...", ""):
+                raise ValueError(f"equation {equation!r}: one ellipsis in the input and the output")
+            n = max((rank if rank is not None else len(a) - 2) - (len(a) - 3), 1)
+            fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)[:n]
+            a, z = a.replace("...", fresh), z.replace("...", fresh)
+        elif "." in a or "." in z:
+            raise ValueError(f"equation {equation!r}: an ellipsis must appear in the input and the output")
+        for name, spec in (("input", a), ("kernel", k), ("output", z)):
+            if len(set(spec)) != len(spec):
+                raise ValueError(f"equation {equation!r}: a repeated letter in the {name} (a diagonal)")
+        if rank is not None and rank != len(a):
+            raise ValueError(f"equation {equation!r} does not fit an input of rank {rank}")
+        stray = [c for c in k if c not in a and c not in z]
+        if stray:
+            raise ValueError(f"equation {equation!r}: kernel letters {stray} in neither the input nor the output")
+        e = a[0]
+        if z[0] != e or e in k:
+            raise ValueError(
+                f"equation {equation!r}: the example axis (the input's first letter {e!r}) must be the output's "
+                f"first letter and not a kernel letter")
+        self.a, self.k, self.z, self.e = a, k, z, e
+        self.h = "".join(c for c in k if c in a and c in z)
+        self.t = "".join(c for c in a[1:] if c in z and c not in k)
+        self.p = "".join(c for c in k if c in a and c not in z)
+        self.q = "".join(c for c in k if c in z and c not in a)
+        self.r = "".join(c for c in a[1:] if c not in z and c not in k)
+
+    def blocks(self, a: tf.Tensor, b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``a`` as (m, H, T, P) and ``b`` as (m, H, T, Q), H, T, P, Q flattened
+        products of their letters' sizes (1 for none)."""
+        e, h, t, p, q = self.e, self.h, self.t, self.p, self.q
+        a2 = tf.einsum(f"{self.a}->{e}{h}{t}{p}", a)
+        b2 = tf.einsum(f"{self.z}->{e}{h}{t}{q}", b)
+        dims = {c: n for c, n in zip(self.a + self.z, list(a.shape) + list(b.shape))}
+
+        def size(letters: str) -> int:
+            return math.prod(int(dims[c]) for c in letters)
+
+        return (tf.reshape(a2, [-1, size(h), size(t), size(p)]),
+                tf.reshape(b2, [-1, size(h), size(t), size(q)]))
+
+
+def _einsum_roles(layer: keras.Layer, rank: int | None = None) -> _EinsumRoles:
+    """The roles of an EinsumDense layer's letters, or UnsupportedModelError naming it."""
+    try:
+        return _EinsumRoles(layer.equation, rank)
+    except ValueError as e:
+        raise UnsupportedModelError(
+            f"EinsumDense {layer.name!r}: {e}; the fast path cannot establish its per-example gradient. "
+            f"method='generic' is exact for any model.", layer=layer.name,
+            reason=f"EinsumDense equation {layer.equation!r}: {e}") from None
 
 
 class TiedProjection(keras.layers.Layer):
@@ -111,7 +190,8 @@ class TiedProjection(keras.layers.Layer):
 def _fast_refusal(layer: keras.Layer) -> str | None:
     """Why the fast path cannot take this layer (None: it can)."""
     if type(layer) not in _FAST_TYPES:
-        return f"{type(layer).__name__} is not one of Dense, Conv1D, Conv2D, Embedding, LayerNormalization"
+        return (f"{type(layer).__name__} is not one of Dense, EinsumDense, Conv1D, Conv2D, Embedding, "
+                f"LayerNormalization")
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
         return "LoRA or quantised weights"
     if isinstance(layer, (kl.Conv1D, kl.Conv2D)):
@@ -119,6 +199,11 @@ def _fast_refusal(layer: keras.Layer) -> str | None:
             return "data_format='channels_first'"
         if layer.padding not in ("valid", "same"):
             return f"padding={layer.padding!r}"
+    if isinstance(layer, kl.EinsumDense):
+        try:
+            _EinsumRoles(layer.equation, None)
+        except ValueError as e:
+            return f"EinsumDense {e}"
     if isinstance(layer, kl.LayerNormalization):
         if layer.rms_scaling:
             return "rms_scaling=True"
@@ -236,6 +321,9 @@ class _Recorder:
                 return z
             if isinstance(layer, kl.Dense):
                 z = ops.matmul(inputs, layer.kernel)
+            elif isinstance(layer, kl.EinsumDense):
+                _einsum_roles(layer, inputs.shape.rank)  # refuses what the fast path cannot establish
+                z = ops.einsum(layer.equation, inputs, layer.kernel)
             else:  # Conv1D / Conv2D, channels_last
                 z = layer.convolution_op(inputs, layer.kernel)
             if layer.bias is not None:
@@ -361,6 +449,8 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
         if not lookups:
             return linear_sq_norms(h, b2)
         return tied_embedding_sq_norms(tokens, b, h, b2)
+    if isinstance(layer, kl.EinsumDense):
+        return _einsum_sq_norms(layer, calls, trainable)
     b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
     if isinstance(layer, kl.LayerNormalization):
         xhat = tf.concat([_flat(a) for a, *_ in calls], axis=1)
@@ -381,6 +471,43 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
     return out
 
 
+def _einsum_bias_letters(layer: keras.Layer, roles: _EinsumRoles) -> str:
+    """The output letters an EinsumDense bias spans (its shape has 1 at the
+    other letters from the first bias letter on)."""
+    return "".join(c for c in roles.z if c in layer.bias_axes)
+
+
+def _einsum_bias_grads(layer: keras.Layer, roles: _EinsumRoles, b: tf.Tensor, per_example: bool) -> tf.Tensor:
+    """The bias gradient of one EinsumDense call: per example (m, n_bias) or summed (n_bias,)."""
+    letters = _einsum_bias_letters(layer, roles)
+    keep = (roles.e if per_example else "") + letters
+    g = tf.einsum(f"{roles.z}->{keep}", b)
+    return tf.reshape(g, [-1, math.prod(int(n) for n in layer.bias.shape)]) if per_example else tf.reshape(g, [-1])
+
+
+def _einsum_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int]) -> tf.Tensor:
+    """||g_i||^2 of an EinsumDense layer's kernel and bias over all its calls:
+    per block value of the kernel's letters shared by input and output, the
+    positions of every call concatenated, :func:`linear_sq_norms` (Gram form or
+    the materialised per-example gradient, whichever is cheaper)."""
+    out = None
+    if id(layer.kernel) in trainable:
+        blocks = [_einsum_roles(layer, a.shape.rank).blocks(a, g) for a, _, g, _ in calls]
+        a4 = tf.concat([x for x, _ in blocks], axis=2)
+        b4 = tf.concat([y for _, y in blocks], axis=2)
+        _, nh, nt, npp = a4.shape
+        sq = linear_sq_norms(tf.reshape(a4, [-1, nt, npp]), tf.reshape(b4, [-1, nt, b4.shape[3]]))
+        out = tf.reduce_sum(tf.reshape(sq, [-1, nh]), axis=1)
+    if layer.bias is not None and id(layer.bias) in trainable:
+        g = tf.add_n([_einsum_bias_grads(layer, _einsum_roles(layer, a.shape.rank), b, True) for a, _, b, _ in calls])
+        sb = tf.reduce_sum(g * g, axis=1)
+        out = sb if out is None else out + sb
+    if out is None:
+        b = calls[0][2]
+        out = tf.zeros_like(tf.reshape(b, [tf.shape(b)[0], -1])[:, 0])
+    return out
+
+
 def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tensor]:
     """The gradient of each of the layer's variables rebuilt from the captured
     per-layer terms, summed over examples and positions: ``{id(variable): grad}``.
@@ -398,6 +525,16 @@ def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tenso
                 grad += tf.math.unsorted_segment_sum(tf.reshape(g, [-1, g.shape[-1]]),
                                                      tf.cast(tf.reshape(a, [-1]), tf.int32), layer.input_dim)
         out[id(layer.embeddings)] = grad
+        return out
+    if isinstance(layer, kl.EinsumDense):
+        for a, _, g, _ in calls:
+            roles = _einsum_roles(layer, a.shape.rank)
+            terms = {id(layer.kernel): tf.einsum(f"{roles.a},{roles.z}->{roles.k}", a, g)}
+            if layer.bias is not None:
+                terms[id(layer.bias)] = tf.reshape(_einsum_bias_grads(layer, roles, g, per_example=False),
+                                                   layer.bias.shape)
+            for vid, t in terms.items():
+                out[vid] = out[vid] + t if vid in out else t
         return out
     b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
     q = b.shape[2]
