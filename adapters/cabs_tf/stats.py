@@ -31,6 +31,7 @@ examples. Otherwise ``auto`` falls back to ``generic`` with one
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -185,6 +186,80 @@ class TiedProjection(keras.layers.Layer):
 
     def call(self, h: tf.Tensor) -> tf.Tensor:
         return ops.matmul(h, ops.transpose(self.embedding.embeddings))
+
+
+class _BareTiedUse:
+    """Stands for the uses of an Embedding's table as an output projection
+    outside any layer, ``z = h E^T`` (``ops.matmul(h, ops.transpose(emb.embeddings))``,
+    ``emb.embeddings.T``, ``tf.matmul(h, E, transpose_b=True)``): recorded like
+    :class:`TiedProjection` calls, so the table's per-example gradient is the
+    sum of the lookups' and the projections' terms."""
+
+    def __init__(self, embedding: kl.Embedding) -> None:
+        self.embedding = embedding
+        self.name = f"{embedding.name} (table used as an output projection)"
+
+
+_PASS_THROUGH = ("Identity", "Cast")
+_MATMULS = {"MatMul": ("transpose_a", "transpose_b"), "BatchMatMulV2": ("adj_x", "adj_y"),
+            "BatchMatMul": ("adj_x", "adj_y"), "BatchMatMulV3": ("adj_x", "adj_y")}
+
+
+def _ancestors(calls: list[tuple], table: tf.Tensor) -> set[str]:
+    """Names of the ops of the recorded calls ``(layer, a, z)`` that read the
+    table: from each output ``z`` back along floating inputs, stopping at the
+    table and at the call's input ``a``."""
+    seen: set[str] = set()
+    for _, a, z in calls:
+        stop = {table.name, a.name}
+        todo = [z.op]
+        while todo:
+            op = todo.pop()
+            if op.name in seen:
+                continue
+            seen.add(op.name)
+            todo.extend(t.op for t in op.inputs if t.name not in stop and t.dtype.is_floating)
+    return seen
+
+
+def _bare_tied_uses(table: tf.Tensor, lookups: list[tuple]) -> list[tuple[tf.Tensor, tf.Tensor, bool]]:
+    """The uses ``z = h E^T`` of an Embedding's table ``E`` (V, d) outside the
+    recorded calls ``lookups`` of the layer and its :class:`TiedProjection` s,
+    found in the graph among the ops that consume ``table`` (the value every
+    read of the table returned during the forward pass):
+    ``[(h, z, folded)]``; ``folded``: ``h`` (m, ..., d) entered the product
+    reshaped to (m * T, d) (``ops.matmul`` on a 3-D input is a tensordot).
+    Any other use is left unseen: the probe's accounting check then refuses
+    the fast path for this table, never a wrong S."""
+    ours = _ancestors(lookups, table)
+    uses: list[tuple[tf.Tensor, tf.Tensor, bool]] = []
+
+    def follow(t: tf.Tensor, transposed: bool) -> None:
+        for op in t.consumers():
+            if op.name in ours:
+                continue
+            if op.type in _PASS_THROUGH:
+                follow(op.outputs[0], transposed)
+            elif op.type == "Transpose" and op.inputs[0].name == t.name:
+                perm = tf.get_static_value(op.inputs[1])
+                if perm is not None and list(perm) in ([1, 0], [0, 1]):
+                    follow(op.outputs[0], transposed ^ (list(perm) == [1, 0]))
+            elif op.type == "Reshape" and op.inputs[0].name == t.name and op.outputs[0].shape == t.shape:
+                follow(op.outputs[0], transposed)
+            elif op.type in _MATMULS and op.inputs[1].name == t.name and op.inputs[0].name != t.name:
+                adj_a, adj_b = (op.get_attr(n) for n in _MATMULS[op.type])
+                if adj_a or not (transposed ^ adj_b):
+                    continue  # not h E^T: unseen, the accounting check refuses
+                h, z = op.inputs[0], op.outputs[0]
+                src = h.op.inputs[0] if h.op.type == "Reshape" else None
+                if (h.shape.rank == 2 and src is not None and src.shape.rank is not None and src.shape.rank >= 3
+                        and src.shape[-1] == h.shape[-1] and src.shape.num_elements() == h.shape.num_elements()):
+                    uses.append((src, z, True))
+                else:
+                    uses.append((h, z, False))
+
+    follow(table, False)
+    return uses
 
 
 def _fast_refusal(layer: keras.Layer) -> str | None:
@@ -740,6 +815,8 @@ class PerExampleStats:
         self._probe_fns: dict[tuple, Any] = {}
         self._probe_layers: dict[tuple, list[str]] = {}
         self._eager_calls: dict[tuple, int] = {}
+        self._bare_sentinels: dict[int, _BareTiedUse] = {}  # per Embedding: its table's uses outside the layer
+        self._fast_graph: Any = None  # the fast path as a tf.function, for eager calls that need a graph
         self._signature_ids = (id(self.model), tuple(id(v) for v in self.variables))
         #: number of probes run (each costs about a fast step on k examples plus k single-example steps)
         self.probe_count = 0
@@ -777,8 +854,16 @@ class PerExampleStats:
             fast = sig in self.verdicts and self.verdicts[sig] is None
         out = None
         if fast:
+            structure = self._structures[sig]
+            run = self._fast
+            bare = {id(b) for b in self._bare_sentinels.values()}
+            if tf.executing_eagerly() and any(c[0] in bare for c in structure):
+                # a table's uses outside its layer are found among a graph's ops: run this call as a graph
+                if self._fast_graph is None:
+                    self._fast_graph = tf.function(self._fast, autograph=False)
+                run = self._fast_graph
             try:
-                out = self._fast(x, y, w, self._structures[sig])
+                out = run(x, y, w, structure)
             except _StructureMismatch as e:
                 self._fail(sig, e)
         if out is None:
@@ -987,7 +1072,10 @@ class PerExampleStats:
     # -- fast path: one forward, one backward --------------------------------
     def _capture(self, x: Nest, y: Nest, w: tf.Tensor) -> tuple:
         """One forward and backward pass recording every supported layer's calls:
-        ``(losses, total, variable gradients, [(layer, a, z, b)])``."""
+        ``(losses, total, variable gradients, [(layer, a, z, b)])``. Inside a graph,
+        an Embedding table used as an output projection outside its layer
+        (``ops.matmul(h, ops.transpose(emb.embeddings))``) is recorded as a tied
+        projection call too (:func:`_bare_tied_uses`)."""
         assert self.model is not None
         layers = [
             layer for layer in self.model._flatten_layers(include_self=True, recursive=True)
@@ -995,19 +1083,45 @@ class PerExampleStats:
             or isinstance(layer, TiedProjection) and layer.embedding.trainable
             and id(layer.embedding.embeddings) in self._trainable
         ]
+        # tables whose uses outside the layer are looked for (graph mode: the uses are the ops consuming them)
+        tables = [] if tf.executing_eagerly() else [
+            layer for layer in layers if isinstance(layer, kl.Embedding) and id(layer.embeddings) in self._trainable]
         with tf.GradientTape() as tape:
-            with _Recorder(layers) as rec:
+            reads = [tf.identity(layer.embeddings.value) for layer in tables]
+            scope = keras.StatelessScope([(layer.embeddings, r) for layer, r in zip(tables, reads)])
+            with scope if tables else contextlib.nullcontext(), _Recorder(layers) as rec:
                 # a float16 loss (mixed precision) is summed in float32: count, loss sum and S never in float16
                 losses = _wide(self.per_example_loss(x, y))
+            if tables:  # the scope held back every variable update of the forward pass (e.g. dropout's seeds)
+                mapped = {id(layer.embeddings) for layer in tables}
+                for v in self.model.variables:
+                    new = scope.get_current_value(v) if id(v) not in mapped else None
+                    if new is not None:
+                        v.assign(new)
+            bare = [(self._bare_sentinel(layer), h, z, fold)
+                    for layer, r in zip(tables, reads)
+                    for h, z, fold in _bare_tied_uses(r, [c for c in rec.calls if c[0] is layer or getattr(
+                        c[0], "embedding", None) is layer])]
             w = tf.cast(w, losses.dtype)
             total = tf.reduce_sum(w * losses)
         grads = tape.gradient(
-            total, self.variables + [z for _, _, z in rec.calls],
+            total, self.variables + [z for _, _, z in rec.calls] + [z for _, _, z, _ in bare],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
-        var_grads, out_grads = grads[: len(self.variables)], grads[len(self.variables):]
+        nv, nc = len(self.variables), len(rec.calls)
+        var_grads, out_grads, bare_grads = grads[:nv], grads[nv:nv + nc], grads[nv + nc:]
         calls = [(layer, a, z, b) for (layer, a, z), b in zip(rec.calls, out_grads)]
+        for (sentinel, h, _, fold), b in zip(bare, bare_grads):
+            if fold:  # z = reshape(h, (m * T, d)) E^T: its rows are (example, position) in row-major order
+                b = tf.reshape(b, [h.shape[0], -1, b.shape[-1]])
+            calls.append((sentinel, h, b, b))
         return losses, total, [tf.convert_to_tensor(g) for g in var_grads], calls
+
+    def _bare_sentinel(self, embedding: kl.Embedding) -> _BareTiedUse:
+        """The one stand-in per Embedding for its table's uses as an output projection."""
+        if id(embedding) not in self._bare_sentinels:
+            self._bare_sentinels[id(embedding)] = _BareTiedUse(embedding)
+        return self._bare_sentinels[id(embedding)]
 
     @staticmethod
     def _group(calls: list) -> tuple[dict[int, list], list[keras.Layer]]:
@@ -1016,7 +1130,7 @@ class PerExampleStats:
         per_layer: dict[int, list] = {}
         layers = []
         for layer, a, z, b in calls:
-            proj = isinstance(layer, TiedProjection)
+            proj = isinstance(layer, (TiedProjection, _BareTiedUse))
             owner = layer.embedding if proj else layer
             if id(owner) not in per_layer:
                 layers.append(owner)

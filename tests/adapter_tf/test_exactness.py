@@ -88,7 +88,8 @@ def test_grouped_conv1d_auto_fast_and_generic_are_exact():
             np.testing.assert_allclose(g.numpy(), w, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("tied,positional,layer", [(True, False, "tok"), (False, True, "pos"), (True, True, None)])
+# the bare tie alone, ops.matmul(h, E.T), is exact on the fast path since issue 15 (tests/adapter_tf/test_attention.py)
+@pytest.mark.parametrize("tied,positional,layer", [(False, True, "pos"), (True, True, None)])
 def test_tied_projection_and_positional_embedding(tied, positional, layer):
     vocab, t, d, m = 7, 4, 3, 5
     model = build(TiedLM(vocab, t, d, tied=tied, positional=positional), token_data(2, t, vocab)[0])
