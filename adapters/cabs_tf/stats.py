@@ -262,6 +262,62 @@ def _bare_tied_uses(table: tf.Tensor, lookups: list[tuple]) -> list[tuple[tf.Ten
     return uses
 
 
+def _leading(x: Nest) -> int | None:
+    """The batch's static number of examples (None if unknown)."""
+    d = tf.nest.flatten(x)[0].shape[0]
+    return None if d is None else int(d)
+
+
+_RESHAPES = ("ExpandDims", "Reshape", "StridedSlice", "BroadcastTo")
+
+
+def _broadcast_lookups(calls: list[tuple], n: int | None) -> list[tuple]:
+    """The recorded calls, with each Embedding lookup WITHOUT the example axis
+    (positions: ``pos(ops.arange(T))`` of shape (T, d)) whose every use is an
+    addition broadcast over the n examples (``x + pos(arange(T))``, also after
+    ``[None]``) recorded instead as a lookup of ids broadcast to (n, T) with
+    output the sum (n, T, d): the per-example gradient of the table is then
+    the lookup's usual one. Any other use leaves the call as it was (the
+    probe's provenance check refuses it). Graph mode only (it reads the graph)."""
+    if n is None:
+        return calls
+    out = []
+    for layer, a, z in calls:
+        sums = _broadcast_sums(z, [n, *z.shape]) if isinstance(layer, kl.Embedding) and z.shape.is_fully_defined() \
+            else None
+        if not sums:
+            out.append((layer, a, z))
+            continue
+        ids = tf.broadcast_to(a, [n, *a.shape])
+        out.extend((layer, ids, s) for s in sums)
+    return out
+
+
+def _broadcast_sums(z: tf.Tensor, shape: list[int]) -> list[tf.Tensor] | None:
+    """The outputs of shape ``shape`` of the additions that every use of ``z``
+    reaches (through casts and reshapes that only add a leading 1), or None."""
+    sums: list[tf.Tensor] = []
+
+    def follow(t: tf.Tensor) -> bool:
+        ops_ = t.consumers()
+        if not ops_:
+            return True
+        for op in ops_:
+            o = op.outputs[0] if op.outputs else None
+            if o is None:
+                return False
+            if op.type in _PASS_THROUGH and o.shape == t.shape or op.type in _RESHAPES and o.shape == [1, *t.shape]:
+                if not follow(o):
+                    return False
+            elif op.type in ("AddV2", "Add") and o.shape == shape:
+                sums.append(o)
+            else:
+                return False
+        return True
+
+    return sums if follow(z) and sums else None
+
+
 def _fast_refusal(layer: keras.Layer) -> str | None:
     """Why the fast path cannot take this layer (None: it can)."""
     if type(layer) not in _FAST_TYPES:
@@ -817,6 +873,8 @@ class PerExampleStats:
         self._eager_calls: dict[tuple, int] = {}
         self._bare_sentinels: dict[int, _BareTiedUse] = {}  # per Embedding: its table's uses outside the layer
         self._fast_graph: Any = None  # the fast path as a tf.function, for eager calls that need a graph
+        self._discovered = False  # set while tracing when a capture read the graph (bare ties, broadcast lookups)
+        self._graph_only: set[tuple] = set()  # signatures whose fast path reads the graph
         self._signature_ids = (id(self.model), tuple(id(v) for v in self.variables))
         #: number of probes run (each costs about a fast step on k examples plus k single-example steps)
         self.probe_count = 0
@@ -856,8 +914,7 @@ class PerExampleStats:
         if fast:
             structure = self._structures[sig]
             run = self._fast
-            bare = {id(b) for b in self._bare_sentinels.values()}
-            if tf.executing_eagerly() and any(c[0] in bare for c in structure):
+            if tf.executing_eagerly() and sig in self._graph_only:
                 # a table's uses outside its layer are found among a graph's ops: run this call as a graph
                 if self._fast_graph is None:
                     self._fast_graph = tf.function(self._fast, autograph=False)
@@ -1025,7 +1082,10 @@ class PerExampleStats:
         k single examples. Structural failures raise at trace time."""
         k = int(tf.nest.flatten(xk)[0].shape[0])
         w = tf.ones([k], _stat_dtype(self.variables))
+        self._discovered = False
         losses, total, var_grads, calls = self._capture(xk, yk, w)
+        if self._discovered:
+            self._graph_only.add(self.signature(xk, yk))
         for layer, a, z, _ in calls:
             why = _example_axis_reason(layer, a, z, k)
             if why is not None:
@@ -1102,15 +1162,17 @@ class PerExampleStats:
                     for layer, r in zip(tables, reads)
                     for h, z, fold in _bare_tied_uses(r, [c for c in rec.calls if c[0] is layer or getattr(
                         c[0], "embedding", None) is layer])]
+            recorded = rec.calls if tf.executing_eagerly() else _broadcast_lookups(rec.calls, _leading(x))
             w = tf.cast(w, losses.dtype)
             total = tf.reduce_sum(w * losses)
+        self._discovered = self._discovered or bool(bare) or recorded is not rec.calls
         grads = tape.gradient(
-            total, self.variables + [z for _, _, z in rec.calls] + [z for _, _, z, _ in bare],
+            total, self.variables + [z for _, _, z in recorded] + [z for _, _, z, _ in bare],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
-        nv, nc = len(self.variables), len(rec.calls)
+        nv, nc = len(self.variables), len(recorded)
         var_grads, out_grads, bare_grads = grads[:nv], grads[nv:nv + nc], grads[nv + nc:]
-        calls = [(layer, a, z, b) for (layer, a, z), b in zip(rec.calls, out_grads)]
+        calls = [(layer, a, z, b) for (layer, a, z), b in zip(recorded, out_grads)]
         for (sentinel, h, _, fold), b in zip(bare, bare_grads):
             if fold:  # z = reshape(h, (m * T, d)) E^T: its rows are (example, position) in row-major order
                 b = tf.reshape(b, [h.shape[0], -1, b.shape[-1]])
