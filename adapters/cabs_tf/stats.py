@@ -9,7 +9,10 @@ ordinary gradient times m) and ONE float64 tensor of the four scalars of
 one device-to-host copy per step. Two exact paths:
 
 - ``fast``: one forward and one backward pass. Each supported layer
-  (Dense, Conv1D, Conv2D, Embedding, LayerNormalization) records its inputs
+  (Dense, EinsumDense, Conv1D, Conv2D, Embedding, LayerNormalization; an
+  Embedding's table used as the output projection, ``ops.matmul(h, E.T)``, and
+  positions ``pos(arange(T))`` broadcast over the examples are found in the
+  traced graph) records its inputs
   ``a`` and its pre-activation output ``z``; the backward pass gives
   ``b = dL/dz``, and ||g_i||^2 of the layer follows from ``a`` and ``b``
   (:mod:`cabs_tf.per_example`). No whole-model per-example gradient exists.
