@@ -1,7 +1,11 @@
 """Cost of CABS statistics in TensorFlow/Keras 3, side by side in one run.
 
-For the MLP 784-512-512-10 and the paper's MNIST CNN (NHWC: conv5x5x32, pool,
-conv5x5x64, pool, dense 1024, dense 10), at several batch sizes:
+For the MLP 784-512-512-10, the paper's MNIST CNN (NHWC: conv5x5x32, pool,
+conv5x5x64, pool, dense 1024, dense 10) and (``--models gpt``, issue 15) a GPT-style
+language model (learned positions, pre-norm blocks of causal MultiHeadAttention and
+a 4x MLP, the output projection tied to the token table as ``ops.matmul(h, E.T)``;
+``--gpt-layers 4 --gpt-d 256 --gpt-heads 4 --gpt-seq 128 --gpt-vocab 8192`` is the
+size of the PyTorch benchmark's), at several batch sizes:
 
 - plain:   a tf.function gradient step (mean loss, tape.gradient, ||g||^2 read)
 - fast:    cabs_tf.PerExampleStats(method="fast")   (one forward, one backward)
@@ -22,6 +26,7 @@ steady state (the look-up, a probe every verify_every steps) and over a run of
     python benchmarks/bench_tf_stats.py                 # short default run
     python benchmarks/bench_tf_stats.py --batches 32 128 512 --reps 10
     python benchmarks/bench_tf_stats.py --verify --batches 128 --reps 10
+    python benchmarks/bench_tf_stats.py --models gpt --batches 16 64   # the GPT, its default size
 """
 
 from __future__ import annotations
@@ -64,8 +69,34 @@ def mnist_cnn() -> keras.Model:
     ])
 
 
+class GPT(keras.Model):
+    """Token and learned position embeddings, ``n_layers`` pre-norm blocks (causal
+    MultiHeadAttention, Dense 4d-gelu-d), a final LayerNormalization and logits
+    ``ops.matmul(h, ops.transpose(E))`` with the token table E (the tied head)."""
+
+    def __init__(self, vocab: int, seq: int, d: int, heads: int, n_layers: int) -> None:
+        super().__init__()
+        self.seq = seq
+        self.tok = keras.layers.Embedding(vocab, d)
+        self.pos = keras.layers.Embedding(seq, d)
+        self.blocks = [(keras.layers.LayerNormalization(), keras.layers.MultiHeadAttention(heads, d // heads),
+                        keras.layers.LayerNormalization(), keras.layers.Dense(4 * d, activation="gelu"),
+                        keras.layers.Dense(d)) for _ in range(n_layers)]
+        self.norm = keras.layers.LayerNormalization()
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        h = self.tok(ids) + self.pos(keras.ops.arange(self.seq))
+        for ln1, att, ln2, up, down in self.blocks:
+            a = ln1(h)
+            h = h + att(a, a, use_causal_mask=True)
+            h = h + down(up(ln2(h)))
+        return keras.ops.matmul(self.norm(h), keras.ops.transpose(self.tok.embeddings))
+
+
 def xent(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+    """Per-example cross-entropy; for token targets (m, T) summed over the positions."""
+    losses = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+    return tf.reduce_sum(losses, axis=1) if losses.shape.rank == 2 else losses
 
 
 def plain_step(model: keras.Model):
@@ -74,7 +105,7 @@ def plain_step(model: keras.Model):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(xent(y, model(x, training=True)))
         grads = tape.gradient(loss, model.trainable_variables)
-        return tf.add_n([tf.reduce_sum(g * g) for g in grads]) + loss
+        return tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(g))) for g in grads]) + loss
 
     return step
 
@@ -125,7 +156,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunk-size", type=int, default=128, help="generic path: examples per vectorized_map")
-    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "gpt"])
+    ap.add_argument("--gpt-layers", type=int, default=4)
+    ap.add_argument("--gpt-d", type=int, default=256)
+    ap.add_argument("--gpt-heads", type=int, default=4)
+    ap.add_argument("--gpt-seq", type=int, default=128)
+    ap.add_argument("--gpt-vocab", type=int, default=8192)
     ap.add_argument("--no-generic-above", type=int, default=None,
                     help="skip the (slow) generic path above this batch size")
     ap.add_argument("--verify", action="store_true", help="also measure the fast path's probes (issue 12)")
@@ -142,13 +178,23 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for name in args.models:
         keras.utils.set_random_seed(0)
-        model = mlp() if name == "mlp" else mnist_cnn()
-        shape = model.inputs[0].shape[1:]
+        if name == "gpt":
+            model = GPT(args.gpt_vocab, args.gpt_seq, args.gpt_d, args.gpt_heads, args.gpt_layers)
+            model(tf.zeros((1, args.gpt_seq), tf.int32))
+            print(f"gpt: {args.gpt_layers} layers, d_model {args.gpt_d}, {args.gpt_heads} heads, sequence "
+                  f"{args.gpt_seq}, vocabulary {args.gpt_vocab}, tied head, "
+                  f"{sum(int(np.prod(v.shape)) for v in model.trainable_variables)} parameters", flush=True)
+        else:
+            model = mlp() if name == "mlp" else mnist_cnn()
         steps = {"plain": plain_step(model), "fast": stats_step(model, "fast", args.chunk_size),
                  "generic": stats_step(model, "generic", args.chunk_size)}
         for b in args.batches:
-            x = tf.constant(rng.normal(size=(b, *shape)).astype("float32"))
-            y = tf.constant(rng.integers(0, 10, size=(b,)).astype("int32"))
+            if name == "gpt":
+                x = tf.constant(rng.integers(0, args.gpt_vocab, size=(b, args.gpt_seq)).astype("int32"))
+                y = tf.constant(rng.integers(0, args.gpt_vocab, size=(b, args.gpt_seq)).astype("int32"))
+            else:
+                x = tf.constant(rng.normal(size=(b, *model.inputs[0].shape[1:])).astype("float32"))
+                y = tf.constant(rng.integers(0, 10, size=(b,)).astype("int32"))
             ms = {}
             for k, fn in steps.items():
                 skip = k == "generic" and (args.no_generic or (args.no_generic_above is not None

@@ -9,7 +9,10 @@ ordinary gradient times m) and ONE float64 tensor of the four scalars of
 one device-to-host copy per step. Two exact paths:
 
 - ``fast``: one forward and one backward pass. Each supported layer
-  (Dense, Conv1D, Conv2D, Embedding, LayerNormalization) records its inputs
+  (Dense, EinsumDense, Conv1D, Conv2D, Embedding, LayerNormalization; an
+  Embedding's table used as the output projection, ``ops.matmul(h, E.T)``, and
+  positions ``pos(arange(T))`` broadcast over the examples are found in the
+  traced graph) records its inputs
   ``a`` and its pre-activation output ``z``; the backward pass gives
   ``b = dL/dz``, and ||g_i||^2 of the layer follows from ``a`` and ``b``
   (:mod:`cabs_tf.per_example`). No whole-model per-example gradient exists.
@@ -31,9 +34,11 @@ examples. Otherwise ``auto`` falls back to ``generic`` with one
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -86,7 +91,85 @@ __all__ = ["BatchNormTrainingError", "FastPathFallbackWarning", "PforFallbackWar
            "TiedProjection", "UnsupportedModelError", "VERIFY_EVERY"]
 
 
-_FAST_TYPES = (kl.Dense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization)
+_FAST_TYPES = (kl.Dense, kl.EinsumDense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization)
+
+
+class _EinsumRoles:
+    """The roles of the letters of an :class:`keras.layers.EinsumDense` equation
+    ``in,kernel->out`` (an ellipsis expanded to upper-case letters for an input of
+    rank ``rank``), from which the layer's per-example gradient follows:
+
+    - ``e``: the example axis, the input's and the output's first letter (not in
+      the kernel);
+    - ``h``: kernel letters also in the input and the output (a weight block per
+      value, e.g. per head);
+    - ``t``: input letters shared with the output, not in the kernel (positions,
+      summed in the Gram form);
+    - ``p``: kernel letters only in the input (contracted); ``q``: kernel letters
+      only in the output; ``r``: input letters in neither (summed out first).
+
+    The per-example kernel gradient is ``g_i[kernel] = sum_{t, r} a_i b_i``; per
+    value of ``h`` it is :func:`linear_sq_norms` of ``a`` as (T, P) and ``b`` as (T, Q).
+    """
+
+    def __init__(self, equation: str, rank: int | None) -> None:
+        eq = equation.replace(" ", "")
+        match = re.fullmatch(r"([a-zA-Z.]+),([a-zA-Z]+)->([a-zA-Z.]+)", eq)
+        if match is None:
+            raise ValueError(f"equation {equation!r} is not of the form 'in,kernel->out'")
+        a, k, z = match.groups()
+        if "..." in a:
+            if a.count("...") != 1 or z.count("...") != 1 or "." in a.replace("...", "") + z.replace("...", ""):
+                raise ValueError(f"equation {equation!r}: one ellipsis in the input and the output")
+            n = max((rank if rank is not None else len(a) - 2) - (len(a) - 3), 1)
+            fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)[:n]
+            a, z = a.replace("...", fresh), z.replace("...", fresh)
+        elif "." in a or "." in z:
+            raise ValueError(f"equation {equation!r}: an ellipsis must appear in the input and the output")
+        for name, spec in (("input", a), ("kernel", k), ("output", z)):
+            if len(set(spec)) != len(spec):
+                raise ValueError(f"equation {equation!r}: a repeated letter in the {name} (a diagonal)")
+        if rank is not None and rank != len(a):
+            raise ValueError(f"equation {equation!r} does not fit an input of rank {rank}")
+        stray = [c for c in k if c not in a and c not in z]
+        if stray:
+            raise ValueError(f"equation {equation!r}: kernel letters {stray} in neither the input nor the output")
+        e = a[0]
+        if z[0] != e or e in k:
+            raise ValueError(
+                f"equation {equation!r}: the example axis (the input's first letter {e!r}) must be the output's "
+                f"first letter and not a kernel letter")
+        self.a, self.k, self.z, self.e = a, k, z, e
+        self.h = "".join(c for c in k if c in a and c in z)
+        self.t = "".join(c for c in a[1:] if c in z and c not in k)
+        self.p = "".join(c for c in k if c in a and c not in z)
+        self.q = "".join(c for c in k if c in z and c not in a)
+        self.r = "".join(c for c in a[1:] if c not in z and c not in k)
+
+    def blocks(self, a: tf.Tensor, b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``a`` as (m, H, T, P) and ``b`` as (m, H, T, Q), H, T, P, Q flattened
+        products of their letters' sizes (1 for none)."""
+        e, h, t, p, q = self.e, self.h, self.t, self.p, self.q
+        a2 = tf.einsum(f"{self.a}->{e}{h}{t}{p}", a)
+        b2 = tf.einsum(f"{self.z}->{e}{h}{t}{q}", b)
+        dims = {c: n for c, n in zip(self.a + self.z, list(a.shape) + list(b.shape))}
+
+        def size(letters: str) -> int:
+            return math.prod(int(dims[c]) for c in letters)
+
+        return (tf.reshape(a2, [-1, size(h), size(t), size(p)]),
+                tf.reshape(b2, [-1, size(h), size(t), size(q)]))
+
+
+def _einsum_roles(layer: keras.Layer, rank: int | None = None) -> _EinsumRoles:
+    """The roles of an EinsumDense layer's letters, or UnsupportedModelError naming it."""
+    try:
+        return _EinsumRoles(layer.equation, rank)
+    except ValueError as e:
+        raise UnsupportedModelError(
+            f"EinsumDense {layer.name!r}: {e}; the fast path cannot establish its per-example gradient. "
+            f"method='generic' is exact for any model.", layer=layer.name,
+            reason=f"EinsumDense equation {layer.equation!r}: {e}") from None
 
 
 class TiedProjection(keras.layers.Layer):
@@ -108,10 +191,141 @@ class TiedProjection(keras.layers.Layer):
         return ops.matmul(h, ops.transpose(self.embedding.embeddings))
 
 
+class _BareTiedUse:
+    """Stands for the uses of an Embedding's table as an output projection
+    outside any layer, ``z = h E^T`` (``ops.matmul(h, ops.transpose(emb.embeddings))``,
+    ``emb.embeddings.T``, ``tf.matmul(h, E, transpose_b=True)``): recorded like
+    :class:`TiedProjection` calls, so the table's per-example gradient is the
+    sum of the lookups' and the projections' terms."""
+
+    def __init__(self, embedding: kl.Embedding) -> None:
+        self.embedding = embedding
+        self.name = f"{embedding.name} (table used as an output projection)"
+
+
+_PASS_THROUGH = ("Identity", "Cast")
+_MATMULS = {"MatMul": ("transpose_a", "transpose_b"), "BatchMatMulV2": ("adj_x", "adj_y"),
+            "BatchMatMul": ("adj_x", "adj_y"), "BatchMatMulV3": ("adj_x", "adj_y")}
+
+
+def _ancestors(calls: list[tuple], table: tf.Tensor) -> set[str]:
+    """Names of the ops of the recorded calls ``(layer, a, z)`` that read the
+    table: from each output ``z`` back along floating inputs, stopping at the
+    table and at the call's input ``a``."""
+    seen: set[str] = set()
+    for _, a, z in calls:
+        stop = {table.name, a.name}
+        todo = [z.op]
+        while todo:
+            op = todo.pop()
+            if op.name in seen:
+                continue
+            seen.add(op.name)
+            todo.extend(t.op for t in op.inputs if t.name not in stop and t.dtype.is_floating)
+    return seen
+
+
+def _bare_tied_uses(table: tf.Tensor, lookups: list[tuple]) -> list[tuple[tf.Tensor, tf.Tensor, bool]]:
+    """The uses ``z = h E^T`` of an Embedding's table ``E`` (V, d) outside the
+    recorded calls ``lookups`` of the layer and its :class:`TiedProjection` s,
+    found in the graph among the ops that consume ``table`` (the value every
+    read of the table returned during the forward pass):
+    ``[(h, z, folded)]``; ``folded``: ``h`` (m, ..., d) entered the product
+    reshaped to (m * T, d) (``ops.matmul`` on a 3-D input is a tensordot).
+    Any other use is left unseen: the probe's accounting check then refuses
+    the fast path for this table, never a wrong S."""
+    ours = _ancestors(lookups, table)
+    uses: list[tuple[tf.Tensor, tf.Tensor, bool]] = []
+
+    def follow(t: tf.Tensor, transposed: bool) -> None:
+        for op in t.consumers():
+            if op.name in ours:
+                continue
+            if op.type in _PASS_THROUGH:
+                follow(op.outputs[0], transposed)
+            elif op.type == "Transpose" and op.inputs[0].name == t.name:
+                perm = tf.get_static_value(op.inputs[1])
+                if perm is not None and list(perm) in ([1, 0], [0, 1]):
+                    follow(op.outputs[0], transposed ^ (list(perm) == [1, 0]))
+            elif op.type == "Reshape" and op.inputs[0].name == t.name and op.outputs[0].shape == t.shape:
+                follow(op.outputs[0], transposed)
+            elif op.type in _MATMULS and op.inputs[1].name == t.name and op.inputs[0].name != t.name:
+                adj_a, adj_b = (op.get_attr(n) for n in _MATMULS[op.type])
+                if adj_a or not (transposed ^ adj_b):
+                    continue  # not h E^T: unseen, the accounting check refuses
+                h, z = op.inputs[0], op.outputs[0]
+                src = h.op.inputs[0] if h.op.type == "Reshape" else None
+                if (h.shape.rank == 2 and src is not None and src.shape.rank is not None and src.shape.rank >= 3
+                        and src.shape[-1] == h.shape[-1] and src.shape.num_elements() == h.shape.num_elements()):
+                    uses.append((src, z, True))
+                else:
+                    uses.append((h, z, False))
+
+    follow(table, False)
+    return uses
+
+
+def _leading(x: Nest) -> int | None:
+    """The batch's static number of examples (None if unknown)."""
+    d = tf.nest.flatten(x)[0].shape[0]
+    return None if d is None else int(d)
+
+
+_RESHAPES = ("ExpandDims", "Reshape", "StridedSlice", "BroadcastTo")
+
+
+def _broadcast_lookups(calls: list[tuple], n: int | None) -> list[tuple]:
+    """The recorded calls, with each Embedding lookup WITHOUT the example axis
+    (positions: ``pos(ops.arange(T))`` of shape (T, d)) whose every use is an
+    addition broadcast over the n examples (``x + pos(arange(T))``, also after
+    ``[None]``) recorded instead as a lookup of ids broadcast to (n, T) with
+    output the sum (n, T, d): the per-example gradient of the table is then
+    the lookup's usual one. Any other use leaves the call as it was (the
+    probe's provenance check refuses it). Graph mode only (it reads the graph)."""
+    if n is None:
+        return calls
+    out = []
+    for layer, a, z in calls:
+        sums = _broadcast_sums(z, [n, *z.shape]) if isinstance(layer, kl.Embedding) and z.shape.is_fully_defined() \
+            else None
+        if not sums:
+            out.append((layer, a, z))
+            continue
+        ids = tf.broadcast_to(a, [n, *a.shape])
+        out.extend((layer, ids, s) for s in sums)
+    return out
+
+
+def _broadcast_sums(z: tf.Tensor, shape: list[int]) -> list[tf.Tensor] | None:
+    """The outputs of shape ``shape`` of the additions that every use of ``z``
+    reaches (through casts and reshapes that only add a leading 1), or None."""
+    sums: list[tf.Tensor] = []
+
+    def follow(t: tf.Tensor) -> bool:
+        ops_ = t.consumers()
+        if not ops_:
+            return True
+        for op in ops_:
+            o = op.outputs[0] if op.outputs else None
+            if o is None:
+                return False
+            if op.type in _PASS_THROUGH and o.shape == t.shape or op.type in _RESHAPES and o.shape == [1, *t.shape]:
+                if not follow(o):
+                    return False
+            elif op.type in ("AddV2", "Add") and o.shape == shape:
+                sums.append(o)
+            else:
+                return False
+        return True
+
+    return sums if follow(z) and sums else None
+
+
 def _fast_refusal(layer: keras.Layer) -> str | None:
     """Why the fast path cannot take this layer (None: it can)."""
     if type(layer) not in _FAST_TYPES:
-        return f"{type(layer).__name__} is not one of Dense, Conv1D, Conv2D, Embedding, LayerNormalization"
+        return (f"{type(layer).__name__} is not one of Dense, EinsumDense, Conv1D, Conv2D, Embedding, "
+                f"LayerNormalization")
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
         return "LoRA or quantised weights"
     if isinstance(layer, (kl.Conv1D, kl.Conv2D)):
@@ -119,6 +333,11 @@ def _fast_refusal(layer: keras.Layer) -> str | None:
             return "data_format='channels_first'"
         if layer.padding not in ("valid", "same"):
             return f"padding={layer.padding!r}"
+    if isinstance(layer, kl.EinsumDense):
+        try:
+            _EinsumRoles(layer.equation, None)
+        except ValueError as e:
+            return f"EinsumDense {e}"
     if isinstance(layer, kl.LayerNormalization):
         if layer.rms_scaling:
             return "rms_scaling=True"
@@ -236,6 +455,9 @@ class _Recorder:
                 return z
             if isinstance(layer, kl.Dense):
                 z = ops.matmul(inputs, layer.kernel)
+            elif isinstance(layer, kl.EinsumDense):
+                _einsum_roles(layer, inputs.shape.rank)  # refuses what the fast path cannot establish
+                z = ops.einsum(layer.equation, inputs, layer.kernel)
             else:  # Conv1D / Conv2D, channels_last
                 z = layer.convolution_op(inputs, layer.kernel)
             if layer.bias is not None:
@@ -361,6 +583,8 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
         if not lookups:
             return linear_sq_norms(h, b2)
         return tied_embedding_sq_norms(tokens, b, h, b2)
+    if isinstance(layer, kl.EinsumDense):
+        return _einsum_sq_norms(layer, calls, trainable)
     b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
     if isinstance(layer, kl.LayerNormalization):
         xhat = tf.concat([_flat(a) for a, *_ in calls], axis=1)
@@ -381,6 +605,43 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
     return out
 
 
+def _einsum_bias_letters(layer: keras.Layer, roles: _EinsumRoles) -> str:
+    """The output letters an EinsumDense bias spans (its shape has 1 at the
+    other letters from the first bias letter on)."""
+    return "".join(c for c in roles.z if c in layer.bias_axes)
+
+
+def _einsum_bias_grads(layer: keras.Layer, roles: _EinsumRoles, b: tf.Tensor, per_example: bool) -> tf.Tensor:
+    """The bias gradient of one EinsumDense call: per example (m, n_bias) or summed (n_bias,)."""
+    letters = _einsum_bias_letters(layer, roles)
+    keep = (roles.e if per_example else "") + letters
+    g = tf.einsum(f"{roles.z}->{keep}", b)
+    return tf.reshape(g, [-1, math.prod(int(n) for n in layer.bias.shape)]) if per_example else tf.reshape(g, [-1])
+
+
+def _einsum_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int]) -> tf.Tensor:
+    """||g_i||^2 of an EinsumDense layer's kernel and bias over all its calls:
+    per block value of the kernel's letters shared by input and output, the
+    positions of every call concatenated, :func:`linear_sq_norms` (Gram form or
+    the materialised per-example gradient, whichever is cheaper)."""
+    out = None
+    if id(layer.kernel) in trainable:
+        blocks = [_einsum_roles(layer, a.shape.rank).blocks(a, g) for a, _, g, _ in calls]
+        a4 = tf.concat([x for x, _ in blocks], axis=2)
+        b4 = tf.concat([y for _, y in blocks], axis=2)
+        _, nh, nt, npp = a4.shape
+        sq = linear_sq_norms(tf.reshape(a4, [-1, nt, npp]), tf.reshape(b4, [-1, nt, b4.shape[3]]))
+        out = tf.reduce_sum(tf.reshape(sq, [-1, nh]), axis=1)
+    if layer.bias is not None and id(layer.bias) in trainable:
+        g = tf.add_n([_einsum_bias_grads(layer, _einsum_roles(layer, a.shape.rank), b, True) for a, _, b, _ in calls])
+        sb = tf.reduce_sum(g * g, axis=1)
+        out = sb if out is None else out + sb
+    if out is None:
+        b = calls[0][2]
+        out = tf.zeros_like(tf.reshape(b, [tf.shape(b)[0], -1])[:, 0])
+    return out
+
+
 def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tensor]:
     """The gradient of each of the layer's variables rebuilt from the captured
     per-layer terms, summed over examples and positions: ``{id(variable): grad}``.
@@ -398,6 +659,16 @@ def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tenso
                 grad += tf.math.unsorted_segment_sum(tf.reshape(g, [-1, g.shape[-1]]),
                                                      tf.cast(tf.reshape(a, [-1]), tf.int32), layer.input_dim)
         out[id(layer.embeddings)] = grad
+        return out
+    if isinstance(layer, kl.EinsumDense):
+        for a, _, g, _ in calls:
+            roles = _einsum_roles(layer, a.shape.rank)
+            terms = {id(layer.kernel): tf.einsum(f"{roles.a},{roles.z}->{roles.k}", a, g)}
+            if layer.bias is not None:
+                terms[id(layer.bias)] = tf.reshape(_einsum_bias_grads(layer, roles, g, per_example=False),
+                                                   layer.bias.shape)
+            for vid, t in terms.items():
+                out[vid] = out[vid] + t if vid in out else t
         return out
     b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
     q = b.shape[2]
@@ -603,6 +874,10 @@ class PerExampleStats:
         self._probe_fns: dict[tuple, Any] = {}
         self._probe_layers: dict[tuple, list[str]] = {}
         self._eager_calls: dict[tuple, int] = {}
+        self._bare_sentinels: dict[int, _BareTiedUse] = {}  # per Embedding: its table's uses outside the layer
+        self._fast_graph: Any = None  # the fast path as a tf.function, for eager calls that need a graph
+        self._discovered = False  # set while tracing when a capture read the graph (bare ties, broadcast lookups)
+        self._graph_only: set[tuple] = set()  # signatures whose fast path reads the graph
         self._signature_ids = (id(self.model), tuple(id(v) for v in self.variables))
         #: number of probes run (each costs about a fast step on k examples plus k single-example steps)
         self.probe_count = 0
@@ -640,8 +915,15 @@ class PerExampleStats:
             fast = sig in self.verdicts and self.verdicts[sig] is None
         out = None
         if fast:
+            structure = self._structures[sig]
+            run = self._fast
+            if tf.executing_eagerly() and sig in self._graph_only:
+                # a table's uses outside its layer are found among a graph's ops: run this call as a graph
+                if self._fast_graph is None:
+                    self._fast_graph = tf.function(self._fast, autograph=False)
+                run = self._fast_graph
             try:
-                out = self._fast(x, y, w, self._structures[sig])
+                out = run(x, y, w, structure)
             except _StructureMismatch as e:
                 self._fail(sig, e)
         if out is None:
@@ -803,7 +1085,10 @@ class PerExampleStats:
         k single examples. Structural failures raise at trace time."""
         k = int(tf.nest.flatten(xk)[0].shape[0])
         w = tf.ones([k], _stat_dtype(self.variables))
+        self._discovered = False
         losses, total, var_grads, calls = self._capture(xk, yk, w)
+        if self._discovered:
+            self._graph_only.add(self.signature(xk, yk))
         for layer, a, z, _ in calls:
             why = _example_axis_reason(layer, a, z, k)
             if why is not None:
@@ -850,7 +1135,10 @@ class PerExampleStats:
     # -- fast path: one forward, one backward --------------------------------
     def _capture(self, x: Nest, y: Nest, w: tf.Tensor) -> tuple:
         """One forward and backward pass recording every supported layer's calls:
-        ``(losses, total, variable gradients, [(layer, a, z, b)])``."""
+        ``(losses, total, variable gradients, [(layer, a, z, b)])``. Inside a graph,
+        an Embedding table used as an output projection outside its layer
+        (``ops.matmul(h, ops.transpose(emb.embeddings))``) is recorded as a tied
+        projection call too (:func:`_bare_tied_uses`)."""
         assert self.model is not None
         layers = [
             layer for layer in self.model._flatten_layers(include_self=True, recursive=True)
@@ -858,19 +1146,47 @@ class PerExampleStats:
             or isinstance(layer, TiedProjection) and layer.embedding.trainable
             and id(layer.embedding.embeddings) in self._trainable
         ]
+        # tables whose uses outside the layer are looked for (graph mode: the uses are the ops consuming them)
+        tables = [] if tf.executing_eagerly() else [
+            layer for layer in layers if isinstance(layer, kl.Embedding) and id(layer.embeddings) in self._trainable]
         with tf.GradientTape() as tape:
-            with _Recorder(layers) as rec:
+            reads = [tf.identity(layer.embeddings.value) for layer in tables]
+            scope = keras.StatelessScope([(layer.embeddings, r) for layer, r in zip(tables, reads)])
+            with scope if tables else contextlib.nullcontext(), _Recorder(layers) as rec:
                 # a float16 loss (mixed precision) is summed in float32: count, loss sum and S never in float16
                 losses = _wide(self.per_example_loss(x, y))
+            if tables:  # the scope held back every variable update of the forward pass (e.g. dropout's seeds)
+                mapped = {id(layer.embeddings) for layer in tables}
+                for v in self.model.variables:
+                    new = scope.get_current_value(v) if id(v) not in mapped else None
+                    if new is not None:
+                        v.assign(new)
+            bare = [(self._bare_sentinel(layer), h, z, fold)
+                    for layer, r in zip(tables, reads)
+                    for h, z, fold in _bare_tied_uses(r, [c for c in rec.calls if c[0] is layer or getattr(
+                        c[0], "embedding", None) is layer])]
+            recorded = rec.calls if tf.executing_eagerly() else _broadcast_lookups(rec.calls, _leading(x))
             w = tf.cast(w, losses.dtype)
             total = tf.reduce_sum(w * losses)
+        self._discovered = self._discovered or bool(bare) or recorded is not rec.calls
         grads = tape.gradient(
-            total, self.variables + [z for _, _, z in rec.calls],
+            total, self.variables + [z for _, _, z in recorded] + [z for _, _, z, _ in bare],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
-        var_grads, out_grads = grads[: len(self.variables)], grads[len(self.variables):]
-        calls = [(layer, a, z, b) for (layer, a, z), b in zip(rec.calls, out_grads)]
+        nv, nc = len(self.variables), len(recorded)
+        var_grads, out_grads, bare_grads = grads[:nv], grads[nv:nv + nc], grads[nv + nc:]
+        calls = [(layer, a, z, b) for (layer, a, z), b in zip(recorded, out_grads)]
+        for (sentinel, h, _, fold), b in zip(bare, bare_grads):
+            if fold:  # z = reshape(h, (m * T, d)) E^T: its rows are (example, position) in row-major order
+                b = tf.reshape(b, [h.shape[0], -1, b.shape[-1]])
+            calls.append((sentinel, h, b, b))
         return losses, total, [tf.convert_to_tensor(g) for g in var_grads], calls
+
+    def _bare_sentinel(self, embedding: kl.Embedding) -> _BareTiedUse:
+        """The one stand-in per Embedding for its table's uses as an output projection."""
+        if id(embedding) not in self._bare_sentinels:
+            self._bare_sentinels[id(embedding)] = _BareTiedUse(embedding)
+        return self._bare_sentinels[id(embedding)]
 
     @staticmethod
     def _group(calls: list) -> tuple[dict[int, list], list[keras.Layer]]:
@@ -879,7 +1195,7 @@ class PerExampleStats:
         per_layer: dict[int, list] = {}
         layers = []
         for layer, a, z, b in calls:
-            proj = isinstance(layer, TiedProjection)
+            proj = isinstance(layer, (TiedProjection, _BareTiedUse))
             owner = layer.embedding if proj else layer
             if id(owner) not in per_layer:
                 layers.append(owner)

@@ -123,3 +123,52 @@ def run_stats(model, loss, x, y, method="auto", mode="graph", mask=None):
 
 def oracle_s(model, loss, x, y):
     return brute_force(model, loss, x, y).sq_norm_sum
+
+
+class TinyGPT(keras.Model):
+    """A small GPT (issue 15): token and learned position embeddings
+    (``pos(arange(T))`` added to the tokens), pre-norm blocks of causal
+    ``MultiHeadAttention`` and a Dense MLP, and the output projection tied to
+    the token table as a bare ``ops.matmul(h, ops.transpose(E))``
+    (``tie="layer"``: :class:`cabs_tf.TiedProjection`; ``tie="transpose_b"``:
+    ``tf.matmul(h, E, transpose_b=True)``).
+    ``pad``: the input is ``(ids, keep)`` and keys with keep 0 are masked out."""
+
+    def __init__(self, vocab: int, t: int, d: int, heads: int = 2, n_layers: int = 2, tie: str = "matmul",
+                 pad: bool = False, dtype: str = F64, **kw):
+        super().__init__(dtype=dtype, **kw)
+        self.t, self.tie, self.pad = t, tie, pad
+        self.tok = kl.Embedding(vocab, d, dtype=dtype, name="tok")
+        self.pos = kl.Embedding(t, d, dtype=dtype, name="pos")
+        self.blocks = [(kl.LayerNormalization(dtype=dtype), kl.MultiHeadAttention(heads, d // heads, dtype=dtype),
+                        kl.LayerNormalization(dtype=dtype), kl.Dense(2 * d, activation="gelu", dtype=dtype),
+                        kl.Dense(d, dtype=dtype)) for _ in range(n_layers)]
+        self.norm = kl.LayerNormalization(dtype=dtype, name="final_norm")
+        self.proj = cabs_tf.TiedProjection(self.tok, dtype=dtype) if tie == "layer" else None
+
+    def call(self, inputs):
+        ids, keep = inputs if self.pad else (inputs, None)
+        h = self.tok(ids) + self.pos(ops.arange(self.t))
+        mask = None if keep is None else ops.cast(keep[:, None, :], "bool") & ops.ones((1, self.t, 1), "bool")
+        for ln1, att, ln2, up, down in self.blocks:
+            a = ln1(h)
+            h = h + att(a, a, attention_mask=mask, use_causal_mask=True)
+            h = h + down(up(ln2(h)))
+        h = self.norm(h)
+        table = self.tok.embeddings
+        if self.tie == "layer":
+            return self.proj(h)
+        if self.tie == "transpose_b":
+            return tf.matmul(h, tf.convert_to_tensor(table), transpose_b=True)
+        return ops.matmul(h, ops.transpose(table))
+
+
+def gpt_data(m, t, vocab, pad=False, seed=0):
+    """Ids (m, T) (with a 0/1 key mask whose first position is always kept if
+    ``pad``) and next-token targets (m, T)."""
+    x, y = token_data(m, t, vocab, seed)
+    if not pad:
+        return x, y
+    keep = (np.random.default_rng(seed + 1).random((m, t)) > 0.3).astype("int32")
+    keep[:, 0] = 1
+    return (x, keep), y
