@@ -6,7 +6,8 @@ Shown: the decisions and parameters equal a single process's on the same global
 batches (float64: identical decisions, parameters within 1e-10); a checkpoint of
 the 2-process run resumes with 2 processes and with 1, continuing the single
 process's sequence; a desync on one process raises DesyncError on both; a killed
-process makes the other stop within a bounded time, naming the lost process.
+process makes the other stop within a bounded time, naming the lost process,
+and the run resumes from its last checkpoint on one process.
 Every process is launched with a timeout and killed in a ``finally``.
 """
 
@@ -122,12 +123,14 @@ def test_a_desync_on_one_process_raises_on_both() -> None:
     assert all("process 1" in r["message"] for r in reports)
 
 
-def test_a_killed_process_stops_the_other_naming_it() -> None:
-    procs = _launch(EXAMPLE, 2, "--steps", "100000", "--heartbeat-timeout", str(HEARTBEAT_S))
+def test_a_killed_process_stops_the_other_naming_it_and_the_run_resumes(runs: dict, tmp_path: Path) -> None:
+    ck = str(tmp_path / "ck-{step}.npz")
+    procs = _launch(EXAMPLE, 2, "--float64", "--steps", "100000", "--save", ck, "--save-every", "2",
+                    "--heartbeat-timeout", str(HEARTBEAT_S))
     try:
         lead = procs[0]
         for line in lead.stdout:  # wait until the run is under way
-            if line.startswith('{"step": 3,'):
+            if line.startswith('{"step": 5,'):
                 break
         os.kill(procs[1].pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -141,3 +144,9 @@ def test_a_killed_process_stops_the_other_naming_it() -> None:
     assert lead.returncode != 0
     assert waited < HEARTBEAT_S + 60
     assert "tasks are unhealthy (stopped sending heartbeats):\n1" in stderr, stderr[-3000:]
+    # resume from the last checkpoint on one process: the single process's sequence continues
+    last = max(int(f.stem.split("-")[1]) for f in tmp_path.glob("ck-*.npz"))
+    assert 4 <= last < 20
+    resumed = _run(1, "--float64", "--steps", str(20 - last), "--restore", ck.format(step=last), local_devices=1)
+    assert _steps(resumed) == _steps(runs["single"])[last:]
+    assert _rel(resumed[-1]["params"], runs["single"][-1]["params"]) < RTOL
