@@ -36,6 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
 from cabs_core import (
@@ -50,11 +51,17 @@ from cabs_core import (
 
 from .stats import PyTree, batch_size_of, check_weights, compute_dtype, float_dtype, generic_stats, stat_dtype
 
-SUPPORTED = (nn.Dense, nn.Conv, nn.Embed, nn.LayerNorm)
+SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed, nn.LayerNorm)
 
 #: the methods of a supported layer the fast path intercepts; ``Embed.attend`` is
 #: the tied output projection (query @ embedding^T)
-METHODS = {"Dense": ("__call__",), "Conv": ("__call__",), "Embed": ("__call__", "attend"), "LayerNorm": ("__call__",)}
+METHODS = {
+    "Dense": ("__call__",),
+    "DenseGeneral": ("__call__",),
+    "Conv": ("__call__",),
+    "Embed": ("__call__", "attend"),
+    "LayerNorm": ("__call__",),
+}
 
 #: the adapter's former error name, kept importable: the core's error
 
@@ -143,7 +150,8 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _check_config(kind: str, mod: nn.Module, where: str) -> None:
+def _check_config(kind: str, mod: nn.Module, where: str, a: Any = None) -> None:
+    """Refuse layer configurations whose per-example gradient the formulas below do not cover."""
     unshared = not getattr(mod, "shared_weights", True)
     if kind == "Conv" and (mod.feature_group_count != 1 or mod.mask is not None or unshared):
         raise _unsupported(where, "Conv with feature_group_count != 1, a mask or unshared weights")
@@ -154,8 +162,29 @@ def _check_config(kind: str, mod: nn.Module, where: str) -> None:
         feat = mod.feature_axes if isinstance(mod.feature_axes, int) else tuple(mod.feature_axes)
         if red not in (-1, (-1,)) or feat not in (-1, (-1,)) or mod.axis_name is not None:
             raise _unsupported(where, "LayerNorm over axes other than the last one")
-    if kind == "Dense" and mod.dot_general is not None or kind == "Dense" and mod.dot_general_cls is not None:
-        raise _unsupported(where, "Dense with a custom dot_general")
+    if kind in ("Dense", "DenseGeneral") and (mod.dot_general is not None or mod.dot_general_cls is not None):
+        raise _unsupported(where, f"{kind} with a custom dot_general")
+    if kind in ("Dense", "DenseGeneral") and getattr(mod, "promote_dtype", promote_dtype) is not promote_dtype:
+        raise _unsupported(where, f"{kind} with a custom promote_dtype (it may change the kernel or the input)")
+    if kind == "DenseGeneral":
+        if tuple(_canonicalize(mod.batch_dims)):
+            raise _unsupported(where, "DenseGeneral with batch_dims (a kernel per batch index)")
+        if a is not None:
+            ndim = jnp.ndim(a)
+            axes = _dense_general_axes(mod, ndim)
+            if ndim < 2 or 0 in axes:
+                raise _unsupported(
+                    where, f"DenseGeneral contracts axis 0 of its input {tuple(jnp.shape(a))}, the example axis"
+                )
+
+
+def _canonicalize(v: Any) -> tuple[int, ...]:
+    return (v,) if isinstance(v, int) else tuple(v)
+
+
+def _dense_general_axes(mod: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
+    """The input axes a DenseGeneral contracts, normalised to [0, ndim) and sorted (as Flax does)."""
+    return tuple(sorted(ax % ndim for ax in _canonicalize(mod.axis)))
 
 
 Key = tuple[tuple[str, ...], str]  # (layer path, method)
@@ -212,7 +241,7 @@ class _Recorder:
             )
         if kwargs or len(args) != 1:
             raise _unsupported(where, f"{kind} called with extra arguments")
-        _check_config(kind, mod, where)
+        _check_config(kind, mod, where, args[0])
         y = next_fun(*args, **kwargs)
         if self.outer_trace is not None and getattr(y, "_trace", self.outer_trace) is not self.outer_trace:
             raise _unsupported(
@@ -257,7 +286,7 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
         p = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
         if p not in owned:
             raise UnsupportedModelError(
-                f"parameter {'/'.join(p)!r} does not belong to a Dense, Conv, Embed or LayerNorm layer "
+                f"parameter {'/'.join(p)!r} does not belong to a Dense, DenseGeneral, Conv, Embed or LayerNorm layer "
                 f"the fast path knows",
                 layer="/".join(p),
                 reason="a parameter outside the supported layers",
@@ -281,6 +310,7 @@ def structure(uses: Plan) -> tuple:
 
 _PARAM_NAMES = {
     "Dense": ("kernel", "bias"),
+    "DenseGeneral": ("kernel", "bias"),
     "Conv": ("kernel", "bias"),
     "Embed": ("embedding",),
     "LayerNorm": ("scale", "bias"),
@@ -346,11 +376,37 @@ def _conv_patches(mod: nn.Conv, x: jax.Array, m: int) -> jax.Array:
     return patches.reshape(m, -1, patches.shape[-1])
 
 
+def _dense_general_positions(
+    mod: nn.DenseGeneral, a: jax.Array, b: jax.Array, m: int, where: str
+) -> tuple[jax.Array, jax.Array]:
+    """A DenseGeneral (batch_dims=()) as a Dense over positions: input (m, T, prod(contracted axes))
+    and output gradient (m, T, prod(features)), T = prod(the input's other non-example axes).
+
+    Its output is ``dot_general(a, kernel)``: the input's free axes in order, then the features,
+    so position t of the output is the kernel applied to position t's contracted block of ``a``.
+    """
+    axes = _dense_general_axes(mod, a.ndim)
+    free = tuple(ax for ax in range(1, a.ndim) if ax not in axes)
+    if a.shape[0] != m or 0 in axes:
+        raise _unsupported(where, f"input {tuple(a.shape)} has no leading example axis {m} outside the contraction")
+    features = _canonicalize(mod.features)
+    t = math.prod(a.shape[ax] for ax in free)
+    want = (m, *(a.shape[ax] for ax in free), *features)
+    if tuple(b.shape) != want:
+        raise _unsupported(where, f"output {tuple(b.shape)} is not (examples, free input axes, features) {want}")
+    a3 = jnp.transpose(a, (0, *free, *axes)).reshape(m, t, math.prod(a.shape[ax] for ax in axes))
+    return a3, b.reshape(m, t, math.prod(features))
+
+
 def _layer_sq_norms(kind: str, mod: nn.Module, a: Any, b: jax.Array, m: int, where: str) -> jax.Array:
     """Per-example squared norm (m,) of the gradient of this layer's parameters."""
     b3 = _per_position(b, m, where)
     if kind == "Dense":
         sq = linear_sq_norms(_per_position(a, m, where).astype(b.dtype), b3)
+    elif kind == "DenseGeneral":
+        assert isinstance(mod, nn.DenseGeneral)
+        a3, b3 = _dense_general_positions(mod, a.astype(b.dtype), b, m, where)
+        sq = linear_sq_norms(a3, b3)
     elif kind == "Conv":
         assert isinstance(mod, nn.Conv)
         patches = _conv_patches(mod, a.astype(b.dtype), m)
