@@ -189,6 +189,22 @@ def _dense_general_axes(mod: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
 
 Key = tuple[tuple[str, ...], str]  # (layer path, method)
 
+#: the kind of a module of another type whose parameters are all its own (``self.param``, no
+#: submodule with parameters), e.g. a learned positional embedding added to its input or a learned
+#: scale: its per-example gradient is its own VJP on each example alone (:func:`_own_sq_norms`)
+OWN = "Module"
+
+
+def _own_params(mod: nn.Module) -> tuple[str, ...]:
+    """The names of ``mod``'s own parameters if it has some and no submodule of it has any, else ()."""
+    try:
+        tree = mod.variables.get("params", {}) if mod.scope is not None else {}
+    except Exception:  # an unbound module or a scope without variables: nothing to account for here
+        return ()
+    own = tuple(sorted(k for k, v in tree.items() if not isinstance(v, Mapping)))
+    nested = any(isinstance(v, Mapping) and jax.tree.leaves(v) for v in tree.values())
+    return () if nested else own
+
 
 @dataclass(frozen=True)
 class Use:
@@ -201,6 +217,7 @@ class Use:
     module: nn.Module
     a: Any
     y: Any
+    names: tuple[str, ...] = ()  # the parameters this use accounts for (under ``path``)
 
     @property
     def where(self) -> str:
@@ -229,9 +246,18 @@ class _Recorder:
         if isinstance(mod, nn.BatchNorm) and method == "__call__" and _batchnorm_training(mod, args, kwargs):
             raise _batchnorm_error(where)
         kind = _kind(mod)
+        names = _PARAM_NAMES.get(kind, ())
+        if kind is None and method == "__call__":
+            names = _own_params(mod)
+            kind = OWN if names else None
         if kind is None or method == "setup":
             return next_fun(*args, **kwargs)
-        if method not in METHODS[kind]:
+        if kind == OWN and (kwargs or len(args) != 1 or not hasattr(args[0], "shape")):
+            raise _unsupported(
+                where, f"a module with its own parameters ({', '.join(names)}) called with other than one array "
+                "argument: the fast path needs its input to differentiate it per example"
+            )
+        if method not in METHODS.get(kind, ("__call__",)):
             raise _unsupported(where, f"{kind}.{method} is not a method the fast path knows")
         key = (path, method)
         if key in self.uses:
@@ -248,7 +274,10 @@ class _Recorder:
                 where, "layer runs inside a lifted transformation (nn.remat, nn.vmap, nn.scan, ...), where its "
                 "input and output gradient cannot be captured"
             )
-        self.uses[key] = Use(path, kind, method, mod.clone(parent=None), args[0], y)
+        if kind == OWN and not hasattr(y, "shape"):
+            raise _unsupported(where, f"a module with its own parameters ({', '.join(names)}) returns a "
+                               f"{type(y).__name__}, not one array")
+        self.uses[key] = Use(path, kind, method, mod.clone(parent=None), args[0], y, names)
         if self.perturbations is not None:
             y = y + self.perturbations[key]
         return y
@@ -278,23 +307,25 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
             reason="a layer inside a lifted transformation",
         ) from None
     uses = tuple(
-        Use(u.path, u.kind, u.method, u.module, *shapes[key])
+        Use(u.path, u.kind, u.method, u.module, *shapes[key], u.names)
         for key, u in forward.uses.items()  # type: ignore[attr-defined]
     )
-    owned = {u.path + (name,) for u in uses for name in _PARAM_NAMES[u.kind]}
+    owned = {u.path + (name,) for u in uses for name in u.names}
     for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         p = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
         if p not in owned:
             raise UnsupportedModelError(
                 f"parameter {'/'.join(p)!r} does not belong to a Dense, DenseGeneral, Conv, Embed or LayerNorm layer "
-                f"the fast path knows",
+                f"the fast path knows, nor to a module called once with one array whose parameters are all its "
+                f"own (self.param in a module without submodules that have parameters)",
                 layer="/".join(p),
                 reason="a parameter outside the supported layers",
             )
     for u in uses:
         for what, t in (("input", u.a), ("output", u.y)):
             shape = tuple(t.shape)
-            if len(shape) < (1 if (u.kind, u.method, what) == ("Embed", "__call__", "input") else 2) or shape[0] != m:
+            min_ndim = 1 if (u.kind, u.method, what) == ("Embed", "__call__", "input") or u.kind == OWN else 2
+            if len(shape) < min_ndim or shape[0] != m:
                 raise _unsupported(
                     u.where, f"its {what} {shape} has no leading example axis of the batch's {m} examples (a "
                     "time-major or folded layout, a broadcast buffer, or part of the batch)"
@@ -430,9 +461,31 @@ def _layer_sq_norms(kind: str, mod: nn.Module, a: Any, b: jax.Array, m: int, whe
     return sq + bias_sq_norms(b3) if mod.use_bias else sq
 
 
-def _path_sq_norms(uses: list[Use], inputs: dict, out_grads: dict, m: int) -> jax.Array:
+def _own_sq_norms(u: Use, own: PyTree, a: Any, b: jax.Array, m: int) -> jax.Array:
+    """Per-example squared norm (m,) of the gradient of a module's own parameters ``own``: the
+    module's VJP on each example alone, at its captured input row and output gradient row (exact
+    for a module that treats its examples separately; the probe's value check catches one that
+    does not). Chunks of examples bound the per-example gradients held at once."""
+    wide = compute_dtype(b.dtype)
+    b = b.astype(u.y.dtype)  # the cotangent in the output's own dtype
+
+    def one(ab: tuple) -> jax.Array:
+        ai, bi = ab
+        _, vjp = jax.vjp(lambda lp: u.module.apply({"params": lp}, ai[None]), own)
+        g = vjp(bi[None])[0]
+        return sum(jnp.sum(jnp.square(x.astype(wide))) for x in jax.tree.leaves(g))
+
+    size = max(1, sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(own)))
+    return jax.lax.map(one, (a, b), batch_size=max(1, min(m, 2**22 // size)))
+
+
+def _path_sq_norms(uses: list[Use], inputs: dict, out_grads: dict, m: int, params: PyTree) -> jax.Array:
     """Per-example squared norm (m,) of the gradient of one layer's parameters,
     summed over its uses (an Embed used as lookup and as tied projection ``attend``)."""
+    if len(uses) == 1 and uses[0].kind == OWN:
+        u = uses[0]
+        key = (u.path, u.method)
+        return _own_sq_norms(u, _subtree(params, u.path), inputs[key], out_grads[key], m)
     if len(uses) == 1 and uses[0].kind != "Embed":
         u = uses[0]
         key = (u.path, u.method)
@@ -481,7 +534,7 @@ def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, us
     wide_grads = {k: b.astype(compute_dtype(b.dtype)) for k, b in out_grads.items()}
     with jax.default_matmul_precision("highest"):  # no reduced-precision (e.g. TF32) products in the norms
         for path, group in by_path.items():
-            sq_by_path[path] = _path_sq_norms(group, inputs, wide_grads, m).astype(dtype)
+            sq_by_path[path] = _path_sq_norms(group, inputs, wide_grads, m, params).astype(dtype)
     sq = sum(sq_by_path.values(), jnp.zeros((m,), dtype))
     # b carries the factor w_i, so the norms carry w_i^2 = w_i for a 0/1 mask
     sq_sum = jnp.sum(jnp.where(w != 0, sq, 0))

@@ -121,3 +121,79 @@ def test_dense_general_over_the_example_axis_refused_by_name(batch_dims: tuple) 
     with pytest.raises(UnsupportedModelError, match=match) as err:
         cabs_jax.batch_stats(FlaxLoss(module, cross_entropy), params, batch, method="fast")
     assert err.value.layer == "dg"
+
+
+# --------------------------------------------------------------------------------------- a small GPT in linen
+
+
+class LearnedPositions(nn.Module):
+    """Learned positions as in Flax's lm1b example (``AddPositionEmbs``): a (1, max_len, d)
+    parameter, sliced to the sequence and added with broadcasting over the batch."""
+
+    max_len: int = 16
+
+    @nn.compact
+    def __call__(self, x):
+        pe = self.param("pos_embedding", nn.initializers.normal(0.5), (1, self.max_len, x.shape[-1]), x.dtype)
+        return x + pe[:, : x.shape[1]]
+
+
+class GPTBlock(nn.Module):
+    heads: int
+    causal: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask):
+        d = x.shape[-1]
+        x = x + nn.SelfAttention(num_heads=self.heads, qkv_features=d, deterministic=True)(nn.LayerNorm()(x), mask)
+        return x + nn.Dense(d)(nn.gelu(nn.Dense(2 * d)(nn.LayerNorm()(x))))
+
+
+class GPT(nn.Module):
+    """Token embedding, learned positions, blocks of causal self-attention and MLP, final LayerNorm,
+    output projection tied to the token embedding through ``Embed.attend``; mean logits over positions.
+    ``positions``: "param" (a module's own parameter, exact on the fast path) or "embed"
+    (``Embed(arange(T))`` broadcast over the batch, no example axis: the fast path steps aside)."""
+
+    vocab: int = 11
+    dim: int = 8
+    heads: int = 2
+    layers: int = 2
+    positions: str = "param"
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(self.vocab, self.dim, name="wte")
+        x = embed(tokens)
+        if self.positions == "param":
+            x = LearnedPositions(name="wpe")(x)
+        else:
+            x = x + nn.Embed(16, self.dim, name="wpe")(jnp.arange(tokens.shape[1]))[None]
+        mask = nn.make_causal_mask(tokens)
+        for _ in range(self.layers):
+            x = GPTBlock(self.heads)(x, mask)
+        logits = embed.attend(nn.LayerNorm()(x))  # (m, T, vocab)
+        return logits
+
+
+def next_token_loss(logits: jax.Array, example: Any) -> jax.Array:
+    """Mean next-token cross-entropy of one sequence: logits (T, vocab), tokens (T,)."""
+    tokens = example[0]
+    logp = jax.nn.log_softmax(logits[:-1])
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[1:, None], axis=1))
+
+
+def _tokens(m: int, t: int, vocab: int = 11, seed: int = 0) -> tuple:
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, 4, size=(m, t)))  # few ids: repeats within a sequence (lookup rows add up)
+    return tokens, tokens
+
+
+def test_gpt_exact_on_the_fast_path() -> None:
+    from cabs_jax.verify import probes_run
+
+    batch = _tokens(7, 5)
+    floss = FlaxLoss(GPT(), next_token_loss)
+    params = init_f64(GPT(), batch[0][:1])
+    _exact_on_fast_path(floss, params, batch, np.array([1, 1, 0, 1, 1, 1, 0]))
+    assert probes_run(floss) == 1  # one established verdict, no fallback
