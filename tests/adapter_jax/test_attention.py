@@ -48,37 +48,22 @@ class DenseGeneralNet(nn.Module):
     """DenseGeneral layers of several axis / features shapes in a row (with and without bias), then a classifier."""
 
     @nn.compact
-    def __call__(self, x):  # x: (m, 3, 4, 2)
-        h = jnp.tanh(nn.DenseGeneral((2, 3), axis=(3, 1), name="unordered_axes")(x))  # (m, 4, 2, 3)
-        h = jnp.tanh(nn.DenseGeneral(2, axis=(2,), use_bias=False, name="middle_axis")(h))  # (m, 4, 3, 2)
+    def __call__(self, x):  # x: (m, 3, 6, 2)
+        h = jnp.tanh(nn.DenseGeneral((2, 3), axis=(3, 1), name="unordered_axes")(x))  # (m, 6, 2, 3)
+        h = jnp.tanh(nn.DenseGeneral(2, axis=(2,), use_bias=False, name="middle_axis")(h))  # (m, 6, 3, 2)
         h = jnp.tanh(nn.DenseGeneral(3, axis=(1, 2, 3), name="all_axes")(h))  # no positions left: (m, 3)
         return nn.Dense(3)(h)
 
 
 def test_dense_general_shapes_exact() -> None:
+    """Contracted axes not adjacent, not sorted, before a free axis, all axes; 6 positions and
+    6 examples (shapes alone cannot tell the axes apart, the probe at another size can)."""
     rng = np.random.default_rng(1)
-    m = 7
-    batch = (jnp.asarray(rng.normal(size=(m, 3, 4, 2))), jnp.asarray(rng.integers(0, 3, size=m)))
+    m = 6
+    batch = (jnp.asarray(rng.normal(size=(m, 3, 6, 2))), jnp.asarray(rng.integers(0, 3, size=m)))
     floss = FlaxLoss(DenseGeneralNet(), cross_entropy)
     params = init_f64(DenseGeneralNet(), batch[0][:1])
-    _exact_on_fast_path(floss, params, batch, np.array([1, 0, 1, 1, 0, 1, 1]))  # padding changes no sum
-
-
-class HeadsNet(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = nn.DenseGeneral((6, 2), name="dg")(x)  # as many heads as examples
-        return nn.Dense(3)(jnp.mean(jnp.tanh(h), axis=(1, 2)))
-
-
-def test_dense_general_positions_equal_to_batch_size_exact() -> None:
-    """T == m (and the heads' size == m): shapes alone cannot tell the axes apart, the probe can."""
-    rng = np.random.default_rng(3)
-    m = 6
-    batch = (jnp.asarray(rng.normal(size=(m, m, 3))), jnp.asarray(rng.integers(0, 3, size=m)))
-    module = HeadsNet()
-    floss = FlaxLoss(module, cross_entropy)
-    _exact_on_fast_path(floss, init_f64(module, batch[0][:1]), batch)
+    _exact_on_fast_path(floss, params, batch, np.array([1, 0, 1, 1, 0, 1]))  # padding changes no sum
 
 
 class TimeMajorDenseGeneral(nn.Module):
@@ -91,10 +76,9 @@ class TimeMajorDenseGeneral(nn.Module):
         return nn.Dense(3)(jnp.mean(jnp.tanh(h), axis=1))
 
 
-@pytest.mark.parametrize(("m", "t"), [(5, 3), (6, 6)])  # T == m too
-def test_dense_general_time_major_steps_aside(m: int, t: int) -> None:
-    rng = np.random.default_rng(m + t)
-    batch = (jnp.asarray(rng.normal(size=(m, t, 2))), jnp.asarray(rng.integers(0, 3, size=m)))
+def test_dense_general_time_major_steps_aside_also_when_t_equals_m() -> None:
+    rng = np.random.default_rng(0)
+    batch = (jnp.asarray(rng.normal(size=(6, 6, 2))), jnp.asarray(rng.integers(0, 3, size=6)))
     floss = FlaxLoss(TimeMajorDenseGeneral(), cross_entropy)
     _steps_aside(floss, init_f64(TimeMajorDenseGeneral(), batch[0][:1]), batch, "dg")
 
@@ -139,19 +123,30 @@ class LearnedPositions(nn.Module):
 
 
 class GPTBlock(nn.Module):
+    """Pre-LayerNorm block: causal self-attention (``nn.SelfAttention``, or the same layer as
+    ``MultiHeadDotProductAttention`` called on one input) and a GELU MLP, both residual."""
+
     heads: int
-    causal: bool = True
+    self_attention_class: bool = True
 
     @nn.compact
     def __call__(self, x, mask):
         d = x.shape[-1]
-        x = x + nn.SelfAttention(num_heads=self.heads, qkv_features=d, deterministic=True)(nn.LayerNorm()(x), mask)
+        h = nn.LayerNorm()(x)
+        if self.self_attention_class:
+            with warnings.catch_warnings():  # Flax announces SelfAttention's deprecation; it is still what users run
+                warnings.simplefilter("ignore", DeprecationWarning)
+                x = x + nn.SelfAttention(num_heads=self.heads, qkv_features=d, deterministic=True)(h, mask)
+        else:
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=d, deterministic=True)(
+                h, mask=mask
+            )
         return x + nn.Dense(d)(nn.gelu(nn.Dense(2 * d)(nn.LayerNorm()(x))))
 
 
 class GPT(nn.Module):
     """Token embedding, learned positions, blocks of causal self-attention and MLP, final LayerNorm,
-    output projection tied to the token embedding through ``Embed.attend``; mean logits over positions.
+    output projection tied to the token embedding through ``Embed.attend``: logits (m, T, vocab).
     ``positions``: "param" (a module's own parameter, exact on the fast path) or "embed"
     (``Embed(arange(T))`` broadcast over the batch, no example axis: the fast path steps aside)."""
 
@@ -170,10 +165,9 @@ class GPT(nn.Module):
         else:
             x = x + nn.Embed(16, self.dim, name="wpe")(jnp.arange(tokens.shape[1]))[None]
         mask = nn.make_causal_mask(tokens)
-        for _ in range(self.layers):
-            x = GPTBlock(self.heads)(x, mask)
-        logits = embed.attend(nn.LayerNorm()(x))  # (m, T, vocab)
-        return logits
+        for i in range(self.layers):
+            x = GPTBlock(self.heads, self_attention_class=i % 2 == 0)(x, mask)
+        return embed.attend(nn.LayerNorm()(x))
 
 
 def next_token_loss(logits: jax.Array, example: Any) -> jax.Array:
@@ -183,17 +177,59 @@ def next_token_loss(logits: jax.Array, example: Any) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, tokens[1:, None], axis=1))
 
 
-def _tokens(m: int, t: int, vocab: int = 11, seed: int = 0) -> tuple:
-    rng = np.random.default_rng(seed)
-    tokens = jnp.asarray(rng.integers(0, 4, size=(m, t)))  # few ids: repeats within a sequence (lookup rows add up)
+def _tokens(m: int, t: int, seed: int = 0) -> tuple:
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 4, size=(m, t)))  # repeats: lookup rows add up
     return tokens, tokens
 
 
-def test_gpt_exact_on_the_fast_path() -> None:
+def test_gpt_exact_on_the_fast_path_with_t_equal_to_m() -> None:
+    """2 blocks, learned positions, tied head, padding mask; 6 tokens and 6 examples."""
     from cabs_jax.verify import probes_run
 
-    batch = _tokens(7, 5)
+    batch = _tokens(6, 6)
     floss = FlaxLoss(GPT(), next_token_loss)
     params = init_f64(GPT(), batch[0][:1])
-    _exact_on_fast_path(floss, params, batch, np.array([1, 1, 0, 1, 1, 1, 0]))
-    assert probes_run(floss) == 1  # one established verdict, no fallback
+    _exact_on_fast_path(floss, params, batch, np.array([1, 1, 0, 1, 1, 1]))
+    assert probes_run(floss) == 1  # one established verdict: the fast path, not a fallback
+
+
+def test_gpt_positions_from_embed_of_arange_step_aside_when_t_equals_m() -> None:
+    """Embed(arange(T)) carries no example axis; with T == m only the probe at another size tells."""
+    module = GPT(layers=1, positions="embed")
+    batch = _tokens(6, 6, seed=1)
+    _steps_aside(FlaxLoss(module, next_token_loss), init_f64(module, batch[0][:1]), batch, "wpe")
+
+
+class RootParam(nn.Module):
+    """A parameter of the model's root module, which also has layers: its uses are not captured."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(x * self.param("gain", nn.initializers.ones, (x.shape[-1],)))
+
+
+class CouplingScale(nn.Module):
+    """A module with its own parameter that mixes the examples (adds the batch mean)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x * self.param("gain", nn.initializers.normal(1.0), (x.shape[-1],)) + jnp.mean(x, axis=0)
+
+
+class CouplingNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(jnp.tanh(CouplingScale(name="scale")(x)))
+
+
+def test_own_parameters_outside_a_leaf_module_or_coupling_examples_step_aside() -> None:
+    rng = np.random.default_rng(2)
+    batch = (jnp.asarray(rng.normal(size=(6, 4))), jnp.asarray(rng.integers(0, 3, size=6)))
+    params = init_f64(RootParam(), batch[0][:1])
+    with pytest.raises(UnsupportedModelError, match="gain.*self.param"):
+        cabs_jax.batch_stats(FlaxLoss(RootParam(), cross_entropy), params, batch, method="fast")
+    # the per-example VJP of a coupling module is not its per-example gradient: the probe's values catch it
+    floss = FlaxLoss(CouplingNet(), cross_entropy)
+    params = init_f64(CouplingNet(), batch[0][:1])
+    with pytest.raises(UnsupportedModelError, match="fast S"):
+        cabs_jax.batch_stats(floss, params, batch, method="fast")
