@@ -2,7 +2,8 @@
 
 One forward and one backward pass of the summed loss sum_i w_i l_i. A method
 interceptor (``flax.linen.intercept_methods``) records the input ``a`` of every
-``nn.Dense``, ``nn.Conv``, ``nn.Embed`` and ``nn.LayerNorm`` call and adds a
+``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Embed`` and ``nn.LayerNorm`` call
+(and of every module whose parameters are all its own, e.g. learned positions) and adds a
 zero "perturbation" to its output, so that the gradient with respect to the
 perturbation is the output gradient ``b`` (Flax's ``perturb`` idea, without
 adding variables to the user's modules). The per-example squared norm of each
@@ -13,9 +14,14 @@ gradients of the whole model are never formed.
 ``Embed.attend`` (the tied output projection) is intercepted too: a table
 used as lookup and projection gets both terms and their Gram-form cross term.
 
-Requirements: every parameter belongs to one of the four layer types, each
-such layer is called once per forward pass (an Embed: once as lookup and once
-as ``attend``), and every captured tensor carries the examples along axis 0.
+A DenseGeneral is a Dense over positions (its contracted axes flattened into
+the features, its other non-example axes into positions); a module with its own
+parameters gets its own VJP on each example alone.
+
+Requirements: every parameter belongs to one of the supported layer types or to
+a module whose parameters are all its own, each such layer is called once per
+forward pass (an Embed: once as lookup and once as ``attend``), and every
+captured tensor carries the examples along axis 0.
 :func:`fast_stats` returns S only once :mod:`cabs_jax.verify` has established
 this for the model and input signature (a probe at a batch size no other
 dimension has, the accounting of every parameter's gradient, fast S = generic
