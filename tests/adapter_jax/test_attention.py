@@ -18,9 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cabs_jax import FlaxLoss
-from jax_test_models import assert_stats_close, cross_entropy, init_f64, loop_oracle
+from jax_test_models import assert_stats_close, cross_entropy, loop_oracle
 
 from cabs_core import FastPathFallbackWarning, UnsupportedModelError
+
+
+def init_f64(module: nn.Module, x: Any, seed: int = 0) -> Any:
+    """float64 parameters of ``module``'s shapes, drawn with NumPy (normal, scale 0.4): Flax's own
+    initialisers would compile their random number generation op by op, most of these tests' time
+    on a loaded CPU; the statistics' exactness does not depend on the initial values."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(0.4 * rng.standard_normal(a.shape), jnp.float64), shapes)
 
 
 def _exact_on_fast_path(floss: FlaxLoss, params: Any, batch: Any, mask: np.ndarray | None = None) -> None:
@@ -100,7 +109,7 @@ def test_dense_general_over_the_example_axis_refused_by_name(batch_dims: tuple) 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3, 2)))
     batch = (x, jnp.zeros(5, jnp.int32))
     module = ContractsExamples(batch_dims)
-    params = module.init(jax.random.key(0), x)["params"]
+    params = init_f64(module, x)
     match = "batch_dims" if batch_dims else "contracts axis 0"
     with pytest.raises(UnsupportedModelError, match=match) as err:
         cabs_jax.batch_stats(FlaxLoss(module, cross_entropy), params, batch, method="fast")
@@ -194,10 +203,13 @@ def test_gpt_exact_on_the_fast_path_with_t_equal_to_m() -> None:
 
 
 def test_gpt_positions_from_embed_of_arange_step_aside_when_t_equals_m() -> None:
-    """Embed(arange(T)) carries no example axis; with T == m only the probe at another size tells."""
+    """Embed(arange(T)) carries no example axis; with T == m only the probe at another size tells.
+    (That auto is then exact on the generic path is test_exactness.py's ``positional_T_eq_m``.)"""
     module = GPT(layers=1, positions="embed")
     batch = _tokens(6, 6, seed=1)
-    _steps_aside(FlaxLoss(module, next_token_loss), init_f64(module, batch[0][:1]), batch, "wpe")
+    with pytest.raises(UnsupportedModelError, match="no leading example axis") as err:
+        cabs_jax.batch_stats(FlaxLoss(module, next_token_loss), init_f64(module, batch[0][:1]), batch, method="fast")
+    assert err.value.layer == "wpe"
 
 
 class RootParam(nn.Module):
