@@ -212,6 +212,31 @@ def test_gpt_positions_from_embed_of_arange_step_aside_when_t_equals_m() -> None
     assert err.value.layer == "wpe"
 
 
+class Gate(nn.Module):
+    """A learned per-feature scale multiplied with broadcasting over the examples and positions."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x * self.param("gate", nn.initializers.ones, (x.shape[-1],))
+
+
+class NormsAndScales(nn.Module):
+    """Flax layers whose parameters are all their own (RMSNorm, GroupNorm) and a custom gate."""
+
+    @nn.compact
+    def __call__(self, x):  # (m, T, 2)
+        h = nn.RMSNorm(name="rms")(nn.Dense(4)(x))
+        h = nn.GroupNorm(num_groups=2, name="gn")(jnp.tanh(h))
+        return nn.Dense(3)(jnp.mean(Gate(name="gate")(h), axis=1))
+
+
+def test_norm_layers_and_learned_scales_exact_on_the_fast_path() -> None:
+    rng = np.random.default_rng(5)
+    batch = (jnp.asarray(rng.normal(size=(6, 5, 2))), jnp.asarray(rng.integers(0, 3, size=6)))
+    floss = FlaxLoss(NormsAndScales(), cross_entropy)
+    _exact_on_fast_path(floss, init_f64(NormsAndScales(), batch[0][:1]), batch)
+
+
 class RootParam(nn.Module):
     """A parameter of the model's root module, which also has layers: its uses are not captured."""
 
