@@ -475,8 +475,9 @@ def _own_sq_norms(u: Use, own: PyTree, a: Any, b: jax.Array, m: int, consts: Map
     """Per-example squared norm (m,) of the gradient of a module's own parameters ``own``: the
     module's VJP on each example alone, at its captured input row and output gradient row (exact
     for a module that treats its examples separately; the probe's value check catches one that
-    does not). ``consts``: the module's constant collections (e.g. BatchNorm's running statistics in
-    eval mode). Chunks of examples bound the per-example gradients held at once."""
+    does not). ``consts``: the module's variables in the constant collections
+    (``FlaxLoss.collections``, e.g. running statistics). Chunks of examples bound the
+    per-example gradients held at once."""
     wide = compute_dtype(b.dtype)
     b = b.astype(u.y.dtype)  # the cotangent in the output's own dtype
 
