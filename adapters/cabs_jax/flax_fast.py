@@ -204,6 +204,9 @@ OWN = "Module"
 #: float64 loop), but the adapter's tests and docs still have it step aside; a decision for later
 NOT_OWN: tuple[type, ...] = (nn.BatchNorm,)
 
+#: at most this many per-example gradient entries of such a module are held at once
+OWN_CHUNK_ENTRIES = 2**22
+
 
 def _own_params(mod: nn.Module) -> tuple[str, ...]:
     """The names of ``mod``'s own parameters if it has some and no submodule of it has any, else ()."""
@@ -488,7 +491,7 @@ def _own_sq_norms(u: Use, own: PyTree, a: Any, b: jax.Array, m: int, consts: Map
         return sum(jnp.sum(jnp.square(x.astype(wide))) for x in jax.tree.leaves(g))
 
     size = max(1, sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(own)))
-    return jax.lax.map(one, (a, b), batch_size=max(1, min(m, 2**22 // size)))
+    return jax.lax.map(one, (a, b), batch_size=max(1, min(m, OWN_CHUNK_ENTRIES // size)))
 
 
 def _path_sq_norms(
