@@ -1,7 +1,8 @@
 """Cost of CABS's exact statistics in JAX: plain jit(grad) step vs the fast and the generic statistics step.
 
 Models: the MLP 784-512-512-10 and the paper's MNIST CNN (conv5x5x32, pool,
-conv5x5x64, pool, dense 1024, dense 10), float32, random 28x28 inputs. Each
+conv5x5x64, pool, dense 1024, dense 10), float32, random 28x28 inputs; a GPT-style
+decoder (``--models gpt``) on random tokens. Each
 step returns the summed gradient; the statistics steps also return the four
 scalars CABS needs (m, sum l_i, S, ||sum g_i||^2). Prints best-of-n times
 (plain and fast interleaved, so that other load on the machine hits both
@@ -18,6 +19,12 @@ the amortised fast step with the checks on against the fast step without them.
     python benchmarks/bench_jax_stats.py                      # batches 32 128 512
     python benchmarks/bench_jax_stats.py --batches 128 --models cnn --chunk 32
     python benchmarks/bench_jax_stats.py --batches 128 --verify --generic-reps 0
+    python benchmarks/bench_jax_stats.py --models gpt                     # GPT-style, batches 16 64
+    python benchmarks/bench_jax_stats.py --models gpt --gpt-size 2 128 4 64 2048   # a reduced GPT
+
+The GPT-style model (issue 15; ``--gpt-size``, default 4 layers, d_model 256, 4 heads, sequence
+128, vocabulary 8192) has learned positions and a head tied to the token embedding through
+``Embed.attend``; its loss is the mean next-token cross-entropy of each sequence.
 """
 
 from __future__ import annotations
@@ -55,6 +62,46 @@ class PaperCNN(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = nn.relu(nn.Dense(1024)(x.reshape((x.shape[0], -1))))
         return nn.Dense(10)(x)
+
+
+class LearnedPositions(nn.Module):
+    """Learned positions as in Flax's lm1b example: a (1, max_len, d) parameter added to the tokens' embeddings."""
+
+    max_len: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pe = self.param("pos_embedding", nn.initializers.normal(0.02), (1, self.max_len, x.shape[-1]))
+        return x + pe[:, : x.shape[1]]
+
+
+class GPT(nn.Module):
+    """GPT-style decoder (issue 15): token embedding, learned positions, pre-LayerNorm blocks of causal
+    multi-head self-attention and a 4x GELU MLP, final LayerNorm, head tied to the embedding (Embed.attend)."""
+
+    vocab: int = 8192
+    dim: int = 256
+    heads: int = 4
+    layers: int = 4
+    max_len: int = 128
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        embed = nn.Embed(self.vocab, self.dim)
+        x = LearnedPositions(self.max_len)(embed(tokens))
+        mask = nn.make_causal_mask(tokens)
+        for _ in range(self.layers):
+            h = nn.LayerNorm()(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, deterministic=True)(h, mask=mask)
+            x = x + nn.Dense(self.dim)(nn.gelu(nn.Dense(4 * self.dim)(nn.LayerNorm()(x))))
+        return embed.attend(nn.LayerNorm()(x))
+
+
+def next_token_loss(logits: jax.Array, example: tuple) -> jax.Array:
+    """Mean next-token cross-entropy of one sequence: logits (T, vocab), example (tokens, tokens)."""
+    tokens = example[0]
+    logp = jax.nn.log_softmax(logits[:-1])
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[1:, None], axis=1))
 
 
 def cross_entropy(logits: jax.Array, example: tuple) -> jax.Array:
@@ -104,7 +151,7 @@ def verify_costs(
     fast step), seconds, as ``CABSTrainer.step`` runs them (a fresh FlaxLoss, so the first
     probe compiles); later probes and fast steps alternate, best of ``reps`` each, so that
     load on a shared machine hits both alike."""
-    floss = cabs_jax.FlaxLoss(module, cross_entropy)
+    floss = cabs_jax.FlaxLoss(module, next_token_loss if isinstance(module, GPT) else cross_entropy)
 
     def resolve(reprobe: bool) -> str:
         return cabs_jax.verify.resolve(floss, params, batch, mask, "fast", reprobe=reprobe)
@@ -132,7 +179,10 @@ def _timed(fn: Callable) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
-    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "gpt"])
+    ap.add_argument("--gpt-batches", type=int, nargs="+", default=[16, 64], help="gpt: batch sizes")
+    ap.add_argument("--gpt-size", type=int, nargs=5, default=[4, 256, 4, 128, 8192],
+                    metavar=("LAYERS", "D_MODEL", "HEADS", "SEQ", "VOCAB"), help="gpt: its size")
     ap.add_argument("--chunk", type=int, default=64, help="generic path: examples per chunk")
     ap.add_argument("--reps", type=int, default=5, help="plain and fast: at least this many timed calls")
     ap.add_argument("--min-time", type=float, default=0.5, help="plain: and at least this many seconds of them")
@@ -143,6 +193,9 @@ def main() -> None:
     args = ap.parse_args()
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {jax.devices()[0].device_kind}")
+    layers, dim, heads, seq, vocab = args.gpt_size
+    if "gpt" in args.models:
+        print(f"gpt: {layers} layers, d_model {dim}, {heads} heads, sequence {seq}, vocabulary {vocab}, tied head")
     header = (
         f"{'model':5} {'batch':>5} {'plain ms':>9} {'fast ms':>9} {'generic ms':>11} "
         f"{'fast/plain':>11} {'generic/plain':>14}"
@@ -152,16 +205,25 @@ def main() -> None:
     rng = np.random.default_rng(0)
     verify_rows = []
     for name in args.models:
-        module = MLP() if name == "mlp" else PaperCNN()
-        floss = cabs_jax.FlaxLoss(module, cross_entropy)
-        params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+        if name == "gpt":
+            module: nn.Module = GPT(vocab, dim, heads, layers, seq)
+            floss = cabs_jax.FlaxLoss(module, next_token_loss)
+            params = module.init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))["params"]
+        else:
+            module = MLP() if name == "mlp" else PaperCNN()
+            floss = cabs_jax.FlaxLoss(module, cross_entropy)
+            params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
 
         plain, fast, generic = steps(floss, args.chunk)
-        for m in args.batches:
-            batch = (
-                jnp.asarray(rng.normal(size=(m, 28, 28, 1)), jnp.float32),
-                jnp.asarray(rng.integers(0, 10, size=m)),
-            )
+        for m in args.gpt_batches if name == "gpt" else args.batches:
+            if name == "gpt":
+                tokens = jnp.asarray(rng.integers(0, vocab, size=(m, seq)), jnp.int32)
+                batch = (tokens, tokens)
+            else:
+                batch = (
+                    jnp.asarray(rng.normal(size=(m, 28, 28, 1)), jnp.float32),
+                    jnp.asarray(rng.integers(0, 10, size=m)),
+                )
             mask = jnp.ones((m,), bool)
             t = best_times(
                 {"plain": (plain, params, batch), "fast": (fast, params, batch, mask)}, args.reps, args.min_time

@@ -2,7 +2,8 @@
 
 One forward and one backward pass of the summed loss sum_i w_i l_i. A method
 interceptor (``flax.linen.intercept_methods``) records the input ``a`` of every
-``nn.Dense``, ``nn.Conv``, ``nn.Embed`` and ``nn.LayerNorm`` call and adds a
+``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Embed`` and ``nn.LayerNorm`` call
+(and of every module whose parameters are all its own, e.g. learned positions) and adds a
 zero "perturbation" to its output, so that the gradient with respect to the
 perturbation is the output gradient ``b`` (Flax's ``perturb`` idea, without
 adding variables to the user's modules). The per-example squared norm of each
@@ -13,9 +14,14 @@ gradients of the whole model are never formed.
 ``Embed.attend`` (the tied output projection) is intercepted too: a table
 used as lookup and projection gets both terms and their Gram-form cross term.
 
-Requirements: every parameter belongs to one of the four layer types, each
-such layer is called once per forward pass (an Embed: once as lookup and once
-as ``attend``), and every captured tensor carries the examples along axis 0.
+A DenseGeneral is a Dense over positions (its contracted axes flattened into
+the features, its other non-example axes into positions); a module with its own
+parameters gets its own VJP on each example alone.
+
+Requirements: every parameter belongs to one of the supported layer types or to
+a module whose parameters are all its own, each such layer is called once per
+forward pass (an Embed: once as lookup and once as ``attend``), and every
+captured tensor carries the examples along axis 0.
 :func:`fast_stats` returns S only once :mod:`cabs_jax.verify` has established
 this for the model and input signature (a probe at a batch size no other
 dimension has, the accounting of every parameter's gradient, fast S = generic
@@ -36,6 +42,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
 from cabs_core import (
@@ -50,11 +57,17 @@ from cabs_core import (
 
 from .stats import PyTree, batch_size_of, check_weights, compute_dtype, float_dtype, generic_stats, stat_dtype
 
-SUPPORTED = (nn.Dense, nn.Conv, nn.Embed, nn.LayerNorm)
+SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed, nn.LayerNorm)
 
 #: the methods of a supported layer the fast path intercepts; ``Embed.attend`` is
 #: the tied output projection (query @ embedding^T)
-METHODS = {"Dense": ("__call__",), "Conv": ("__call__",), "Embed": ("__call__", "attend"), "LayerNorm": ("__call__",)}
+METHODS = {
+    "Dense": ("__call__",),
+    "DenseGeneral": ("__call__",),
+    "Conv": ("__call__",),
+    "Embed": ("__call__", "attend"),
+    "LayerNorm": ("__call__",),
+}
 
 #: the adapter's former error name, kept importable: the core's error
 
@@ -143,7 +156,8 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _check_config(kind: str, mod: nn.Module, where: str) -> None:
+def _check_config(kind: str, mod: nn.Module, where: str, a: Any = None) -> None:
+    """Refuse layer configurations whose per-example gradient the formulas below do not cover."""
     unshared = not getattr(mod, "shared_weights", True)
     if kind == "Conv" and (mod.feature_group_count != 1 or mod.mask is not None or unshared):
         raise _unsupported(where, "Conv with feature_group_count != 1, a mask or unshared weights")
@@ -154,11 +168,55 @@ def _check_config(kind: str, mod: nn.Module, where: str) -> None:
         feat = mod.feature_axes if isinstance(mod.feature_axes, int) else tuple(mod.feature_axes)
         if red not in (-1, (-1,)) or feat not in (-1, (-1,)) or mod.axis_name is not None:
             raise _unsupported(where, "LayerNorm over axes other than the last one")
-    if kind == "Dense" and mod.dot_general is not None or kind == "Dense" and mod.dot_general_cls is not None:
-        raise _unsupported(where, "Dense with a custom dot_general")
+    if kind in ("Dense", "DenseGeneral") and (mod.dot_general is not None or mod.dot_general_cls is not None):
+        raise _unsupported(where, f"{kind} with a custom dot_general")
+    if kind in ("Dense", "DenseGeneral") and getattr(mod, "promote_dtype", promote_dtype) is not promote_dtype:
+        raise _unsupported(where, f"{kind} with a custom promote_dtype (it may change the kernel or the input)")
+    if kind == "DenseGeneral":
+        if tuple(_canonicalize(mod.batch_dims)):
+            raise _unsupported(where, "DenseGeneral with batch_dims (a kernel per batch index)")
+        if a is not None:
+            ndim = jnp.ndim(a)
+            axes = _dense_general_axes(mod, ndim)
+            if ndim < 2 or 0 in axes:
+                raise _unsupported(
+                    where, f"DenseGeneral contracts axis 0 of its input {tuple(jnp.shape(a))}, the example axis"
+                )
+
+
+def _canonicalize(v: Any) -> tuple[int, ...]:
+    return (v,) if isinstance(v, int) else tuple(v)
+
+
+def _dense_general_axes(mod: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
+    """The input axes a DenseGeneral contracts, normalised to [0, ndim) and sorted (as Flax does)."""
+    return tuple(sorted(ax % ndim for ax in _canonicalize(mod.axis)))
 
 
 Key = tuple[tuple[str, ...], str]  # (layer path, method)
+
+#: the kind of a module of another type whose parameters are all its own (``self.param``, no
+#: submodule with parameters), e.g. a learned positional embedding added to its input or a learned
+#: scale: its per-example gradient is its own VJP on each example alone (:func:`_own_sq_norms`)
+OWN = "Module"
+
+#: layers kept off that rule: eval-mode BatchNorm would be exact through it (checked against the
+#: float64 loop), but the adapter's tests and docs still have it step aside; a decision for later
+NOT_OWN: tuple[type, ...] = (nn.BatchNorm,)
+
+#: at most this many per-example gradient entries of such a module are held at once
+OWN_CHUNK_ENTRIES = 2**22
+
+
+def _own_params(mod: nn.Module) -> tuple[str, ...]:
+    """The names of ``mod``'s own parameters if it has some and no submodule of it has any, else ()."""
+    try:
+        tree = mod.variables.get("params", {}) if mod.scope is not None else {}
+    except Exception:  # an unbound module or a scope without variables: nothing to account for here
+        return ()
+    own = tuple(sorted(k for k, v in tree.items() if not isinstance(v, Mapping)))
+    nested = any(isinstance(v, Mapping) and jax.tree.leaves(v) for v in tree.values())
+    return () if nested else own
 
 
 @dataclass(frozen=True)
@@ -172,6 +230,7 @@ class Use:
     module: nn.Module
     a: Any
     y: Any
+    names: tuple[str, ...] = ()  # the parameters this use accounts for (under ``path``)
 
     @property
     def where(self) -> str:
@@ -200,9 +259,18 @@ class _Recorder:
         if isinstance(mod, nn.BatchNorm) and method == "__call__" and _batchnorm_training(mod, args, kwargs):
             raise _batchnorm_error(where)
         kind = _kind(mod)
+        names = _PARAM_NAMES.get(kind, ())
+        if kind is None and method == "__call__" and not isinstance(mod, NOT_OWN):
+            names = _own_params(mod)
+            kind = OWN if names else None
         if kind is None or method == "setup":
             return next_fun(*args, **kwargs)
-        if method not in METHODS[kind]:
+        if kind == OWN and (kwargs or len(args) != 1 or not hasattr(args[0], "shape")):
+            raise _unsupported(
+                where, f"a module with its own parameters ({', '.join(names)}) called with other than one array "
+                "argument: the fast path needs its input to differentiate it per example"
+            )
+        if method not in METHODS.get(kind, ("__call__",)):
             raise _unsupported(where, f"{kind}.{method} is not a method the fast path knows")
         key = (path, method)
         if key in self.uses:
@@ -212,14 +280,17 @@ class _Recorder:
             )
         if kwargs or len(args) != 1:
             raise _unsupported(where, f"{kind} called with extra arguments")
-        _check_config(kind, mod, where)
+        _check_config(kind, mod, where, args[0])
         y = next_fun(*args, **kwargs)
         if self.outer_trace is not None and getattr(y, "_trace", self.outer_trace) is not self.outer_trace:
             raise _unsupported(
                 where, "layer runs inside a lifted transformation (nn.remat, nn.vmap, nn.scan, ...), where its "
                 "input and output gradient cannot be captured"
             )
-        self.uses[key] = Use(path, kind, method, mod.clone(parent=None), args[0], y)
+        if kind == OWN and not hasattr(y, "shape"):
+            raise _unsupported(where, f"a module with its own parameters ({', '.join(names)}) returns a "
+                               f"{type(y).__name__}, not one array")
+        self.uses[key] = Use(path, kind, method, mod.clone(parent=None), args[0], y, names)
         if self.perturbations is not None:
             y = y + self.perturbations[key]
         return y
@@ -249,23 +320,25 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
             reason="a layer inside a lifted transformation",
         ) from None
     uses = tuple(
-        Use(u.path, u.kind, u.method, u.module, *shapes[key])
+        Use(u.path, u.kind, u.method, u.module, *shapes[key], u.names)
         for key, u in forward.uses.items()  # type: ignore[attr-defined]
     )
-    owned = {u.path + (name,) for u in uses for name in _PARAM_NAMES[u.kind]}
+    owned = {u.path + (name,) for u in uses for name in u.names}
     for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         p = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
         if p not in owned:
             raise UnsupportedModelError(
-                f"parameter {'/'.join(p)!r} does not belong to a Dense, Conv, Embed or LayerNorm layer "
-                f"the fast path knows",
+                f"parameter {'/'.join(p)!r} does not belong to a Dense, DenseGeneral, Conv, Embed or LayerNorm layer "
+                f"the fast path knows, nor to a module called once with one array whose parameters are all its "
+                f"own (self.param in a module without submodules that have parameters)",
                 layer="/".join(p),
                 reason="a parameter outside the supported layers",
             )
     for u in uses:
         for what, t in (("input", u.a), ("output", u.y)):
             shape = tuple(t.shape)
-            if len(shape) < (1 if (u.kind, u.method, what) == ("Embed", "__call__", "input") else 2) or shape[0] != m:
+            min_ndim = 1 if (u.kind, u.method, what) == ("Embed", "__call__", "input") or u.kind == OWN else 2
+            if len(shape) < min_ndim or shape[0] != m:
                 raise _unsupported(
                     u.where, f"its {what} {shape} has no leading example axis of the batch's {m} examples (a "
                     "time-major or folded layout, a broadcast buffer, or part of the batch)"
@@ -281,6 +354,7 @@ def structure(uses: Plan) -> tuple:
 
 _PARAM_NAMES = {
     "Dense": ("kernel", "bias"),
+    "DenseGeneral": ("kernel", "bias"),
     "Conv": ("kernel", "bias"),
     "Embed": ("embedding",),
     "LayerNorm": ("scale", "bias"),
@@ -346,11 +420,37 @@ def _conv_patches(mod: nn.Conv, x: jax.Array, m: int) -> jax.Array:
     return patches.reshape(m, -1, patches.shape[-1])
 
 
+def _dense_general_positions(
+    mod: nn.DenseGeneral, a: jax.Array, b: jax.Array, m: int, where: str
+) -> tuple[jax.Array, jax.Array]:
+    """A DenseGeneral (batch_dims=()) as a Dense over positions: input (m, T, prod(contracted axes))
+    and output gradient (m, T, prod(features)), T = prod(the input's other non-example axes).
+
+    Its output is ``dot_general(a, kernel)``: the input's free axes in order, then the features,
+    so position t of the output is the kernel applied to position t's contracted block of ``a``.
+    """
+    axes = _dense_general_axes(mod, a.ndim)
+    free = tuple(ax for ax in range(1, a.ndim) if ax not in axes)
+    if a.shape[0] != m or 0 in axes:
+        raise _unsupported(where, f"input {tuple(a.shape)} has no leading example axis {m} outside the contraction")
+    features = _canonicalize(mod.features)
+    t = math.prod(a.shape[ax] for ax in free)
+    want = (m, *(a.shape[ax] for ax in free), *features)
+    if tuple(b.shape) != want:
+        raise _unsupported(where, f"output {tuple(b.shape)} is not (examples, free input axes, features) {want}")
+    a3 = jnp.transpose(a, (0, *free, *axes)).reshape(m, t, math.prod(a.shape[ax] for ax in axes))
+    return a3, b.reshape(m, t, math.prod(features))
+
+
 def _layer_sq_norms(kind: str, mod: nn.Module, a: Any, b: jax.Array, m: int, where: str) -> jax.Array:
     """Per-example squared norm (m,) of the gradient of this layer's parameters."""
     b3 = _per_position(b, m, where)
     if kind == "Dense":
         sq = linear_sq_norms(_per_position(a, m, where).astype(b.dtype), b3)
+    elif kind == "DenseGeneral":
+        assert isinstance(mod, nn.DenseGeneral)
+        a3, b3 = _dense_general_positions(mod, a.astype(b.dtype), b, m, where)
+        sq = linear_sq_norms(a3, b3)
     elif kind == "Conv":
         assert isinstance(mod, nn.Conv)
         patches = _conv_patches(mod, a.astype(b.dtype), m)
@@ -374,9 +474,36 @@ def _layer_sq_norms(kind: str, mod: nn.Module, a: Any, b: jax.Array, m: int, whe
     return sq + bias_sq_norms(b3) if mod.use_bias else sq
 
 
-def _path_sq_norms(uses: list[Use], inputs: dict, out_grads: dict, m: int) -> jax.Array:
+def _own_sq_norms(u: Use, own: PyTree, a: Any, b: jax.Array, m: int, consts: Mapping[str, Any]) -> jax.Array:
+    """Per-example squared norm (m,) of the gradient of a module's own parameters ``own``: the
+    module's VJP on each example alone, at its captured input row and output gradient row (exact
+    for a module that treats its examples separately; the probe's value check catches one that
+    does not). ``consts``: the module's variables in the constant collections
+    (``FlaxLoss.collections``, e.g. running statistics). Chunks of examples bound the
+    per-example gradients held at once."""
+    wide = compute_dtype(b.dtype)
+    b = b.astype(u.y.dtype)  # the cotangent in the output's own dtype
+
+    def one(ab: tuple) -> jax.Array:
+        ai, bi = ab
+        _, vjp = jax.vjp(lambda lp: u.module.apply({"params": lp, **consts}, ai[None]), own)
+        g = vjp(bi[None])[0]
+        return sum(jnp.sum(jnp.square(x.astype(wide))) for x in jax.tree.leaves(g))
+
+    size = max(1, sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(own)))
+    return jax.lax.map(one, (a, b), batch_size=max(1, min(m, OWN_CHUNK_ENTRIES // size)))
+
+
+def _path_sq_norms(
+    uses: list[Use], inputs: dict, out_grads: dict, m: int, params: PyTree, collections: Mapping[str, Any]
+) -> jax.Array:
     """Per-example squared norm (m,) of the gradient of one layer's parameters,
     summed over its uses (an Embed used as lookup and as tied projection ``attend``)."""
+    if len(uses) == 1 and uses[0].kind == OWN:
+        u = uses[0]
+        key = (u.path, u.method)
+        own, consts = _subtree(params, u.path), _constants(collections, u.path)
+        return _own_sq_norms(u, own, inputs[key], out_grads[key], m, consts)
     if len(uses) == 1 and uses[0].kind != "Embed":
         u = uses[0]
         key = (u.path, u.method)
@@ -425,7 +552,7 @@ def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, us
     wide_grads = {k: b.astype(compute_dtype(b.dtype)) for k, b in out_grads.items()}
     with jax.default_matmul_precision("highest"):  # no reduced-precision (e.g. TF32) products in the norms
         for path, group in by_path.items():
-            sq_by_path[path] = _path_sq_norms(group, inputs, wide_grads, m).astype(dtype)
+            sq_by_path[path] = _path_sq_norms(group, inputs, wide_grads, m, params, floss.collections).astype(dtype)
     sq = sum(sq_by_path.values(), jnp.zeros((m,), dtype))
     # b carries the factor w_i, so the norms carry w_i^2 = w_i for a 0/1 mask
     sq_sum = jnp.sum(jnp.where(w != 0, sq, 0))
@@ -433,6 +560,17 @@ def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, us
     grad_sum = tuple(g.astype(jnp.result_type(p)) for g, p in leaves)  # the parameters' dtypes (they feed the update)
     stats = BatchStats(jnp.sum(w), jnp.sum(w * losses), grad_sum, sq_sum)
     return stats, param_grads, inputs, out_grads, sq_by_path
+
+
+def _constants(collections: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """The constant collections' variables of the module at ``path`` (those that have some)."""
+    out = {}
+    for name, tree in collections.items():
+        try:
+            out[name] = _subtree(tree, path)
+        except (KeyError, TypeError):
+            continue
+    return out
 
 
 def _subtree(tree: PyTree, path: tuple[str, ...]) -> PyTree:
@@ -457,7 +595,7 @@ def probe_numbers(floss: FlaxLoss, params: PyTree, batch: PyTree) -> tuple:
         key = (u.path, u.method)
 
         def layer(lp: PyTree, a: Any, u: Use = u) -> Any:
-            return u.module.apply({"params": lp}, a, method=u.method)
+            return u.module.apply({"params": lp, **_constants(floss.collections, u.path)}, a, method=u.method)
 
         _, vjp = jax.vjp(lambda lp, a=inputs[key], layer=layer: layer(lp, a), _subtree(params, u.path))
         g = vjp(out_grads[key])[0]
