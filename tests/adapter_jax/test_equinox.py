@@ -128,3 +128,47 @@ def test_training_mode_batchnorm_and_dropout_are_refused() -> None:
                     cross_entropy)
     with pytest.raises(TypeError, match="equinox.Module"):
         EquinoxLoss(lambda x: x, cross_entropy)
+
+
+class TinyGPT(eqx.Module):
+    """Learned positions, one causal attention block, LayerNorm, an MLP, and a tied head (the
+    embedding's table as the output projection)."""
+
+    embed: eqx.nn.Embedding
+    pos: jax.Array
+    attn: eqx.nn.MultiheadAttention
+    norm1: eqx.nn.LayerNorm
+    norm2: eqx.nn.LayerNorm
+    mlp: eqx.nn.MLP
+
+    def __init__(self, key: jax.Array, vocab: int = 11, d: int = 8, seq: int = 5) -> None:
+        k = jax.random.split(key, 4)
+        self.embed = eqx.nn.Embedding(vocab, d, key=k[0], dtype=F64)
+        self.pos = 0.1 * jax.random.normal(k[1], (seq, d), F64)
+        self.attn = eqx.nn.MultiheadAttention(2, d, use_query_bias=True, use_output_bias=True, key=k[2], dtype=F64)
+        self.norm1, self.norm2 = eqx.nn.LayerNorm(d, dtype=F64), eqx.nn.LayerNorm(d, dtype=F64)
+        self.mlp = eqx.nn.MLP(d, d, 16, 1, activation=jax.nn.gelu, key=k[3], dtype=F64)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = jax.vmap(self.embed)(tokens) + self.pos[: tokens.shape[0]]
+        causal = jnp.tril(jnp.ones((tokens.shape[0], tokens.shape[0]), bool))
+        a = jax.vmap(self.norm1)(h)
+        h = h + self.attn(a, a, a, mask=causal)
+        h = h + jax.vmap(self.mlp)(jax.vmap(self.norm2)(h))
+        return h @ self.embed.weight.T  # tied head
+
+
+def token_loss(logits: jax.Array, example: tuple) -> jax.Array:
+    """Mean next-token cross-entropy of one sequence."""
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), example[1][:, None], axis=-1))
+
+
+def test_small_gpt_statistics_equal_a_float64_loop() -> None:
+    model = TinyGPT(jax.random.PRNGKey(4))
+    loss = EquinoxLoss(model, token_loss)
+    rng = np.random.default_rng(5)
+    batch = (jnp.asarray(rng.integers(0, 11, (5, 5))), jnp.asarray(rng.integers(0, 11, (5, 5))))  # T == m
+    mask = np.array([1, 0, 1, 1, 1], np.float64)
+    want = loop_oracle(loss, loss.params, batch, mask)
+    assert float(want.sq_norm_sum) > 0 and loss.params.pos is not None  # the positions are trained
+    assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask), want)

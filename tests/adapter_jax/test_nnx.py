@@ -235,3 +235,36 @@ def test_an_nnx_optimizer_that_has_stepped_is_refused() -> None:
     opt.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
     with pytest.raises(ConfigError, match="already taken 1 steps"):
         CABSTrainer(loss, CABSController(0.1, 4, 16), (x, y), optimizer=opt)
+
+
+class NNXGPT(nnx.Module):
+    """Learned positions, one causal attention block, LayerNorm, an MLP and a tied head (Embed.attend)."""
+
+    def __init__(self, rngs: nnx.Rngs, vocab: int = 11, d: int = 8, seq: int = 5) -> None:
+        self.embed = nnx.Embed(vocab, d, param_dtype=F64, rngs=rngs)
+        self.pos = nnx.Param(0.1 * jax.random.normal(rngs.params(), (seq, d), F64))
+        self.attn = nnx.MultiHeadAttention(2, d, param_dtype=F64, decode=False, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(d, param_dtype=F64, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(d, param_dtype=F64, rngs=rngs)
+        self.up = nnx.Linear(d, 16, param_dtype=F64, rngs=rngs)
+        self.down = nnx.Linear(16, d, param_dtype=F64, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        t = tokens.shape[-1]
+        h = self.embed(tokens) + self.pos[...][:t]
+        h = h + self.attn(self.norm1(h), mask=nnx.make_causal_mask(tokens))
+        h = h + self.down(nnx.gelu(self.up(self.norm2(h))))
+        return self.embed.attend(h)
+
+
+def test_small_gpt_statistics_equal_a_float64_loop() -> None:
+    def token_loss(logits: jax.Array, example: tuple) -> jax.Array:
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), example[1][:, None], axis=-1))
+
+    loss = NNXLoss(NNXGPT(nnx.Rngs(3)), token_loss)
+    rng = np.random.default_rng(6)
+    batch = (jnp.asarray(rng.integers(0, 11, (5, 5))), jnp.asarray(rng.integers(0, 11, (5, 5))))  # T == m
+    mask = np.array([1, 1, 0, 1, 1], np.float64)
+    want = loop_oracle(loss, loss.params, batch, mask)
+    assert float(want.sq_norm_sum) > 0
+    assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask), want)
