@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import cabs_jax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -94,3 +95,14 @@ def assert_stats_close(got: BatchStats, want: BatchStats, rtol: float = 1e-10) -
     assert len(got.grad_sum) == len(want.grad_sum)
     for g, w in zip(got.grad_sum, want.grad_sum):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=1e-12)
+
+
+def assert_module_loss_exact(loss: Any, module: Any, by_hand: Any, batch: Any, mask: np.ndarray) -> None:
+    """A module loss (NNXLoss, EquinoxLoss) against the float64 loop over ``by_hand``, a loss written
+    without the module library: from its params, from the module itself, and under jit in chunks."""
+    want = loop_oracle(by_hand, loss.params, batch, mask)
+    assert float(want.sq_norm_sum) > 0
+    assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask), want)
+    assert_stats_close(cabs_jax.batch_stats(loss, module, batch, mask), want)  # the module itself as params
+    jitted = jax.jit(lambda p, b, w: cabs_jax.batch_stats(loss, p, b, w, chunk_size=4))
+    assert_stats_close(jitted(loss.params, batch, jnp.asarray(mask)), want)
