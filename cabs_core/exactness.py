@@ -125,19 +125,22 @@ def verify_due(step: int, verify_every: int | None) -> bool:
 PATH_CODES = {"fast": 0, "generic": 1, "refused": 2}
 
 
-def agree_on_path(
-    path: str | None, error: UnsupportedModelError | None, gather: Callable[[np.ndarray], np.ndarray]
-) -> str:
+def agree_on_path(probe: Callable[[], str], gather: Callable[[np.ndarray], np.ndarray]) -> str:
     """The one path every process takes for a step (a collective): each process
     establishes the fast path on its own shard, so their verdicts can differ, and
     processes on different programs would meet in the same collective.
 
-    ``path``: this process's verdict (``"fast"`` or ``"generic"``), or ``error`` if it
-    refused the fast path (``method="fast"``). ``gather``: every process's int32
-    words, as :meth:`cabs_core.loop.Backend.gather`. Returns ``"fast"`` only if every
-    process established it; a refusal on any process raises
-    :class:`UnsupportedModelError` on every process, naming the ones that refused.
+    ``probe()``: this process's verdict (``"fast"`` or ``"generic"``), raising
+    :class:`UnsupportedModelError` if it refuses the fast path (``method="fast"``).
+    ``gather``: every process's int32 words, as :meth:`cabs_core.loop.Backend.gather`.
+    Returns ``"fast"`` only if every process established it; a refusal on any
+    process raises :class:`UnsupportedModelError` on every process, naming the
+    ones that refused.
     """
+    try:
+        path, error = probe(), None
+    except UnsupportedModelError as e:  # raised below on every process, after the gather
+        path, error = None, e
     code = PATH_CODES["refused" if error is not None else path or "generic"]
     codes = np.asarray(gather(np.asarray([code], np.int32))).reshape(-1)
     refused = [p for p, c in enumerate(codes) if c == PATH_CODES["refused"]]

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cabs_core import BatchStats, CABSController, UnsupportedModelError, agree_on_path, shard_buckets
+from cabs_core import BatchStats, CABSController, agree_on_path, shard_buckets
 from cabs_core.loop import CHECK_EVERY, MicroBatch
 
 from .dispatch import Method
@@ -70,11 +70,8 @@ class _MeshBackend(_Backend):
         if self.processes == 1:
             path = self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify)
         elif verify or micro.size not in self.agreed:  # every process probes its own shard: one verdict for all
-            try:
-                mine, error = self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify), None
-            except UnsupportedModelError as e:
-                mine, error = None, e
-            path = self.agreed[micro.size] = agree_on_path(mine, error, self.gather)  # type: ignore[assignment]
+            path = self.agreed[micro.size] = agree_on_path(  # type: ignore[assignment]
+                lambda: self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify), self.gather)
         else:
             path = self.agreed[micro.size]
         n = self.processes * self.shards * micro.size

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cabs_core import CABSController, SamplerState, ScalarStats, StepInfo, next_batch
-from cabs_core.exactness import VERIFY_EVERY, UnsupportedModelError, agree_on_path
+from cabs_core.exactness import VERIFY_EVERY, agree_on_path
 from cabs_core.loop import MicroBatch, check_arrays, check_learning_rate, plan_batch
 from cabs_core.trainer import BackendDefaults, Trainer
 
@@ -118,17 +118,12 @@ class KerasBackend(BackendDefaults):
         mask = micro.mask.astype(tf.as_dtype(st.variables[0].dtype).name)
         sig = st.signature(x, y) if st.method == "fast" else None
         if sig is not None and (verify or sig not in st.verdicts):  # probe on the host
-            had, error = st.verdicts.get(sig, "unseen"), None
-            try:
+            had = st.verdicts.get(sig, "unseen")
+            if self.processes == 1:
                 st.verify(x, y, mask)
-            except UnsupportedModelError as e:  # method="fast": with several workers, raised on all of them
-                error = e
-            if self.processes > 1:  # each worker probed its own rows: one path for all (else they would hang)
-                mine = "fast" if sig in st.verdicts and st.verdicts[sig] is None else "generic"
-                if agree_on_path(mine, error, self.gather) == "generic" and st.verdicts.get(sig) is None:
-                    st.verdicts[sig] = "the fast path was not established on every worker"
-            elif error is not None:
-                raise error
+            elif agree_on_path(lambda: "fast" if st.verify(x, y, mask) else "generic", self.gather) == "generic" \
+                    and st.verdicts.get(sig) is None:  # each worker probed its own rows: one path for all
+                st.verdicts[sig] = "the fast path was not established on every worker"
             if had is None and st.verdicts.get(sig) is not None:
                 self._stats_fn = tf.function(self._statistics)  # its traces took the fast path
         base, size = self.process_index * self.shards, micro.size

@@ -72,12 +72,15 @@ def _gather_of(codes: list[int]):
 def test_processes_agree_on_one_path():
     from cabs_core import UnsupportedModelError, agree_on_path
 
-    assert agree_on_path("fast", None, _gather_of([0, 0])) == "fast"
-    assert agree_on_path("fast", None, _gather_of([0, 1])) == "generic"  # one process could not establish it
-    assert agree_on_path("generic", None, _gather_of([0])) == "generic"
+    assert agree_on_path(lambda: "fast", _gather_of([0, 0])) == "fast"
+    assert agree_on_path(lambda: "fast", _gather_of([0, 1])) == "generic"  # one process could not establish it
+    assert agree_on_path(lambda: "generic", _gather_of([0])) == "generic"
     with pytest.raises(UnsupportedModelError, match=r"refused on process\(es\) \[2\] \(see that process"):
-        agree_on_path("fast", None, _gather_of([0, 2]))
-    mine = UnsupportedModelError("tied weight", layer="Dense_0", reason="unseen use")
+        agree_on_path(lambda: "fast", _gather_of([0, 2]))
+
+    def refuse() -> str:
+        raise UnsupportedModelError("tied weight", layer="Dense_0", reason="unseen use")
+
     with pytest.raises(UnsupportedModelError, match=r"process\(es\) \[0\]: tied weight") as e:
-        agree_on_path(None, mine, _gather_of([0]))
+        agree_on_path(refuse, _gather_of([0]))
     assert e.value.layer == "Dense_0" and e.value.reason == "unseen use"
