@@ -106,3 +106,16 @@ def assert_module_loss_exact(loss: Any, module: Any, by_hand: Any, batch: Any, m
     assert_stats_close(cabs_jax.batch_stats(loss, module, batch, mask), want)  # the module itself as params
     jitted = jax.jit(lambda p, b, w: cabs_jax.batch_stats(loss, p, b, w, chunk_size=4))
     assert_stats_close(jitted(loss.params, batch, jnp.asarray(mask)), want)
+
+
+def steps_saving_at(trainer: Any, state: Any, steps: int, save_at: int, path: Any) -> tuple[Any, Any, list[int]]:
+    """``steps`` steps of a ``cabs_jax`` trainer from ``state``, saving to ``path`` before step
+    ``save_at``: (the final state, the saved state, every step's decided batch size)."""
+    sizes, saved = [], None
+    for k in range(steps):
+        if k == save_at:
+            trainer.save(path, state)
+            saved = state
+        state, info = trainer.step(state)
+        sizes.append(info.batch_size)
+    return state, saved, sizes

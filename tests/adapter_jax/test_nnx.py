@@ -12,7 +12,7 @@ import optax
 import pytest
 from cabs_jax import CABSTrainer, DataParallelCABSTrainer, NNXLoss, data_mesh
 from flax import nnx
-from jax_test_models import assert_module_loss_exact, assert_stats_close, cross_entropy, loop_oracle
+from jax_test_models import assert_module_loss_exact, assert_stats_close, cross_entropy, loop_oracle, steps_saving_at
 
 from cabs_core import (
     BatchNormTrainingError,
@@ -184,13 +184,7 @@ def test_checkpoint_round_trip_with_momentum_resumes_the_same_run(tmp_path) -> N
         return CABSTrainer(loss, controller, (x, y), optimizer=optimizer, seed=11)
 
     t1 = trainer()
-    state, sizes = t1.init(loss.params), []
-    for k in range(6):
-        if k == 3:
-            t1.save(tmp_path / "nnx.npz", state)
-            saved = state
-        state, info = t1.step(state)
-        sizes.append(info.batch_size)
+    state, saved, sizes = steps_saving_at(t1, t1.init(loss.params), 6, 3, tmp_path / "nnx.npz")
     other = NNXMLP(nnx.Rngs(9))  # other values, same structure; a fresh nnx.Optimizer stands for its tx
     t2 = trainer(nnx.Optimizer(other, momentum, wrt=nnx.Param))
     like = t2.init(NNXLoss(other, cross_entropy).params)

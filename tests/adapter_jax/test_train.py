@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from cabs_jax import CABSTrainer, FlaxLoss
-from jax_test_models import MLP, cross_entropy, init_f64, loop_oracle
+from jax_test_models import MLP, cross_entropy, init_f64, loop_oracle, steps_saving_at
 
 import cabs_core
 from cabs_core import CABSController, SamplerState, bucket_for, next_batch
@@ -141,14 +141,7 @@ def test_checkpoint_resume_makes_the_same_decisions(tmp_path) -> None:
         return CABSTrainer(floss, controller, (x, y), optimizer=momentum, seed=seed)
 
     t1 = trainer()
-    state = t1.init(init_f64(MLP(), x[:1]))
-    sizes = []
-    for k in range(8):
-        if k == 4:
-            t1.save(tmp_path / "ckpt.npz", state)
-            saved = state
-        state, info = t1.step(state)
-        sizes.append(info.batch_size)
+    state, saved, sizes = steps_saving_at(t1, t1.init(init_f64(MLP(), x[:1])), 8, 4, tmp_path / "ckpt.npz")
     assert len(set(sizes)) > 1
     t2 = trainer()
     like = t2.init(init_f64(MLP(), x[:1], seed=9))
