@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from cabs_core import BatchStats, CABSController, agree_on_path, shard_buckets
 from cabs_core.loop import CHECK_EVERY, MicroBatch
+from cabs_core.workers import process_shards
 
 from .dispatch import Method
 from .stats import LossFn, PyTree
@@ -46,11 +47,7 @@ class _MeshBackend(_Backend):
     def __init__(self, trainer: DataParallelCABSTrainer) -> None:
         super().__init__(trainer)
         mesh, self.processes, self.process_index = trainer.mesh, jax.process_count(), jax.process_index()
-        owners = [d.process_index for d in mesh.devices.flat]
-        self.shards = owners.count(self.process_index)
-        if owners != [p for p in range(self.processes) for _ in range(self.shards)]:
-            raise ValueError(f"the mesh must hold the same number of devices of every process, grouped in process "
-                             f"order (the loop's shard layout); its devices belong to processes {owners}")
+        self.shards = process_shards([d.process_index for d in mesh.devices.flat], self.processes, self.process_index)
         self.axis = mesh.axis_names[0]
         self.sharding, self.agreed = NamedSharding(mesh, P(self.axis)), {}  # per-device size -> agreed path
 
