@@ -1,5 +1,5 @@
 """What the data-parallel trainers share about their workers, whatever the framework:
-the layout of shards over processes, and naming the worker a failed collective lost
+the layout of shards over processes, one fast-path verdict for all, and naming the worker a failed collective lost
 (:class:`WorkerLostError`, raised by :class:`cabs_core.trainer.Trainer` for the error
 types an adapter declares)."""
 
@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .exactness import agree_on_path
 
 
 class WorkerLostError(RuntimeError):
@@ -73,6 +77,18 @@ def worker_lost(error: BaseException, what: str, cluster: Cluster) -> WorkerLost
         f"worker from the last checkpoint (trainer.restore), with the same or another number of workers.", lost)
 
 
+def agreed_path(cache: dict[Any, str], key: Any, probe: Callable[[], str], gather: Callable[[np.ndarray], np.ndarray],
+                *, processes: int, verify: bool) -> str:
+    """The path of a step (``"fast"`` or ``"generic"``): ``probe()`` with one process; with several,
+    :func:`cabs_core.agree_on_path` of every process's probe (a collective), kept in ``cache`` per
+    ``key`` (e.g. a shard's size) and agreed on again when ``verify``."""
+    if processes == 1:
+        return probe()
+    if verify or key not in cache:
+        cache[key] = agree_on_path(probe, gather)
+    return cache[key]
+
+
 def process_shards(owners: Sequence[int], processes: int, process_index: int) -> int:
     """The number of shards (devices) each process drives, given the process that owns each
     device of a data-parallel axis in order; refuses a layout other than the loop's (the same
@@ -85,4 +101,4 @@ def process_shards(owners: Sequence[int], processes: int, process_index: int) ->
     return shards
 
 
-__all__ = ["Cluster", "WorkerLostError", "lost_workers", "process_shards", "refuses", "worker_lost"]
+__all__ = ["Cluster", "WorkerLostError", "agreed_path", "lost_workers", "process_shards", "refuses", "worker_lost"]

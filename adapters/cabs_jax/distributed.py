@@ -15,9 +15,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cabs_core import BatchStats, CABSController, agree_on_path, shard_buckets
+from cabs_core import BatchStats, CABSController, shard_buckets
 from cabs_core.loop import CHECK_EVERY, MicroBatch
-from cabs_core.workers import process_shards
+from cabs_core.workers import agreed_path, process_shards
 
 from .dispatch import Method
 from .stats import LossFn, PyTree
@@ -64,13 +64,9 @@ class _MeshBackend(_Backend):
     def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
         local = jax.tree.map(lambda a: a.addressable_data(0), model[0])
         first = jax.tree.map(lambda a: a[: micro.size], batch)  # one device's shard: the compiled signature
-        if self.processes == 1:
-            path = self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify)
-        elif verify or micro.size not in self.agreed:  # every process probes its own shard: one verdict for all
-            path = self.agreed[micro.size] = agree_on_path(  # type: ignore[assignment]
-                lambda: self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify), self.gather)
-        else:
-            path = self.agreed[micro.size]
+        path = agreed_path(self.agreed, micro.size,  # every process probes its own shard: one verdict for all
+                           lambda: self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify),
+                           self.gather, processes=self.processes, verify=verify)
         n = self.processes * self.shards * micro.size
 
         def glob(a: np.ndarray) -> jax.Array:

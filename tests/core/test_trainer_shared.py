@@ -15,9 +15,10 @@ import pytest
 from cabs_conformance.loop_reference import LinearBackend, problem
 
 from cabs_core import CABSController, SamplerState, WorkerLostError, next_batch
+from cabs_core.exactness import PATH_CODES
 from cabs_core.loop import check_arrays, join_arrays, one_rate, plan_batch, split_arrays
 from cabs_core.trainer import DecisionBatches, Trainer, history, num_rows, take_rows
-from cabs_core.workers import Cluster, lost_workers, process_shards, worker_lost
+from cabs_core.workers import Cluster, agreed_path, lost_workers, process_shards, worker_lost
 
 
 class Flaky(Exception):
@@ -167,3 +168,24 @@ def test_split_join_arrays_round_trip_through_json():
 def test_plan_batch_is_what_decision_batches_pad_with():
     (mb,) = plan_batch(np.array([7, 2, 9]), buckets=[4, 8])
     assert list(mb.rows) == [7, 2, 9, 7] and list(mb.mask) == [True, True, True, False]
+
+
+def test_agreed_path_probes_alone_or_agrees_once_per_key():
+    probes, gathers = [], []
+
+    def probe() -> str:
+        probes.append(1)
+        return "fast"
+
+    def gather(words: np.ndarray) -> np.ndarray:  # two processes, the other one agreeing
+        gathers.append(words)
+        return np.stack([words, words])
+
+    cache: dict[Any, str] = {}
+    assert agreed_path(cache, 8, probe, gather, processes=1, verify=False) == "fast" and not gathers and not cache
+    assert agreed_path(cache, 8, probe, gather, processes=2, verify=False) == "fast"
+    assert agreed_path(cache, 8, probe, gather, processes=2, verify=False) == "fast"  # kept: no probe, no collective
+    assert len(probes) == 2 and len(gathers) == 1
+    generic = np.asarray([PATH_CODES["generic"]], np.int32)
+    assert agreed_path(cache, 8, probe, lambda w: np.stack([w, generic]), processes=2, verify=True) == "generic"
+    assert cache == {8: "generic"} and len(probes) == 3
