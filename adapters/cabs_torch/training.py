@@ -1,10 +1,5 @@
-"""Training with CABS in PyTorch: :class:`CABSTrainer` runs the core's step
-(:class:`cabs_core.loop.CABSLoop`) through :class:`TorchBackend`, which supplies
-only what torch must do: exact statistics (:class:`PerExampleStats`), the update
-(plain SGD or any ``torch.optim.Optimizer`` fed the mean gradient) and the
-model's arrays for checkpoints; the rest of the trainer is :class:`cabs_core.trainer.Trainer`.
-:class:`CABSBatchSampler` feeds a ``DataLoader`` batches of the decided sizes.
-"""
+"""Training with CABS in PyTorch: :class:`CABSTrainer`, the core's trainer (:class:`cabs_core.trainer.Trainer`)
+on :class:`TorchBackend`, torch's part of the step, and :class:`CABSBatchSampler` for a ``DataLoader``."""
 
 from __future__ import annotations
 
