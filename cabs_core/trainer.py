@@ -7,7 +7,10 @@ and calls :meth:`Trainer._start`; it supplies only how its model's arrays go to
 and come from a checkpoint (:meth:`Trainer._arrays`, :meth:`Trainer._load_arrays`).
 A functional framework (JAX) threads :class:`RunState` itself and uses
 :class:`CABSLoop` directly. :class:`BackendDefaults` holds the parts of a
-:class:`Backend` that are the same in every framework.
+:class:`Backend` that are the same in every framework; :class:`DecisionBatches`
+and :func:`history` serve a loop of the caller's own and a ``fit``-like entry point.
+A data-parallel trainer names the collective errors that mean a lost worker
+(:attr:`Trainer.lost_errors`, :meth:`Trainer._cluster`; :mod:`cabs_core.workers`).
 """
 
 from __future__ import annotations
