@@ -7,7 +7,8 @@ batch-size rules (:mod:`.rules`), the smoothed controller (:mod:`.controller`)
 the batch sampler (:mod:`.sampler`), and what a fast path must establish
 before it returns S (:mod:`.exactness`), and the one checkpoint envelope
 (:mod:`.checkpoint`), and the one training step every adapter runs
-(:mod:`.loop`). It imports no deep-learning framework.
+(:mod:`.loop`), with what the data-parallel trainers share about their workers
+(:mod:`.workers`). It imports no deep-learning framework.
 """
 
 from . import checkpoint, loop
@@ -62,6 +63,7 @@ from .sampler import (
 )
 from .stats import BatchStats, ScalarStats, batch_stats_from_per_example, combine, reduce_stats, to_host
 from .variance import group_variance, inner_product_variance, two_pass_variance, within_batch_variance
+from .workers import WorkerLostError
 
 __version__ = "0.1.0"
 
@@ -117,4 +119,5 @@ __all__ = [
     "to_host",
     "two_pass_variance",
     "within_batch_variance",
+    "WorkerLostError",
 ]

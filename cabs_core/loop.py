@@ -33,7 +33,7 @@ import json
 import math
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -371,3 +371,39 @@ def check_arrays(path: str | os.PathLike[str], arrays: Sequence[np.ndarray], lik
                 f"{os.fspath(path)}: array {k} has shape {tuple(a.shape)} in the checkpoint, {shape} "
                 f"in this model"
             )
+
+
+def one_rate(rates: Iterable[float]) -> float:
+    """The one learning rate of an optimizer's parameter groups (``rates``, one per group);
+    refuses several (CABS couples the batch size to one rate)."""
+    distinct = {float(r) for r in rates}
+    if len(distinct) != 1:
+        raise ValueError(f"every parameter group of the optimizer must have the same lr (CABS couples the batch "
+                         f"size to one rate), got {sorted(distinct)}")
+    return distinct.pop()
+
+
+def split_arrays(tree: Any, is_array: Callable[[Any], bool]) -> tuple[Any, list[Any]]:
+    """A nest of dicts, lists and tuples (e.g. an optimizer's state dict) as a JSON-able skeleton,
+    each array (``is_array``) replaced by ``{"array": k}``, and the arrays in order of ``k``
+    (for :meth:`CABSLoop.save`; :func:`join_arrays` puts them back)."""
+    arrays: list[Any] = []
+
+    def walk(t: Any) -> Any:
+        if is_array(t):
+            arrays.append(t)
+            return {"array": len(arrays) - 1}
+        if isinstance(t, dict):
+            return {k: walk(v) for k, v in t.items()}
+        return [walk(v) for v in t] if isinstance(t, (list, tuple)) else t
+
+    return walk(tree), arrays
+
+
+def join_arrays(skeleton: Any, arrays: Sequence[Any]) -> Any:
+    """The inverse of :func:`split_arrays` (tuples come back as lists, keys as JSON left them)."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"array"}:
+            return arrays[int(skeleton["array"])]
+        return {k: join_arrays(v, arrays) for k, v in skeleton.items()}
+    return [join_arrays(v, arrays) for v in skeleton] if isinstance(skeleton, list) else skeleton

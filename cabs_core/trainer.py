@@ -7,12 +7,16 @@ and calls :meth:`Trainer._start`; it supplies only how its model's arrays go to
 and come from a checkpoint (:meth:`Trainer._arrays`, :meth:`Trainer._load_arrays`).
 A functional framework (JAX) threads :class:`RunState` itself and uses
 :class:`CABSLoop` directly. :class:`BackendDefaults` holds the parts of a
-:class:`Backend` that are the same in every framework.
+:class:`Backend` that are the same in every framework; :class:`DecisionBatches`
+and :func:`history` serve a loop of the caller's own and a ``fit``-like entry point.
+A data-parallel trainer names the collective errors that mean a lost worker
+(:attr:`Trainer.lost_errors`, :meth:`Trainer._cluster`; :mod:`cabs_core.workers`).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -20,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from .controller import CABSController, StepInfo
-from .loop import CABSLoop, RunState
+from .loop import CABSLoop, RunState, plan_batch
 from .sampler import SamplerState, next_batch, shard
 from .stats import BatchStats, ScalarStats, combine, reduce_stats
+from .workers import Cluster, worker_lost
 
 
 class BackendDefaults:
@@ -90,6 +95,66 @@ class DecisionSampler:
         self.state, self.batches = state, int(d["batches"])
 
 
+def take_rows(tree: Any, rows: np.ndarray) -> Any:
+    """Rows ``rows`` (of the leading axis) of every array in a nest of tuples, lists and dicts,
+    as NumPy arrays of the same nest."""
+    if isinstance(tree, dict):
+        return {k: take_rows(v, rows) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        parts = [take_rows(v, rows) for v in tree]
+        return type(tree)(*parts) if hasattr(tree, "_fields") else type(tree)(parts)
+    return np.take(np.asarray(tree), rows, axis=0)
+
+
+def num_rows(tree: Any) -> int:
+    """The number of examples (leading axis) of a nest's arrays; refuses a nest whose arrays differ."""
+    sizes: set[int] = set()
+
+    def visit(t: Any) -> None:
+        if isinstance(t, (tuple, list, dict)):
+            for v in t.values() if isinstance(t, dict) else t:
+                visit(v)
+        else:
+            sizes.add(len(t))
+
+    visit(tree)
+    if len(sizes) != 1:
+        raise ValueError(f"the data's arrays (x and y) must have the same number of examples, got {sorted(sizes)}")
+    return sizes.pop()
+
+
+class DecisionBatches:
+    """Batches ``(*data, mask)`` whose size follows the decisions, for a loop of your own: the
+    sampler's next ``batch_size`` examples of ``data`` (a tuple of host arrays, or nests of them),
+    padded to ``buckets`` (padding repeats an example, with mask 0); seeded by ``seed``."""
+
+    def __init__(self, data: tuple[Any, ...], *, buckets: Sequence[int] | None = None, seed: int = 0,
+                 mask_dtype: str = "float32") -> None:
+        self.data, self.buckets, self.mask_dtype = data, buckets, mask_dtype
+        self.sampler = SamplerState(num_rows(data), seed)
+
+    def next(self, batch_size: int) -> tuple[Any, ...]:
+        """The next ``batch_size`` examples (padded) and their mask, advancing the sampler."""
+        idx, self.sampler = next_batch(self.sampler, batch_size)
+        (mb,) = plan_batch(idx, buckets=self.buckets)
+        return (*take_rows(self.data, mb.rows), mb.mask.astype(self.mask_dtype))
+
+
+def history(trainer: Trainer, steps: int, verbose: bool = False) -> dict[str, list[float]]:
+    """``trainer.run(steps)`` logged as ``{"loss", "batch_size", "epoch"}`` per step (the loss
+    NaN where a step had none); ``verbose``: print a line per step."""
+    out: dict[str, list[float]] = {"loss": [], "batch_size": [], "epoch": []}
+
+    def log(k: int, info: StepInfo) -> None:
+        for key, v in zip(out, (float("nan") if info.loss is None else info.loss, info.batch_size, trainer.epoch)):
+            out[key].append(v)
+        if verbose:
+            print(f"step {k + 1}: loss {info.loss} next batch {info.batch_size} epoch {trainer.epoch:.3f}")
+
+    trainer.run(steps, log)
+    return out
+
+
 class Trainer(abc.ABC):
     """One CABS run (:class:`CABSLoop`) of a model updated in place.
 
@@ -104,6 +169,24 @@ class Trainer(abc.ABC):
     loop: CABSLoop
     run_state: RunState
     feeder: DecisionSampler | None = None
+    lost_errors: tuple[type[BaseException], ...] = ()
+    """The errors of a collective that mean a lost worker (a data-parallel trainer sets them)."""
+
+    def _cluster(self) -> Cluster | None:
+        """The multi-worker run a lost worker is named in (None: one worker, nothing to name)."""
+        return None
+
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Re-raise one of :attr:`lost_errors` of a multi-worker run as
+        :class:`cabs_core.workers.WorkerLostError` naming the lost worker."""
+        try:
+            yield
+        except self.lost_errors as e:
+            cluster = self._cluster()
+            if cluster is None:
+                raise
+            raise worker_lost(e, what, cluster) from e
 
     def _start(self, backend: Any, controller: CABSController, num_examples: int | None, seed: int,
                **options: Any) -> None:
@@ -128,7 +211,8 @@ class Trainer(abc.ABC):
         if batch is None and self.data is None:
             raise ValueError("pass a batch to step(), or give the trainer its data")
         self._sync()
-        self.run_state, self.model, info = self.loop.step(self.run_state, self.model, self.data, batch=batch)
+        with self._collective(f"step {self.run_state.controller.step + 1}"):
+            self.run_state, self.model, info = self.loop.step(self.run_state, self.model, self.data, batch=batch)
         return info
 
     def run(self, steps: int, callback: Callable[[int, StepInfo], None] | None = None) -> list[StepInfo]:
@@ -161,7 +245,8 @@ class Trainer(abc.ABC):
         nothing with one process or ``check_every=0``)."""
         if self.loop.check_every and self.backend.processes > 1:
             self._sync()
-            self.loop.check_sync(self.run_state)
+            with self._collective(f"the agreement check at step {self.run_state.controller.step}"):
+                self.loop.check_sync(self.run_state)
 
     def _extra(self) -> dict[str, Any]:
         """Informative entries of the envelope (a data-parallel trainer adds its size)."""
@@ -207,4 +292,4 @@ class Trainer(abc.ABC):
         self._loaded(run, extra)
 
 
-__all__ = ["BackendDefaults", "DecisionSampler", "Trainer"]
+__all__ = ["BackendDefaults", "DecisionBatches", "DecisionSampler", "Trainer", "history", "num_rows", "take_rows"]

@@ -15,8 +15,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cabs_core import BatchStats, CABSController, agree_on_path, shard_buckets
+from cabs_core import BatchStats, CABSController, shard_buckets
 from cabs_core.loop import CHECK_EVERY, MicroBatch
+from cabs_core.workers import agreed_path, process_shards
 
 from .dispatch import Method
 from .stats import LossFn, PyTree
@@ -46,11 +47,7 @@ class _MeshBackend(_Backend):
     def __init__(self, trainer: DataParallelCABSTrainer) -> None:
         super().__init__(trainer)
         mesh, self.processes, self.process_index = trainer.mesh, jax.process_count(), jax.process_index()
-        owners = [d.process_index for d in mesh.devices.flat]
-        self.shards = owners.count(self.process_index)
-        if owners != [p for p in range(self.processes) for _ in range(self.shards)]:
-            raise ValueError(f"the mesh must hold the same number of devices of every process, grouped in process "
-                             f"order (the loop's shard layout); its devices belong to processes {owners}")
+        self.shards = process_shards([d.process_index for d in mesh.devices.flat], self.processes, self.process_index)
         self.axis = mesh.axis_names[0]
         self.sharding, self.agreed = NamedSharding(mesh, P(self.axis)), {}  # per-device size -> agreed path
 
@@ -67,13 +64,9 @@ class _MeshBackend(_Backend):
     def statistics(self, model: Any, batch: PyTree, micro: MicroBatch, *, verify: bool) -> BatchStats:
         local = jax.tree.map(lambda a: a.addressable_data(0), model[0])
         first = jax.tree.map(lambda a: a[: micro.size], batch)  # one device's shard: the compiled signature
-        if self.processes == 1:
-            path = self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify)
-        elif verify or micro.size not in self.agreed:  # every process probes its own shard: one verdict for all
-            path = self.agreed[micro.size] = agree_on_path(  # type: ignore[assignment]
-                lambda: self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify), self.gather)
-        else:
-            path = self.agreed[micro.size]
+        path = agreed_path(self.agreed, micro.size,  # every process probes its own shard: one verdict for all
+                           lambda: self.t.stats.path(local, first, micro.mask[: micro.size], reprobe=verify),
+                           self.gather, processes=self.processes, verify=verify)
         n = self.processes * self.shards * micro.size
 
         def glob(a: np.ndarray) -> jax.Array:

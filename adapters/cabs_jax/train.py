@@ -1,9 +1,6 @@
-"""CABS training in JAX: a small :class:`cabs_core.loop.Backend` behind :class:`CABSTrainer`.
-
-The loop does the step; the backend computes the statistics of a padded batch (compiled once per
-bucket) and the update (compiled apart, applied only to the steps the controller accepted), on the
-model ``(params, opt_state)``.
-"""
+"""CABS training in JAX: :class:`CABSTrainer` runs the core's step (:class:`cabs_core.loop.CABSLoop`) on the
+model ``(params, opt_state)`` through a small backend: the statistics of a padded batch (compiled once per
+bucket) and the update (compiled apart, applied only to the steps the controller accepted)."""
 
 from __future__ import annotations
 

@@ -14,18 +14,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cabs_core import CABSController, SamplerState, ScalarStats, StepInfo, next_batch
+from cabs_core import CABSController, ScalarStats, StepInfo
 from cabs_core.exactness import VERIFY_EVERY, agree_on_path
-from cabs_core.loop import MicroBatch, check_arrays, check_learning_rate, plan_batch
-from cabs_core.trainer import BackendDefaults, Trainer
+from cabs_core.loop import MicroBatch, check_arrays, check_learning_rate
+from cabs_core.trainer import BackendDefaults, Trainer, history, num_rows, take_rows
+from cabs_core.trainer import DecisionBatches as _Batches
 
 from .stats import Method, PerExampleStats
 
 SUM = tf.distribute.ReduceOp.SUM
-
-
-def _take(data: Any, rows: np.ndarray) -> Any:
-    return tf.nest.map_structure(lambda a: np.take(np.asarray(a), rows, axis=0), data)
 
 
 def _tf_variable(v: Any) -> Any:
@@ -38,19 +35,13 @@ def _rate(optimizer: keras.optimizers.Optimizer) -> float:
     return float(tf.convert_to_tensor(_tf_variable(optimizer.learning_rate)))
 
 
-class DecisionBatches:
-    """Batches ``(x, y, mask)`` whose size follows the decisions, for your own loop or ``tf.data``:
-    the sampler's next ``batch_size`` examples padded to ``buckets`` (padding: mask 0)."""
+class DecisionBatches(_Batches):
+    """:class:`cabs_core.trainer.DecisionBatches` of ``(x, y, mask)``, also as a ``tf.data.Dataset``."""
 
     def __init__(self, x: Any, y: Any, *, buckets: Sequence[int] | None = None, seed: int = 0,
                  mask_dtype: str = "float32") -> None:
-        self.x, self.y, self.buckets, self.mask_dtype = x, y, buckets, mask_dtype
-        self.sampler = SamplerState(KerasBackend.num_examples((x, y)), seed)
-
-    def next(self, batch_size: int) -> tuple[Any, Any, np.ndarray]:
-        idx, self.sampler = next_batch(self.sampler, batch_size)
-        (mb,) = plan_batch(idx, buckets=self.buckets)
-        return _take(self.x, mb.rows), _take(self.y, mb.rows), mb.mask.astype(self.mask_dtype)
+        super().__init__((x, y), buckets=buckets, seed=seed, mask_dtype=mask_dtype)
+        self.x, self.y = x, y
 
     def dataset(self, batch_size: Callable[[], int]) -> tf.data.Dataset:
         """An endless ``tf.data.Dataset`` of :meth:`next` ``(batch_size())`` (e.g. ``lambda:
@@ -89,14 +80,7 @@ class KerasBackend(BackendDefaults):
         self._gather_fn = tf.function(lambda local: strategy.run(  # identity: placed on the device (MWMS does not)
             lambda v: tf.distribute.get_replica_context().all_gather(tf.identity(v), axis=0), args=(local,)))
 
-    take = staticmethod(_take)
-
-    @staticmethod
-    def num_examples(source: Any) -> int:
-        sizes = {len(a) for a in tf.nest.flatten(source)}
-        if len(sizes) != 1:
-            raise ValueError(f"x and y must have the same number of examples, got sizes {sorted(sizes)}")
-        return sizes.pop()
+    take, num_examples = staticmethod(take_rows), staticmethod(num_rows)
 
     @staticmethod
     def _sums(grads: list[tf.Tensor], first3: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
@@ -196,7 +180,7 @@ class CABSTrainer(Trainer):
         """One CABS step on the decided number of examples (or on ``batch = (x, y[, mask])``,
         its rows with mask != 0); returns what the controller decided."""
         if batch is not None and len(batch) == 3:
-            batch = _take(batch[:2], np.flatnonzero(np.asarray(batch[2]) != 0))
+            batch = take_rows(batch[:2], np.flatnonzero(np.asarray(batch[2]) != 0))
         return self._step(batch)
 
     def _variables(self) -> list[Any]:
@@ -217,13 +201,4 @@ def fit(model: keras.Model, x: Any, y: Any, *, loss_fn: Callable[..., tf.Tensor]
         steps: int, verbose: bool = False, **kw: Any) -> dict[str, list[float]]:
     """``model.fit``-like: ``steps`` CABS steps (``kw``: :class:`CABSTrainer`'s options); returns
     ``{"loss", "batch_size", "epoch"}`` per step. ``loss_fn`` returns per-example losses."""
-    tr, history = CABSTrainer(model, loss_fn, controller, (x, y), **kw), {"loss": [], "batch_size": [], "epoch": []}
-
-    def log(k: int, info: StepInfo) -> None:
-        for key, v in zip(history, (float("nan") if info.loss is None else info.loss, info.batch_size, tr.epoch)):
-            history[key].append(v)
-        if verbose:
-            print(f"step {k + 1}: loss {info.loss} next batch {info.batch_size} epoch {tr.epoch:.3f}")
-
-    tr.run(steps, log)
-    return history
+    return history(CABSTrainer(model, loss_fn, controller, (x, y), **kw), steps, verbose)

@@ -1,9 +1,6 @@
-"""Data-parallel CABS on ``torch.distributed`` (gloo on CPU, NCCL on GPUs): the core's
-step with one process per rank (:class:`TorchBackend` all-reduces the sums and
-gathers the digests). DDP's gradient all-reduce is not used (the statistics never
-call ``backward``); a ``DistributedDataParallel`` model is unwrapped. See
-docs/distributed/torch.md.
-"""
+"""Data-parallel CABS on ``torch.distributed`` (gloo on CPU, NCCL on GPUs; docs/distributed/torch.md): one
+process per rank, :class:`TorchBackend` all-reduces the sums and gathers the digests. DDP's gradient all-reduce
+is not used (the statistics never call ``backward``); a ``DistributedDataParallel`` model is unwrapped."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Training with CABS in PyTorch: :class:`CABSTrainer` runs the core's step
-(:class:`cabs_core.loop.CABSLoop`) through :class:`TorchBackend`, which supplies
-only what torch must do: exact statistics (:class:`PerExampleStats`), the update
-(plain SGD or any ``torch.optim.Optimizer`` fed the mean gradient) and the
-model's arrays for checkpoints; the rest of the trainer is :class:`cabs_core.trainer.Trainer`.
-:class:`CABSBatchSampler` feeds a ``DataLoader`` batches of the decided sizes.
-"""
+"""Training with CABS in PyTorch: :class:`CABSTrainer`, the core's trainer (:class:`cabs_core.trainer.Trainer`)
+on :class:`TorchBackend`, torch's part of the step, and :class:`CABSBatchSampler` for a ``DataLoader``."""
 
 from __future__ import annotations
 
@@ -21,7 +16,7 @@ from torch.utils.data import Sampler
 
 from cabs_core import BatchStats, CABSController, ScalarStats, StepInfo, reduce_stats
 from cabs_core.exactness import VERIFY_EVERY
-from cabs_core.loop import MicroBatch, check_arrays, check_learning_rate
+from cabs_core.loop import MicroBatch, check_arrays, check_learning_rate, join_arrays, one_rate, split_arrays
 from cabs_core.trainer import BackendDefaults, DecisionSampler, Trainer
 
 from .groups import MicroBatchStats
@@ -35,14 +30,6 @@ class CABSBatchSampler(DecisionSampler, Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         return (idx.tolist() for idx in super().__iter__())
-
-
-def _one_lr(optimizer: torch.optim.Optimizer) -> float:
-    rates = {float(g["lr"]) for g in optimizer.param_groups}
-    if len(rates) != 1:
-        raise ValueError(f"every parameter group of the optimizer must have the same lr (CABS couples the batch "
-                         f"size to one rate), got {sorted(rates)}")
-    return rates.pop()
 
 
 class TorchBackend(BackendDefaults):
@@ -90,7 +77,8 @@ class TorchBackend(BackendDefaults):
         return stats
 
     def scalars(self, model: nn.Module, stats: BatchStats) -> tuple[ScalarStats, float | None]:
-        return reduce_stats(stats), None if self.optimizer is None else _one_lr(self.optimizer)
+        rate = None if self.optimizer is None else one_rate(g["lr"] for g in self.optimizer.param_groups)
+        return reduce_stats(stats), rate
 
     @torch.no_grad()
     def apply(self, model: nn.Module, stats: BatchStats, lr: float) -> nn.Module:
@@ -152,7 +140,7 @@ class CABSTrainer(Trainer):
                     buckets=buckets, max_micro_batch=max_micro_batch, check_every=self._check_every,
                     verify_every=verify_every)
         if optimizer is not None:
-            check_learning_rate(controller, _one_lr(optimizer))
+            check_learning_rate(controller, one_rate(g["lr"] for g in optimizer.param_groups))
             owned = {id(p) for p in model.parameters()}
             if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
                 raise ValueError("the optimizer holds parameters that are not the model's")
@@ -174,16 +162,10 @@ class CABSTrainer(Trainer):
         return self.last_info
 
     def _arrays(self) -> tuple[list[Any], dict[str, Any]]:
-        """The model's parameters and buffers, then the optimizer's tensors (its state dict,
-        each tensor replaced by its array's number, is an entry of the envelope)."""
-        arrays, opt = list(self.model.state_dict().values()), None
-        if self.optimizer is not None:
-            sd, n = self.optimizer.state_dict(), len(arrays)
-            opt = {"param_groups": sd["param_groups"], "state": {i: {} for i in sd["state"]}}
-            for i, entries in sd["state"].items():
-                for key, v in entries.items():
-                    opt["state"][i][key] = {"array": len(arrays) - n} if isinstance(v, Tensor) else v
-                    arrays += [v] if isinstance(v, Tensor) else []
+        """The model's parameters and buffers, then the optimizer's tensors (its state dict, each tensor
+        replaced by its number, :func:`cabs_core.loop.split_arrays`, is an entry of the envelope)."""
+        opt, extra = split_arrays(None if self.optimizer is None else self.optimizer.state_dict(), torch.is_tensor)
+        arrays = [*self.model.state_dict().values(), *extra]
         return [t.detach().cpu().float() if t.dtype == torch.bfloat16 else t.detach().cpu() for t in arrays], \
             {"optimizer": opt}
 
@@ -197,6 +179,5 @@ class CABSTrainer(Trainer):
             for t, a in zip(tensors, arrays):
                 t.copy_(torch.from_numpy(a))
         if opt is not None:
-            state = {int(i): {k: torch.from_numpy(arrays[len(tensors) + v["array"]]) if isinstance(v, dict) else v
-                              for k, v in e.items()} for i, e in opt["state"].items()}
-            self.optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
+            opt = join_arrays(opt, [torch.from_numpy(a) for a in arrays[len(tensors):]])
+            self.optimizer.load_state_dict({**opt, "state": {int(i): e for i, e in opt["state"].items()}})
