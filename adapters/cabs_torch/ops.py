@@ -131,10 +131,11 @@ def register_rule(target: type[nn.Module] | Callable[..., Any], rule: Rule, *,
 
 # ----------------------------------------------------------------------------- the mode
 
-_ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
-_SUB = {torch.sub, Tensor.sub, Tensor.__sub__}
+_INPLACE = {Tensor.__iadd__, Tensor.add_, Tensor.__isub__, Tensor.sub_, Tensor.__imul__, Tensor.mul_}
+_ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_}
+_SUB = {torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__isub__, Tensor.sub_}
 _RSUB = {Tensor.__rsub__}
-_MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
+_MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, Tensor.mul_}
 _CAT = {torch.cat, torch.concat}
 _EXPAND = {Tensor.expand, Tensor.expand_as, torch.broadcast_to}
 _MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm}
@@ -270,8 +271,8 @@ class ParamUses(TorchFunctionMode):
         self.skip: set[int] = set()
         self.hints: list[tuple[int, int]] = []
         self._free: dict[int, tuple[weakref.ref[Tensor], frozenset[int]]] = {}
-        self._expanded: dict[int, Tensor] = {}
-        self._lookups: dict[int, FreeLookup] = {}
+        self._expanded: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # expanded tensor -> its source
+        self._lookups: dict[int, tuple[weakref.ref[Tensor], FreeLookup]] = {}  # lookup output -> the lookup
         self._params: dict[int, Tensor] = {}
         self.sites: dict[Any, Any] = {}
 
@@ -325,10 +326,10 @@ class ParamUses(TorchFunctionMode):
         return self._use(func, args, kwargs)
 
     def _free_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], deps: frozenset[int]) -> Any:
-        if func is F.embedding and args and id(args[0]) in self._expanded:
+        src = self.expanded_source(args[0]) if func is F.embedding and args else None
+        if src is not None:
             # a lookup of expanded ids (BERT's token types from a (1, T) buffer) as the expansion of the
             # lookup: the same values, and the broadcast then reaches the table through the (1, T) lookup
-            src = self._expanded[id(args[0])]
             small = self._free_call(func, (src, *args[1:]), kwargs, deps)
             out = self._free_call(Tensor.expand, (small, (*args[0].shape, small.shape[-1])), {}, deps)
             return out
@@ -336,13 +337,19 @@ class ParamUses(TorchFunctionMode):
         self._mark(out, deps)
         if func in _EXPAND and isinstance(out, Tensor):
             src = args[0]
-            self._expanded[id(out)] = self._expanded.get(id(src), src)
+            self._expanded[id(out)] = (weakref.ref(out), self.expanded_source(src) or src)
         if func is F.embedding and isinstance(out, Tensor) and len(deps) == 1:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             if id(weight) in self.tracked and not _embedding_options(args, kwargs)[1]:
                 ids = args[0] if args else kwargs["input"]
-                self._lookups[id(out)] = FreeLookup(ids, weight, _embedding_options(args, kwargs)[0])
+                self._lookups[id(out)] = (weakref.ref(out), FreeLookup(ids, weight,
+                                                                       _embedding_options(args, kwargs)[0]))
         return out
+
+    def expanded_source(self, t: Tensor) -> Tensor | None:
+        """The tensor ``t`` was expanded from (before any expansion), or None."""
+        e = self._expanded.get(id(t))
+        return e[1] if e is not None and e[0]() is t else None
 
     def _names(self, tensors: list[Tensor]) -> str:
         ids = set().union(*(self.deps(t) or frozenset() for t in tensors))
@@ -505,13 +512,15 @@ class ParamUses(TorchFunctionMode):
 
     def _source(self, t: Tensor) -> tuple[Tensor, frozenset[int]]:
         """The example-free tensor behind ``t`` before any expansion, and its parameters."""
-        src = self._expanded.get(id(t), t)
+        src = self.expanded_source(t)
+        src = t if src is None else src
         return src, self.deps(src) or frozenset()
 
     def _broadcast_site(self, key: tuple[Any, ...], kind: str, t: Tensor, **kw: Any) -> BroadcastSite:
         src, deps = self._source(t)
         params = [self._params[i] for i in sorted(deps, key=lambda i: self.tracked[i])]
-        lookup = self._lookups.get(id(src))
+        entry = self._lookups.get(id(src))
+        lookup = entry[1] if entry is not None and entry[0]() is src else None
         site = self.sites.get(key)
         if site is None or site.source is not src:  # a new source tensor each forward pass
             names = [self.tracked[id(p)] for p in params]
@@ -528,7 +537,11 @@ class ParamUses(TorchFunctionMode):
             return self._refuse(func, _tensors(args, kwargs))
         u, v = args
         free_first = self.is_free(u)
+        if free_first and func in _INPLACE:  # an example-free tensor changed in place by the examples
+            return self._refuse(func, _tensors(args, kwargs))
         p, x = (u, v) if free_first else (v, u)
+        if func in _MUL and func in _INPLACE:  # the other factor before the in-place product overwrites it
+            x = x.detach().clone()
         out = func(*args, **kwargs)
         n_calls = self.sink.next_index()
         if func in _MUL:
