@@ -210,6 +210,84 @@ def test_bert_style(token_types):
     assert_fast_taken(model, x, torch.randint(0, 3, (m,)))
 
 
+class SeparateProjections(nn.Module):
+    """Hugging Face BERT's self-attention: separate query/key/value nn.Linear layers with biases.
+    The key bias's gradient is zero up to rounding (softmax ignores a shift shared by all keys)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.query, self.key, self.value = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        b, t, _ = h.shape
+        q, k, v = (lin(h).view(b, t, HEADS, D // HEADS).transpose(1, 2) for lin in (self.query, self.key, self.value))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, D)
+        return self.head(a.mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_key_bias_that_cancels_stays_on_the_fast_path(dtype):
+    """The accounting check compares a gradient that cancels to about zero with the size of
+    its terms (before issue 20 the key bias's rounding noise made BERT fall back)."""
+    torch.manual_seed(10)
+    model = SeparateProjections().to(dtype)
+    ids, y = torch.randint(0, VOCAB, (6, 5)), torch.randint(0, 3, (6,))
+    if dtype == torch.float64:
+        assert_fast_taken(model, ids, y)
+        return
+    engine = PerExampleStats(model, ce, method="fast")
+    stats = engine(ids, y)
+    assert [v.ok for v in engine.plan().verdicts.values()] == [True]
+    ref = brute_force(model.double(), ce, ids, y)
+    assert float(stats.sq_norm_sum) == pytest.approx(ref["sq_norm_sum"], rel=1e-4)
+
+
+class TimeMajorPositions(nn.Module):
+    """A learned (T, 1, d) position table added to a time-major (T, m, d) tensor: a broadcast whose
+    output does not have the examples on axis 0, which the broadcast rule does not cover."""
+
+    def __init__(self, t: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, D)
+        self.pos = nn.Parameter(torch.randn(t, 1, D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.inp(x).transpose(0, 1) + self.pos
+        return self.head(torch.tanh(h).mean(0))
+
+
+class WhereGate(nn.Module):
+    """torch.where(mask, x, P): an op without a rule where a parameter meets the examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, D)
+        self.fill = nn.Parameter(torch.randn(D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(torch.where(h > 0, h, self.fill).mean(1))
+
+
+@pytest.mark.parametrize(("model", "name"), [(TimeMajorPositions(4), "pos"), (WhereGate(), "fill")])
+def test_uses_without_a_rule_step_aside(model, name):
+    torch.manual_seed(11)
+    model = model.double()
+    x, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(UnsupportedModelError, match=name):
+        PerExampleStats(model, ce, method="fast")(x, y)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        stats = PerExampleStats(model, ce, method="auto")(x, y)
+    assert len([w for w in seen if issubclass(w.category, FastPathFallbackWarning)]) == 1
+    assert_stats_match(stats, brute_force(model, ce, x, y))
+
+
 # ----------------------------------------------------------------------------- torch.nn transformer layers
 
 
