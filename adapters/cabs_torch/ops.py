@@ -594,8 +594,10 @@ def fold_spec(shape: tuple[int, ...], k: int, hints: list[tuple[int, int]], fold
     inputs, so an axis of length k is the examples'; a folded axis (outer * k *
     inner, e.g. (m * T, p) before a Linear) is taken as example-major unless a
     hint says otherwise; the probe's S and accounting checks verify the choice."""
+    if shape and shape[0] == k:  # the leading axis, as before issue 20 (an inner axis may equal k)
+        return (0, 1, 1)
     if min_trailing < 0:  # the rule needs the examples on axis 0, unfolded
-        return (0, 1, 1) if shape and shape[0] == k and k not in shape[1:] else None
+        return None
     last = len(shape) - min_trailing
     axes = [j for j in range(min(last, len(shape))) if shape[j] == k]
     if len(axes) == 1:

@@ -811,7 +811,11 @@ class PerExampleStats:
         owners: list[tuple[_Record, int, _ViewOf | None, tuple[int, int, int]]] = []
         structure: list[_Call] = []
         used: dict[_Record, None] = {}  # operation-level use sites of this pass, in order
-        mode = ParamUses(plan.tracked, plan.constants, None) if plan.ops else None
+        # the operation-level capture runs in probes, and between probes where the probed calls had
+        # operation-level uses or example-free inputs; a model of module layers only runs without it
+        # (a functional use added later by control flow is then caught by the next probe, as before)
+        needed = probe or any(c[0].index < 0 or (len(c) == 2 and c[1] == "free") for st in expected for c in st)
+        mode = ParamUses(plan.tracked, plan.constants, None) if plan.ops and needed else None
 
         def spec_of(rec: _Record, a: Tensor, out: Tensor, min_trailing: int, folds: bool) -> tuple[int, int, int]:
             pos = len(structure)
