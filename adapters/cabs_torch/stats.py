@@ -221,6 +221,7 @@ class _Record:
     rank_one: bool = False  # an nn.Linear: on (m, p) inputs, the rank-one formula applies
     tied: bool = False  # shares a parameter with another layer: reduced with its tie group after backward
     dyn: bool = False  # this pass: shares a parameter with an operation-level use, reduced with them
+    pids: tuple[int, ...] = ()  # ids of the module's own parameters (a module layer)
     inputs: list[Tensor] = field(default_factory=list)
     grads: dict[int, Tensor] = field(default_factory=dict)
     totals: list[Tensor] = field(default_factory=list)
@@ -572,7 +573,8 @@ class PerExampleStats:
                     own = [(n, p) for n, p in mod.named_parameters(recurse=False, remove_duplicate=False)
                            if p.requires_grad]
                     if rule is not None and own:
-                        rec = records[mod] = _Record(name, rule, mod, len(records), rank_one=type(mod) is nn.Linear)
+                        rec = records[mod] = _Record(name, rule, mod, len(records), rank_one=type(mod) is nn.Linear,
+                                                     pids=tuple(id(p) for p in mod.parameters(recurse=False)))
                         for n, p in own:
                             owned.setdefault(id(p), []).append((rec, n))
             bns: list[tuple[str, nn.Module]] = [
@@ -911,14 +913,14 @@ class PerExampleStats:
                 return
             a = args[0] if args else next(iter(kwargs.values()), None)
             if isinstance(a, Tensor) and not mode.is_free(a):
-                mode.skip.update(id(p) for p in mod.parameters(recurse=False))
+                mode.skip.update(records[mod].pids)
 
         def forward_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             rec = records[mod]
             rec.called = True
             a = args[0] if args else next(iter(kwargs.values()))
             if mode is not None:
-                mode.skip.difference_update(id(p) for p in mod.parameters(recurse=False))
+                mode.skip.difference_update(rec.pids)
                 if isinstance(a, Tensor) and mode.is_free(a):  # positions: seen where they meet the examples
                     structure.append((rec, "free"))
                     return
@@ -996,8 +998,8 @@ class PerExampleStats:
             return None
         ids = {id(p) for rec in used for p, _ in _site_params(rec.mod)}
         members = list(used)
-        for mod, rec in plan.records.items():
-            if any(id(p) in ids for p in mod.parameters(recurse=False)):
+        for rec in plan.records.values():
+            if any(i in ids for i in rec.pids):
                 members.append(rec)
         for tie in plan.tie_groups:
             if any(r in members for r in tie.records):
