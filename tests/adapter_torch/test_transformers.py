@@ -110,14 +110,6 @@ def test_nanogpt(positions, m, t):
     assert_fast_taken(model, idx, torch.roll(idx, -1, 1), loss=token_loss)
 
 
-def test_nanogpt_with_padding_weights():
-    torch.manual_seed(1)
-    model = NanoGPT("arange").double()
-    idx = torch.randint(0, VOCAB, (7, 4))
-    mask = torch.tensor([1, 1, 0, 1, 1, 0, 1], dtype=torch.float64)
-    assert_fast_taken(model, idx, torch.roll(idx, -1, 1), loss=token_loss, mask=mask)
-
-
 # ----------------------------------------------------------------------------- Hugging Face GPT-2 style
 
 
@@ -167,6 +159,14 @@ def test_hf_style_gpt2_conv1d(m, t):
     model = HFStyleGPT2().double()
     idx = torch.randint(0, VOCAB, (m, t))
     assert_fast_taken(model, idx, torch.roll(idx, -1, 1), loss=token_loss)
+
+
+def test_gpt_with_padding_weights():
+    torch.manual_seed(1)
+    model = HFStyleGPT2().double()
+    idx = torch.randint(0, VOCAB, (7, 4))
+    mask = torch.tensor([1, 1, 0, 1, 1, 0, 1], dtype=torch.float64)
+    assert_fast_taken(model, idx, torch.roll(idx, -1, 1), loss=token_loss, mask=mask)
 
 
 # ----------------------------------------------------------------------------- BERT style
