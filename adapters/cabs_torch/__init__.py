@@ -21,6 +21,7 @@ The errors are the core's (:mod:`cabs_core`). See ``docs/torch.md``.
 from .distributed import DataParallelCABSTrainer
 from .groups import MicroBatchStats
 from .layers import RULES
+from .ops import register_rule
 from .stats import (
     BatchNormTrainingError,
     FastPathFallbackWarning,
@@ -47,6 +48,7 @@ __all__ = [
     "UnsupportedModelError",
     "check_batch_norm",
     "per_example_stats",
+    "register_rule",
     "resolve_method",
     "trainable_parameters",
     "unsupported_reasons",

@@ -61,12 +61,14 @@ from cabs_core.exactness import (
 
 from .compiled import CompiledFastStats
 from .layers import (
+    RULES,
     Piece,
     Rule,
     piece_grad_sum,
     rule_for,
     tied_sq_norm_sum,
 )
+from .ops import BroadcastSite, OpSite, ParamUses, fold_spec, masked, to_examples
 from .sums import (
     FAST_CHUNK_ELEMENTS,
     LossFn,
@@ -80,6 +82,7 @@ from .sums import (
     functional_state,
     layer_sq_norm_sums,
     tied_layers_sq_norm_sums,
+    uses_sq_norm_sums,
 )
 
 Method = Literal["auto", "fast", "generic"]
@@ -119,31 +122,43 @@ def check_batch_norm(model: nn.Module) -> None:
             )
 
 
-def unsupported_reasons(model: nn.Module) -> list[str]:
+def unsupported_reasons(model: nn.Module, ops: bool = True) -> list[str]:
     """Why the fast path cannot handle ``model`` at all (empty when it may: then
-    the probe decides, per input signature, whether it does)."""
+    the probe decides, per input signature, whether it does).
+
+    ops: the operation-level capture (:mod:`.ops`) is on (the eager fast path),
+    so a module without a module rule is no reason: its parameters' uses are seen
+    op by op, and an op without a rule stops the probe. Recurrent layers
+    (``nn.RNNBase``) without a rule are refused here. ``ops=False`` (the compiled
+    path): every module with parameters needs a module rule."""
     reasons = []
     for mname, mod in model.named_modules():
         own = [(n, p) for n, p in mod.named_parameters(recurse=False, remove_duplicate=False) if p.requires_grad]
         if not own:
             continue
         label = f"{mname or '<root>'} ({type(mod).__name__})"
-        if rule_for(mod) is None:
-            reasons.append(f"{label} has parameters and no fast rule")
-        elif {n for n, _ in own} - {"weight", "bias"}:
+        rule = rule_for(mod)
+        if rule is None:
+            if not ops or isinstance(mod, nn.RNNBase) or type(mod) in RULES:
+                reasons.append(f"{label} has parameters and no fast rule")
+        elif {n for n, _ in own} - {"weight", "bias"} and RULES.get(type(mod)) in _BUILTIN_RULES:
             reasons.append(f"{label} has parameters other than weight and bias")
     # parameters shared between supported modules (tied embeddings) are supported: the
     # per-example gradient sums the uses' terms, cross terms included (layers.tied_sq_norm_sum)
     return sorted(set(reasons))
 
 
-def resolve_method(model: nn.Module, method: Method) -> Literal["fast", "generic"]:
-    """The method ``auto`` / ``fast`` / ``generic`` stands for on ``model``."""
+#: the rules cabs_torch ships (a registered rule may own parameters of any name)
+_BUILTIN_RULES = frozenset(RULES.values())
+
+
+def resolve_method(model: nn.Module, method: Method, ops: bool = True) -> Literal["fast", "generic"]:
+    """The method ``auto`` / ``fast`` / ``generic`` stands for on ``model`` (``ops``: :func:`unsupported_reasons`)."""
     if method not in ("auto", "fast", "generic"):
         raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
     if method == "generic":
         return "generic"
-    reasons = unsupported_reasons(model)
+    reasons = unsupported_reasons(model, ops)
     if not reasons:
         return "fast"
     if method == "fast":
@@ -205,6 +220,8 @@ class _Record:
     index: int  # position in the plan's records (capture structure)
     rank_one: bool = False  # an nn.Linear: on (m, p) inputs, the rank-one formula applies
     tied: bool = False  # shares a parameter with another layer: reduced with its tie group after backward
+    dyn: bool = False  # this pass: shares a parameter with an operation-level use, reduced with them
+    pids: tuple[int, ...] = ()  # ids of the module's own parameters (a module layer)
     inputs: list[Tensor] = field(default_factory=list)
     grads: dict[int, Tensor] = field(default_factory=dict)
     totals: list[Tensor] = field(default_factory=list)
@@ -218,7 +235,7 @@ class _Record:
         self.grads.clear()
         self.totals.clear()
         self.kept.clear()
-        self.called = self.deferred = self.keep = False
+        self.called = self.deferred = self.keep = self.dyn = False
 
     def calls(self) -> list[tuple[Tensor, Tensor]]:
         """(input, output gradient) of the calls whose output reached the loss."""
@@ -433,11 +450,8 @@ class _Verdict:
             self._by_m.clear()
 
     def expected(self, m: int) -> list[tuple[_Call, ...]]:
-        """The accepted structures with the example axis m put back."""
-        if m not in self._by_m:
-            self._by_m[m] = [tuple((c[0], (m, *c[1]), (m, *c[2])) if len(c) == 3 else c for c in st)
-                             for st in self.structures]
-        return self._by_m[m]
+        """The accepted structures (their shapes hold None where the examples lie, whatever m)."""
+        return self.structures
 
 
 @dataclass
@@ -455,6 +469,11 @@ class _Plan:
     buffer_dims: set[int] = field(default_factory=set)  # the buffers' dimensions
     rtol: float = 0.0  # the checks' tolerance: the loosest of the parameters' dtypes
     verdicts: dict[Any, _Verdict] = field(default_factory=dict)
+    ops: bool = False  # the operation-level capture (.ops) runs during the forward pass
+    tracked: dict[int, str] = field(default_factory=dict)  # trainable parameters by id: their names
+    constants: set[int] = field(default_factory=set)  # ids of frozen parameters and buffers
+    op_records: dict[Any, _Record] = field(default_factory=dict)  # operation-level use sites seen so far
+    op_sites: dict[Any, Any] = field(default_factory=dict)  # their sites (.ops), by key
 
 
 def _signature(inputs: tuple[Any, ...], targets: Any, weights: Tensor | None) -> tuple[Any, ...]:
@@ -537,7 +556,7 @@ class PerExampleStats:
             params = trainable_parameters(self.model)
             if not params:
                 raise ValueError("the model has no trainable parameters")
-            how = resolve_method(self.model, self.method)
+            how = resolve_method(self.model, self.method, ops=not self.compile)
             rtol = 0.0
             if how == "fast":
                 try:  # the checks' tolerance: the loosest of the parameters' dtypes
@@ -554,7 +573,8 @@ class PerExampleStats:
                     own = [(n, p) for n, p in mod.named_parameters(recurse=False, remove_duplicate=False)
                            if p.requires_grad]
                     if rule is not None and own:
-                        rec = records[mod] = _Record(name, rule, mod, len(records), rank_one=type(mod) is nn.Linear)
+                        rec = records[mod] = _Record(name, rule, mod, len(records), rank_one=type(mod) is nn.Linear,
+                                                     pids=tuple(id(p) for p in mod.parameters(recurse=False)))
                         for n, p in own:
                             owned.setdefault(id(p), []).append((rec, n))
             bns: list[tuple[str, nn.Module]] = [
@@ -567,6 +587,10 @@ class PerExampleStats:
             plan.param_dims = {d for t in self.model.parameters() for d in t.shape}
             plan.buffer_dims = {d for t in self.model.buffers() for d in t.shape}
             plan.rtol = rtol
+            plan.ops = not self.compile
+            plan.tracked = {id(p): n for p, n in zip(params, plan.names)}
+            plan.constants = ({id(p) for p in self.model.parameters() if not p.requires_grad}
+                              | {id(b) for b in self.model.buffers()})
             plan.tie_groups = _tie_groups(params, plan.owners)
             self._plan = plan
             if self.compile and how == "fast":
@@ -631,7 +655,7 @@ class PerExampleStats:
             return None
         if plan.compiled is not None:  # the traced graph is fixed: the probe's calls are its calls
             structure = verdict.structures[0]
-            return plan.compiled(inputs, targets, weights, m, [c[2] for c in structure])
+            return plan.compiled(inputs, targets, weights, m, [tuple(c[3][1:]) for c in structure])
         for attempt in range(2):
             try:
                 return self._fast(plan, inputs, targets, weights, m, verdict.expected(m))[:4]
@@ -699,42 +723,45 @@ class PerExampleStats:
         finally:
             for mod, mode in modes:
                 mod.training = mode
-        tails = tuple((c[0], tuple(c[1][1:]), tuple(c[2][1:])) if len(c) == 3 else c for c in structure)
         verdict = plan.verdicts.setdefault(sig, _Verdict(True))
-        verdict.accept(tails)
+        verdict.accept(tuple(structure))
         return verdict
 
     @staticmethod
-    def _check_rows(plan: _Plan, structure: list[_Call], k: int) -> None:
-        """Every captured input and output has the probe batch's k rows."""
-        recs = list(plan.records.values())
-        for call in structure:
-            if len(call) == 3 and (call[1][0] != k or call[2][0] != k):
-                rec = recs[call[0]]
-                what = "input" if call[1][0] != k else "output"
-                shape = tuple(call[1] if what == "input" else call[2])
-                raise UnsupportedModelError(
-                    f"layer {rec.name!r} ({type(rec.mod).__name__}) was called on a probe batch of {k} examples "
-                    f"with an {what} of shape {shape}: its leading axis is not the examples' (a time-major "
-                    f"tensor, examples folded into the leading axis, an unsqueeze, a tensor without the "
-                    f"example axis such as a positional embedding or a buffer, or part of the batch), so the "
-                    f"fast path's per-example decomposition does not hold there. method='generic' is exact "
-                    f"for any model; method='auto' falls back to it.",
-                    layer=rec.name, reason=f"{what} of shape {shape} on a probe batch of {k} examples")
+    def _rows_error(rec: _Record, what: str, shape: tuple[int, ...], k: int) -> UnsupportedModelError:
+        """The probe could not place its k examples in a captured tensor."""
+        return UnsupportedModelError(
+            f"layer {rec.name!r} ({type(rec.mod).__name__}) was called on a probe batch of {k} examples "
+            f"with an {what} of shape {shape}: no axis of it is the examples' (examples folded into another "
+            f"axis, a tensor without the example axis such as a positional embedding or a buffer, or part of "
+            f"the batch), so the fast path's per-example decomposition does not hold there. method='generic' "
+            f"is exact for any model; method='auto' falls back to it.",
+            layer=rec.name, reason=f"{what} of shape {shape} on a probe batch of {k} examples")
 
     @staticmethod
     def _check_accounting(plan: _Plan, grads: tuple[Tensor | None, ...], kept: dict[_Record, list[Any]],
                           k: int, rtol: float) -> None:
-        """Each parameter's gradient rebuilt from its layers' captured terms equals
-        its full gradient: a difference is a use the fast path does not see."""
+        """Each parameter's gradient rebuilt from its uses' captured terms (module
+        layers, operation-level uses, broadcasts) equals its full gradient: a
+        difference is a use the fast path does not see."""
+        dyn: dict[int, list[tuple[_Record, str]]] = {}
+        for rec in kept:
+            if isinstance(rec.mod, (OpSite, BroadcastSite)):
+                for p, pname in _site_params(rec.mod):
+                    dyn.setdefault(id(p), []).append((rec, pname))
         for p, g, owners, name in zip(plan.params, grads, plan.owners, plan.names):
             shape = tuple(p.shape)
             uses: list[Piece] = []
-            for rec, pname in owners:
+            magnitude = None  # the rebuilt sum with every term's magnitude: the scale of its rounding
+            for rec, pname in [*owners, *dyn.get(id(p), [])]:
                 for a, b in kept.get(rec, []):
-                    piece = rec.rule(rec.mod, _wide(a), _wide(b)).get(pname)
+                    a, b = None if a is None else _wide(a), _wide(b)
+                    piece = rec.rule(rec.mod, a, b).get(pname)
                     if piece is not None:
                         uses.append(piece)
+                        mag = rec.rule(rec.mod, _abs(a), _abs(b)).get(pname)
+                        term = piece_grad_sum(mag, k, shape).abs()
+                        magnitude = term if magnitude is None else magnitude + term
             full = _wide(torch.zeros_like(p) if g is None else g.detach())
             rebuilt = None
             for piece in uses:
@@ -743,22 +770,27 @@ class PerExampleStats:
             full_norm = float(torch.linalg.vector_norm(full))
             if not uses and full_norm > 0 and not any(rec.called for rec, _ in owners):
                 mods = ", ".join(repr(rec.name) for rec, _ in owners)
+                seen = f"module {mods} was never called (its weight is used functionally?)" if mods else \
+                    "no use of it was seen"
                 raise UnsupportedModelError(
-                    f"parameter {name} received a gradient, but module {mods} was never called (its weight "
-                    f"is used functionally?): the fast path cannot see that use. method='generic' is exact "
-                    f"for any model; method='auto' falls back to it.",
+                    f"parameter {name} received a gradient, but {seen}: the fast path cannot see that use. "
+                    f"method='generic' is exact for any model; method='auto' falls back to it.",
                     layer=name, reason="a gradient without a call of its layer")
             s_param = float(tied_sq_norm_sum(uses, k, shape)) if uses else 0.0
             diff = float(torch.linalg.vector_norm(full if rebuilt is None else rebuilt - full))
+            # a gradient that cancels to about 0 (a key projection's bias under softmax, a saturated
+            # output) is compared with the size of the terms it sums, the scale of its rounding error
+            scale = max(accounting_scale(full_norm, k, s_param),
+                        0.0 if magnitude is None else float(torch.linalg.vector_norm(magnitude)))
             check_close(f"the gradient of {name!r} rebuilt from its layers' captured terms (a use outside "
-                        f"the layer?)", diff, accounting_scale(full_norm, k, s_param), rtol, layer=name)
+                        f"the layer?)", diff, scale, rtol, layer=name)
 
     @staticmethod
     def _check_compiled_calls(plan: _Plan, structure: list[_Call]) -> None:
-        """compile=True: the probed calls are the traced graph's (same layers, in order, all reaching the loss)."""
-        recs = list(plan.records.values())
-        eager = [recs[c[0]].name for c in structure]
-        if eager != plan.compiled.calls or any(len(c) != 3 for c in structure):
+        """compile=True: the probed calls are the traced graph's (same layers, in order, all reaching the
+        loss, the examples on axis 0)."""
+        eager = [c[0].name for c in structure]
+        if eager != plan.compiled.calls or any(len(c) != 4 or c[1] != (0, 1, 1) for c in structure):
             raise UnsupportedModelError(
                 f"compile=True: the layer calls seen in the eager probe ({eager}) differ from the traced "
                 f"graph's ({plan.compiled.calls}), or a call's output does not reach the loss: the compiled "
@@ -770,80 +802,185 @@ class PerExampleStats:
     def _fast(self, plan: _Plan, inputs: tuple[Any, ...], targets: Any, weights: Tensor | None, m: int,
               expected: list[tuple[_Call, ...]] | None, keep: bool = False,
               ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor, list[_Call], dict[_Record, list[Any]]]:
-        """One fast step. ``expected``: the accepted capture structures at m
-        (raise :class:`_StructureChanged` after the forward pass if this one's
-        differs); None: a probe of m examples, whose captures must have m rows.
-        ``keep``: also return each layer's (input, output gradient) per call."""
+        """One fast step. ``expected``: the accepted capture structures (raise
+        :class:`_StructureChanged` after the forward pass if this one's differs);
+        None: a probe of m examples, which places the examples in every captured
+        tensor (an axis of length m, or for operation-level uses a folded axis).
+        ``keep``: also return each use's (input, output gradient) per call."""
         records = plan.records
+        probe = expected is None
         deferred: list[GradientEdge] = []  # output edges of rank-one Linear calls, sent to autograd.grad
-        owners: list[tuple[_Record, int, _ViewOf | None]] = []
+        owners: list[tuple[_Record, int, _ViewOf | None, tuple[int, int, int]]] = []
         structure: list[_Call] = []
+        used: dict[_Record, None] = {}  # operation-level use sites of this pass, in order
+        # the operation-level capture runs in probes, and between probes where the probed calls had
+        # operation-level uses or example-free inputs; a model of module layers only runs without it
+        # (a functional use added later by control flow is then caught by the next probe, as before)
+        needed = probe or any(c[0].index < 0 or (len(c) == 2 and c[1] == "free") for st in expected for c in st)
+        mode = ParamUses(plan.tracked, plan.constants, None) if plan.ops and needed else None
 
-        def forward_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-            rec = records[mod]
-            rec.called = True
-            if not isinstance(out, Tensor) or not out.requires_grad:
-                structure.append((rec.index,))
-                return
-            a = (args[0] if args else next(iter(kwargs.values()))).detach()
-            structure.append((rec.index, a.shape, out.shape))
-            rec.inputs.append(a)
+        def spec_of(rec: _Record, a: Tensor, out: Tensor, min_trailing: int, folds: bool) -> tuple[int, int, int]:
+            pos = len(structure)
+            if not probe:  # where the probe found the examples for this call
+                for st in expected:
+                    if pos < len(st) and st[pos][0] is rec and len(st[pos]) == 4:
+                        return st[pos][1]
+                return (0, 1, 1)
+            hints = mode.hints if mode is not None else []
+            spec = fold_spec(tuple(a.shape), m, hints, folds, min_trailing)
+            if spec is None:
+                raise self._rows_error(rec, "input", tuple(a.shape), m)
+            if None not in masked(tuple(out.shape), spec, m):
+                raise self._rows_error(rec, "output", tuple(out.shape), m)
+            return spec
+
+        def capture(rec: _Record, a: Tensor | None, out: Tensor, spec: tuple[int, int, int],
+                    a_key: Any) -> None:
+            structure.append((rec, spec, a_key, masked(tuple(out.shape), spec, m)))
+            rec.inputs.append(None if a is None else to_examples(a.detach(), spec, m))
             k = len(rec.inputs) - 1
             node, nr, view = _output_edge(out)
-            if rec.rank_one and a.dim() == 2:  # its output gradient is small: collect it with the parameters'
-                rec.deferred = True
+            if rec.rank_one and a is not None and a.dim() == 2 and spec == (0, 1, 1):
+                rec.deferred = True  # its output gradient is small: collect it with the parameters'
                 deferred.append(GradientEdge(node, nr))
-                owners.append((rec, k, view))
+                owners.append((rec, k, view, spec))
                 return
 
             def prehook(grad_outputs: tuple[Tensor | None, ...]) -> None:
                 g = grad_outputs[nr]
                 if g is None:
                     return
-                rec.grads[k] = _view_grad(g, view)
-                if not rec.deferred and not rec.tied and len(rec.grads) == len(rec.inputs):  # all in: reduce
-                    rec.finish(mod, FAST_CHUNK_ELEMENTS)  # (backward runs without grad mode)
+                rec.grads[k] = to_examples(_view_grad(g, view), spec, m)
+                if not (rec.deferred or rec.tied or rec.dyn) and len(rec.grads) == len(rec.inputs):
+                    rec.finish(rec.mod, FAST_CHUNK_ELEMENTS)  # all in: reduce (backward runs without grad mode)
 
             node.register_prehook(prehook)
 
+        def op_record(key: Any, site: Any, rule: Rule) -> _Record:
+            rec = plan.op_records.get(key)
+            if rec is None:
+                rec = plan.op_records[key] = _Record(site.label, rule, site, -1)
+            rec.mod, rec.rule, rec.called, rec.keep = site, rule, True, keep
+            used[rec] = None
+            return rec
+
+        class Sink:
+            """Where the operation-level capture (:class:`.ops.ParamUses`) reports the uses."""
+
+            @staticmethod
+            def next_index() -> int:
+                return len(structure)
+
+            @staticmethod
+            def weight_use(key: Any, site: OpSite, rule: Rule, a: Tensor, out: Any, min_trailing: int) -> None:
+                rec = op_record(key, site, rule)
+                if not isinstance(out, Tensor) or not out.requires_grad:
+                    structure.append((rec,))
+                    return
+                spec = spec_of(rec, a, out, min_trailing, True)
+                capture(rec, a, out, spec, masked(tuple(a.shape), spec, m))
+
+            @staticmethod
+            def broadcast_use(key: Any, site: BroadcastSite, a: Tensor | None, out: Tensor) -> None:
+                from .ops import broadcast_pieces
+                rec = op_record(key, site, broadcast_pieces)
+                if not out.requires_grad:
+                    structure.append((rec,))
+                    return
+                src = tuple(site.source.shape)
+                if probe:
+                    bad = (out.dim() == 0 or out.shape[0] != m or m in src
+                           or len(src) > out.dim() or (len(src) == out.dim() and src[0] != 1)
+                           or (a is not None and (a.dim() != out.dim() or a.shape[0] != m)))
+                    if bad:
+                        shape = tuple(out.shape) if a is None else tuple(a.shape)
+                        raise self._rows_error(rec, "output" if a is None else "input", shape, m)
+                a_key = (site.kind, src, None if a is None else masked(tuple(a.shape), (0, 1, 1), m))
+                capture(rec, a, out, (0, 1, 1), a_key)
+
+            @staticmethod
+            def unattributed(message: str, name: str) -> None:
+                if probe:
+                    raise UnsupportedModelError(message, layer=name, reason=message)
+                raise _StructureChanged(message, name)
+
+        if mode is not None:
+            mode.sink = Sink()
+            mode.sites = plan.op_sites
+
+        def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if mode is None:
+                return
+            a = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(a, Tensor) and not mode.is_free(a):
+                mode.skip.update(records[mod].pids)
+
+        def forward_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            rec = records[mod]
+            rec.called = True
+            a = args[0] if args else next(iter(kwargs.values()))
+            if mode is not None:
+                mode.skip.difference_update(rec.pids)
+                if isinstance(a, Tensor) and mode.is_free(a):  # positions: seen where they meet the examples
+                    structure.append((rec, "free"))
+                    return
+            if not isinstance(out, Tensor) or not out.requires_grad:
+                structure.append((rec,))
+                return
+            spec = spec_of(rec, a, out, _trailing_axes(mod), False)
+            capture(rec, a, out, spec, masked(tuple(a.shape), spec, m))
+
         params = plan.params
         handles = [mod.register_forward_hook(forward_hook, with_kwargs=True) for mod in records]
+        handles += [mod.register_forward_pre_hook(pre_hook, with_kwargs=True) for mod in records]
         for rec in records.values():
             rec.keep = keep
         kept: dict[_Record, list[Any]] = {}
         try:
-            out = self.model(*inputs)
-            if expected is None:
-                self._check_rows(plan, structure, m)
-            elif tuple(structure) not in expected:
-                raise _StructureChanged(*self._first_difference(plan, structure, expected[0]))
+            if mode is not None:
+                with mode:
+                    out = self.model(*inputs)
+                mode.clear()
+            else:
+                out = self.model(*inputs)
+            if not probe and tuple(structure) not in expected:
+                raise _StructureChanged(*self._first_difference(structure, expected[0]))
+            group = self._dynamic_group(plan, list(used))
             losses = self.loss_fn(out, targets)
             _check_losses(losses, m)
             weighted = losses if weights is None else losses * weights.to(losses.dtype)
             device = params[0].device
             dtype = _stat_dtype(device)
             count, loss_sum = _count_and_loss(losses.detach(), weights, dtype)
-            grads = torch.autograd.grad(weighted.sum(), [*params, *deferred], allow_unused=True)
+            retain = any(isinstance(r.mod, BroadcastSite) and r.mod.lookup is None
+                         and not (len(r.mod.deps) == 1 and r.mod.deps[0] is r.mod.source) for r in used)
+            grads = torch.autograd.grad(weighted.sum(), [*params, *deferred], allow_unused=True,
+                                        retain_graph=retain)
             totals: list[Tensor] = []
             with torch.no_grad():
-                for (rec, k, view), g in zip(owners, grads[len(params):]):
+                for (rec, k, view, spec), g in zip(owners, grads[len(params):]):
                     if g is not None:
-                        rec.grads[k] = _view_grad(g, view)
+                        rec.grads[k] = to_examples(_view_grad(g, view), spec, m)
                 for mod, rec in records.items():
-                    if rec.grads and not rec.tied:  # deferred, or a layer used several times with some unused
+                    if rec.grads and not rec.tied and not rec.dyn:  # deferred, or a layer used several times
                         rec.finish(mod, FAST_CHUNK_ELEMENTS)
-                for group in plan.tie_groups:
-                    totals.extend(group.finish(FAST_CHUNK_ELEMENTS))
+                for tie in plan.tie_groups:
+                    if not any(r.dyn for r in tie.records):
+                        totals.extend(tie.finish(FAST_CHUNK_ELEMENTS))
+            if group is not None:  # the batched VJPs of broadcast sources need grad mode
+                totals.extend(self._finish_group(*group, keep))
             grads = grads[: len(params)]
-            for rec in records.values():
+            for rec in [*records.values(), *used]:
                 totals.extend(rec.totals)
                 if keep:
                     kept[rec] = list(rec.kept)
         finally:
             for h in handles:
                 h.remove()
-            for rec in records.values():
+            for rec in [*records.values(), *plan.op_records.values()]:
                 rec.reset()
+            for key in [k for k, v in plan.op_sites.items() if isinstance(v, BroadcastSite)]:
+                del plan.op_sites[key]  # they hold the pass's tensors
         if not totals:
             sq = torch.zeros((), dtype=dtype, device=device)
         elif all(t.dtype == totals[0].dtype and t.device == device for t in totals):
@@ -854,16 +991,77 @@ class PerExampleStats:
         return count, loss_sum, grad_sum, sq, structure, kept
 
     @staticmethod
-    def _first_difference(plan: _Plan, structure: list[_Call], expected: tuple[_Call, ...]) -> tuple[str, str | None]:
+    def _dynamic_group(plan: _Plan, used: list[_Record]) -> tuple[list[_Record], list[Any]] | None:
+        """The operation-level uses of this pass, with the module layers (and their tie
+        groups) that share a parameter with them: reduced together after backward."""
+        if not used:
+            return None
+        ids = {id(p) for rec in used for p, _ in _site_params(rec.mod)}
+        members = list(used)
+        for rec in plan.records.values():
+            if any(i in ids for i in rec.pids):
+                members.append(rec)
+        for tie in plan.tie_groups:
+            if any(r in members for r in tie.records):
+                members.extend(r for r in tie.records if r not in members)
+        for rec in members:
+            rec.dyn = True
+        owners: dict[int, list[tuple[Any, str]]] = {}
+        shapes: dict[int, tuple[int, ...]] = {}
+        for rec in members:
+            pairs = (_site_params(rec.mod) if rec in used else
+                     [(p, n) for n, p in rec.mod.named_parameters(recurse=False, remove_duplicate=False)
+                      if p.requires_grad])
+            for p, name in pairs:
+                owners.setdefault(id(p), []).append((rec.mod, name))
+                shapes[id(p)] = tuple(p.shape)
+        return members, [(shapes[i], uses) for i, uses in owners.items()]
+
+    @staticmethod
+    def _finish_group(members: list[_Record], params: list[Any], keep: bool) -> list[Tensor]:
+        calls = {}
+        for rec in members:
+            calls[rec.mod] = (rec.rule, rec.calls())
+            if keep:
+                rec.kept.extend(calls[rec.mod][1])
+            rec.inputs.clear()
+            rec.grads.clear()
+        return uses_sq_norm_sums(calls, params, FAST_CHUNK_ELEMENTS)
+
+    @staticmethod
+    def _first_difference(structure: list[_Call], expected: tuple[_Call, ...]) -> tuple[str, str | None]:
         """The first layer call that differs from the probed structure: a message and the layer's name."""
-        recs = list(plan.records.values())
         for i, call in enumerate(structure):
             want = expected[i] if i < len(expected) else None
             if call != want:
-                got = f"shapes {tuple(call[1])} -> {tuple(call[2])}" if len(call) == 3 else "no gradient"
-                name = recs[call[0]].name
+                got = f"shapes {call[2]} -> {call[3]}" if len(call) == 4 else "no gradient"
+                name = call[0].name
                 return f"call {i} of the forward pass: layer {name!r} with {got}", name
         return f"{len(expected) - len(structure)} fewer layer calls than on the probe batch", None
+
+
+def _abs(t: Tensor | None) -> Tensor | None:
+    """|t| for a floating tensor (the magnitudes of a rule's terms); others unchanged."""
+    return t.abs() if t is not None and t.is_floating_point() else t
+
+
+def _trailing_axes(mod: nn.Module) -> int:
+    """How many trailing axes of a module's input its rule needs in place (the example
+    axis may be any axis before them); -1: the examples must be on axis 0."""
+    if type(mod) is nn.Linear:
+        return 1
+    if type(mod) is nn.Embedding:
+        return 0
+    if type(mod) is nn.LayerNorm or (hasattr(nn, "RMSNorm") and type(mod) is nn.RMSNorm):
+        return len(mod.normalized_shape)
+    return -1
+
+
+def _site_params(site: Any) -> list[tuple[Tensor, str]]:
+    """The trainable parameters an operation-level use site covers, with their piece names."""
+    if isinstance(site, BroadcastSite):
+        return list(zip(site.deps, site.names))
+    return [(p, n) for n, p in site.params.items() if isinstance(p, Tensor) and p.requires_grad]
 
 
 def _tie_groups(params: list[nn.Parameter], owners: list[list[tuple[_Record, str]]]) -> list[_TieGroup]:

@@ -147,3 +147,36 @@ def _count_and_loss(losses: Tensor, weights: Tensor | None, dtype: torch.dtype) 
         return torch.full((), losses.shape[0], dtype=dtype, device=losses.device), losses.sum(dtype=dtype)
     w = weights.to(dtype)
     return w.sum(), (w * losses.to(dtype)).sum()
+
+
+def uses_sq_norm_sums(calls: dict[Any, tuple[Rule, list[tuple[Tensor | None, Tensor]]]],
+                      params: list[tuple[tuple[int, ...], list[tuple[Any, str]]]],
+                      chunk_elements: int) -> list[Tensor]:
+    """The share of S of parameters seen through several uses (operation-level
+    uses, broadcasts, the layers that share parameters with them), as 0-d
+    tensors to add up.
+
+    calls: per use site, its rule and the (input or None, output gradient) of its
+    calls, examples on axis 0; params: per parameter, its shape and its uses
+    (site, piece name). In chunks of examples each parameter's pieces are combined
+    with their cross terms (:func:`.layers.tied_sq_norm_sum`)."""
+    live = {site: rc for site, rc in calls.items() if rc[1]}
+    if not live:
+        return []
+    first = next(iter(live.values()))[1][0][1]
+    n = first.shape[0]
+    work = sum((0 if a is None else a[0].numel()) + 2 * b[0].numel() for _, c in live.values() for a, b in c)
+    step = max(1, min(n, chunk_elements // max(1, work)))
+    totals = []
+    with _full_precision(first):
+        for s in range(0, n, step):
+            pieces = {}
+            for site, (rule, c) in live.items():
+                pieces[site] = combine_pieces([rule(site, None if a is None else _wide(a[s : s + step]),
+                                                    _wide(b[s : s + step])) for a, b in c])
+            rows = min(n, s + step) - s
+            for shape, owners in params:
+                uses = [pieces[site][name] for site, name in owners if site in pieces and name in pieces[site]]
+                if uses:
+                    totals.append(tied_sq_norm_sum(uses, rows, shape))
+    return totals

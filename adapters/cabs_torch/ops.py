@@ -1,0 +1,636 @@
+"""Operation-level capture for the fast path (issue 20): every use of a trainable
+parameter outside a module with a module rule, seen as a call of a torch
+function during the statistics pass.
+
+:class:`ParamUses` is a ``torch.overrides.TorchFunctionMode`` active during the
+model's forward pass. It sees every torch function call and keeps, for the
+tensors of the pass, whether they are *example-free*: computed only from
+parameters, buffers and constants (``torch.arange(T)``, a ``(1, T)`` position-id
+buffer, ``cls_token.expand(B, -1, -1)``), so that they carry no example axis and
+their values are the same for every example. A call whose arguments include a
+trainable parameter (or an example-free tensor computed from one) and a tensor
+that carries the examples is one *use* of those parameters:
+
+- a *weight op* (``F.linear``, ``torch.addmm``/``matmul`` with a parameter as the
+  right operand, ``F.embedding``, ``F.layer_norm``, ``F.rms_norm``,
+  ``F.group_norm``, and functions registered with :func:`register_rule`): its
+  input and the gradient of its output are captured, as the module hooks do,
+  and the per-layer rules of :mod:`.layers` apply;
+- a *broadcast* (``+``, ``-``, ``*`` and ``torch.cat`` with an example-free
+  operand): the example's gradient of the example-free operand is the output
+  gradient of that example reduced over the broadcast axes (times the other
+  factor for ``*``); through an example-free embedding lookup it becomes an
+  embedding piece (positions), through anything else the parameters' per-example
+  gradients come from a batched vector-Jacobian product of that small graph;
+- anything else (an op without a rule meeting the examples) is *unattributed*:
+  the statistics pass stops and the fast path steps aside for that signature.
+
+Python functions of torch that dispatch to the mode as a whole
+(``F.multi_head_attention_forward``) are run with the mode active inside them,
+so that their ``F.linear`` calls are seen one by one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .layers import (
+    RULES,
+    Pieces,
+    Rule,
+    embedding_pieces,
+    group_norm_pieces,
+    layer_norm_pieces,
+    linear_pieces,
+    rms_norm_pieces,
+)
+
+__all__ = ["OpSite", "ParamUses", "register_rule"]
+
+
+@dataclass(eq=False)
+class OpSite:
+    """What a rule sees of one functional use of parameters: the parameters as
+    attributes (``weight``, ``bias``, or the names a registered rule declares) and
+    the call's other arguments (``normalized_shape``, ``eps``, ``args``, ...)."""
+
+    label: str
+    params: dict[str, Tensor | None]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        if name in d.get("params", {}):
+            return d["params"][name]
+        if name in d.get("config", {}):
+            return d["config"][name]
+        raise AttributeError(name)
+
+
+def addmm_pieces(site: OpSite, a: Tensor, b: Tensor) -> Pieces:
+    """``bias + x @ weight`` with weight (p, q) (the layout of Hugging Face's ``Conv1D``):
+    a Linear layer with the transposed weight; the piece is built in the weight's own layout."""
+    n = a.shape[0]
+    A = a.reshape(n, -1, a.shape[-1])
+    B = b.reshape(n, -1, b.shape[-1])
+    out: Pieces = {}
+    if site.weight is not None and site.weight.requires_grad:
+        out["weight"] = ("lin", B, A)  # g = A^T B, (p, q): the weight's layout
+    if site.bias is not None and site.bias.requires_grad:
+        out["bias"] = ("dense", B.sum(1))
+    return out
+
+
+# ----------------------------------------------------------------------------- registration
+
+#: functions with an operation rule: func -> (input argument index, {parameter name: argument index}, rule)
+FUNCTION_RULES: dict[Callable[..., Any], tuple[int, dict[str, int], Rule]] = {}
+
+
+def register_rule(target: type[nn.Module] | Callable[..., Any], rule: Rule, *,
+                  input_arg: int = 0, param_args: dict[str, int] | None = None) -> None:
+    """Declare the fast path's rule for a custom layer or a functional op.
+
+    ``target`` a module type: ``rule(module, a, b)`` receives the module, its
+    input ``a`` (the first positional argument) and the gradient ``b`` of the
+    summed loss with respect to its output, both with the examples on axis 0,
+    and returns the per-example gradients of the module's own parameters as
+    pieces keyed by parameter name (see :mod:`cabs_torch.layers`: ``("dense", G)``
+    with G (n, ...) the per-example gradients; ``("lin", A, B)`` for a weight
+    shared over positions, g_i = sum_t B_it A_it^T; ``("emb", ids, B)``).
+
+    ``target`` a function (called as ``target(*args)`` with tensors): the
+    function's argument ``input_arg`` carries the examples and ``param_args``
+    names the arguments that are parameters; ``rule(site, a, b)`` receives an
+    :class:`OpSite` whose attributes are those parameters (and ``args``, the
+    call's positional arguments).
+
+    A wrong rule is not trusted: the probe compares the fast S with the
+    single-example definition and rebuilds each parameter's gradient from the
+    rule's pieces, so ``auto`` falls back (warning) and ``fast`` raises."""
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        RULES[target] = rule
+        return
+    if not callable(target):
+        raise TypeError(f"register_rule: target must be an nn.Module subclass or a function, got {target!r}")
+    if not param_args:
+        raise ValueError("register_rule: a function's rule needs param_args, e.g. {'weight': 1}")
+    FUNCTION_RULES[target] = (input_arg, dict(param_args), rule)
+
+
+# ----------------------------------------------------------------------------- the mode
+
+_INPLACE = {Tensor.__iadd__, Tensor.add_, Tensor.__isub__, Tensor.sub_, Tensor.__imul__, Tensor.mul_}
+_ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_}
+_SUB = {torch.sub, Tensor.sub, Tensor.__sub__, Tensor.__isub__, Tensor.sub_}
+_RSUB = {Tensor.__rsub__}
+_MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, Tensor.mul_}
+_CAT = {torch.cat, torch.concat}
+_EXPAND = {Tensor.expand, Tensor.expand_as, torch.broadcast_to}
+_MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm}
+_GETTERS = (Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__)  # type: ignore[attr-defined]
+
+
+def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
+    out = []
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out.extend(t for t in v if isinstance(t, Tensor))
+    return out
+
+
+def _outputs(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for t in out if isinstance(t, Tensor)]
+    return []
+
+
+class Unattributed(Exception):
+    """A parameter met the examples in an op the fast path has no rule for."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(eq=False)
+class FreeLookup:
+    """An example-free embedding lookup ``weight[ids]`` (positions)."""
+
+    ids: Tensor
+    weight: Tensor
+    padding_idx: int | None
+
+
+@dataclass(eq=False)
+class BroadcastSite:
+    """An example-free tensor ``source`` (a parameter, or computed from parameters) broadcast over
+    the examples by an add/sub/mul/cat. ``a`` of the captured call is the other factor of a ``*``."""
+
+    label: str
+    kind: str  # "add" (coefficient sign), "mul", "slice" (of a cat)
+    source: Tensor
+    deps: list[Tensor]  # the trainable parameters ``source`` is computed from
+    names: list[str]  # their names in the pieces
+    sign: float = 1.0
+    dim: int = 0
+    start: int = 0
+    length: int = 0
+    lookup: FreeLookup | None = None
+
+
+def broadcast_pieces(site: BroadcastSite, a: Tensor | None, b: Tensor) -> Pieces:
+    """Per-example gradients of the parameters behind an example-free operand: the
+    output gradient b (n, ...) reduced to the source's shape per example."""
+    n = b.shape[0]
+    if site.kind == "slice":
+        g = b.narrow(site.dim, site.start, site.length)
+    elif site.kind == "mul":
+        assert a is not None
+        g = b * a
+    else:
+        g = b if site.sign == 1.0 else -b
+    shape = tuple(site.source.shape)
+    full = (1,) * (g.dim() - len(shape)) + shape  # the source's shape, aligned with g's axes
+    dims = [j for j in range(1, g.dim()) if full[j] == 1 and g.shape[j] != 1]
+    if dims:
+        g = g.sum(dims, keepdim=True)
+    g = g.reshape(n, *shape)
+    if site.lookup is not None:  # a position table: an embedding piece at the looked-up rows
+        ids = site.lookup.ids.reshape(1, -1).expand(n, -1)
+        e = g.reshape(n, ids.shape[1], -1)
+        if site.lookup.padding_idx is not None:
+            e = e * (ids != site.lookup.padding_idx).unsqueeze(-1).to(e.dtype)
+        return {site.names[0]: ("emb", ids, e)}
+    if len(site.deps) == 1 and site.deps[0] is site.source:  # the parameter itself
+        return {site.names[0]: ("dense", g.reshape(n, -1))}
+    grads = _batched_vjp(site.source, site.deps, g)
+    return {name: ("dense", gr.reshape(n, -1)) for name, gr in zip(site.names, grads)}
+
+
+def _batched_vjp(out: Tensor, leaves: list[Tensor], g: Tensor) -> list[Tensor]:
+    """Per-example vector-Jacobian products of the example-free graph out(leaves), (n, *leaf.shape)."""
+    with torch.enable_grad():
+        try:
+            res = torch.autograd.grad(out, leaves, g, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        except RuntimeError:  # no batching rule for some backward formula: one example at a time
+            rows = [torch.autograd.grad(out, leaves, g[i], retain_graph=True, allow_unused=True)
+                    for i in range(g.shape[0])]
+            res = tuple(None if rows[0][j] is None else torch.stack([r[j] for r in rows])
+                        for j in range(len(leaves)))
+    return [torch.zeros((g.shape[0], *p.shape), dtype=g.dtype, device=g.device) if r is None else r.detach()
+            for p, r in zip(leaves, res)]
+
+
+def _reentered(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` (a Python function of torch) without its own ``__torch_function__``
+    dispatch, so that the mode sees the calls inside it."""
+    cached = _REENTERED.get(func)
+    if cached is None:
+        g = dict(func.__globals__)
+        for name in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
+            g[name] = lambda *a, **k: False
+        cached = types.FunctionType(func.__code__, g, func.__name__, func.__defaults__, func.__closure__)
+        cached.__kwdefaults__ = func.__kwdefaults__
+        _REENTERED[func] = cached
+    return cached
+
+
+_REENTERED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+class ParamUses(TorchFunctionMode):
+    """The mode of one forward pass of the statistics (see the module docstring).
+
+    tracked: trainable parameters by id, with their names; constants: ids of the
+    other parameters and the buffers; sink: receives the uses
+    (``sink.weight_use(key, label, rule, site, a, out, hints, min_trailing)``,
+    ``sink.broadcast_use(key, site, a, out)``, ``sink.unattributed(message, name)``);
+    skip: parameters whose uses a module hook records right now (inside their module)."""
+
+    def __init__(self, tracked: dict[int, str], constants: set[int], sink: Any) -> None:
+        super().__init__()
+        self.tracked = tracked
+        self.constants = constants
+        self.sink = sink
+        self.skip: set[int] = set()
+        self.hints: list[tuple[int, int]] = []
+        self._free: dict[int, tuple[weakref.ref[Tensor], frozenset[int]]] = {}
+        self._expanded: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # expanded tensor -> its source
+        self._lookups: dict[int, tuple[weakref.ref[Tensor], FreeLookup]] = {}  # lookup output -> the lookup
+        self._params: dict[int, Tensor] = {}
+        self.sites: dict[Any, Any] = {}
+
+    def clear(self) -> None:
+        self._free.clear()
+        self._expanded.clear()
+        self._lookups.clear()
+        self._params.clear()
+        self.skip.clear()
+        self.hints.clear()
+
+    # -- example-free bookkeeping
+
+    def deps(self, t: Tensor) -> frozenset[int] | None:
+        """The trainable parameters (ids) an example-free tensor is computed from; None if it carries examples."""
+        i = id(t)
+        if i in self.tracked:
+            self._params[i] = t
+            return frozenset() if i in self.skip else frozenset((i,))
+        if i in self.constants:
+            return frozenset()
+        e = self._free.get(i)
+        if e is not None and e[0]() is t:
+            return e[1]
+        return None
+
+    def is_free(self, t: Tensor) -> bool:
+        return self.deps(t) is not None
+
+    def _mark(self, out: Any, deps: frozenset[int]) -> None:
+        for t in _outputs(out):
+            if id(t) not in self.tracked:
+                self._free[id(t)] = (weakref.ref(t), deps)
+
+    # -- dispatch
+
+    def __torch_function__(self, func: Any, types_: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _GETTERS:
+            return func(*args, **kwargs)
+        tensors = _tensors(args, kwargs)
+        if not tensors:  # a factory: example-free
+            out = func(*args, **kwargs)
+            self._mark(out, frozenset())
+            return out
+        deps = [self.deps(t) for t in tensors]
+        if all(d is not None for d in deps):
+            return self._free_call(func, args, kwargs, frozenset().union(*deps))  # type: ignore[arg-type]
+        if not any(deps):  # no parameter meets the examples here
+            return func(*args, **kwargs)
+        return self._use(func, args, kwargs)
+
+    def _free_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], deps: frozenset[int]) -> Any:
+        src = self.expanded_source(args[0]) if func is F.embedding and args else None
+        if src is not None:
+            # a lookup of expanded ids (BERT's token types from a (1, T) buffer) as the expansion of the
+            # lookup: the same values, and the broadcast then reaches the table through the (1, T) lookup
+            small = self._free_call(func, (src, *args[1:]), kwargs, deps)
+            out = self._free_call(Tensor.expand, (small, (*args[0].shape, small.shape[-1])), {}, deps)
+            return out
+        out = func(*args, **kwargs)
+        self._mark(out, deps)
+        if func in _EXPAND and isinstance(out, Tensor):
+            src = args[0]
+            self._expanded[id(out)] = (weakref.ref(out), self.expanded_source(src) or src)
+        if func is F.embedding and isinstance(out, Tensor) and len(deps) == 1:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if id(weight) in self.tracked and not _embedding_options(args, kwargs)[1]:
+                ids = args[0] if args else kwargs["input"]
+                self._lookups[id(out)] = (weakref.ref(out), FreeLookup(ids, weight,
+                                                                       _embedding_options(args, kwargs)[0]))
+        return out
+
+    def expanded_source(self, t: Tensor) -> Tensor | None:
+        """The tensor ``t`` was expanded from (before any expansion), or None."""
+        e = self._expanded.get(id(t))
+        return e[1] if e is not None and e[0]() is t else None
+
+    def _names(self, tensors: list[Tensor]) -> str:
+        ids = set().union(*(self.deps(t) or frozenset() for t in tensors))
+        return ", ".join(sorted(self.tracked[i] for i in ids)) or "?"
+
+    def _use(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if func in FUNCTION_RULES:
+            return self._registered(func, args, kwargs)
+        if func is F.linear:
+            return self._weight_op(func, args, kwargs, "linear", ("input", "weight", "bias"), linear_pieces, 1)
+        if func is torch.addmm:
+            return self._addmm(func, args, kwargs)
+        if func in _MATMUL:
+            return self._matmul(func, args, kwargs)
+        if func is F.embedding:
+            return self._embedding(func, args, kwargs)
+        if func is F.layer_norm:
+            return self._norm(func, args, kwargs, "layer_norm", ("input", "normalized_shape", "weight", "bias", "eps"),
+                              layer_norm_pieces)
+        if hasattr(F, "rms_norm") and func is F.rms_norm:
+            return self._norm(func, args, kwargs, "rms_norm", ("input", "normalized_shape", "weight", "eps"),
+                              rms_norm_pieces)
+        if func is F.group_norm:
+            return self._norm(func, args, kwargs, "group_norm", ("input", "num_groups", "weight", "bias", "eps"),
+                              group_norm_pieces)
+        if func in _ADD or func in _SUB or func in _RSUB or func in _MUL:
+            return self._elementwise(func, args, kwargs)
+        if func in _CAT:
+            return self._cat(func, args, kwargs)
+        if inspect.isfunction(func) and getattr(func, "__module__", "").startswith("torch"):
+            # a Python function of torch (F.multi_head_attention_forward): run it with the mode inside
+            hints = []
+            if func is F.multi_head_attention_forward and isinstance(args[0], Tensor) and args[0].dim() == 3:
+                hints = [(args[0].shape[0], 1)]  # its out-projection sees (T * m, E), time-major
+            self.hints.extend(hints)
+            try:
+                with self:
+                    return _reentered(func)(*args, **kwargs)
+            finally:
+                del self.hints[len(self.hints) - len(hints):]
+        return self._refuse(func, _tensors(args, kwargs))
+
+    def _refuse(self, func: Any, tensors: list[Tensor]) -> Any:
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        params = self._names(tensors)
+        self.sink.unattributed(
+            f"parameter {params} meets the examples in {name}, an operation the fast path has no rule for "
+            f"(register one with cabs_torch.register_rule, or use method='generic', exact for any model; "
+            f"method='auto' falls back to it)", params)
+        raise AssertionError("sink.unattributed returned")  # pragma: no cover
+
+    # -- weight ops
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...]) -> list[Any]:
+        vals = list(args[: len(names)]) + [None] * max(0, len(names) - len(args))
+        for j, n in enumerate(names):
+            if n in kwargs:
+                vals[j] = kwargs[n]
+        return vals
+
+    def _param_or_none(self, t: Any) -> bool:
+        """A trainable parameter used directly, a constant, or absent."""
+        if t is None or not isinstance(t, Tensor):
+            return True
+        d = self.deps(t)
+        return d is not None and (not d or (len(d) == 1 and id(t) in d))
+
+    def _key(self, label: str, tensors: list[Any], extra: Any = ()) -> tuple[Any, ...]:
+        return (label, *(id(t) if isinstance(t, Tensor) else None for t in tensors), extra)
+
+    def _weight_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str,
+                   names: tuple[str, ...], rule: Rule, min_trailing: int) -> Any:
+        x, weight, bias = self._bind(args, kwargs, names)[:3]
+        if not (isinstance(x, Tensor) and not self.is_free(x) and self._param_or_none(weight)
+                and self._param_or_none(bias)):
+            return self._refuse(func, _tensors(args, kwargs))
+        key = self._key(label, [weight, bias])
+        site = self.sites.get(key) or self.sites.setdefault(
+            key, OpSite(f"{label}({self._names([t for t in (weight, bias) if t is not None])})",
+                        {"weight": weight, "bias": bias}))
+        out = func(*args, **kwargs)
+        self.sink.weight_use(key, site, rule, x, out, min_trailing)
+        return out
+
+    def _addmm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        bias, x, weight, beta, alpha = self._bind(args, kwargs, ("input", "mat1", "mat2", "beta", "alpha"))
+        if (beta not in (None, 1) or alpha not in (None, 1) or not isinstance(bias, Tensor) or bias.dim() != 1
+                or not isinstance(x, Tensor) or self.is_free(x) or not self._param_or_none(weight)
+                or not self._param_or_none(bias) or not isinstance(weight, Tensor) or weight.dim() != 2):
+            return self._refuse(func, _tensors(args, kwargs))
+        key = self._key("addmm", [weight, bias])
+        site = self.sites.get(key) or self.sites.setdefault(
+            key, OpSite(f"addmm({self._names([weight, bias])})", {"weight": weight, "bias": bias}))
+        out = func(*args, **kwargs)
+        self.sink.weight_use(key, site, addmm_pieces, x, out, 1)
+        return out
+
+    def _matmul(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x, weight = self._bind(args, kwargs, ("input", "other"))
+        if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and weight.dim() == 2 and x.dim() >= 2
+                and not self.is_free(x) and self._param_or_none(weight)):
+            return self._refuse(func, _tensors(args, kwargs))
+        key = self._key("matmul", [weight])
+        site = self.sites.get(key) or self.sites.setdefault(
+            key, OpSite(f"matmul({self._names([weight])})", {"weight": weight, "bias": None}))
+        out = func(*args, **kwargs)
+        self.sink.weight_use(key, site, addmm_pieces, x, out, 1)
+        return out
+
+    def _embedding(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        ids, weight = self._bind(args, kwargs, ("input", "weight"))
+        padding_idx, refused = _embedding_options(args, kwargs)
+        if refused or not isinstance(ids, Tensor) or not self._param_or_none(weight):
+            return self._refuse(func, _tensors(args, kwargs))
+        key = self._key("embedding", [weight], padding_idx)
+        site = self.sites.get(key) or self.sites.setdefault(
+            key, OpSite(f"embedding({self._names([weight])})", {"weight": weight},
+                        {"padding_idx": padding_idx, "scale_grad_by_freq": False, "sparse": False}))
+        out = func(*args, **kwargs)
+        self.sink.weight_use(key, site, embedding_pieces, ids, out, 0)
+        return out
+
+    def _norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str,
+              names: tuple[str, ...], rule: Rule) -> Any:
+        vals = dict(zip(names, self._bind(args, kwargs, names)))
+        x, weight, bias = vals["input"], vals.get("weight"), vals.get("bias")
+        if not (isinstance(x, Tensor) and not self.is_free(x) and self._param_or_none(weight)
+                and self._param_or_none(bias)):
+            return self._refuse(func, _tensors(args, kwargs))
+        config = {k: v for k, v in vals.items() if k not in ("input", "weight", "bias")}
+        if "normalized_shape" in config:
+            shape = config["normalized_shape"]
+            config["normalized_shape"] = (shape,) if isinstance(shape, int) else tuple(shape)
+        if config.get("eps") is None and label != "rms_norm":
+            config["eps"] = 1e-5
+        key = self._key(label, [weight, bias], tuple(sorted((k, str(v)) for k, v in config.items())))
+        site = self.sites.get(key) or self.sites.setdefault(
+            key, OpSite(f"{label}({self._names([t for t in (weight, bias) if t is not None])})",
+                        {"weight": weight, "bias": bias}, config))
+        out = func(*args, **kwargs)
+        trailing = -1 if label == "group_norm" else len(config["normalized_shape"])  # -1: examples on axis 0
+        self.sink.weight_use(key, site, rule, x, out, trailing)
+        return out
+
+    def _registered(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        input_arg, param_args, rule = FUNCTION_RULES[func]
+        x = args[input_arg]
+        params = {n: args[j] if j < len(args) else None for n, j in param_args.items()}
+        if not (isinstance(x, Tensor) and not self.is_free(x) and all(map(self._param_or_none, params.values()))):
+            return self._refuse(func, _tensors(args, kwargs))
+        key = self._key(getattr(func, "__name__", "op"), list(params.values()))
+        label = f"{getattr(func, '__name__', 'op')}({self._names([t for t in params.values() if t is not None])})"
+        site = self.sites.get(key) or self.sites.setdefault(key, OpSite(label, params))
+        site.config["args"] = args
+        out = func(*args, **kwargs)
+        self.sink.weight_use(key, site, rule, x, out, 0)
+        return out
+
+    # -- broadcasts
+
+    def _source(self, t: Tensor) -> tuple[Tensor, frozenset[int]]:
+        """The example-free tensor behind ``t`` before any expansion, and its parameters."""
+        src = self.expanded_source(t)
+        src = t if src is None else src
+        return src, self.deps(src) or frozenset()
+
+    def _broadcast_site(self, key: tuple[Any, ...], kind: str, t: Tensor, **kw: Any) -> BroadcastSite:
+        src, deps = self._source(t)
+        params = [self._params[i] for i in sorted(deps, key=lambda i: self.tracked[i])]
+        entry = self._lookups.get(id(src))
+        lookup = entry[1] if entry is not None and entry[0]() is src else None
+        site = self.sites.get(key)
+        if site is None or site.source is not src:  # a new source tensor each forward pass
+            names = [self.tracked[id(p)] for p in params]
+            if lookup is not None:
+                names = [self.tracked[id(lookup.weight)]]
+                params = [lookup.weight]
+            site = BroadcastSite(f"{kind}({', '.join(names)})", kind, src, params, names, lookup=lookup, **kw)
+            self.sites[key] = site
+        return site
+
+    def _elementwise(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if len(args) != 2 or not all(isinstance(t, Tensor) for t in args) or kwargs.get("alpha", 1) != 1 \
+                or set(kwargs) - {"alpha"}:
+            return self._refuse(func, _tensors(args, kwargs))
+        u, v = args
+        free_first = self.is_free(u)
+        if free_first and func in _INPLACE:  # an example-free tensor changed in place by the examples
+            return self._refuse(func, _tensors(args, kwargs))
+        p, x = (u, v) if free_first else (v, u)
+        if func in _MUL and func in _INPLACE:  # the other factor before the in-place product overwrites it
+            x = x.detach().clone()
+        out = func(*args, **kwargs)
+        n_calls = self.sink.next_index()
+        if func in _MUL:
+            site = self._broadcast_site(("bcast", n_calls), "mul", p)
+            self.sink.broadcast_use(("bcast", n_calls), site, x, out)
+        else:
+            sign = -1.0 if (func in _SUB and not free_first) or (func in _RSUB and free_first) else 1.0
+            site = self._broadcast_site(("bcast", n_calls), "add", p, sign=sign)
+            self.sink.broadcast_use(("bcast", n_calls), site, None, out)
+        return out
+
+    def _cat(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        tensors = args[0] if args else kwargs.get("tensors")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or set(kwargs) - {"dim", "tensors"}:
+            return self._refuse(func, _tensors(args, kwargs))
+        out = func(*args, **kwargs)
+        dim = dim % out.dim()
+        start = 0
+        for t in tensors:
+            d = self.deps(t)
+            if d:
+                n_calls = self.sink.next_index()
+                site = self._broadcast_site(("bcast", n_calls), "slice", t, dim=dim, start=start,
+                                            length=t.shape[dim])
+                self.sink.broadcast_use(("bcast", n_calls), site, None, out)
+            start += t.shape[dim]
+        return out
+
+
+def _embedding_options(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | None, bool]:
+    """(padding_idx normalised, refused) of an F.embedding call: max_norm (renormalises the table in
+    place), scale_grad_by_freq and sparse have no rule."""
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+    vals = dict(zip(names, args))
+    vals.update(kwargs)
+    padding_idx = vals.get("padding_idx")
+    weight = vals.get("weight")
+    if padding_idx is not None and padding_idx < 0 and isinstance(weight, Tensor):
+        padding_idx += weight.shape[0]
+    refused = vals.get("max_norm") is not None or bool(vals.get("scale_grad_by_freq")) or bool(vals.get("sparse"))
+    return padding_idx, refused
+
+
+def fold_spec(shape: tuple[int, ...], k: int, hints: list[tuple[int, int]], folds: bool,
+              min_trailing: int) -> tuple[int, int, int] | None:
+    """Where the k examples of a probe lie in a captured tensor of ``shape``:
+    (axis, outer, inner) such that axis ``axis`` is (outer, k, inner) flattened;
+    None if they cannot be placed. k differs from every other dimension of the
+    inputs, so an axis of length k is the examples'; a folded axis (outer * k *
+    inner, e.g. (m * T, p) before a Linear) is taken as example-major unless a
+    hint says otherwise; the probe's S and accounting checks verify the choice."""
+    if shape and shape[0] == k:  # the leading axis, as before issue 20 (an inner axis may equal k)
+        return (0, 1, 1)
+    if min_trailing < 0:  # the rule needs the examples on axis 0, unfolded
+        return None
+    last = len(shape) - min_trailing
+    axes = [j for j in range(min(last, len(shape))) if shape[j] == k]
+    if len(axes) == 1:
+        return (axes[0], 1, 1)
+    if axes or not folds:
+        return None
+    for j in range(min(last, len(shape))):
+        size = shape[j]
+        if size % k or size == 0:
+            continue
+        for outer, inner in hints:
+            if outer * k * inner == size:
+                return (j, outer, inner)
+        return (j, 1, size // k)
+    return None
+
+
+def to_examples(t: Tensor, spec: tuple[int, int, int], m: int) -> Tensor:
+    """``t`` with its examples (lying as ``spec`` says) on axis 0, the rest in order."""
+    axis, outer, inner = spec
+    if (outer, inner) != (1, 1):
+        t = t.unflatten(axis, (outer, m, inner))
+        axis += 1
+    return t if axis == 0 else t.movedim(axis, 0)
+
+
+def masked(shape: tuple[int, ...], spec: tuple[int, int, int], m: int) -> tuple[Any, ...]:
+    """``shape`` with the examples' extent replaced by None (when it is outer * m * inner)."""
+    axis, outer, inner = spec
+    if axis >= len(shape) or shape[axis] != outer * m * inner:
+        return tuple(shape)
+    return tuple(None if j == axis else s for j, s in enumerate(shape))
+
+
+def work_per_example(a_shape: tuple[int, ...], b_shape: tuple[int, ...], m: int) -> int:
+    return math.prod(a_shape) // max(1, m) + 2 * math.prod(b_shape) // max(1, m)
