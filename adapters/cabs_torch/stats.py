@@ -61,6 +61,7 @@ from cabs_core.exactness import (
 
 from .compiled import CompiledFastStats
 from .layers import (
+    RULES,
     Piece,
     Rule,
     piece_grad_sum,
@@ -128,9 +129,11 @@ def unsupported_reasons(model: nn.Module) -> list[str]:
         if not own:
             continue
         label = f"{mname or '<root>'} ({type(mod).__name__})"
-        if rule_for(mod) is None:
-            reasons.append(f"{label} has parameters and no fast rule")
-        elif {n for n, _ in own} - {"weight", "bias"}:
+        rule = rule_for(mod)
+        if rule is None:
+            why = getattr(RULES.get(type(mod)), "refuses", lambda _: None)(mod)  # a declined configuration
+            reasons.append(f"{label} has parameters and no fast rule" + (f" ({why})" if why else ""))
+        elif {n for n, _ in own} - getattr(rule, "param_names", lambda _: {"weight", "bias"})(mod):
             reasons.append(f"{label} has parameters other than weight and bias")
     # parameters shared between supported modules (tied embeddings) are supported: the
     # per-example gradient sums the uses' terms, cross terms included (layers.tied_sq_norm_sum)
@@ -779,7 +782,17 @@ class PerExampleStats:
         owners: list[tuple[_Record, int, _ViewOf | None]] = []
         structure: list[_Call] = []
 
-        def forward_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        def forward_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+            pack = getattr(records[mod].rule, "pack", None)
+            if pack is None:
+                return capture(mod, args, kwargs, out)
+            # a layer of several inputs and outputs (nn.LSTM): one example-major tensor each way, and the
+            # model receives views of the packed output (recurrent.py)
+            a, packed, returned = pack(mod, args, kwargs, out, records[mod].keep)
+            capture(mod, (a,), {}, packed)
+            return returned
+
+        def capture(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             rec = records[mod]
             rec.called = True
             if not isinstance(out, Tensor) or not out.requires_grad:
