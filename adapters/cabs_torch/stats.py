@@ -331,15 +331,21 @@ def _generic(
     in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, inputs),
                tree_map(lambda t: 0 if isinstance(t, Tensor) else None, targets))
     batched = vmap(grad_and_value(one), in_dims=in_dims, randomness="different")
-    single = grad_and_value(one)
 
     def looped(tp: dict[str, Tensor], x: Any, y: Any) -> tuple[dict[str, Tensor], Tensor]:
-        """vmap's result from a loop of single examples, for modules vmap cannot batch."""
-        def row(tree: Any, i: int) -> Any:
-            return tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
-
-        outs = [single(tp, row(x, i), row(y, i)) for i in range(_batch_size(x))]
-        return ({name: torch.stack([g[name] for g, _ in outs]) for name in names},
+        """vmap's result from a loop of single examples through the module itself (plain autograd), for
+        modules torch.func cannot take: vmap fails on nn.LSTM / nn.GRU / nn.RNN (their cells add the
+        batched input gates in place into the gates of h_0, made inside the module without the vmapped
+        axis), and even torch.func.grad fails on nn.LSTM over a PackedSequence."""
+        outs = []
+        with torch.enable_grad():
+            for i in range(_batch_size(x)):
+                loss = loss_fn(model(*_take(x, slice(i, i + 1))), _take(y, slice(i, i + 1)))
+                _check_losses(loss, 1)
+                g = torch.autograd.grad(loss[0], params, allow_unused=True)
+                outs.append(([torch.zeros_like(p) if gk is None else gk for p, gk in zip(params, g)],
+                             loss.detach()[0]))
+        return ({name: torch.stack([g[k] for g, _ in outs]) for k, name in enumerate(names)},
                 torch.stack([v for _, v in outs]))
 
     if chunk_size is None:
@@ -730,12 +736,16 @@ class PerExampleStats:
                           k: int, rtol: float) -> None:
         """Each parameter's gradient rebuilt from its layers' captured terms equals
         its full gradient: a difference is a use the fast path does not see."""
+        pieces: dict[_Record, list[dict[str, Piece]]] = {}
         for p, g, owners, name in zip(plan.params, grads, plan.owners, plan.names):
             shape = tuple(p.shape)
             uses: list[Piece] = []
+            pieces = {rec: pieces[rec] for rec, _ in owners if rec in pieces}  # a layer's pieces, once per layer
             for rec, pname in owners:
-                for a, b in kept.get(rec, []):
-                    piece = rec.rule(rec.mod, _wide(a), _wide(b)).get(pname)
+                if rec not in pieces:
+                    pieces[rec] = [rec.rule(rec.mod, _wide(a), _wide(b)) for a, b in kept.get(rec, [])]
+                for call in pieces[rec]:
+                    piece = call.get(pname)
                     if piece is not None:
                         uses.append(piece)
             full = _wide(torch.zeros_like(p) if g is None else g.detach())
