@@ -92,6 +92,7 @@ def _unrolled(mod: nn.RNNBase, xb: Tensor, states: list[Tensor], weights: dict[s
             w_ih, w_hh = weights["weight_ih" + sfx], weights["weight_hh" + sfx]
             b_ih, b_hh = weights.get("bias_ih" + sfx), weights.get("bias_hh" + sfx)
             gi = F.linear(layer_in, w_ih, b_ih)  # all time steps at once
+            gi_steps = gi.unbind(1)  # one backward node for all steps (gi[:, t] would zero-fill gi per step)
             h = states[0][:, layer * dirs + d]
             c = states[1][:, layer * dirs + d] if lstm else None
             hs: list[Any] = [None] * t_len
@@ -100,7 +101,7 @@ def _unrolled(mod: nn.RNNBase, xb: Tensor, states: list[Tensor], weights: dict[s
             for t in (range(t_len) if d == 0 else range(t_len - 1, -1, -1)):
                 gh = F.linear(h, w_hh, b_hh)
                 prev[t], ghs[t] = h, gh
-                h, c = _cell(mod.mode, gi[:, t], gh, h, c)
+                h, c = _cell(mod.mode, gi_steps[t], gh, h, c)
                 hs[t] = h
             outs.append(torch.stack(hs, 1))
             finals[0].append(h)

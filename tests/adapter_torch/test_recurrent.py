@@ -24,6 +24,16 @@ brute_force, ce = _oracles.brute_force, _oracles.ce
 VOCAB, EMBED, HIDDEN, CLASSES = 13, 5, 6, 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for these tiny recurrent steps: on the shared 2-core machine two threads made
+    each small op wait for the other (a probe took 13.5 s with 2 threads, 0.37 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Classifier(nn.Module):
     """embedding -> recurrent layer -> the last step, the mean over steps, or the
     final hidden state -> linear."""
