@@ -46,8 +46,10 @@ from cabs_core.exactness import UnsupportedModelError, check_close, rtol_for
 
 from .layers import RULES, Pieces
 
-#: scratch elements of the rule's recomputation per chunk of examples
-CHUNK_ELEMENTS = 2**22
+#: scratch elements of the rule's recomputation per chunk of examples (the generic path's default chunk).
+#: Each chunk pays one Python-level pass over the time steps: with 2**22, an LSTM(64, 128) over 32 steps
+#: at batch 64 ran in 3 chunks and the rule took 243 ms instead of about 110 ms.
+CHUNK_ELEMENTS = 2**25
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
