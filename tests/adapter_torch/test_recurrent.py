@@ -122,6 +122,34 @@ def test_fast_path_matches_the_float64_loop(case):
     assert engine.probes == 1
 
 
+class EncoderDecoder(nn.Module):
+    """A GRU encoder whose final state starts an LSTM decoder (hx given, keyword arguments, time-major
+    decoder): the encoder's weights get gradient through h_n, the decoder's through its own steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, EMBED)
+        self.enc = nn.GRU(EMBED, HIDDEN, num_layers=2, batch_first=True)
+        self.dec = nn.LSTM(EMBED, HIDDEN, num_layers=2)
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.emb(tokens)
+        _, h = self.enc(e)
+        out, _ = self.dec(input=e.flip(1).transpose(0, 1), hx=(h, torch.tanh(h)))
+        return self.head(out[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_encoder_decoder_with_initial_states(dtype):
+    torch.manual_seed(8)
+    model = EncoderDecoder().to(dtype)
+    x, y = _data(7, 5, seed=8)
+    engine = PerExampleStats(model, ce, method="fast")
+    _assert_matches(engine(x, y), _oracle(model, x, y), dtype)
+    assert [v.ok for v in engine.plan().verdicts.values()] == [True]
+
+
 @pytest.mark.parametrize(("cell", "dtype"), [(nn.LSTM, torch.float64), (nn.LSTM, torch.float32),
                                              (nn.GRU, torch.float64), (nn.GRU, torch.float32)])
 def test_generic_path_matches_the_float64_loop(cell, dtype):
