@@ -358,6 +358,10 @@ def _generic(
     sums = [] if sq_only else [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]
     sq = torch.zeros((), dtype=dtype, device=device)
     all_losses = []
+    if model not in _VMAP_FAILED and any(isinstance(mod, nn.RNNBase) for mod in model.modules()):
+        # LSTM/GRU/RNN: vmap raises on their cells, or (float32 LSTM on CPU) runs oneDNN's layer through
+        # its per-example fallback, 1.7x slower than the loop (LSTM(64, 128), 32 steps, batch 64)
+        _VMAP_FAILED.add(model)
     per_example = looped if model in _VMAP_FAILED else batched
     for s in range(0, m, chunk_size):
         sl = slice(s, s + chunk_size)
