@@ -59,34 +59,40 @@ def _dims(mod: nn.RNNBase) -> tuple[int, int, int, int]:
     return mod.num_layers, 2 if mod.bidirectional else 1, mod.hidden_size, 2 if mod.mode == "LSTM" else 1
 
 
-def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """One time step from the pre-activations gi = W_ih x + b_ih and gh = W_hh h + b_hh
-    (the equations of the nn.LSTM / nn.GRU / nn.RNN docstrings, their gate order)."""
+def _cell(mode: str, gi: Tensor, gh: Tensor | None, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One time step (the equations of the nn.LSTM / nn.GRU / nn.RNN docstrings, their gate order).
+    GRU: gi = W_ih x + b_ih and gh = W_hh h + b_hh; LSTM and RNN: gi is the whole pre-activation
+    W_ih x + b_ih + W_hh h + b_hh and gh is None."""
     if mode == "LSTM":
-        i, f, g, o = (gi + gh).chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        i, f, _, o = torch.sigmoid(gi).chunk(4, 1)  # one sigmoid over all gates (fewer ops per step)
+        hidden = h.shape[1]
+        c = torch.addcmul(f * c, i, torch.tanh(gi[:, 2 * hidden : 3 * hidden]))
+        return o * torch.tanh(c), c
     if mode == "GRU":
+        assert gh is not None
         ir, iz, in_ = gi.chunk(3, 1)
         hr, hz, hn = gh.chunk(3, 1)
         r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
         n = torch.tanh(in_ + r * hn)
         return (1 - z) * n + z * h, None
-    pre = gi + gh
-    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None
+    return (torch.tanh(gi) if mode == "RNN_TANH" else torch.relu(gi)), None
 
 
-def _unrolled(mod: nn.RNNBase, xb: Tensor, states: list[Tensor], weights: dict[str, Tensor],
-              ) -> tuple[Tensor, list[tuple[str, Tensor, Tensor, list[Tensor], list[Tensor]]]]:
+Steps = list[tuple[str, Tensor, list[Tensor], Tensor | None, list[Tensor]]]
+
+
+def _unrolled(mod: nn.RNNBase, xb: Tensor, states: list[Tensor], weights: dict[str, Tensor]) -> tuple[Tensor, Steps]:
     """The module's outputs packed like :meth:`RecurrentRule.pack`'s ``P`` from
     example-major inputs xb (n, T, I) and initial states (n, L*D, H), and per
-    layer and direction (suffix, layer input, gi (n, T, G), h_{t-1} per step, gh per step)."""
+    layer and direction (suffix, layer input, h_{t-1} per step, gi (n, T, G) or
+    None, per step gh or, for LSTM and RNN, the whole pre-activation, whose
+    gradient is then both dgi and dgh)."""
     layers, dirs, _, _ = _dims(mod)
     n, t_len = xb.shape[:2]
-    lstm = mod.mode == "LSTM"
+    lstm, gru = mod.mode == "LSTM", mod.mode == "GRU"
     layer_in = xb
     finals: list[list[Tensor]] = [[] for _ in states]
-    steps = []
+    steps: Steps = []
     for layer in range(layers):
         outs = []
         for d in range(dirs):
@@ -94,6 +100,8 @@ def _unrolled(mod: nn.RNNBase, xb: Tensor, states: list[Tensor], weights: dict[s
             w_ih, w_hh = weights["weight_ih" + sfx], weights["weight_hh" + sfx]
             b_ih, b_hh = weights.get("bias_ih" + sfx), weights.get("bias_hh" + sfx)
             gi = F.linear(layer_in, w_ih, b_ih)  # all time steps at once
+            if not gru and b_hh is not None:
+                gi = gi + b_hh
             gi_steps = gi.unbind(1)  # one backward node for all steps (gi[:, t] would zero-fill gi per step)
             h = states[0][:, layer * dirs + d]
             c = states[1][:, layer * dirs + d] if lstm else None
@@ -101,15 +109,19 @@ def _unrolled(mod: nn.RNNBase, xb: Tensor, states: list[Tensor], weights: dict[s
             prev: list[Any] = [None] * t_len
             ghs: list[Any] = [None] * t_len
             for t in (range(t_len) if d == 0 else range(t_len - 1, -1, -1)):
-                gh = F.linear(h, w_hh, b_hh)
-                prev[t], ghs[t] = h, gh
-                h, c = _cell(mod.mode, gi_steps[t], gh, h, c)
+                prev[t] = h
+                if gru:
+                    ghs[t] = F.linear(h, w_hh, b_hh)
+                    h, c = _cell(mod.mode, gi_steps[t], ghs[t], h, c)
+                else:
+                    ghs[t] = torch.addmm(gi_steps[t], h, w_hh.t())
+                    h, c = _cell(mod.mode, ghs[t], None, h, c)
                 hs[t] = h
             outs.append(torch.stack(hs, 1))
             finals[0].append(h)
             if lstm:
                 finals[1].append(c)
-            steps.append((sfx, layer_in, gi, prev, ghs))
+            steps.append((sfx, layer_in, prev, gi if gru else None, ghs))
         layer_in = outs[0] if dirs == 1 else torch.cat(outs, 2)
     packed = torch.cat([layer_in.reshape(n, -1), *(torch.stack(f, 1).reshape(n, -1) for f in finals)], 1)
     return packed, steps
@@ -210,14 +222,16 @@ class RecurrentRule:
         with torch.enable_grad():  # the fast path calls rules inside backward, where grad mode is off
             weights = {k: w.detach().to(a.dtype).requires_grad_() for k, w in params.items()}
             packed, steps = _unrolled(mod, xb, states, weights)
-            wrt = [s[2] for s in steps] + [g for s in steps for g in s[4]]
+            wrt = [s[3] for s in steps if s[3] is not None] + [g for s in steps for g in s[4]]
             grads = torch.autograd.grad(packed, wrt, grad_outputs=b.to(packed.dtype), allow_unused=True)
         grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
-        d_gi, d_gh = grads[: len(steps)], grads[len(steps) :]
+        n_gi = sum(s[3] is not None for s in steps)
+        d_gi, d_gh = grads[:n_gi], grads[n_gi:]
         out: Pieces = {}
         t_len = xb.shape[1]
-        for k, (sfx, layer_in, _, prev, _) in enumerate(steps):
-            dgi, dgh = d_gi[k], torch.stack(d_gh[k * t_len : (k + 1) * t_len], 1)
+        for k, (sfx, layer_in, prev, gi, _) in enumerate(steps):
+            dgh = torch.stack(d_gh[k * t_len : (k + 1) * t_len], 1)
+            dgi = dgh if gi is None else d_gi[k]  # LSTM, RNN: one pre-activation, the same gradient
             for kind, A, B in (("ih", layer_in, dgi), ("hh", torch.stack(prev, 1), dgh)):
                 w, bias = params[f"weight_{kind}{sfx}"], params.get(f"bias_{kind}{sfx}")
                 if w.requires_grad:
