@@ -35,6 +35,7 @@ between layers (the recomputation cannot replay the random mask), subclasses,
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -189,19 +190,27 @@ class RecurrentRule:
         ob = output if mod.batch_first else output.transpose(0, 1)
         packed = torch.cat([ob.reshape(n, -1), *(s.transpose(0, 1).reshape(n, -1) for s in finals)], 1)
         if check:
-            with torch.no_grad():
-                weights = {k: w.detach() for k, w in zip(mod._flat_weights_names, mod._flat_weights)}
-                again, _ = _unrolled(mod, *self._unpack(mod, a), weights)
-            ref = packed.detach()
-            check_close(f"the unrolled {mod.mode} recomputation against the module's own output",
-                        float(torch.linalg.vector_norm((again - ref).double())),
-                        float(torch.linalg.vector_norm(ref.double())), rtol_for(str(ref.dtype)), layer=name)
+            self._check(mod, a, packed.detach(), name)
         off, size = t_len * dirs * hidden, layers * dirs * hidden
         views = [packed[:, :off].reshape(n, t_len, dirs * hidden)]
         views[0] = (views[0] if mod.batch_first else views[0].transpose(0, 1)).contiguous()
         states = [packed[:, off + j * size : off + (j + 1) * size].reshape(n, layers * dirs, hidden)
                   .transpose(0, 1).contiguous() for j in range(n_states)]
         return a, packed, (views[0], tuple(states) if n_states == 2 else states[0])
+
+    def _check(self, mod: nn.RNNBase, a: Tensor, ref: Tensor, name: str) -> None:
+        """The unrolled recomputation, as the rule runs it (autocast off), reproduces the fused
+        module's packed outputs ``ref``; under autocast within the autocast dtype's tolerance."""
+        device, rtol = ref.device.type, rtol_for(str(ref.dtype))
+        autocast = device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device)
+        if autocast:
+            rtol = max(rtol, rtol_for(str(torch.get_autocast_dtype(device))))
+        with torch.no_grad(), torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            weights = {k: w.detach().to(a.dtype) for k, w in zip(mod._flat_weights_names, mod._flat_weights)}
+            again, _ = _unrolled(mod, *self._unpack(mod, a), weights)
+        check_close(f"the unrolled {mod.mode} recomputation against the module's own output",
+                    float(torch.linalg.vector_norm(again.double() - ref.double())),
+                    float(torch.linalg.vector_norm(ref.double())), rtol, layer=name)
 
     def __call__(self, mod: nn.RNNBase, a: Tensor, b: Tensor) -> Pieces:
         """The pieces of every weight and bias of ``mod`` for the examples of (a, b)."""
