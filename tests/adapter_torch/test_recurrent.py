@@ -150,6 +150,34 @@ def test_encoder_decoder_with_initial_states(dtype):
     assert [v.ok for v in engine.plan().verdicts.values()] == [True]
 
 
+class CalledTwice(nn.Module):
+    """One bidirectional LSTM on two sequences of different lengths; the second call's h_n feeds the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, EMBED)
+        self.rnn = nn.LSTM(EMBED, HIDDEN, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(4 * HIDDEN, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        whole, _ = self.rnn(self.emb(tokens))
+        part, (h, _) = self.rnn(self.emb(tokens[:, :3]).relu())
+        return self.head(torch.cat([whole.mean(1), part[:, -1] * h[0].repeat(1, 2)], 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_layer_called_twice(dtype):
+    """The calls' time steps are concatenated (combine_pieces), cross terms included."""
+    torch.manual_seed(10)
+    model = CalledTwice().to(dtype)
+    x, y = _data(8, 6, seed=10)
+    engine = PerExampleStats(model, ce, method="fast")
+    ref = _oracle(model, x, y)
+    _assert_matches(engine(x, y), ref, dtype)
+    _assert_matches(engine(x, y), ref, dtype)
+    assert [v.ok for v in engine.plan().verdicts.values()] == [True]
+
+
 @pytest.mark.parametrize(("cell", "dtype"), [(nn.LSTM, torch.float64), (nn.LSTM, torch.float32),
                                              (nn.GRU, torch.float64), (nn.GRU, torch.float32)])
 def test_generic_path_matches_the_float64_loop(cell, dtype):
