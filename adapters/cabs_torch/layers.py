@@ -192,6 +192,9 @@ def rule_for(mod: nn.Module) -> Rule | None:
         return None
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and getattr(mod, "transposed", False):
         return None
+    refuses = getattr(rule, "refuses", None)  # a rule that declines some configurations (recurrent.py)
+    if refuses is not None and refuses(mod):
+        return None
     return rule
 
 
@@ -296,3 +299,6 @@ def tied_sq_norm_sum(pieces: list[Piece], n: int, shape: tuple[int, ...]) -> Ten
         total = total + 2 * embedding_linear_cross_sq_norms(merged[1][1], merged[1][2], merged[0][1],
                                                             merged[0][2]).sum()
     return total
+
+
+from . import recurrent as _recurrent  # noqa: E402,F401  (registers nn.LSTM / nn.GRU / nn.RNN in RULES)

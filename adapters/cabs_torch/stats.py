@@ -140,8 +140,10 @@ def unsupported_reasons(model: nn.Module, ops: bool = True) -> list[str]:
         rule = rule_for(mod)
         if rule is None:
             if not ops or isinstance(mod, nn.RNNBase) or type(mod) in RULES:
-                reasons.append(f"{label} has parameters and no fast rule")
-        elif {n for n, _ in own} - {"weight", "bias"} and RULES.get(type(mod)) in _BUILTIN_RULES:
+                why = getattr(RULES.get(type(mod)), "refuses", lambda _: None)(mod)  # a declined configuration
+                reasons.append(f"{label} has parameters and no fast rule" + (f" ({why})" if why else ""))
+        elif ({n for n, _ in own} - getattr(rule, "param_names", lambda _: {"weight", "bias"})(mod)
+              and RULES.get(type(mod)) in _BUILTIN_RULES):
             reasons.append(f"{label} has parameters other than weight and bias")
     # parameters shared between supported modules (tied embeddings) are supported: the
     # per-example gradient sums the uses' terms, cross terms included (layers.tied_sq_norm_sum)
@@ -345,15 +347,21 @@ def _generic(
     in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, inputs),
                tree_map(lambda t: 0 if isinstance(t, Tensor) else None, targets))
     batched = vmap(grad_and_value(one), in_dims=in_dims, randomness="different")
-    single = grad_and_value(one)
 
     def looped(tp: dict[str, Tensor], x: Any, y: Any) -> tuple[dict[str, Tensor], Tensor]:
-        """vmap's result from a loop of single examples, for modules vmap cannot batch."""
-        def row(tree: Any, i: int) -> Any:
-            return tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
-
-        outs = [single(tp, row(x, i), row(y, i)) for i in range(_batch_size(x))]
-        return ({name: torch.stack([g[name] for g, _ in outs]) for name in names},
+        """vmap's result from a loop of single examples through the module itself (plain autograd), for
+        modules torch.func cannot take: vmap fails on nn.LSTM / nn.GRU / nn.RNN (their cells add the
+        batched input gates in place into the gates of h_0, made inside the module without the vmapped
+        axis), and even torch.func.grad fails on nn.LSTM over a PackedSequence."""
+        outs = []
+        with torch.enable_grad():
+            for i in range(_batch_size(x)):
+                loss = loss_fn(model(*_take(x, slice(i, i + 1))), _take(y, slice(i, i + 1)))
+                _check_losses(loss, 1)
+                g = torch.autograd.grad(loss[0], params, allow_unused=True)
+                outs.append(([torch.zeros_like(p) if gk is None else gk for p, gk in zip(params, g)],
+                             loss.detach()[0]))
+        return ({name: torch.stack([g[k] for g, _ in outs]) for k, name in enumerate(names)},
                 torch.stack([v for _, v in outs]))
 
     if chunk_size is None:
@@ -366,6 +374,10 @@ def _generic(
     sums = [] if sq_only else [torch.zeros_like(p, dtype=_wide(p).dtype) for p in params]
     sq = torch.zeros((), dtype=dtype, device=device)
     all_losses = []
+    if model not in _VMAP_FAILED and any(isinstance(mod, nn.RNNBase) for mod in model.modules()):
+        # LSTM/GRU/RNN: vmap raises on their cells, or (float32 LSTM on CPU) runs oneDNN's layer through
+        # its per-example fallback, 1.7x slower than the loop (LSTM(64, 128), 32 steps, batch 64)
+        _VMAP_FAILED.add(model)
     per_example = looped if model in _VMAP_FAILED else batched
     for s in range(0, m, chunk_size):
         sl = slice(s, s + chunk_size)
@@ -749,18 +761,29 @@ class PerExampleStats:
             if isinstance(rec.mod, (OpSite, BroadcastSite)):
                 for p, pname in _site_params(rec.mod):
                     dyn.setdefault(id(p), []).append((rec, pname))
+        # each use's pieces, computed once (a recurrent rule recomputes its layer), and the same with
+        # every term's magnitude: the rule on |a| and |b| (so that a sum over positions that cancels, a
+        # key projection's bias under softmax, keeps the size of its terms), or for a rule that is not
+        # bilinear in them (nn.LSTM) the pieces' factors' magnitudes
+        pieces: dict[_Record, list[tuple[dict[str, Piece], dict[str, Piece]]]] = {}
         for p, g, owners, name in zip(plan.params, grads, plan.owners, plan.names):
             shape = tuple(p.shape)
             uses: list[Piece] = []
             magnitude = None  # the rebuilt sum with every term's magnitude: the scale of its rounding
             for rec, pname in [*owners, *dyn.get(id(p), [])]:
-                for a, b in kept.get(rec, []):
-                    a, b = None if a is None else _wide(a), _wide(b)
-                    piece = rec.rule(rec.mod, a, b).get(pname)
+                if rec not in pieces:
+                    pieces[rec] = []
+                    for a, b in kept.get(rec, []):
+                        a, b = None if a is None else _wide(a), _wide(b)
+                        call = rec.rule(rec.mod, a, b)
+                        mags = ({n: _abs_piece(pc) for n, pc in call.items()} if hasattr(rec.rule, "pack")
+                                else rec.rule(rec.mod, _abs(a), _abs(b)))
+                        pieces[rec].append((call, mags))
+                for call, mags in pieces[rec]:
+                    piece = call.get(pname)
                     if piece is not None:
                         uses.append(piece)
-                        mag = rec.rule(rec.mod, _abs(a), _abs(b)).get(pname)
-                        term = piece_grad_sum(mag, k, shape).abs()
+                        term = piece_grad_sum(mags[pname], k, shape).abs()
                         magnitude = term if magnitude is None else magnitude + term
             full = _wide(torch.zeros_like(p) if g is None else g.detach())
             rebuilt = None
@@ -912,23 +935,31 @@ class PerExampleStats:
             if mode is None:
                 return
             a = args[0] if args else next(iter(kwargs.values()), None)
-            if isinstance(a, Tensor) and not mode.is_free(a):
+            if not (isinstance(a, Tensor) and mode.is_free(a)):  # e.g. a PackedSequence: the module's own
                 mode.skip.update(records[mod].pids)
 
-        def forward_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        def forward_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
             rec = records[mod]
             rec.called = True
             a = args[0] if args else next(iter(kwargs.values()))
+            returned = None
+            pack = getattr(rec.rule, "pack", None)
+            if pack is not None and not (mode is not None and isinstance(a, Tensor) and mode.is_free(a)):
+                # a layer of several inputs and outputs (nn.LSTM): one example-major tensor each way, and the
+                # model receives views of the packed output (recurrent.py); its parameters' uses there are
+                # the layer's own (still skipped by the operation-level capture)
+                a, out, returned = pack(mod, args, kwargs, out, rec.keep)
             if mode is not None:
                 mode.skip.difference_update(rec.pids)
                 if isinstance(a, Tensor) and mode.is_free(a):  # positions: seen where they meet the examples
                     structure.append((rec, "free"))
-                    return
+                    return returned
             if not isinstance(out, Tensor) or not out.requires_grad:
                 structure.append((rec,))
-                return
+                return returned
             spec = spec_of(rec, a, out, _trailing_axes(mod), False)
             capture(rec, a, out, spec, masked(tuple(a.shape), spec, m))
+            return returned
 
         params = plan.params
         handles = [mod.register_forward_hook(forward_hook, with_kwargs=True) for mod in records]
@@ -1043,6 +1074,12 @@ class PerExampleStats:
 def _abs(t: Tensor | None) -> Tensor | None:
     """|t| for a floating tensor (the magnitudes of a rule's terms); others unchanged."""
     return t.abs() if t is not None and t.is_floating_point() else t
+
+
+def _abs_piece(piece: Piece) -> Piece:
+    """The piece with the magnitudes of its factors (token ids unchanged): its gradient sum bounds
+    the terms the parameter's gradient adds up, the scale of the rounding of the accounting check."""
+    return tuple(t.abs() if isinstance(t, Tensor) and t.is_floating_point() else t for t in piece)
 
 
 def _trailing_axes(mod: nn.Module) -> int:
