@@ -69,7 +69,31 @@ class Verdict:
 
 
 _VERDICTS: weakref.WeakKeyDictionary[FlaxLoss, dict[tuple, Verdict]] = weakref.WeakKeyDictionary()
-_probe_jit = jax.jit(probe_numbers, static_argnums=0)
+
+
+def _packed_probe(floss: FlaxLoss, params: PyTree, rows: PyTree) -> jax.Array:
+    """:func:`probe_numbers` as one vector in their promoted dtype (exact: promotion only
+    widens), so that a probe copies its numbers to the host in one transfer instead of
+    one per number: ``[fast S, generic S, then per layer (difference, norm, layer S)]``."""
+    s_fast, s_generic, accounting = probe_numbers(floss, params, rows)
+    values = [s_fast, s_generic] + [v for t in accounting.values() for v in t]
+    dtype = jnp.result_type(*values)
+    return jnp.stack([jnp.asarray(v, dtype) for v in values])
+
+
+def _unpack(vector: Any, known: tuple) -> tuple:
+    """(fast S, generic S, {layer: (difference, norm, layer S)}) from :func:`_packed_probe`'s
+    vector; ``known``: the probed structure, whose layer paths in order of first use are the
+    order of the accounting (:func:`~cabs_jax.flax_fast.probe_numbers` plans the same calls)."""
+    names = list(dict.fromkeys("/".join(entry[0]) for entry in known))
+    v = [float(a) for a in np.asarray(vector)]
+    if len(v) != 2 + 3 * len(names):
+        raise UnsupportedModelError(f"the probe returned {len(v)} numbers for {len(names)} layers",
+                                    reason="probe layers differ from the plan")
+    return v[0], v[1], {name: tuple(v[2 + 3 * i: 5 + 3 * i]) for i, name in enumerate(names)}
+
+
+_probe_jit = jax.jit(_packed_probe, static_argnums=0)
 
 
 def _is_traced(tree: PyTree) -> bool:
@@ -112,7 +136,7 @@ def _synthetic(tree: PyTree, seed: int) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
-def _run_probe(floss: FlaxLoss, params: PyTree, rows: PyTree) -> tuple:
+def _run_probe(floss: FlaxLoss, params: PyTree, rows: PyTree) -> Any:
     """The probe program's numbers on host (one jitted program per signature, cached by the jit).
     Called with concrete values under a caller's trace (values closed over), the jit would be
     staged into that trace and give tracers: the program is then compiled and run by itself."""
@@ -122,7 +146,7 @@ def _run_probe(floss: FlaxLoss, params: PyTree, rows: PyTree) -> tuple:
     return jax.device_get(out)
 
 
-def _run_compiled(floss: FlaxLoss, params: PyTree, rows: PyTree) -> tuple:
+def _run_compiled(floss: FlaxLoss, params: PyTree, rows: PyTree) -> Any:
     """Compile the probe program for these values and run it on them, also inside a caller's
     trace: lowering traces ``probe_numbers`` afresh and a compiled program runs on concrete
     arrays without entering the caller's trace. (Not ``jax.ensure_compile_time_eval``: under
@@ -172,10 +196,11 @@ def probe(
         if not (_is_traced(params) or _is_traced(batch) or _is_traced(weights)):
             with jax.ensure_compile_time_eval():  # the rows' values, also under a caller's trace (one gather)
                 rows = _probe_rows(batch, weights, k)
-            s_fast, s_generic, accounting = _run_probe(floss, params, rows)
+            vector = _run_probe(floss, params, rows)
         else:  # inside a caller's trace: no values yet
             b_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + tuple(jnp.shape(a)[1:]), a.dtype), batch)
-            s_fast, s_generic, accounting = _run_compiled(floss, _synthetic(params, 0), _synthetic(b_shapes, 1))
+            vector = _run_compiled(floss, _synthetic(params, 0), _synthetic(b_shapes, 1))
+        s_fast, s_generic, accounting = _unpack(vector, known)
         numbers = [s_fast, s_generic] + [v for t in accounting.values() for v in t]
         if not all(np.isfinite(v) for v in numbers):
             return Verdict(None, inconclusive=True)  # non-finite values establish nothing either way
