@@ -146,19 +146,20 @@ def steps(floss: cabs_jax.FlaxLoss, chunk: int) -> tuple[Callable, Callable, Cal
 
 def verify_costs(
     module: nn.Module, params, batch, mask, reps: int, fast: Callable, fast_args: tuple
-) -> tuple[float, float, float, float]:
+) -> tuple[float, float, float, float, float]:
     """(first probe incl. compilation, a later probe, the per-step verdict look-up, the
-    fast step), seconds, as ``CABSTrainer.step`` runs them (a fresh FlaxLoss, so the first
-    probe compiles); later probes and fast steps alternate, best of ``reps`` each, so that
-    load on a shared machine hits both alike."""
+    fast step, the first probe's CPU time), seconds, as ``CABSTrainer.step`` runs them (a fresh
+    FlaxLoss, so the first probe compiles); later probes and fast steps alternate, best of
+    ``reps`` each, so that load on a shared machine hits both alike. The first probe's CPU
+    time (all threads of the process) is less sensitive to other load than its wall time."""
     floss = cabs_jax.FlaxLoss(module, next_token_loss if isinstance(module, GPT) else cross_entropy)
 
     def resolve(reprobe: bool) -> str:
         return cabs_jax.verify.resolve(floss, params, batch, mask, "fast", reprobe=reprobe)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     assert resolve(True) == "fast"
-    first = time.perf_counter() - t0
+    first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     again, step = [], []
     for _ in range(max(reps, 1)):
         step.append(once(fast, *fast_args))
@@ -167,7 +168,28 @@ def verify_costs(
     t0 = time.perf_counter()
     for _ in range(n):
         resolve(False)
-    return first, min(again), (time.perf_counter() - t0) / n, min(step)
+    return first, min(again), (time.perf_counter() - t0) / n, min(step), first_cpu
+
+
+def cold_probe(name: str, m: int) -> None:
+    """The first probe of a run as ``CABSTrainer``'s first step meets it: in a process that
+    has compiled nothing for the model yet; CPU (all threads) and wall seconds, and the same
+    for the first call of the fast step (its compilation), which every run pays anyway."""
+    module = MLP() if name == "mlp" else PaperCNN()
+    floss = cabs_jax.FlaxLoss(module, cross_entropy)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    rng = np.random.default_rng(0)
+    batch = (jnp.asarray(rng.normal(size=(m, 28, 28, 1)), jnp.float32), jnp.asarray(rng.integers(0, 10, size=m)))
+    jax.block_until_ready((params, batch))
+    t0, c0 = time.perf_counter(), time.process_time()
+    assert cabs_jax.verify.resolve(floss, params, batch, np.ones(m, bool), "fast") == "fast"
+    probe = (time.perf_counter() - t0, time.process_time() - c0)
+    fast = jax.jit(lambda p, b: cabs_jax.batch_stats(floss, p, b, method="fast"))
+    t0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fast(params, batch))
+    step = (time.perf_counter() - t0, time.process_time() - c0)
+    print(f"{name} batch {m}: first probe {probe[1]:.2f} s CPU ({probe[0]:.2f} s wall); "
+          f"the fast step's first call {step[1]:.2f} s CPU ({step[0]:.2f} s wall)", flush=True)
 
 
 def _timed(fn: Callable) -> float:
@@ -190,7 +212,14 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true", help="also time the fast path's checks (issue 12)")
     ap.add_argument("--verify-every", type=int, default=VERIFY_EVERY, help="steps between probes")
     ap.add_argument("--run-steps", type=int, default=1000, help="run length the checks are amortised over")
+    ap.add_argument("--cold-probe", action="store_true",
+                    help="only the first probe in this fresh process, before any step is compiled (as the "
+                    "trainer's first step meets it), for the first of --models and --batches; then the "
+                    "fast step's own first call (its compilation) for comparison")
     args = ap.parse_args()
+    if args.cold_probe:
+        cold_probe(args.models[0], args.batches[0])
+        return
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {jax.devices()[0].device_kind}")
     layers, dim, heads, seq, vocab = args.gpt_size
@@ -236,10 +265,10 @@ def main() -> None:
                 g_cols = f"{'-':>11} {tf / tp:10.2f}x {'-':>14}"
             print(f"{name:5} {m:5d} {1e3 * tp:9.2f} {1e3 * tf:9.2f} {g_cols}", flush=True)
             if args.verify:
-                first, again, lookup, tf_alt = verify_costs(
+                first, again, lookup, tf_alt, first_cpu = verify_costs(
                     module, params, batch, np.ones(m, bool), args.reps, fast, (params, batch, mask)
                 )
-                verify_rows.append((name, m, tf_alt, first, again, lookup))
+                verify_rows.append((name, m, tf_alt, first, again, lookup, first_cpu))
 
     if verify_rows:
         n, every = args.run_steps, args.verify_every
@@ -249,18 +278,18 @@ def main() -> None:
               f"best fast step alternating with the re-probes; 2% after = run length at which the checks cost 2%")
         header = (
             f"{'model':5} {'batch':>5} {'fast ms':>9} {'look-up us':>11} {'probe ms':>9} {'steady':>8} "
-            f"{'1st probe s':>12} {'run':>8} {'2% after':>9}"
+            f"{'1st probe s':>12} {'(cpu s)':>8} {'run':>8} {'2% after':>9}"
         )
         print(header)
         print("-" * len(header))
-        for name, m, tf, first, again, lookup in verify_rows:
+        for name, m, tf, first, again, lookup, first_cpu in verify_rows:
             steady = (lookup + again / every if every else lookup) / tf
             run = (n * lookup + first + (probes - 1) * again) / (n * tf)
             # steps N with (first - again) / N + steady <= 2%: the first probe's extra cost amortised
             after = f"{(first - again) / tf / (0.02 - steady):9.0f}" if steady < 0.02 else f"{'never':>9}"
             print(
                 f"{name:5} {m:5d} {1e3 * tf:9.2f} {1e6 * lookup:11.1f} {1e3 * again:9.1f} {100 * steady:7.2f}% "
-                f"{first:12.2f} {100 * run:7.2f}% {after}",
+                f"{first:12.2f} {first_cpu:8.2f} {100 * run:7.2f}% {after}",
                 flush=True,
             )
 

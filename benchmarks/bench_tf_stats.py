@@ -141,6 +141,26 @@ def verify_cost(model: keras.Model, x, y, reps: int, fast) -> tuple[float, float
     return first, statistics.median(probes), statistics.median(steps), lookup
 
 
+def cold_probe(name: str, b: int) -> None:
+    """The first probe of a run as the trainer's first step meets it: nothing traced yet for the
+    model; CPU (all threads) and wall seconds, and the same for the fast step's first call (its
+    trace), which every run pays anyway."""
+    model = mlp() if name == "mlp" else mnist_cnn()
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(b, *model.inputs[0].shape[1:])).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, size=(b,)).astype("int32"))
+    step = cabs_tf.PerExampleStats(model, xent, method="fast")
+    t0, c0 = time.perf_counter(), time.process_time()
+    assert step.verify(x, y)
+    probe = (time.perf_counter() - t0, time.process_time() - c0)
+    fn = tf.function(step)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn(x, y)[1].numpy()
+    first_step = (time.perf_counter() - t0, time.process_time() - c0)
+    print(f"{name} batch {b}: first probe {probe[1]:.2f} s CPU ({probe[0]:.2f} s wall); "
+          f"the fast step's first call {first_step[1]:.2f} s CPU ({first_step[0]:.2f} s wall)", flush=True)
+
+
 def time_ms(fn, x, y, reps: int) -> float:
     fn(x, y).numpy()  # trace and warm up
     out = []
@@ -168,7 +188,14 @@ def main() -> None:
     ap.add_argument("--verify-every", type=int, default=VERIFY_EVERY, help="steps between two probes")
     ap.add_argument("--run-steps", type=int, default=1000, help="run length the first probe is amortised over")
     ap.add_argument("--no-generic", action="store_true", help="skip the generic path")
+    ap.add_argument("--cold-probe", action="store_true",
+                    help="only the first probe in this fresh process, before any step is traced (as the "
+                    "trainer's first step meets it), for the first of --models and --batches; then the fast "
+                    "step's own first call (its trace) for comparison")
     args = ap.parse_args()
+    if args.cold_probe:
+        cold_probe(args.models[0], args.batches[0])
+        return
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_physical_devices()]}, reps {args.reps}")
     print(f"{'model':5} {'batch':>5} {'plain ms':>9} {'fast ms':>9} {'generic ms':>11} {'fast/plain':>10} "

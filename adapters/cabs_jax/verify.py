@@ -69,7 +69,31 @@ class Verdict:
 
 
 _VERDICTS: weakref.WeakKeyDictionary[FlaxLoss, dict[tuple, Verdict]] = weakref.WeakKeyDictionary()
-_probe_jit = jax.jit(probe_numbers, static_argnums=0)
+
+
+def _packed_probe(floss: FlaxLoss, params: PyTree, rows: PyTree) -> jax.Array:
+    """:func:`probe_numbers` as one vector in their promoted dtype (exact: promotion only
+    widens), so that a probe copies its numbers to the host in one transfer instead of
+    one per number: ``[fast S, generic S, then per layer (difference, norm, layer S)]``."""
+    s_fast, s_generic, accounting = probe_numbers(floss, params, rows)
+    values = [s_fast, s_generic] + [v for t in accounting.values() for v in t]
+    dtype = jnp.result_type(*values)
+    return jnp.stack([jnp.asarray(v, dtype) for v in values])
+
+
+def _unpack(vector: Any, known: tuple) -> tuple:
+    """(fast S, generic S, {layer: (difference, norm, layer S)}) from :func:`_packed_probe`'s
+    vector; ``known``: the probed structure, whose layer paths in order of first use are the
+    order of the accounting (:func:`~cabs_jax.flax_fast.probe_numbers` plans the same calls)."""
+    names = list(dict.fromkeys("/".join(entry[0]) for entry in known))
+    v = [float(a) for a in np.asarray(vector)]
+    if len(v) != 2 + 3 * len(names):
+        raise UnsupportedModelError(f"the probe returned {len(v)} numbers for {len(names)} layers",
+                                    reason="probe layers differ from the plan")
+    return v[0], v[1], {name: tuple(v[2 + 3 * i: 5 + 3 * i]) for i, name in enumerate(names)}
+
+
+_probe_jit = jax.jit(_packed_probe, static_argnums=0)
 
 
 def _is_traced(tree: PyTree) -> bool:
@@ -99,17 +123,36 @@ def _probe_size(params: PyTree, batch: PyTree, m: int) -> int | None:
 
 def _synthetic(tree: PyTree, seed: int) -> PyTree:
     """Concrete values of the shapes and dtypes of ``tree``: normal floats (scaled),
-    zero integers and booleans."""
+    zero integers and booleans; NumPy arrays, which stay concrete inside a caller's trace."""
     leaves, treedef = jax.tree.flatten(tree)
     rng = np.random.default_rng(seed)
     out = []
     for x in leaves:
         shape, dtype = tuple(jnp.shape(x)), jnp.result_type(x)
         if jnp.issubdtype(dtype, jnp.floating):
-            out.append(jnp.asarray(0.5 * rng.standard_normal(shape), dtype))
+            out.append(np.asarray(0.5 * rng.standard_normal(shape), dtype))
         else:
-            out.append(jnp.zeros(shape, dtype))
+            out.append(np.zeros(shape, dtype))
     return jax.tree.unflatten(treedef, out)
+
+
+def _run_probe(floss: FlaxLoss, params: PyTree, rows: PyTree) -> Any:
+    """The probe program's numbers on host (one jitted program per signature, cached by the jit).
+    Called with concrete values under a caller's trace (values closed over), the jit would be
+    staged into that trace and give tracers: the program is then compiled and run by itself."""
+    out = _probe_jit(floss, params, rows)
+    if _is_traced(out):
+        return _run_compiled(floss, params, rows)
+    return jax.device_get(out)
+
+
+def _run_compiled(floss: FlaxLoss, params: PyTree, rows: PyTree) -> Any:
+    """Compile the probe program for these values and run it on them, also inside a caller's
+    trace: lowering traces ``probe_numbers`` afresh and a compiled program runs on concrete
+    arrays without entering the caller's trace. (Not ``jax.ensure_compile_time_eval``: under
+    it every operation on constants in the probe's own trace ran eagerly, one small compilation
+    each, 4x the probe's compilation time.)"""
+    return jax.device_get(_probe_jit.lower(floss, params, rows).compile()(params, rows))
 
 
 def _probe_rows(batch: PyTree, weights: Any, k: int) -> PyTree:
@@ -150,14 +193,14 @@ def probe(
             checked = {m: None}  # the full batch has the probed structure: _full_batch_check need not trace it again
         else:
             checked = {}
-        concrete = not (_is_traced(params) or _is_traced(batch) or _is_traced(weights))
-        with jax.ensure_compile_time_eval():  # values, also inside a caller's trace
-            if concrete:
-                p_probe, b_probe = params, _probe_rows(batch, weights, k)
-            else:  # inside a caller's trace: no values yet
-                b_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + tuple(jnp.shape(a)[1:]), a.dtype), batch)
-                p_probe, b_probe = _synthetic(params, 0), _synthetic(b_shapes, 1)
-            s_fast, s_generic, accounting = jax.device_get(_probe_jit(floss, p_probe, b_probe))
+        if not (_is_traced(params) or _is_traced(batch) or _is_traced(weights)):
+            with jax.ensure_compile_time_eval():  # the rows' values, also under a caller's trace (one gather)
+                rows = _probe_rows(batch, weights, k)
+            vector = _run_probe(floss, params, rows)
+        else:  # inside a caller's trace: no values yet
+            b_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + tuple(jnp.shape(a)[1:]), a.dtype), batch)
+            vector = _run_compiled(floss, _synthetic(params, 0), _synthetic(b_shapes, 1))
+        s_fast, s_generic, accounting = _unpack(vector, known)
         numbers = [s_fast, s_generic] + [v for t in accounting.values() for v in t]
         if not all(np.isfinite(v) for v in numbers):
             return Verdict(None, inconclusive=True)  # non-finite values establish nothing either way
