@@ -136,6 +136,15 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def hf(session: nox.Session) -> None:
+    """Small random-init Hugging Face transformers (GPT-2, BERT, DistilBERT) on the torch fast path
+    against the loop over single examples (optional; not in the defaults: it installs transformers)."""
+    _install_extras(session, "torch,dev")
+    _install(session, "transformers")
+    session.run(*PYTEST, "tests/hf", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """The README's demo: CABS against SGD baselines on scikit-learn's digits (torch, CPU)."""
     _install_extras(session, "torch,experiments")
