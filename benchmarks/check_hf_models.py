@@ -1,7 +1,7 @@
 """Issue 20: small random-init Hugging Face models on cabs_torch's fast path,
-against the float64 loop over single examples (not a test: needs ``transformers``,
-which no nox session installs; run it in a venv with the pinned torch and
-``transformers``, e.g. ``python benchmarks/check_hf_models.py``).
+against the float64 loop over single examples (needs ``transformers``: the optional
+nox session ``hf`` installs it and asserts the same check, ``tests/hf``; this script
+also times the models, e.g. ``.nox/hf/bin/python benchmarks/check_hf_models.py``).
 
 For each model: which path was taken (fast, or a FastPathFallbackWarning with
 its reason), S from cabs_torch and from the loop, their relative difference,
