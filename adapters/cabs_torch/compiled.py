@@ -32,7 +32,9 @@ with ``backend="aot_eager"`` (AOTAutograd's traced graph, eager kernels;
 
 from __future__ import annotations
 
+import itertools
 import operator
+import types
 from typing import Any
 
 import torch
@@ -121,6 +123,25 @@ def compile_backend(graph: fx.GraphModule, modules: dict[str, nn.Module], calls:
     return "inductor"
 
 
+_instances = itertools.count()
+
+
+def _own_code(method: Any) -> Any:
+    """``method`` bound to a copy of its function with a code object of its own.
+
+    torch.compile keeps its caches, its recompilation limit and the shapes it
+    has seen (after which it recompiles with dynamic shapes) per code object:
+    without a copy every CompiledFastStats in a process would share them, and a
+    second model would recompile with dynamic shapes (minutes for a small CNN)
+    or, past the recompilation limit, silently run eagerly."""
+    fn = method.__func__
+    name = f"{fn.__name__}_{next(_instances)}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name) if hasattr(fn.__code__, "co_qualname") \
+        else fn.__code__.replace(co_name=name)
+    own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, method.__self__)
+
+
 class CompiledFastStats:
     """``(inputs, targets, weights) -> (count, loss_sum, grad_sum, S)`` for one
     model analysis (``params`` in ``grad_sum`` order, the supported ``layers``)."""
@@ -147,7 +168,7 @@ class CompiledFastStats:
         self.tie_groups = tie_groups or []
         #: the torch.compile backend: ``compile_options["backend"]``, else :func:`compile_backend`
         self.backend = compile_options.pop("backend", None) or compile_backend(self.graph, modules, self.calls)
-        self._step = torch.compile(self._step_fn, backend=self.backend, **compile_options)
+        self._step = torch.compile(_own_code(self._step_fn), backend=self.backend, **compile_options)
 
     def _step_fn(self, train: dict[str, Tensor], fixed: dict[str, Tensor], inputs: tuple[Tensor, ...],
                  targets: Any, weights: Tensor | None, perturbations: list[Tensor]

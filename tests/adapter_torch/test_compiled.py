@@ -13,16 +13,6 @@ from cabs_torch import PerExampleStats, UnsupportedModelError, per_example_stats
 from torch import nn
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch: torch.compile's caches belong to the code of
-    CompiledFastStats._step_fn, and after earlier instances' shapes it recompiles with
-    dynamic shapes (minutes instead of seconds for the grouped CNN)."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
 
@@ -134,3 +124,14 @@ def test_compiled_refuses_a_layer_type_it_has_not_checked(monkeypatch):
     x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
     with pytest.raises(UnsupportedModelError, match=r"compile=True supports .*0 \(MyLinear\).*compile=False"):
         per_example_stats(model, ce, x, y, method="fast", compile=True)
+
+
+def test_each_instance_compiles_its_own_code():
+    """torch.compile's caches and seen shapes live on the code object: two instances
+    must not share it (the second would recompile with dynamic shapes, minutes for
+    the grouped CNN above, or run eagerly past the recompilation limit)."""
+    mlp = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    a, b = (cabs_torch.compiled.CompiledFastStats(mlp, ce, list(mlp.parameters()), {"0", "2"}) for _ in range(2))
+    code_a, code_b = (s._step._torchdynamo_orig_callable.__code__ for s in (a, b))
+    assert code_a is not code_b and code_a.co_name != code_b.co_name
+    assert code_a.co_code == cabs_torch.compiled.CompiledFastStats._step_fn.__code__.co_code
