@@ -27,7 +27,8 @@ and inductor fuses a read of that buffer into the kernel that zeroes it, before
 the scatter (docs/torch.md, "Known compiler problem"). Graphs with a
 convolution, a channel normalisation or a max pooling are therefore compiled
 with ``backend="aot_eager"`` (AOTAutograd's traced graph, eager kernels;
-:func:`compile_backend`): exact, and on the paper's CNN faster than inductor.
+:func:`compile_backend`): exact, and on the paper's CNN faster than the eager
+fast path.
 """
 
 from __future__ import annotations
