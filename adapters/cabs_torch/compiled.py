@@ -18,19 +18,28 @@ outside its layers and that the probed calls are the traced graph's; the
 example axis is taken from the batch. Layers that share parameters (a tied
 embedding and output projection) are reduced together with their cross terms.
 
-Layers: ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``.
-Convolutions and GroupNorm/BatchNorm are refused: with them, inductor (torch
-2.13, CPU) returned wrong parameter gradients for this construction (the first
-convolution of the paper's CNN; exact with ``backend="aot_eager"``), or failed
-to compile; they stay on the eager fast path.
+Layers: ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+``nn.Conv1d``, ``nn.Conv2d``, ``nn.GroupNorm``, eval-mode ``nn.BatchNorm1d/2d/3d``.
+Inductor (torch 2.13, CPU) returns wrong gradients for this construction when
+a max pooling follows a perturbed layer output (the paper's CNN: conv, ReLU,
+max pool): the backward of the max pooling is a scatter into a zeroed buffer,
+and inductor fuses a read of that buffer into the kernel that zeroes it, before
+the scatter (docs/torch.md, "Known compiler problem"). Graphs with a
+convolution, a channel normalisation or a max pooling are therefore compiled
+with ``backend="aot_eager"`` (AOTAutograd's traced graph, eager kernels;
+:func:`compile_backend`): exact, and on the paper's CNN faster than the eager
+fast path.
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
+import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call, grad_and_value
 
@@ -79,8 +88,59 @@ def rewrite_for_statistics(model: nn.Module, layers: set[str]) -> tuple[fx.Graph
     return fx.GraphModule(gm, graph), [str(n.target) for n in calls]
 
 
+#: layer types whose graphs are compiled with ``aot_eager`` (see :func:`compile_backend`)
+AOT_EAGER_LAYERS = (nn.Conv1d, nn.Conv2d, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: the layer types whose compiled statistics are checked against the loop oracle
-COMPILED_LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+COMPILED_LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+                   *AOT_EAGER_LAYERS)
+
+
+_MAX_POOL_FUNCTIONS = {getattr(F, f"{kind}max_pool{d}d") for kind in ("", "adaptive_") for d in (1, 2, 3)}
+
+
+def _is_max_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A max pooling (module, functional or method call) in the traced graph."""
+    if node.op == "call_module":
+        name = type(modules[str(node.target)]).__name__
+    elif node.op in ("call_function", "call_method"):
+        if node.target in _MAX_POOL_FUNCTIONS:  # F.max_pool2d is a dispatcher named "fn"
+            return True
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    else:
+        return False
+    return "maxpool" in name.lower().replace("_", "")
+
+
+def compile_backend(graph: fx.GraphModule, modules: dict[str, nn.Module], calls: list[str]) -> str:
+    """``"aot_eager"`` for a graph with a convolution, a GroupNorm/BatchNorm or
+    a max pooling, ``"inductor"`` otherwise. Inductor (torch 2.13, CPU)
+    miscompiles the perturbed graph of a max pooling's backward (docs/torch.md,
+    "Known compiler problem"); ``aot_eager`` runs the same AOTAutograd graph
+    with eager kernels, exactly."""
+    if any(isinstance(modules[name], AOT_EAGER_LAYERS) for name in calls):
+        return "aot_eager"
+    if any(_is_max_pool(node, modules) for node in graph.graph.nodes):
+        return "aot_eager"
+    return "inductor"
+
+
+_instances = itertools.count()
+
+
+def _own_code(method: Any) -> Any:
+    """``method`` bound to a copy of its function with a code object of its own.
+
+    torch.compile keeps its caches, its recompilation limit and the shapes it
+    has seen (after which it recompiles with dynamic shapes) per code object:
+    without a copy every CompiledFastStats in a process would share them, and a
+    second model would recompile with dynamic shapes (minutes for a small CNN)
+    or, past the recompilation limit, silently run eagerly."""
+    fn = method.__func__
+    name = f"{fn.__name__}_{next(_instances)}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name) if hasattr(fn.__code__, "co_qualname") \
+        else fn.__code__.replace(co_name=name)
+    own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, method.__self__)
 
 
 class CompiledFastStats:
@@ -94,12 +154,11 @@ class CompiledFastStats:
         self.model, self.loss_fn = model, loss_fn
         modules = dict(model.named_modules())
         refused = sorted(f"{name} ({type(modules[name]).__name__})" for name in layers
-                         if not isinstance(modules[name], COMPILED_LAYERS))
+                         if type(modules[name]) not in COMPILED_LAYERS)
         if refused:
             raise UnsupportedModelError(
                 f"compile=True supports {', '.join(t.__name__ for t in COMPILED_LAYERS)}; this model has "
-                f"{', '.join(refused)} (for convolutions torch.compile returned wrong gradients in this "
-                f"construction, torch 2.13 on CPU; the other types are not checked yet). "
+                f"{', '.join(refused)} (not checked under torch.compile yet). "
                 f"Use compile=False (the eager fast path)."
             )
         self.graph, self.calls = rewrite_for_statistics(model, layers)
@@ -108,7 +167,9 @@ class CompiledFastStats:
         self.chunk_elements = chunk_elements
         #: per group of layers sharing parameters: each parameter's shape and owners (layer, name)
         self.tie_groups = tie_groups or []
-        self._step = torch.compile(self._step_fn, **compile_options)
+        #: the torch.compile backend: ``compile_options["backend"]``, else :func:`compile_backend`
+        self.backend = compile_options.pop("backend", None) or compile_backend(self.graph, modules, self.calls)
+        self._step = torch.compile(_own_code(self._step_fn), backend=self.backend, **compile_options)
 
     def _step_fn(self, train: dict[str, Tensor], fixed: dict[str, Tensor], inputs: tuple[Tensor, ...],
                  targets: Any, weights: Tensor | None, perturbations: list[Tensor]

@@ -522,9 +522,10 @@ class PerExampleStats:
         kernels that produce them. Needs a model ``torch.fx`` can trace and a C++
         compiler on CPU; compiles on the first call and again when shapes
         change (pad batches to a few sizes, ``CABSController.padding_buckets``).
-        Layers: Linear, Embedding, LayerNorm, RMSNorm; models with others raise
-        :class:`UnsupportedModelError` (convolutions: see :mod:`.compiled`). The
-        generic path is never compiled. The probes run eagerly.
+        Layers: those of the fast path (:data:`.compiled.COMPILED_LAYERS`);
+        graphs with convolutions, channel norms or max pooling compile with
+        ``aot_eager`` (an inductor bug: see :mod:`.compiled`). The generic path
+        is never compiled. The probes run eagerly.
     verify_every: re-probe every ``verify_every`` calls (default
         :data:`cabs_core.exactness.VERIFY_EVERY`); ``None`` or 0: only the first
         call of each input signature.

@@ -513,13 +513,6 @@ def test_compiled_masked_and_other_batch_sizes(oracle, check):
         check(stats(x2, y2), oracle(model, ce, x2, y2))
 
 
-def test_compiled_refuses_convolutions():
-    model, x, y = _model("paper_cnn", m=2)
-    with pytest.raises(UnsupportedModelError, match=r"compile=True supports .*0 \(Conv2d\).*compile=False"):
-        per_example_stats(model, ce, x, y, method="fast", compile=True)
-    assert nn.Conv2d not in cabs_torch.compiled.COMPILED_LAYERS
-
-
 class Branchy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
