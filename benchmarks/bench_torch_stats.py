@@ -14,8 +14,8 @@ process, the time of one training step's gradient computation:
   probe step / fast step ratio and the amortised extra cost are printed below
   the tables
 - ``compiled``: ``cabs_torch.PerExampleStats(method="fast", compile=True)`` (one
-  ``torch.compile``d function; compiled during the warm-up; n/a for the CNN,
-  whose convolutions it refuses)
+  ``torch.compile``d function; compiled during the warm-up; the CNN's graph
+  compiles with ``aot_eager``, see docs/torch.md "Known compiler problem")
 - ``generic``: ``cabs_torch.PerExampleStats(method="generic")`` (torch.func vmap(grad), chunked)
 - ``backpack``: BackPACK ``BatchL2Grad`` (when ``backpack-for-pytorch`` is installed)
 - ``opacus_ghost``: Opacus ghost-clipping per-sample norms (when ``opacus`` is installed)

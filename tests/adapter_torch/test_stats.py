@@ -4,7 +4,6 @@ loop of single-example backward passes, in float64."""
 from __future__ import annotations
 
 import cabs_torch
-import cabs_torch.compiled
 import cabs_torch.layers
 import cabs_torch.stats
 import pytest
