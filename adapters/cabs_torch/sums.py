@@ -67,33 +67,12 @@ def functional_state(model: nn.Module, params: list[nn.Parameter]) -> tuple[dict
 def tied_layers_sq_norm_sums(calls: dict[nn.Module, list[tuple[Tensor, Tensor]]],
                              params: list[tuple[tuple[int, ...], list[tuple[nn.Module, str]]]],
                              chunk_elements: int) -> list[Tensor]:
-    """The share of S of layers that share parameters, as 0-d tensors to add up.
-
-    calls: per layer, (input, output gradient) of its calls that reached the loss;
-    params: per parameter of these layers, its shape and owners (layer, name).
-    In chunks of examples, each parameter's uses are combined with their cross
-    terms (:func:`.layers.tied_sq_norm_sum`)."""
-    live = {mod: c for mod, c in calls.items() if c}
-    if not live:
-        return []
-    n = next(iter(live.values()))[0][0].shape[0]
-    work = sum(_work_per_example(mod, a, b) for mod, c in live.items() for a, b in c)
-    step = max(1, min(n, chunk_elements // max(1, work)))
-    totals = []
-    with _full_precision(next(iter(live.values()))[0][1]):
-        for s in range(0, n, step):
-            pieces = {}
-            for mod, c in live.items():
-                rule = rule_for(mod)
-                assert rule is not None  # the layers were chosen by rule_for
-                pieces[mod] = combine_pieces([rule(mod, _wide(a[s : s + step]), _wide(b[s : s + step]))
-                                              for a, b in c])
-            rows = min(n, s + step) - s
-            for shape, owners in params:
-                uses = [pieces[mod][name] for mod, name in owners if mod in pieces and name in pieces[mod]]
-                if uses:
-                    totals.append(tied_sq_norm_sum(uses, rows, shape))
-    return totals
+    """The share of S of module layers that share parameters (tied embeddings): :func:`uses_sq_norm_sums`
+    with each layer's rule (:func:`.layers.rule_for`); calls: per layer, (input, output gradient) of its
+    calls that reached the loss; params: per parameter of these layers, its shape and owners (layer, name)."""
+    rules = {mod: (rule_for(mod), c) for mod, c in calls.items()}
+    assert all(r is not None for r, _ in rules.values())  # the layers were chosen by rule_for
+    return uses_sq_norm_sums(rules, params, chunk_elements)  # type: ignore[arg-type]
 
 
 def layer_sq_norm_sums(mod: Any, rule: Rule, inputs: list[Tensor], grads: list[Tensor],
@@ -165,7 +144,9 @@ def uses_sq_norm_sums(calls: dict[Any, tuple[Rule, list[tuple[Tensor | None, Ten
         return []
     first = next(iter(live.values()))[1][0][1]
     n = first.shape[0]
-    work = sum((0 if a is None else a[0].numel()) + 2 * b[0].numel() for _, c in live.values() for a, b in c)
+    work = sum(_work_per_example(site, a, b) if isinstance(site, nn.Module) and a is not None
+               else (0 if a is None else a[0].numel()) + 2 * b[0].numel()
+               for site, (_, c) in live.items() for a, b in c)
     step = max(1, min(n, chunk_elements // max(1, work)))
     totals = []
     with _full_precision(first):
