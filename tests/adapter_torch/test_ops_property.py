@@ -32,6 +32,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from cabs_core.exactness import probe_batch_size
+
 _spec = importlib.util.spec_from_file_location("torch_oracles", Path(__file__).with_name("conftest.py"))
 _oracles = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_oracles)
@@ -231,6 +233,18 @@ def run_and_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
     return "unprobed"
 
 
+def one_probe_size_meets_a_created_length(model: nn.Module, spec: dict[str, Any]) -> bool:
+    """A model that lengthens T (cls tokens) may create a length equal to the probe size k; the probe
+    then tries a second size, which a small batch may not have (k = m = 2): a fallback is due there."""
+    if not any(op in ("cls", "cls_end") for op in spec["ops"]):
+        return False
+    strict = {d for b in model.buffers() for d in b.shape} | {spec["t"]}
+    params = {d for p in model.parameters() for d in p.shape}
+    k = probe_batch_size(spec["m"], strict | params) or probe_batch_size(spec["m"], strict)
+    return k is not None and (probe_batch_size(spec["m"], strict | params | {k})
+                              or probe_batch_size(spec["m"], strict | {k})) is None
+
+
 @st.composite
 def specs(draw: Any) -> dict[str, Any]:
     d = draw(st.sampled_from([2, 4, 6]))
@@ -262,7 +276,7 @@ def test_functional_models_are_exact_or_step_aside(spec):
     COVERAGE[path] += 1
     if all(op in SUPPORTED for op in spec["ops"]) and path != "unprobed":
         COVERAGE["supported_probed"] += 1
-        if path != "taken":
+        if path != "taken" and not one_probe_size_meets_a_created_length(model, spec):
             print("SPURIOUS", spec)
 
 
@@ -272,3 +286,35 @@ def test_property_took_the_fast_path():
         pytest.skip("the property test did not run in this session")
     print(f"ops property coverage: {COVERAGE}")
     assert COVERAGE["taken"] > 0
+
+
+# ----------------------------------------------------------------------------- regressions the property found
+
+
+class ClsThenPositions(nn.Module):
+    """ViT-style: a cls token concatenated (T -> T + 1), then positions from a (1, T) buffer."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.emb = nn.Parameter(torch.randn(VOCAB, d))
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.table = nn.Parameter(torch.randn(TABLE, d))
+        self.register_buffer("pos_ids", torch.arange(TABLE).unsqueeze(0))
+        self.head = nn.Parameter(torch.randn(VOCAB, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(x, self.emb)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1)
+        h = h + F.embedding(self.pos_ids[:, : h.shape[1]], self.table)
+        return F.linear(torch.tanh(h).mean(1), self.head)
+
+
+def test_probe_size_equal_to_a_length_the_model_creates_is_retried():
+    """The first probe size (4: distinct from T = 3 and every other input, buffer and parameter
+    dimension) equals T + 1 after the cls token, so the position broadcast's output (4, 4, d) has
+    no unambiguous example axis. That was a spurious fallback; the probe now tries one more size."""
+    torch.manual_seed(0)
+    model = ClsThenPositions(6).double()
+    x = torch.randint(0, VOCAB, (6, 3))
+    y = torch.randint(0, VOCAB, (6,))
+    assert run_and_check(model, x, y) == "taken"
