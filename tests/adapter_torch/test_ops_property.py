@@ -46,9 +46,10 @@ TABLE = T_MAX + 12  # rows of the position tables: cls pieces lengthen T
 SUPPORTED = ["linear", "addmm", "matmul", "pos_arange", "pos_buffer", "pos_inplace", "cls", "scale", "shift",
              "layer_norm", "sdpa", "mha_bf", "mha_bf_mask", "mha_tm", "mha_tm_mask", "twice", "time_major",
              "sub", "rsub", "imul", "isub", "pos_param", "cls_end", "shared_gamma", "emb_pos", "fold_matmul",
-             "scalar"]
+             "scalar", "view_iadd"]
 #: pieces the capture must refuse or get right (exact or fallback)
-TRAPS = ["einsum", "where", "w_t", "w_times2", "w_sum", "lora", "mix", "buffer_linear", "scale_t"]
+TRAPS = ["einsum", "where", "w_t", "w_times2", "w_sum", "lora", "mix", "buffer_linear", "scale_t", "prealloc",
+         "add_alpha"]
 
 
 class Functional(nn.Module):
@@ -77,7 +78,7 @@ class Functional(nn.Module):
                 param("cls", 1, 1, d)
             elif op in ("scale", "scale_t"):
                 param("gamma", d, scale=1.0)
-            elif op in ("shift", "sub", "rsub", "isub"):
+            elif op in ("shift", "sub", "rsub", "isub", "view_iadd", "add_alpha"):
                 param("beta", d)
             elif op in ("imul", "shared_gamma"):
                 param("gamma", d, scale=1.0)
@@ -106,7 +107,7 @@ class Functional(nn.Module):
                 param("bb", 1, d)
             elif op == "mix":
                 param("g", d)
-            elif op == "buffer_linear":
+            elif op in ("buffer_linear", "prealloc"):
                 param("w", d, d)
         if spec["head"] == "plain":
             self.head_w = nn.Parameter(torch.randn(VOCAB, d) * 0.5)
@@ -153,7 +154,7 @@ class Functional(nn.Module):
                     if t > 1:
                         mask[:, t - 1] = x[:, 0] % 2 == 0
                 if op.startswith("mha_bf"):
-                    h = h + mod(h, h, h, key_padding_mask=mask, need_weights=False)[0]
+                    h = h + mod(h, h, h, key_padding_mask=mask, need_weights=i % 2 == 1)[0]
                 else:
                     z = h.transpose(0, 1)
                     h = h + mod(z, z, z, key_padding_mask=mask, need_weights=False)[0].transpose(0, 1)
@@ -183,6 +184,9 @@ class Functional(nn.Module):
                 h = torch.tanh(h.reshape(m * t, d) @ self.p(i, "w")).reshape(m, t, d)
             elif op == "scalar":
                 h = h * self.p(i, "s")
+            elif op == "view_iadd":  # in place on a view of the examples' tensor
+                h = 2.0 * h
+                h[:, t // 2:] += self.p(i, "beta")
             # ---- traps
             elif op == "einsum":
                 h = torch.tanh(torch.einsum("mtd,ed->mte", h, self.p(i, "w")))
@@ -200,6 +204,12 @@ class Functional(nn.Module):
                 h = h + (h * self.p(i, "g")).mean(0, keepdim=True)
             elif op == "buffer_linear":  # an example-free linear of a buffer (its rows may equal m)
                 h = h + torch.tanh(F.linear(self.buf, self.p(i, "w"))).mean(0)
+            elif op == "prealloc":  # a preallocated example-free tensor filled with the examples in place
+                z = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+                z.copy_(h)
+                h = h + torch.tanh(F.linear(z, self.p(i, "w")))
+            elif op == "add_alpha":
+                h = torch.add(h, self.p(i, "beta"), alpha=0.5)
             elif op == "scale_t":  # a parameter broadcast against a time-major view
                 h = (h.transpose(0, 1) * self.p(i, "gamma")).transpose(0, 1)
         pooled = h.mean(1)
@@ -226,6 +236,14 @@ def run_and_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
         with pytest.raises(UnsupportedModelError):
             PerExampleStats(model, ce, method="fast")(x, y)
         return "fallback"
+    # a second batch with padding rows: the probed structure, the masked rows change no sum
+    x2, y2 = torch.randint_like(x, VOCAB), torch.randint_like(y, VOCAB)
+    keep = torch.rand(y.shape[0]) < 0.7
+    keep[0] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastPathFallbackWarning)  # the path was decided above
+        padded = engine(x2, y2, keep.double())
+    assert_stats_match(padded, brute_force(model, ce, x2[keep], y2[keep]), rtol=1e-9)
     if engine.resolved_method == "fast" and engine.probes > 0 and all(v.ok for v in engine.plan().verdicts.values()):
         fast = PerExampleStats(model, ce, method="fast")(x, y)
         assert_stats_match(fast, ref, rtol=1e-9)
