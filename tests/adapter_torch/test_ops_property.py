@@ -46,7 +46,8 @@ TABLE = T_MAX + 12  # rows of the position tables: cls pieces lengthen T
 SUPPORTED = ["linear", "addmm", "matmul", "pos_arange", "pos_buffer", "pos_inplace", "cls", "scale", "shift",
              "layer_norm", "sdpa", "mha_bf", "mha_bf_mask", "mha_tm", "mha_tm_mask", "twice", "time_major",
              "sub", "rsub", "imul", "isub", "pos_param", "cls_end", "shared_gamma", "emb_pos", "fold_matmul",
-             "scalar", "view_iadd"]
+             "scalar", "view_iadd", "rms_norm", "group_norm", "pos_padding", "linear_nobias",
+             "lstm", "gru_tm", "module_tie", "ln_module_scale"]
 #: pieces the capture must refuse or get right (exact or fallback)
 TRAPS = ["einsum", "where", "w_t", "w_times2", "w_sum", "lora", "mix", "buffer_linear", "scale_t", "prealloc",
          "add_alpha"]
@@ -90,12 +91,26 @@ class Functional(nn.Module):
                 param("w", d, d)
             elif op == "scalar":
                 param("s", scale=1.0)
-            elif op == "layer_norm":
+            elif op in ("layer_norm", "group_norm"):
                 param("w", d, scale=1.0)
                 param("b", d)
+            elif op == "rms_norm":
+                param("w", d, scale=1.0)
+            elif op == "pos_padding":
+                param("table", TABLE, d)
+            elif op == "linear_nobias":
+                param("w", d, d)
             elif op == "sdpa":
                 param("qkv", 3 * d, d)
                 param("o", d, d)
+            elif op == "lstm":
+                self.mods[f"m{i}"] = nn.LSTM(d, d, batch_first=True)
+            elif op == "gru_tm":
+                self.mods[f"m{i}"] = nn.GRU(d, d)
+            elif op == "module_tie":
+                self.mods[f"m{i}"] = nn.Linear(d, d)
+            elif op == "ln_module_scale":
+                self.mods[f"m{i}"] = nn.LayerNorm(d)
             elif op.startswith("mha"):
                 self.mods[f"m{i}"] = nn.MultiheadAttention(d, HEADS, batch_first=op.startswith("mha_bf"))
             elif op == "w_sum":
@@ -184,6 +199,24 @@ class Functional(nn.Module):
                 h = torch.tanh(h.reshape(m * t, d) @ self.p(i, "w")).reshape(m, t, d)
             elif op == "scalar":
                 h = h * self.p(i, "s")
+            elif op == "rms_norm":
+                h = F.rms_norm(h, (d,), self.p(i, "w"), eps=1e-6)
+            elif op == "group_norm":  # channels first: (m, d, T)
+                h = F.group_norm(h.transpose(1, 2), 1, self.p(i, "w"), self.p(i, "b")).transpose(1, 2)
+            elif op == "pos_padding":  # position 1 is the padding row
+                h = h + F.embedding(self.pos_ids[:, :t], self.p(i, "table"), padding_idx=1)
+            elif op == "linear_nobias":
+                h = torch.tanh(F.linear(h, self.p(i, "w"), None))
+            elif op == "lstm":
+                h = h + self.mods[f"m{i}"](h)[0]
+            elif op == "gru_tm":
+                h = h + self.mods[f"m{i}"](h.transpose(0, 1))[0].transpose(0, 1)
+            elif op == "module_tie":  # a module's weight also used functionally
+                lin = self.mods[f"m{i}"]
+                h = torch.tanh(lin(h) + 0.5 * F.linear(h, lin.weight))
+            elif op == "ln_module_scale":  # a module's weight also broadcast
+                ln = self.mods[f"m{i}"]
+                h = ln(h) * ln.weight
             elif op == "view_iadd":  # in place on a view of the examples' tensor
                 h = 2.0 * h
                 h[:, t // 2:] += self.p(i, "beta")
@@ -218,6 +251,8 @@ class Functional(nn.Module):
         return F.linear(pooled, self.head_w, self.head_b)
 
 
+#: paths taken by the property's examples (printed with -s; a run at max_examples=1500 took the fast path
+#: on 516, fell back on 110 (traps), and could not probe 874 (batches too small for a probe size))
 COVERAGE = {"taken": 0, "supported_probed": 0, "fallback": 0, "unprobed": 0}
 
 
@@ -229,8 +264,6 @@ def run_and_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
         warnings.simplefilter("always")
         stats = engine(x, y)
     fell = [w for w in caught if issubclass(w.category, FastPathFallbackWarning)]
-    for w in fell:
-        print("WARN", model.spec, str(w.message)[:400])
     assert_stats_match(stats, ref, rtol=1e-9)
     if fell:
         with pytest.raises(UnsupportedModelError):
@@ -286,7 +319,7 @@ def build(spec: dict[str, Any]) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(spec=specs())
 def test_functional_models_are_exact_or_step_aside(spec):
     model, x, y = build(spec)
@@ -294,8 +327,8 @@ def test_functional_models_are_exact_or_step_aside(spec):
     COVERAGE[path] += 1
     if all(op in SUPPORTED for op in spec["ops"]) and path != "unprobed":
         COVERAGE["supported_probed"] += 1
-        if path != "taken" and not one_probe_size_meets_a_created_length(model, spec):
-            print("SPURIOUS", spec)
+        if not one_probe_size_meets_a_created_length(model, spec):
+            assert path == "taken", f"a model of supported pieces only fell back: {spec}"
 
 
 def test_property_took_the_fast_path():
@@ -336,3 +369,31 @@ def test_probe_size_equal_to_a_length_the_model_creates_is_retried():
     x = torch.randint(0, VOCAB, (6, 3))
     y = torch.randint(0, VOCAB, (6,))
     assert run_and_check(model, x, y) == "taken"
+
+
+class FlagUse(nn.Module):
+    """Module layers only; a data-dependent branch adds a functional use of a module's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x))
+        if bool((x[:, 0] > 5).all()):
+            h = h + F.linear(h, self.lin.weight)
+        return self.head(h)
+
+
+def test_a_functional_use_added_by_control_flow_is_caught_by_the_next_probe():
+    """docs/torch.md (verify_every): a model of module layers only steps without the capture between
+    probes, so a branch that adds a functional use is seen at the next probe (here every call)."""
+    torch.manual_seed(0)
+    model = FlagUse().double()
+    engine = PerExampleStats(model, ce, method="fast", verify_every=1)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    assert_stats_match(engine(x, y), brute_force(model, ce, x, y))
+    x[:, 0] = 10.0
+    assert_stats_match(engine(x, y), brute_force(model, ce, x, y))
