@@ -47,7 +47,7 @@ SUPPORTED = ["linear", "addmm", "matmul", "pos_arange", "pos_buffer", "pos_inpla
              "layer_norm", "sdpa", "mha_bf", "mha_bf_mask", "mha_tm", "mha_tm_mask", "twice", "time_major",
              "sub", "rsub", "imul", "isub", "pos_param", "cls_end", "shared_gamma", "emb_pos", "fold_matmul",
              "scalar", "view_iadd", "rms_norm", "group_norm", "pos_padding", "linear_nobias",
-             "lstm", "gru_tm", "module_tie", "ln_module_scale"]
+             "lstm", "gru_tm", "module_tie", "ln_module_scale", "expand_as", "cls_expand_as"]
 #: pieces the capture must refuse or get right (exact or fallback)
 TRAPS = ["einsum", "where", "w_t", "w_times2", "w_sum", "lora", "mix", "buffer_linear", "scale_t", "prealloc",
          "add_alpha"]
@@ -75,11 +75,11 @@ class Functional(nn.Module):
                 param("b", d)
             elif op in ("pos_arange", "pos_buffer", "pos_inplace"):
                 param("table", TABLE, d)
-            elif op == "cls":
+            elif op in ("cls", "cls_expand_as"):
                 param("cls", 1, 1, d)
             elif op in ("scale", "scale_t"):
                 param("gamma", d, scale=1.0)
-            elif op in ("shift", "sub", "rsub", "isub", "view_iadd", "add_alpha"):
+            elif op in ("shift", "sub", "rsub", "isub", "view_iadd", "add_alpha", "expand_as"):
                 param("beta", d)
             elif op in ("imul", "shared_gamma"):
                 param("gamma", d, scale=1.0)
@@ -217,6 +217,10 @@ class Functional(nn.Module):
             elif op == "ln_module_scale":  # a module's weight also broadcast
                 ln = self.mods[f"m{i}"]
                 h = ln(h) * ln.weight
+            elif op == "expand_as":
+                h = h + self.p(i, "beta").expand_as(h)
+            elif op == "cls_expand_as":
+                h = torch.cat([self.p(i, "cls").expand_as(h[:, :1]), h], dim=1)
             elif op == "view_iadd":  # in place on a view of the examples' tensor
                 h = 2.0 * h
                 h[:, t // 2:] += self.p(i, "beta")
@@ -287,7 +291,7 @@ def run_and_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
 def one_probe_size_meets_a_created_length(model: nn.Module, spec: dict[str, Any]) -> bool:
     """A model that lengthens T (cls tokens) may create a length equal to the probe size k; the probe
     then tries a second size, which a small batch may not have (k = m = 2): a fallback is due there."""
-    if not any(op in ("cls", "cls_end") for op in spec["ops"]):
+    if not any(op in ("cls", "cls_end", "cls_expand_as") for op in spec["ops"]):
         return False
     strict = {d for b in model.buffers() for d in b.shape} | {spec["t"]}
     params = {d for p in model.parameters() for d in p.shape}
@@ -397,3 +401,30 @@ def test_a_functional_use_added_by_control_flow_is_caught_by_the_next_probe():
     assert_stats_match(engine(x, y), brute_force(model, ce, x, y))
     x[:, 0] = 10.0
     assert_stats_match(engine(x, y), brute_force(model, ce, x, y))
+
+
+class ExpandAs(nn.Module):
+    """A bias and a cls token broadcast with ``expand_as`` an example-carrying tensor."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.emb = nn.Parameter(torch.randn(VOCAB, d))
+        self.beta = nn.Parameter(torch.randn(d))
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.head = nn.Parameter(torch.randn(VOCAB, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(x, self.emb)
+        h = torch.tanh(h + self.beta.expand_as(h))
+        h = torch.cat([self.cls.expand_as(h[:, :1]), h], dim=1)
+        return F.linear(torch.tanh(h).mean(1), self.head)
+
+
+def test_expand_as_an_example_tensor_is_a_broadcast():
+    """``p.expand_as(h)`` reads only h's shape: it was refused as a use of p in expand_as (a spurious
+    fallback); now it is the broadcast ``p.expand(h.shape)``, exact."""
+    torch.manual_seed(0)
+    model = ExpandAs(4).double()
+    x = torch.randint(0, VOCAB, (6, 3))
+    y = torch.randint(0, VOCAB, (6,))
+    assert run_and_check(model, x, y) == "taken"
