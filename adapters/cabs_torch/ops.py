@@ -356,6 +356,9 @@ class ParamUses(TorchFunctionMode):
         return ", ".join(sorted(self.tracked[i] for i in ids)) or "?"
 
     def _use(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if func is Tensor.expand_as and len(args) == 2 and not kwargs and self.is_free(args[0]):
+            # p.expand_as(h): only h's shape is read, so the values stay example-free: p.expand(h.shape)
+            return self._free_call(Tensor.expand, (args[0], tuple(args[1].shape)), {}, self.deps(args[0]))
         if func in FUNCTION_RULES:
             return self._registered(func, args, kwargs)
         if func is F.linear:

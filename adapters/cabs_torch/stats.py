@@ -434,6 +434,10 @@ _VMAP_FAILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 # ----------------------------------------------------------------------------- public entry
 
 
+class _NoRule(UnsupportedModelError):
+    """A parameter met the examples in an operation without a rule (whatever the probe's size)."""
+
+
 class _StructureChanged(Exception):
     """The layers were called differently from the probed calls of this signature."""
 
@@ -708,37 +712,60 @@ class PerExampleStats:
         k = probe_batch_size(m, strict | plan.param_dims) or probe_batch_size(m, strict)
         if k is None:
             return None
-        self.probes += 1
-        px, py = _take(inputs, slice(0, k)), _take(targets, slice(0, k))
         modes = [(mod, mod.training) for mod in self.model.modules()]
         self.model.eval()  # dropout off, so that the fast and generic paths see the same function
         try:
             try:
-                try:
-                    _, _, grads, sq, structure, kept = self._fast(plan, px, py, None, k, None, keep=True)
-                except _LossShapeError as err:  # say it for the user's batch, not the probe's
-                    raise _LossShapeError(err.shape, m, k) from None
-                if plan.compiled is not None:
-                    self._check_compiled_calls(plan, structure)
-                generic = _loop_sq_norm_sum(self.model, self.loss_fn, px, py, plan.params, k)
-                fast_s, generic_s = float(sq), float(generic)  # the probe's host transfer
-                if not (math.isfinite(fast_s) and math.isfinite(generic_s)):
-                    return None
-                rtol = max(plan.rtol, _autocast_rtol(plan.params[0].device))  # autocast: its dtype's tolerance
-                with _full_precision(plan.params[0]):
-                    self._check_accounting(plan, grads, kept, k, rtol)
-                check_close(f"S on a probe batch of {k} examples (fast vs generic)", abs(fast_s - generic_s),
-                            abs(generic_s), rtol)
+                structure = self._probe_at(plan, inputs, targets, m, k)
             except UnsupportedModelError as err:
-                if isinstance(err, BatchNormTrainingError):
+                if isinstance(err, (BatchNormTrainingError, _NoRule)):
                     raise
-                return self._fail(plan, sig, err)
+                # a dimension the model creates may equal k (T + 1 after a cls token is concatenated):
+                # the examples are then ambiguous in its tensors. One more probe, of another size, with
+                # the same checks; the first error stands if it fails too
+                k2 = probe_batch_size(m, strict | plan.param_dims | {k}) or probe_batch_size(m, strict | {k})
+                if k2 is None:
+                    raise
+                try:
+                    structure = self._probe_at(plan, inputs, targets, m, k2)
+                except UnsupportedModelError as err2:
+                    if isinstance(err2, BatchNormTrainingError):
+                        raise
+                    raise err from None
+        except UnsupportedModelError as err:
+            if isinstance(err, BatchNormTrainingError):
+                raise
+            return self._fail(plan, sig, err)
         finally:
             for mod, mode in modes:
                 mod.training = mode
+        if structure is None:
+            return None
         verdict = plan.verdicts.setdefault(sig, _Verdict(True))
         verdict.accept(tuple(structure))
         return verdict
+
+    def _probe_at(self, plan: _Plan, inputs: tuple[Any, ...], targets: Any, m: int, k: int) -> list[_Call] | None:
+        """One probe on the first k examples (raises UnsupportedModelError where a check fails);
+        its capture structure, or None when a result is not finite."""
+        self.probes += 1
+        px, py = _take(inputs, slice(0, k)), _take(targets, slice(0, k))
+        try:
+            _, _, grads, sq, structure, kept = self._fast(plan, px, py, None, k, None, keep=True)
+        except _LossShapeError as err:  # say it for the user's batch, not the probe's
+            raise _LossShapeError(err.shape, m, k) from None
+        if plan.compiled is not None:
+            self._check_compiled_calls(plan, structure)
+        generic = _loop_sq_norm_sum(self.model, self.loss_fn, px, py, plan.params, k)
+        fast_s, generic_s = float(sq), float(generic)  # the probe's host transfer
+        if not (math.isfinite(fast_s) and math.isfinite(generic_s)):
+            return None
+        rtol = max(plan.rtol, _autocast_rtol(plan.params[0].device))  # autocast: its dtype's tolerance
+        with _full_precision(plan.params[0]):
+            self._check_accounting(plan, grads, kept, k, rtol)
+        check_close(f"S on a probe batch of {k} examples (fast vs generic)", abs(fast_s - generic_s),
+                    abs(generic_s), rtol)
+        return structure
 
     @staticmethod
     def _rows_error(rec: _Record, what: str, shape: tuple[int, ...], k: int) -> UnsupportedModelError:
@@ -925,7 +952,7 @@ class PerExampleStats:
             @staticmethod
             def unattributed(message: str, name: str) -> None:
                 if probe:
-                    raise UnsupportedModelError(message, layer=name, reason=message)
+                    raise _NoRule(message, layer=name, reason=message)
                 raise _StructureChanged(message, name)
 
         if mode is not None:
