@@ -20,6 +20,15 @@ def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, y, reduction="none")
 
 
+def paper_cnn() -> nn.Module:
+    """The paper's MNIST CNN: conv5x5x32, maxpool 2, conv5x5x64, maxpool 2, dense 1024, dense 10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(7 * 7 * 64, 1024), nn.ReLU(), nn.Linear(1024, 10),
+    )
+
+
 def brute_force(model: nn.Module, loss_fn: Callable, x: Any, y: Any) -> dict[str, Any]:
     """count, loss_sum, grad_sum, S and per-example gradients from m separate
     single-example forward/backward passes."""
