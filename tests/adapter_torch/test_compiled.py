@@ -4,9 +4,6 @@ backward passes. One compilation per test (tiny models): compiling is slow."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import cabs_torch.compiled
 import cabs_torch.layers
 import pytest
@@ -14,16 +11,13 @@ import torch
 import torch.nn.functional as F
 from cabs_torch import PerExampleStats, UnsupportedModelError, per_example_stats
 from torch import nn
+from torch_oracles import paper_cnn
 
 
 def ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
 
 
-_spec = importlib.util.spec_from_file_location("torch_oracles", Path(__file__).with_name("conftest.py"))
-_oracles = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_oracles)
-paper_cnn = _oracles.paper_cnn  # the paper's MNIST CNN, shared with test_stats.py
 
 
 def strided_grouped_cnn() -> nn.Module:

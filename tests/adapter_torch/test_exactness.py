@@ -5,22 +5,16 @@ generic result; ``fast``: UnsupportedModelError naming the layer)."""
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from cabs_torch import CABSTrainer, FastPathFallbackWarning, PerExampleStats, UnsupportedModelError, per_example_stats
 from torch import nn
+from torch_oracles import assert_stats_match, brute_force, ce
 
 from cabs_core import CABSController
-
-_spec = importlib.util.spec_from_file_location("torch_oracles", Path(__file__).with_name("conftest.py"))
-_oracles = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_oracles)
-brute_force, assert_stats_match, ce = _oracles.brute_force, _oracles.assert_stats_match, _oracles.ce
 
 
 def run(model: nn.Module, x, y, method: str, loss=ce, **kw):

@@ -19,9 +19,7 @@ The explicit regression tests below are the minimal examples the property found.
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,13 +29,9 @@ from cabs_torch import FastPathFallbackWarning, PerExampleStats, UnsupportedMode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch_oracles import assert_stats_match, brute_force, ce
 
 from cabs_core.exactness import probe_batch_size
-
-_spec = importlib.util.spec_from_file_location("torch_oracles", Path(__file__).with_name("conftest.py"))
-_oracles = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_oracles)
-brute_force, assert_stats_match, ce = _oracles.brute_force, _oracles.assert_stats_match, _oracles.ce
 
 VOCAB, T_MAX, HEADS = 7, 5, 2
 TABLE = T_MAX + 12  # rows of the position tables: cls pieces lengthen T

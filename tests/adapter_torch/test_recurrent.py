@@ -6,20 +6,14 @@ crashes on them; wrong recurrent rules and uncovered configurations step aside."
 from __future__ import annotations
 
 import copy
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from cabs_torch import FastPathFallbackWarning, PerExampleStats, UnsupportedModelError, per_example_stats, recurrent
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
-
-_spec = importlib.util.spec_from_file_location("torch_oracles", Path(__file__).with_name("conftest.py"))
-_oracles = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_oracles)
-brute_force, ce = _oracles.brute_force, _oracles.ce
+from torch_oracles import brute_force, ce
 
 VOCAB, EMBED, HIDDEN, CLASSES = 13, 5, 6, 3
 

@@ -3,9 +3,6 @@ loop of single-example backward passes, in float64."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import cabs_torch
 import cabs_torch.layers
 import cabs_torch.stats
@@ -21,6 +18,7 @@ from cabs_torch import (
     resolve_method,
 )
 from torch import nn
+from torch_oracles import paper_cnn
 
 from cabs_core import CABSController, two_pass_variance, within_batch_variance
 
@@ -135,10 +133,6 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
-_spec = importlib.util.spec_from_file_location("torch_oracles", Path(__file__).with_name("conftest.py"))
-_oracles = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_oracles)
-paper_cnn = _oracles.paper_cnn  # the paper's MNIST CNN, shared with test_compiled.py
 
 
 def groups_dilation_cnn() -> nn.Module:

@@ -13,21 +13,15 @@ the registration API (a registered rule is used; a wrong one is caught)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from cabs_torch import RULES, FastPathFallbackWarning, PerExampleStats, UnsupportedModelError, register_rule
 from torch import nn
-
-_spec = importlib.util.spec_from_file_location("torch_oracles", Path(__file__).with_name("conftest.py"))
-_oracles = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_oracles)
-brute_force, assert_stats_match, ce = _oracles.brute_force, _oracles.assert_stats_match, _oracles.ce
+from torch_oracles import assert_stats_match, brute_force, ce
 
 VOCAB, D, HEADS, T_MAX = 11, 8, 2, 9
 
