@@ -423,16 +423,23 @@ class ParamUses(TorchFunctionMode):
     def _key(self, label: str, tensors: list[Any], extra: Any = ()) -> tuple[Any, ...]:
         return (label, *(id(t) if isinstance(t, Tensor) else None for t in tensors), extra)
 
+    def _site(self, label: str, params: dict[str, Any], extra: Any = (),
+              config: dict[str, Any] | None = None) -> tuple[tuple[Any, ...], OpSite]:
+        """The key and the :class:`OpSite` of a use of ``params`` by the op ``label`` (made on its first call)."""
+        key = self._key(label, list(params.values()), extra)
+        site = self.sites.get(key)
+        if site is None:
+            named = self._names([t for t in params.values() if t is not None])
+            site = self.sites.setdefault(key, OpSite(f"{label}({named})", params, dict(config or {})))
+        return key, site
+
     def _weight_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str,
                    names: tuple[str, ...], rule: Rule, min_trailing: int) -> Any:
         x, weight, bias = self._bind(args, kwargs, names)[:3]
         if not (isinstance(x, Tensor) and not self.is_free(x) and self._param_or_none(weight)
                 and self._param_or_none(bias)):
             return self._refuse(func, _tensors(args, kwargs))
-        key = self._key(label, [weight, bias])
-        site = self.sites.get(key) or self.sites.setdefault(
-            key, OpSite(f"{label}({self._names([t for t in (weight, bias) if t is not None])})",
-                        {"weight": weight, "bias": bias}))
+        key, site = self._site(label, {"weight": weight, "bias": bias})
         out = func(*args, **kwargs)
         self.sink.weight_use(key, site, rule, x, out, min_trailing)
         return out
@@ -443,9 +450,7 @@ class ParamUses(TorchFunctionMode):
                 or not isinstance(x, Tensor) or self.is_free(x) or not self._param_or_none(weight)
                 or not self._param_or_none(bias) or not isinstance(weight, Tensor) or weight.dim() != 2):
             return self._refuse(func, _tensors(args, kwargs))
-        key = self._key("addmm", [weight, bias])
-        site = self.sites.get(key) or self.sites.setdefault(
-            key, OpSite(f"addmm({self._names([weight, bias])})", {"weight": weight, "bias": bias}))
+        key, site = self._site("addmm", {"weight": weight, "bias": bias})
         out = func(*args, **kwargs)
         self.sink.weight_use(key, site, addmm_pieces, x, out, 1)
         return out
@@ -455,9 +460,7 @@ class ParamUses(TorchFunctionMode):
         if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and weight.dim() == 2 and x.dim() >= 2
                 and not self.is_free(x) and self._param_or_none(weight)):
             return self._refuse(func, _tensors(args, kwargs))
-        key = self._key("matmul", [weight])
-        site = self.sites.get(key) or self.sites.setdefault(
-            key, OpSite(f"matmul({self._names([weight])})", {"weight": weight, "bias": None}))
+        key, site = self._site("matmul", {"weight": weight, "bias": None})
         out = func(*args, **kwargs)
         self.sink.weight_use(key, site, addmm_pieces, x, out, 1)
         return out
@@ -467,10 +470,8 @@ class ParamUses(TorchFunctionMode):
         padding_idx, refused = _embedding_options(args, kwargs)
         if refused or not isinstance(ids, Tensor) or not self._param_or_none(weight):
             return self._refuse(func, _tensors(args, kwargs))
-        key = self._key("embedding", [weight], padding_idx)
-        site = self.sites.get(key) or self.sites.setdefault(
-            key, OpSite(f"embedding({self._names([weight])})", {"weight": weight},
-                        {"padding_idx": padding_idx, "scale_grad_by_freq": False, "sparse": False}))
+        key, site = self._site("embedding", {"weight": weight}, padding_idx,
+                               {"padding_idx": padding_idx, "scale_grad_by_freq": False, "sparse": False})
         out = func(*args, **kwargs)
         self.sink.weight_use(key, site, embedding_pieces, ids, out, 0)
         return out
@@ -488,10 +489,8 @@ class ParamUses(TorchFunctionMode):
             config["normalized_shape"] = (shape,) if isinstance(shape, int) else tuple(shape)
         if config.get("eps") is None and label != "rms_norm":
             config["eps"] = 1e-5
-        key = self._key(label, [weight, bias], tuple(sorted((k, str(v)) for k, v in config.items())))
-        site = self.sites.get(key) or self.sites.setdefault(
-            key, OpSite(f"{label}({self._names([t for t in (weight, bias) if t is not None])})",
-                        {"weight": weight, "bias": bias}, config))
+        key, site = self._site(label, {"weight": weight, "bias": bias},
+                               tuple(sorted((k, str(v)) for k, v in config.items())), config)
         out = func(*args, **kwargs)
         trailing = -1 if label == "group_norm" else len(config["normalized_shape"])  # -1: examples on axis 0
         self.sink.weight_use(key, site, rule, x, out, trailing)
@@ -503,9 +502,7 @@ class ParamUses(TorchFunctionMode):
         params = {n: args[j] if j < len(args) else None for n, j in param_args.items()}
         if not (isinstance(x, Tensor) and not self.is_free(x) and all(map(self._param_or_none, params.values()))):
             return self._refuse(func, _tensors(args, kwargs))
-        key = self._key(getattr(func, "__name__", "op"), list(params.values()))
-        label = f"{getattr(func, '__name__', 'op')}({self._names([t for t in params.values() if t is not None])})"
-        site = self.sites.get(key) or self.sites.setdefault(key, OpSite(label, params))
+        key, site = self._site(getattr(func, "__name__", "op"), params)
         site.config["args"] = args
         out = func(*args, **kwargs)
         self.sink.weight_use(key, site, rule, x, out, 0)
