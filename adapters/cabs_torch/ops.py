@@ -363,10 +363,8 @@ class ParamUses(TorchFunctionMode):
             return self._registered(func, args, kwargs)
         if func is F.linear:
             return self._weight_op(func, args, kwargs, "linear", ("input", "weight", "bias"), linear_pieces, 1)
-        if func is torch.addmm:
+        if func is torch.addmm or func in _MATMUL:
             return self._addmm(func, args, kwargs)
-        if func in _MATMUL:
-            return self._matmul(func, args, kwargs)
         if func is F.embedding:
             return self._embedding(func, args, kwargs)
         if func is F.layer_norm:
@@ -445,22 +443,16 @@ class ParamUses(TorchFunctionMode):
         return out
 
     def _addmm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        bias, x, weight, beta, alpha = self._bind(args, kwargs, ("input", "mat1", "mat2", "beta", "alpha"))
-        if (beta not in (None, 1) or alpha not in (None, 1) or not isinstance(bias, Tensor) or bias.dim() != 1
-                or not isinstance(x, Tensor) or self.is_free(x) or not self._param_or_none(weight)
-                or not self._param_or_none(bias) or not isinstance(weight, Tensor) or weight.dim() != 2):
+        """``torch.addmm(bias, x, W)`` and ``x @ W`` (Hugging Face's ``Conv1D``): ``x W (+ bias)``."""
+        if func is torch.addmm:
+            bias, x, weight, beta, alpha = self._bind(args, kwargs, ("input", "mat1", "mat2", "beta", "alpha"))
+            ok = beta in (None, 1) and alpha in (None, 1) and isinstance(bias, Tensor) and bias.dim() == 1
+        else:
+            (x, weight), bias, ok = self._bind(args, kwargs, ("input", "other")), None, True
+        if not (ok and isinstance(x, Tensor) and x.dim() >= 2 and not self.is_free(x) and isinstance(weight, Tensor)
+                and weight.dim() == 2 and self._param_or_none(weight) and self._param_or_none(bias)):
             return self._refuse(func, _tensors(args, kwargs))
-        key, site = self._site("addmm", {"weight": weight, "bias": bias})
-        out = func(*args, **kwargs)
-        self.sink.weight_use(key, site, addmm_pieces, x, out, 1)
-        return out
-
-    def _matmul(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        x, weight = self._bind(args, kwargs, ("input", "other"))
-        if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and weight.dim() == 2 and x.dim() >= 2
-                and not self.is_free(x) and self._param_or_none(weight)):
-            return self._refuse(func, _tensors(args, kwargs))
-        key, site = self._site("matmul", {"weight": weight, "bias": None})
+        key, site = self._site("addmm" if func is torch.addmm else "matmul", {"weight": weight, "bias": bias})
         out = func(*args, **kwargs)
         self.sink.weight_use(key, site, addmm_pieces, x, out, 1)
         return out
