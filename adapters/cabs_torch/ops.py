@@ -138,8 +138,20 @@ _RSUB = {Tensor.__rsub__}
 _MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, Tensor.mul_}
 _CAT = {torch.cat, torch.concat}
 _EXPAND = {Tensor.expand, Tensor.expand_as, torch.broadcast_to}
+# ops on one tensor (and numbers) that commute with an expansion: applied to an expanded tensor, they
+# give the expansion of the op applied to its source (positions shifted by an offset, a contiguous copy)
+_KEEPS_EXPANSION = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, torch.sub, Tensor.sub, Tensor.__sub__,
+                    Tensor.__rsub__, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.contiguous,
+                    Tensor.clone}
 _MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm}
+_TRANSPOSES = {Tensor.T.__get__, Tensor.mT.__get__, Tensor.t, torch.t, Tensor.transpose, torch.transpose}  # type: ignore[attr-defined]
 _GETTERS = (Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__)  # type: ignore[attr-defined]
+
+
+def _writes(func: Any) -> bool:
+    """Whether ``func`` changes its first argument in place (``add_``, ``x[i] = v``, ``x += v``)."""
+    name = getattr(func, "__name__", "")
+    return func in _INPLACE or name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
 
 
 def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
@@ -273,6 +285,7 @@ class ParamUses(TorchFunctionMode):
         self._free: dict[int, tuple[weakref.ref[Tensor], frozenset[int]]] = {}
         self._expanded: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # expanded tensor -> its source
         self._lookups: dict[int, tuple[weakref.ref[Tensor], FreeLookup]] = {}  # lookup output -> the lookup
+        self._transposed: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # W.T -> W (a 2-D parameter)
         self._params: dict[int, Tensor] = {}
         self.sites: dict[Any, Any] = {}
 
@@ -280,6 +293,7 @@ class ParamUses(TorchFunctionMode):
         self._free.clear()
         self._expanded.clear()
         self._lookups.clear()
+        self._transposed.clear()
         self._params.clear()
         self.skip.clear()
         self.hints.clear()
@@ -326,8 +340,19 @@ class ParamUses(TorchFunctionMode):
         return self._use(func, args, kwargs)
 
     def _free_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], deps: frozenset[int]) -> Any:
-        src = self.expanded_source(args[0]) if func is F.embedding and args else None
-        if src is not None:
+        src = self.expanded_source(args[0]) if args and isinstance(args[0], Tensor) else None
+        if src is not None and func in _KEEPS_EXPANSION and not _tensors(args[1:], kwargs):
+            # BART's positions (arange(T).expand(m, -1) + offset), MPNet's bias (.expand(...).contiguous()):
+            # the result (a real tensor, so the model may write to it) is the expansion of the op on the source
+            small = self._free_call(func, (src, *args[1:]), kwargs, deps)
+            out = func(*args, **kwargs)
+            self._mark(out, deps)
+            self._expanded[id(out)] = (weakref.ref(out), self.expanded_source(small) or small)
+            return out
+        if args and isinstance(args[0], Tensor) and _writes(func):  # its values change: no longer an expansion
+            self._expanded.pop(id(args[0]), None)                  # or a lookup of the table
+            self._lookups.pop(id(args[0]), None)
+        if src is not None and func is F.embedding:
             # a lookup of expanded ids (BERT's token types from a (1, T) buffer) as the expansion of the
             # lookup: the same values, and the broadcast then reaches the table through the (1, T) lookup
             small = self._free_call(func, (src, *args[1:]), kwargs, deps)
@@ -335,6 +360,9 @@ class ParamUses(TorchFunctionMode):
             return out
         out = func(*args, **kwargs)
         self._mark(out, deps)
+        if func in _TRANSPOSES and isinstance(out, Tensor) and out.dim() == 2 and id(args[0]) in self.tracked \
+                and out.shape == args[0].shape[::-1]:  # W.T, W.t(), W.transpose(0, 1) of a 2-D parameter
+            self._transposed[id(out)] = (weakref.ref(out), args[0])
         if func in _EXPAND and isinstance(out, Tensor):
             src = args[0]
             self._expanded[id(out)] = (weakref.ref(out), self.expanded_source(src) or src)
@@ -449,12 +477,17 @@ class ParamUses(TorchFunctionMode):
             ok = beta in (None, 1) and alpha in (None, 1) and isinstance(bias, Tensor) and bias.dim() == 1
         else:
             (x, weight), bias, ok = self._bind(args, kwargs, ("input", "other")), None, True
+        entry = self._transposed.get(id(weight))
+        if entry is not None and entry[0]() is weight:  # x @ W.T (Falcon's linear layers): F.linear(x, W)
+            weight, rule, label = entry[1], linear_pieces, "linear"
+        else:
+            rule, label = addmm_pieces, "addmm" if func is torch.addmm else "matmul"
         if not (ok and isinstance(x, Tensor) and x.dim() >= 2 and not self.is_free(x) and isinstance(weight, Tensor)
                 and weight.dim() == 2 and self._param_or_none(weight) and self._param_or_none(bias)):
             return self._refuse(func, _tensors(args, kwargs))
-        key, site = self._site("addmm" if func is torch.addmm else "matmul", {"weight": weight, "bias": bias})
+        key, site = self._site(label, {"weight": weight, "bias": bias})
         out = func(*args, **kwargs)
-        self.sink.weight_use(key, site, addmm_pieces, x, out, 1)
+        self.sink.weight_use(key, site, rule, x, out, 1)
         return out
 
     def _embedding(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -985,7 +985,7 @@ class PerExampleStats:
             if not isinstance(out, Tensor) or not out.requires_grad:
                 structure.append((rec,))
                 return returned
-            spec = spec_of(rec, a, out, _trailing_axes(mod), False)
+            spec = spec_of(rec, a, out, _trailing_axes(mod), True)
             capture(rec, a, out, spec, masked(tuple(a.shape), spec, m))
             return returned
 

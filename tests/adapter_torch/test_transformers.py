@@ -497,3 +497,138 @@ def test_registered_function_rule():
         assert_fast_taken(model, x, y)
     finally:
         FUNCTION_RULES.pop(wrapped)
+
+
+# ----------------------------------------------------------------------------- layouts of held-out models
+# (tests/hf/test_hf_zoo.py runs the real ones: OPT, BART, MPNet, Falcon)
+
+
+class FlatFeedForward(nn.Module):
+    """OPT's layout: the blocks' LayerNorm and Linear modules see (m * T, d), the examples folded
+    into the rows (example-major), and the result is viewed back as (m, T, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        m, t, d = h.shape
+        flat = h.reshape(-1, d)
+        flat = flat + self.fc2(torch.relu(self.fc1(self.norm(flat))))
+        return self.head(flat.view(m, t, d).mean(1))
+
+
+class TimeMajorFold(nn.Module):
+    """The examples folded time-major, (T * m, d), into a Linear module: not the example-major
+    fold the probe assumes first; whatever path is taken, S must be exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.head = nn.Linear(3, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.inp(x)                                      # (m, T, d)
+        m, t, d = h.shape
+        flat = h.transpose(0, 1).reshape(t * m, d)           # time-major rows
+        h = torch.tanh(self.mid(flat)).view(t, m, d).transpose(0, 1)
+        return self.head((h * torch.arange(1, t + 1, dtype=h.dtype).view(1, t, 1)).mean(1))
+
+
+class OffsetPositions(nn.Module):
+    """BART's learned positions: arange(T).expand(m, -1) + offset, looked up, added to the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(VOCAB, D), nn.Embedding(T_MAX + 2, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        m, t = ids.shape
+        pos = torch.arange(t).expand(m, -1) + 2
+        return self.head(torch.tanh(self.tok(ids) + self.pos(pos)).mean(1))
+
+
+class RelativeBias(nn.Module):
+    """MPNet's relative attention bias: a (T, T) bucket table looked up, permuted to heads,
+    expanded over the examples and made contiguous, added to every example's scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.qk = nn.Embedding(VOCAB, D), nn.Linear(D, 2 * D)
+        self.rel = nn.Embedding(5, HEADS)
+        self.head = nn.Linear(HEADS, 3)
+
+    def forward(self, ids):
+        m, t = ids.shape
+        q, k = self.qk(self.tok(ids)).view(m, t, 2, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        r = torch.arange(t)
+        buckets = (r[None, :] - r[:, None]).clamp(-2, 2) + 2
+        bias = self.rel(buckets).permute(2, 0, 1).unsqueeze(0).expand(m, -1, -1, -1).contiguous()
+        scores = q @ k.transpose(-1, -2) + bias              # (m, heads, T, T)
+        return self.head(torch.softmax(scores, -1).mean((2, 3)))
+
+
+class WrittenPositions(nn.Module):
+    """Expanded positions copied and then written in place: no longer an expansion of arange."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(VOCAB, D), nn.Embedding(T_MAX, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        m, t = ids.shape
+        pos = torch.arange(t).expand(m, -1).clone()
+        pos[0] = 0  # the first example's positions differ from the others'
+        return self.head(torch.tanh(self.tok(ids) + self.pos(pos)).mean(1))
+
+
+class TransposedLinear(nn.Linear):
+    """Falcon's linear layer: nn.Linear's parameters, forward written as x @ W.T + b."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class FalconStyle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.qkv, self.out = TransposedLinear(D, 3 * D), nn.Linear(D, D, bias=False)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        h = self.qkv(self.tok(ids))
+        q, k, v = h.split(D, -1)
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.head(torch.tanh(torch.matmul(a, self.out.weight.t())).mean(1))
+
+
+@pytest.mark.parametrize("model_cls", [FlatFeedForward, OffsetPositions, RelativeBias, FalconStyle])
+def test_held_out_layouts_take_the_fast_path(model_cls):
+    torch.manual_seed(5)
+    model = model_cls().double()
+    ids, y = torch.randint(0, VOCAB, (6, 5)), torch.randint(0, 3, (6,))
+    assert_fast_taken(model, ids, y)
+
+
+@pytest.mark.parametrize("model_cls", [TimeMajorFold, WrittenPositions])
+def test_folds_and_writes_the_probe_cannot_place_stay_exact(model_cls):
+    torch.manual_seed(6)
+    model = model_cls().double()
+    if model_cls is TimeMajorFold:
+        x = torch.randn(6, 5, 3, dtype=torch.float64)
+    else:
+        x = torch.randint(0, VOCAB, (6, 5))
+    y = torch.randint(0, 3, (6,))
+    ref = brute_force(model, ce, x, y)
+    engine = PerExampleStats(model, ce, method="auto")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        stats = [engine(x, y), engine(x, y)]
+    assert len([w for w in seen if issubclass(w.category, FastPathFallbackWarning)]) == 1  # stepped aside, loudly
+    for s in stats:
+        assert_stats_match(s, ref)

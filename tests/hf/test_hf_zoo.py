@@ -33,7 +33,7 @@ def _cls(config: Callable[..., object], **kw: object) -> Callable[[], nn.Module]
     return lambda: tr.AutoModelForSequenceClassification.from_config(config(num_labels=3, **kw))
 
 
-# name: (kind, builder, the path auto takes with transformers 5.24.0, why it steps aside)
+# name: (kind, builder, the path auto takes with transformers 5.24.0); a comment says why where it matters
 ZOO: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
     "llama": ("lm", _lm(tr.LlamaConfig, num_key_value_heads=1, **TEXT), "fast"),
     "mistral": ("lm", _lm(tr.MistralConfig, num_key_value_heads=1, **TEXT), "fast"),
@@ -41,16 +41,16 @@ ZOO: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
     # RMSNorm scales by (1 + weight): a weight computed from a parameter, caught by the accounting check
     "gemma": ("lm", _lm(tr.GemmaConfig, num_key_value_heads=1, head_dim=16, **TEXT), "generic"),
     "phi": ("lm", _lm(tr.PhiConfig, **TEXT), "fast"),
-    # its LayerNorms see (m * T, d) inputs: the example axis is folded into another
+    # its blocks' LayerNorm and Linear modules see (m * T, d): the examples folded into the rows
     "opt": ("lm", _lm(tr.OPTConfig, vocab_size=V, num_hidden_layers=2, num_attention_heads=2, hidden_size=D,
-                      ffn_dim=2 * D, max_position_embeddings=32, word_embed_proj_dim=D), "generic"),
+                      ffn_dim=2 * D, max_position_embeddings=32, word_embed_proj_dim=D), "fast"),
     "gpt_neo": ("lm", _lm(tr.GPTNeoConfig, vocab_size=V, num_layers=2, num_heads=2, hidden_size=D,
                           max_position_embeddings=32, attention_types=[[["global", "local"], 1]], window_size=4),
                 "fast"),
     "bloom": ("lm", _lm(tr.BloomConfig, vocab_size=V, n_layer=2, n_head=2, hidden_size=D), "fast"),
-    # its fused query_key_value weight meets the examples in a matmul of a transposed view
+    # its linear layers compute x @ W.T
     "falcon": ("lm", _lm(tr.FalconConfig, vocab_size=V, num_hidden_layers=2, num_attention_heads=2, hidden_size=D),
-               "generic"),
+               "fast"),
     "gpt_bigcode": ("lm", _lm(tr.GPTBigCodeConfig, vocab_size=V, n_layer=2, n_head=2, n_embd=D, n_positions=32),
                     "fast"),
     "gptj": ("lm", _lm(tr.GPTJConfig, vocab_size=V, n_layer=2, n_head=2, n_embd=D, n_positions=32, rotary_dim=8),
@@ -61,14 +61,16 @@ ZOO: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
     "deberta_v2": ("cls", _cls(tr.DebertaV2Config, **TEXT), "fast"),
     "xlm_roberta": ("cls", _cls(tr.XLMRobertaConfig, **TEXT), "fast"),
     "convbert": ("cls", _cls(tr.ConvBertConfig, embedding_size=D, **TEXT), "fast"),
-    # a (T, T) relative-position bias added to every example's attention scores
-    "mpnet": ("cls", _cls(tr.MPNetConfig, **TEXT), "generic"),
+    # a relative-position bias expanded over the examples, made contiguous, added to the scores
+    "mpnet": ("cls", _cls(tr.MPNetConfig, **TEXT), "fast"),
+    # its relative-position bias meets the examples in torch.where
     "t5": ("cls", _cls(tr.T5Config, vocab_size=V, d_model=D, d_kv=8, d_ff=2 * D, num_layers=1, num_decoder_layers=1,
                        num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2), "generic"),
+    # positions: arange(T).expand(m, -1) + offset
     "bart": ("cls", _cls(tr.BartConfig, vocab_size=V, d_model=D, encoder_layers=1, decoder_layers=1,
                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * D,
                          decoder_ffn_dim=2 * D, max_position_embeddings=32, eos_token_id=2, pad_token_id=1,
-                         bos_token_id=0), "generic"),
+                         bos_token_id=0), "fast"),
     # relative-position einsum with a parameter
     "funnel": ("cls", _cls(tr.FunnelConfig, vocab_size=V, block_sizes=[1, 1], d_model=D, n_head=2, d_head=8,
                            d_inner=2 * D), "generic"),
@@ -76,7 +78,7 @@ ZOO: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
     "deit": ("img8", lambda: tr.DeiTForImageClassification(tr.DeiTConfig(**IMAGE)), "fast"),
     "convnext": ("img16", lambda: tr.ConvNextForImageClassification(tr.ConvNextConfig(
         num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3, image_size=16)), "fast"),
-    # windows fold the examples into the batch axis of the attention
+    # its relative-position bias table meets the examples in scaled_dot_product_attention (attn_mask)
     "swin": ("img16", lambda: tr.SwinForImageClassification(tr.SwinConfig(
         image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4,
         num_labels=3)), "generic"),
@@ -84,7 +86,7 @@ ZOO: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
         num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)), "fast"),
     "mobilevit": ("img16", lambda: tr.MobileViTForImageClassification(tr.MobileViTConfig(
         num_channels=3, image_size=16, patch_size=2, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8] * 6 + [16],
-        num_labels=3)), "generic"),
+        num_labels=3)), "fast"),  # patches fold the examples into the rows of its transformer layers
 }
 
 
