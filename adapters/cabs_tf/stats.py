@@ -518,6 +518,63 @@ def _conv_sq_norms(views: list[tf.Tensor], b: tf.Tensor) -> tf.Tensor:
     return tf.add_n(out)
 
 
+#: examples whose per-example conv kernel gradients are computed at once (independent loop iterations)
+_CONV_PARALLEL = 32
+
+
+def _conv_loop_ok(layer: keras.Layer) -> bool:
+    """Whether a conv layer's per-example kernel gradients can come from one
+    ``Conv2DBackpropFilter`` per example: dilation 1 (the CPU kernel refuses
+    dilation rates above 1)."""
+    return all(int(d) == 1 for d in layer.dilation_rate)
+
+
+def _conv_loop(layer: keras.Layer, calls: list[tuple], want_sum: bool) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """``(||g_i||^2 of the kernel, shape (m,), sum_i g_i or None)`` of a conv
+    layer (dilation 1) over all its calls, the per-example kernel gradient
+    ``g_i`` computed by TensorFlow's own filter gradient, ``Conv2DBackpropFilter``,
+    on example i alone (a Conv1D as a conv of height 1; a grouped conv as one
+    conv per group, its kernel's output channels in group order). ``g_i`` is
+    summed over the calls before the norm (shared weights), and never held for
+    more than ``_CONV_PARALLEL`` examples at once. This is the per-example
+    gradient of :func:`linear_sq_norms` on the conv patches without building
+    them: one filter gradient per example costs about what the batch's filter
+    gradient costs."""
+    one_d = isinstance(layer, kl.Conv1D)
+    pairs = [(a[:, None], b[:, None]) if one_d else (a, b) for a, _, b, _ in calls]
+    kh, kw = (1, *layer.kernel_size) if one_d else layer.kernel_size
+    strides = [1, 1, *layer.strides, 1] if one_d else [1, *layer.strides, 1]
+    padding = layer.padding.upper()
+    g = _groups(layer)
+    cg, qg = int(layer.kernel.shape[-2]), int(layer.kernel.shape[-1]) // g
+    dtype = pairs[0][1].dtype
+
+    def example(i: tf.Tensor) -> tf.Tensor:
+        """g_i as (kh, kw, C / groups, Q)."""
+        per_call = []
+        for a, b in pairs:
+            ai, bi = a[i][None], b[i][None]
+            per_call.append(tf.concat([
+                tf.raw_ops.Conv2DBackpropFilter(
+                    input=ai[..., j * cg:(j + 1) * cg], filter_sizes=[kh, kw, cg, qg],
+                    out_backprop=bi[..., j * qg:(j + 1) * qg], strides=strides, padding=padding)
+                for j in range(g)], axis=3) if g > 1 else tf.raw_ops.Conv2DBackpropFilter(
+                    input=ai, filter_sizes=[kh, kw, cg, qg], out_backprop=bi, strides=strides, padding=padding))
+        return tf.add_n(per_call) if len(per_call) > 1 else per_call[0]
+
+    m = tf.shape(pairs[0][0])[0]
+    sq = tf.TensorArray(dtype, size=m)
+    acc = tf.zeros([kh, kw, cg, g * qg], dtype)
+
+    def body(i: tf.Tensor, sq: tf.TensorArray, acc: tf.Tensor) -> tuple:
+        gi = example(i)
+        return i + 1, sq.write(i, tf.reduce_sum(gi * gi)), acc + gi if want_sum else acc
+
+    _, sq, acc = tf.while_loop(lambda i, *_: i < m, body, (tf.constant(0), sq, acc),
+                               parallel_iterations=_CONV_PARALLEL)
+    return sq.stack(), (tf.reshape(acc, layer.kernel.shape) if want_sum else None)
+
+
 def _flat(t: tf.Tensor) -> tf.Tensor:
     """(m, ..., q) -> (m, T, q) with T the product of the middle axes."""
     return tf.reshape(t, [-1, math.prod(t.shape[1:-1]), t.shape[-1]])
@@ -596,6 +653,8 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
         out = tf.zeros_like(b[:, 0, 0])
     elif isinstance(layer, kl.Dense):
         out = linear_sq_norms(tf.concat([_flat(a) for a, *_ in calls], axis=1), b)
+    elif _conv_by_example(layer, calls):
+        out = _conv_loop(layer, calls, want_sum=False)[0]
     else:
         per_call = [_conv_views(layer, a) for a, *_ in calls]
         views = [tf.concat(vs, axis=1) for vs in zip(*per_call)]
@@ -603,6 +662,20 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
     if layer.bias is not None and id(layer.bias) in trainable:
         out = out + bias_sq_norms(b)
     return out
+
+
+def _conv_by_example(layer: keras.Layer, calls: list[tuple]) -> bool:
+    """Whether a conv layer's kernel term is computed from its per-example
+    gradients (:func:`_conv_loop`, T p q multiply-adds per example and group)
+    rather than the Gram form on the patches (T^2 (p + q)): dilation 1 and the
+    Gram form not cheaper (T: positions over all calls, p = kh kw C / groups,
+    q = Q / groups)."""
+    if not isinstance(layer, (kl.Conv1D, kl.Conv2D)) or not _conv_loop_ok(layer):
+        return False
+    t = sum(math.prod(b.shape[1:-1]) for _, _, b, _ in calls)
+    g = _groups(layer)
+    p, q = math.prod(layer.kernel.shape[:-1]), int(layer.kernel.shape[-1]) // g
+    return not gram_is_cheaper(t, p, q)
 
 
 def _einsum_bias_letters(layer: keras.Layer, roles: _EinsumRoles) -> str:
@@ -871,6 +944,9 @@ class PerExampleStats:
         #: per input signature: None (fast path established) or why it fell back to generic
         self.verdicts: dict[tuple, str | None] = {}
         self._structures: dict[tuple, tuple] = {}
+        #: per signature: ids of the conv kernels whose batch gradient the fast step sums from the
+        #: per-example gradients it computes anyway (:func:`_conv_loop`), instead of a second filter gradient
+        self._by_example: dict[tuple, frozenset[int]] = {}
         self._probe_fns: dict[tuple, Any] = {}
         self._probe_layers: dict[tuple, list[str]] = {}
         self._eager_calls: dict[tuple, int] = {}
@@ -915,7 +991,7 @@ class PerExampleStats:
             fast = sig in self.verdicts and self.verdicts[sig] is None
         out = None
         if fast:
-            structure = self._structures[sig]
+            structure, by_example = self._structures[sig], self._by_example.get(sig, frozenset())
             run = self._fast
             if tf.executing_eagerly() and sig in self._graph_only:
                 # a table's uses outside its layer are found among a graph's ops: run this call as a graph
@@ -923,7 +999,7 @@ class PerExampleStats:
                     self._fast_graph = tf.function(self._fast, autograph=False)
                 run = self._fast_graph
             try:
-                out = run(x, y, w, structure)
+                out = run(x, y, w, structure, by_example)
             except _StructureMismatch as e:
                 self._fail(sig, e)
         if out is None:
@@ -1098,6 +1174,10 @@ class PerExampleStats:
         self._structures[self.signature(xk, yk)] = tuple(
             (id(layer), tuple(a.shape[1:]), tuple(z.shape[1:])) for layer, a, z, _ in calls)
         per_layer, layers = self._group(calls)
+        self._by_example[self.signature(xk, yk)] = frozenset(
+            id(layer.kernel) for layer in layers
+            if isinstance(layer, (kl.Conv1D, kl.Conv2D)) and id(layer.kernel) in self._trainable
+            and _conv_by_example(layer, per_layer[id(layer)]))
         sq, rebuilt, layer_s = [], {}, {}
         for layer in layers:
             t = tf.reduce_sum(_layer_sq_norms(layer, per_layer[id(layer)], self._trainable))
@@ -1133,9 +1213,10 @@ class PerExampleStats:
         return fast_s, tf.add_n(ref_v), tf.stack(diffs), tf.stack(scales), fast_layer, ref_layer
 
     # -- fast path: one forward, one backward --------------------------------
-    def _capture(self, x: Nest, y: Nest, w: tf.Tensor) -> tuple:
+    def _capture(self, x: Nest, y: Nest, w: tf.Tensor, skip: frozenset[int] = frozenset()) -> tuple:
         """One forward and backward pass recording every supported layer's calls:
-        ``(losses, total, variable gradients, [(layer, a, z, b)])``. Inside a graph,
+        ``(losses, total, variable gradients, [(layer, a, z, b)])``; the gradients of
+        the variables in ``skip`` (ids) are not formed (None). Inside a graph,
         an Embedding table used as an output projection outside its layer
         (``ops.matmul(h, ops.transpose(emb.embeddings))``) is recorded as a tied
         projection call too (:func:`_bare_tied_uses`)."""
@@ -1169,18 +1250,21 @@ class PerExampleStats:
             w = tf.cast(w, losses.dtype)
             total = tf.reduce_sum(w * losses)
         self._discovered = self._discovered or bool(bare) or recorded is not rec.calls
+        wanted = [v for v in self.variables if id(v) not in skip]
         grads = tape.gradient(
-            total, self.variables + [z for _, _, z in recorded] + [z for _, _, z, _ in bare],
+            total, wanted + [z for _, _, z in recorded] + [z for _, _, z, _ in bare],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
-        nv, nc = len(self.variables), len(recorded)
-        var_grads, out_grads, bare_grads = grads[:nv], grads[nv:nv + nc], grads[nv + nc:]
+        nv, nc = len(wanted), len(recorded)
+        found = iter(grads[:nv])
+        var_grads = [None if id(v) in skip else next(found) for v in self.variables]
+        out_grads, bare_grads = grads[nv:nv + nc], grads[nv + nc:]
         calls = [(layer, a, z, b) for (layer, a, z), b in zip(recorded, out_grads)]
         for (sentinel, h, _, fold), b in zip(bare, bare_grads):
             if fold:  # z = reshape(h, (m * T, d)) E^T: its rows are (example, position) in row-major order
                 b = tf.reshape(b, [h.shape[0], -1, b.shape[-1]])
             calls.append((sentinel, h, b, b))
-        return losses, total, [tf.convert_to_tensor(g) for g in var_grads], calls
+        return losses, total, [None if g is None else tf.convert_to_tensor(g) for g in var_grads], calls
 
     def _bare_sentinel(self, embedding: kl.Embedding) -> _BareTiedUse:
         """The one stand-in per Embedding for its table's uses as an output projection."""
@@ -1202,9 +1286,15 @@ class PerExampleStats:
             per_layer.setdefault(id(owner), []).append((a, z, b, proj))
         return per_layer, layers
 
-    def _fast(self, x: Nest, y: Nest, w: tf.Tensor, structure: tuple) -> tuple:
+    def _fast(self, x: Nest, y: Nest, w: tf.Tensor, structure: tuple, by_example: frozenset[int]) -> tuple:
+        """The fast step on an established signature. The kernels in ``by_example``
+        (conv layers whose term :func:`_conv_loop` computes from per-example
+        gradients) get their batch gradient as the sum of those, not from a second
+        filter gradient of the batch: the probe established that the layer's calls
+        are every use of the kernel (the accounting check), so the sum is the
+        gradient (up to the order of the additions)."""
         m = tf.nest.flatten(x)[0].shape[0]
-        losses, total, var_grads, calls = self._capture(x, y, w)
+        losses, total, var_grads, calls = self._capture(x, y, w, by_example)
         seen = tuple((id(layer), tuple(a.shape[1:]), tuple(z.shape[1:])) for layer, a, z, _ in calls)
         bad = [layer.name for layer, a, z, _ in calls if _example_axis_reason(layer, a, z, m) is not None]
         if seen != structure or bad:
@@ -1216,7 +1306,18 @@ class PerExampleStats:
                 f"{where!r}): their example axis is not established. method='generic' is exact for any model.",
                 layer=where, reason="layer calls differ from the probed ones")
         per_layer, layers = self._group(calls)
-        sq = [_layer_sq_norms(layer, per_layer[id(layer)], self._trainable) for layer in layers]
+        sq, summed = [], {}
+        for layer in layers:
+            if id(getattr(layer, "kernel", None)) in by_example:
+                layer_calls = _wide_calls(per_layer[id(layer)])
+                t, summed[id(layer.kernel)] = _conv_loop(layer, layer_calls, want_sum=True)
+                if layer.bias is not None and id(layer.bias) in self._trainable:
+                    t = t + bias_sq_norms(tf.concat([_flat(g) for _, _, g, _ in layer_calls], axis=1))
+                sq.append(t)
+            else:
+                sq.append(_layer_sq_norms(layer, per_layer[id(layer)], self._trainable))
+        var_grads = [g if g is not None else tf.cast(summed[id(v)], v.dtype) if id(v) in summed
+                     else tf.zeros(v.shape, v.dtype) for g, v in zip(var_grads, self.variables)]
         # b already carries the factor w_i, so sq_i = w_i^2 ||g_i||^2 = w_i ||g_i||^2 (0/1 mask)
         s = tf.reduce_sum(tf.add_n([tf.cast(t, losses.dtype) for t in sq])) if sq else tf.zeros([], losses.dtype)
         return tf.reduce_sum(w), total, var_grads, s
