@@ -91,7 +91,44 @@ __all__ = ["BatchNormTrainingError", "FastPathFallbackWarning", "PforFallbackWar
            "TiedProjection", "UnsupportedModelError", "VERIFY_EVERY"]
 
 
-_FAST_TYPES = (kl.Dense, kl.EinsumDense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization)
+#: Keras's tied embedding (``reverse=True`` projects back with the table; keras-hub's GPT2/Gemma
+#: backbones use it, and keras-hub's own ``ReversibleEmbedding`` is a subclass that changes nothing)
+_REVERSIBLE = getattr(kl, "ReversibleEmbedding", None)
+_FAST_TYPES = tuple(t for t in (kl.Dense, kl.EinsumDense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization,
+                                _REVERSIBLE) if t is not None)
+
+
+def _is_reversible(layer: Any) -> bool:
+    """A ``keras.layers.ReversibleEmbedding``, or keras-hub's subclass of it that overrides nothing of its
+    computation (``keras_hub.layers.ReversibleEmbedding``)."""
+    if _REVERSIBLE is None or not isinstance(layer, _REVERSIBLE):
+        return False
+    cls = type(layer)
+    return cls is _REVERSIBLE or (cls.__module__.startswith("keras_hub.") and all(
+        getattr(cls, n) is getattr(_REVERSIBLE, n) for n in ("call", "build", "compute_mask")))
+
+
+def _is_position_embedding(layer: Any) -> bool:
+    """keras-hub's ``PositionEmbedding`` (a learned (sequence_length, d) table whose first T rows,
+    broadcast over the examples, are the layer's output)."""
+    cls = type(layer)
+    return cls.__name__ == "PositionEmbedding" and cls.__module__.startswith("keras_hub.") \
+        and hasattr(layer, "position_embeddings")
+
+
+def _lookup_table(layer: Any) -> Any:
+    """The table of a layer whose calls are lookups (Embedding, ReversibleEmbedding, keras-hub's
+    PositionEmbedding), else None."""
+    if isinstance(layer, kl.Embedding):
+        return layer.embeddings
+    if _is_position_embedding(layer):
+        return layer.position_embeddings
+    return None
+
+
+def _reverse_table(layer: Any) -> Any:
+    """The separate reverse-projection table (d, V) of an untied ReversibleEmbedding, else None."""
+    return getattr(layer, "reverse_embeddings", None) if _is_reversible(layer) and not layer.tie_weights else None
 
 
 class _EinsumRoles:
@@ -189,6 +226,16 @@ class TiedProjection(keras.layers.Layer):
 
     def call(self, h: tf.Tensor) -> tf.Tensor:
         return ops.matmul(h, ops.transpose(self.embedding.embeddings))
+
+
+class _ReverseUse:
+    """Stands for the ``reverse=True`` calls of a ReversibleEmbedding, ``z = h E^T``
+    (tied) or ``z = h R`` (``tie_weights=False``, its own table R (d, V)): recorded
+    like :class:`TiedProjection` calls, grouped with the layer's lookups."""
+
+    def __init__(self, embedding: kl.Embedding) -> None:
+        self.embedding = embedding
+        self.name = f"{embedding.name} (reverse=True)"
 
 
 class _BareTiedUse:
@@ -323,11 +370,15 @@ def _broadcast_sums(z: tf.Tensor, shape: list[int]) -> list[tf.Tensor] | None:
 
 def _fast_refusal(layer: keras.Layer) -> str | None:
     """Why the fast path cannot take this layer (None: it can)."""
-    if type(layer) not in _FAST_TYPES:
+    if _is_position_embedding(layer):
+        return None
+    if type(layer) not in _FAST_TYPES and not _is_reversible(layer):
         return (f"{type(layer).__name__} is not one of Dense, EinsumDense, Conv1D, Conv2D, Embedding, "
-                f"LayerNormalization")
+                f"ReversibleEmbedding, LayerNormalization (or keras-hub's ReversibleEmbedding, PositionEmbedding)")
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
         return "LoRA or quantised weights"
+    if _is_reversible(layer) and layer.mask_zero:
+        return "ReversibleEmbedding with mask_zero=True (it sets its mask inside its call)"
     if isinstance(layer, (kl.Conv1D, kl.Conv2D)):
         if layer.data_format != "channels_last":
             return "data_format='channels_first'"
@@ -411,8 +462,9 @@ class _Recorder:
     """Replaces ``call`` of the supported layers during one forward pass
     (the trace), recording (inputs, pre-activation output) per call."""
 
-    def __init__(self, layers: Sequence[keras.Layer]):
+    def __init__(self, layers: Sequence[keras.Layer], reverse_uses: dict[int, _ReverseUse] | None = None):
         self.layers = list(layers)
+        self.reverse_uses = {} if reverse_uses is None else reverse_uses  # per layer, kept across traces
         self.calls: list[tuple[keras.Layer, tf.Tensor, tf.Tensor]] = []  # (layer, a, z) in call order
 
     def __enter__(self) -> _Recorder:
@@ -432,6 +484,30 @@ class _Recorder:
             if isinstance(layer, TiedProjection):
                 z = ops.matmul(inputs, ops.transpose(layer.embedding.embeddings))
                 rec_append((inputs, z))
+                return z
+            if _is_reversible(layer) and (kwargs.get("reverse") if "reverse" in kwargs else bool(args and args[0])):
+                table = ops.transpose(layer.embeddings) if layer.tie_weights else layer.reverse_embeddings
+                h = inputs
+                if layer.reverse_dtype is not None:
+                    h, table = ops.cast(h, layer.reverse_dtype), ops.cast(table, layer.reverse_dtype)
+                z = ops.matmul(h, table)
+                use = self.reverse_uses.setdefault(id(layer), _ReverseUse(layer))
+                self.calls.append((use, h, z))
+                cap = layer.logit_soft_cap
+                return z if cap is None else ops.multiply(ops.tanh(ops.divide(z, cap)), cap)
+            if _is_position_embedding(layer):
+                if kwargs.get("positions") is not None:
+                    raise UnsupportedModelError(
+                        f"{layer.name!r}: PositionEmbedding called with positions", layer=layer.name,
+                        reason="PositionEmbedding called with explicit positions")
+                start = kwargs.get("start_index", args[0] if args else 0)
+                n_t, d = inputs.shape[-2], inputs.shape[-1]
+                ids = tf.broadcast_to(tf.range(n_t, dtype=tf.int32) + tf.cast(start, tf.int32),
+                                      tf.shape(inputs)[:-1])
+                rows = tf.slice(ops.cast(layer.position_embeddings, layer.compute_dtype),
+                                tf.stack([tf.cast(start, tf.int32), 0]), [n_t, d])
+                z = tf.broadcast_to(rows, tf.shape(inputs))
+                rec_append((ids, z))
                 return z
             if isinstance(layer, kl.Embedding):
                 ids = inputs if inputs.dtype in (tf.int32, tf.int64) else ops.cast(inputs, "int32")
@@ -626,20 +702,26 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
     positions, so the calls are concatenated along T. Float16/bfloat16 inputs
     and output gradients (mixed precision) are upcast to float32 first."""
     calls = _wide_calls(calls)
-    if isinstance(layer, kl.Embedding):
+    table = _lookup_table(layer)
+    if table is not None:
         lookups = [c for c in calls if not c[3]]
-        proj = [c for c in calls if c[3]]
-        tokens = b = None
-        if lookups:
-            tokens = tf.concat([tf.reshape(a, [-1, math.prod(a.shape[1:])]) for a, *_ in lookups], axis=1)
-            b = tf.concat([_flat(g) for _, _, g, _ in lookups], axis=1)
-        if not proj:
-            return embedding_sq_norms(tokens, b)
-        h = tf.concat([_flat(a) for a, *_ in proj], axis=1)
-        b2 = tf.concat([_flat(g) for _, _, g, _ in proj], axis=1)
-        if not lookups:
-            return linear_sq_norms(h, b2)
-        return tied_embedding_sq_norms(tokens, b, h, b2)
+        proj = [c for c in calls if c[3] is True]  # z = h E^T
+        untied = [c for c in calls if c[3] == "untied"]  # z = h R, R an untied ReversibleEmbedding's own table
+        out = tf.zeros_like(_flat(calls[0][2])[:, 0, 0])
+        if id(table) in trainable and (lookups or proj):
+            tokens = b = h = b2 = None
+            if lookups:
+                tokens = tf.concat([tf.reshape(a, [-1, math.prod(a.shape[1:])]) for a, *_ in lookups], axis=1)
+                b = tf.concat([_flat(g) for _, _, g, _ in lookups], axis=1)
+            if proj:
+                h = tf.concat([_flat(a) for a, *_ in proj], axis=1)
+                b2 = tf.concat([_flat(g) for _, _, g, _ in proj], axis=1)
+            out = (tied_embedding_sq_norms(tokens, b, h, b2) if lookups and proj
+                   else embedding_sq_norms(tokens, b) if lookups else linear_sq_norms(h, b2))
+        if untied and id(_reverse_table(layer)) in trainable:
+            out = out + linear_sq_norms(tf.concat([_flat(a) for a, *_ in untied], axis=1),
+                                        tf.concat([_flat(g) for _, _, g, _ in untied], axis=1))
+        return out
     if isinstance(layer, kl.EinsumDense):
         return _einsum_sq_norms(layer, calls, trainable)
     b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
@@ -722,16 +804,21 @@ def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tenso
     every use of the variable (the accounting check). Computed in >= float32."""
     calls = _wide_calls(calls)
     out: dict[int, tf.Tensor] = {}
-    if isinstance(layer, kl.Embedding):
-        grad = tf.zeros(layer.embeddings.shape, calls[0][2].dtype)
+    table = _lookup_table(layer)
+    if table is not None:
+        grad = tf.zeros(table.shape, calls[0][2].dtype)
         for a, _, g, is_projection in calls:
-            if is_projection:  # z = h E^T: dE = b^T h
+            if is_projection == "untied":  # z = h R: dR = h^T b
+                reverse = _reverse_table(layer)
+                r = tf.matmul(tf.reshape(a, [-1, a.shape[-1]]), tf.reshape(g, [-1, g.shape[-1]]), transpose_a=True)
+                out[id(reverse)] = out[id(reverse)] + r if id(reverse) in out else r
+            elif is_projection:  # z = h E^T: dE = b^T h
                 grad += tf.matmul(tf.reshape(g, [-1, g.shape[-1]]), tf.reshape(a, [-1, a.shape[-1]]),
                                   transpose_a=True)
             else:
                 grad += tf.math.unsorted_segment_sum(tf.reshape(g, [-1, g.shape[-1]]),
-                                                     tf.cast(tf.reshape(a, [-1]), tf.int32), layer.input_dim)
-        out[id(layer.embeddings)] = grad
+                                                     tf.cast(tf.reshape(a, [-1]), tf.int32), int(table.shape[0]))
+        out[id(table)] = grad
         return out
     if isinstance(layer, kl.EinsumDense):
         for a, _, g, _ in calls:
@@ -773,7 +860,7 @@ def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tenso
 def _example_axis_reason(layer: keras.Layer, a: tf.Tensor, z: tf.Tensor, n: int | None) -> str | None:
     """Why a captured call does not carry the examples on its leading axis of
     length ``n`` (None: it has that axis)."""
-    min_rank = 1 if isinstance(layer, kl.Embedding) else 2
+    min_rank = 1 if _lookup_table(layer) is not None else 2
     if a.shape.rank is None or a.shape.rank < min_rank or z.shape.rank is None or z.shape.rank < 2:
         return (f"it was called on a tensor of shape {tuple(a.shape)} (output {tuple(z.shape)}) without "
                 f"a leading example axis")
@@ -951,6 +1038,7 @@ class PerExampleStats:
         self._probe_layers: dict[tuple, list[str]] = {}
         self._eager_calls: dict[tuple, int] = {}
         self._bare_sentinels: dict[int, _BareTiedUse] = {}  # per Embedding: its table's uses outside the layer
+        self._reverse_uses: dict[int, _ReverseUse] = {}  # per ReversibleEmbedding: its reverse=True calls
         self._fast_graph: Any = None  # the fast path as a tf.function, for eager calls that need a graph
         self._discovered = False  # set while tracing when a capture read the graph (bare ties, broadcast lookups)
         self._graph_only: set[tuple] = set()  # signatures whose fast path reads the graph
@@ -1233,7 +1321,7 @@ class PerExampleStats:
         with tf.GradientTape() as tape:
             reads = [tf.identity(layer.embeddings.value) for layer in tables]
             scope = keras.StatelessScope([(layer.embeddings, r) for layer, r in zip(tables, reads)])
-            with scope if tables else contextlib.nullcontext(), _Recorder(layers) as rec:
+            with scope if tables else contextlib.nullcontext(), _Recorder(layers, self._reverse_uses) as rec:
                 # a float16 loss (mixed precision) is summed in float32: count, loss sum and S never in float16
                 losses = _wide(self.per_example_loss(x, y))
             if tables:  # the scope held back every variable update of the forward pass (e.g. dropout's seeds)
@@ -1279,7 +1367,9 @@ class PerExampleStats:
         per_layer: dict[int, list] = {}
         layers = []
         for layer, a, z, b in calls:
-            proj = isinstance(layer, (TiedProjection, _BareTiedUse))
+            proj: bool | str = isinstance(layer, (TiedProjection, _BareTiedUse, _ReverseUse))
+            if isinstance(layer, _ReverseUse) and not layer.embedding.tie_weights:
+                proj = "untied"
             owner = layer.embedding if proj else layer
             if id(owner) not in per_layer:
                 layers.append(owner)
