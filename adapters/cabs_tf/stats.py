@@ -9,7 +9,8 @@ ordinary gradient times m) and ONE float64 tensor of the four scalars of
 one device-to-host copy per step. Two exact paths:
 
 - ``fast``: one forward and one backward pass. Each supported layer
-  (Dense, EinsumDense, Conv1D, Conv2D, Embedding, LayerNormalization; an
+  (Dense, EinsumDense, Conv1D, Conv2D, Embedding, ReversibleEmbedding and its
+  ``reverse=True`` calls, keras-hub's PositionEmbedding, LayerNormalization; an
   Embedding's table used as the output projection, ``ops.matmul(h, E.T)``, and
   positions ``pos(arange(T))`` broadcast over the examples are found in the
   traced graph) records its inputs
