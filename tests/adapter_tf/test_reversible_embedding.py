@@ -2,7 +2,7 @@
 Gemma backbones: ``emb(ids)`` looks up, ``emb(h, reverse=True)`` projects back
 with the table) on the exact fast path: tied (the lookup's and the projection's
 terms plus their cross term), untied (``tie_weights=False``: the reverse table is
-a Dense without bias), with ``logit_soft_cap``, called twice in reverse, and on a
+a Dense without bias), with ``logit_soft_cap`` and ``reverse_dtype``, called twice in reverse, and on a
 pooled (m, d) input. Every S is compared with a float64 loop over single examples
 and the fast path (not the generic fallback) must have produced it. keras-hub's
 own models: ``tests/keras_hub/``."""
@@ -26,9 +26,9 @@ class ReversibleLM(keras.Model):
     ``twice``: a second reverse call on another hidden state, summed;
     ``pooled``: the reverse call on the mean over positions (logits (m, V))."""
 
-    def __init__(self, tie=True, cap=None, twice=False, pooled=False):
+    def __init__(self, tie=True, cap=None, twice=False, pooled=False, rdtype=None):
         super().__init__()
-        self.emb = kl.ReversibleEmbedding(V, D, tie_weights=tie, logit_soft_cap=cap, dtype=F64)
+        self.emb = kl.ReversibleEmbedding(V, D, tie_weights=tie, logit_soft_cap=cap, reverse_dtype=rdtype, dtype=F64)
         self.mix = kl.Dense(D, activation="tanh", dtype=F64)
         self.twice, self.pooled = twice, pooled
 
@@ -45,7 +45,8 @@ def pooled_loss(y, logits):
 
 
 CASES = {"tied": {}, "untied": {"tie": False}, "soft_cap": {"cap": 2.0}, "twice": {"twice": True},
-         "untied_twice": {"tie": False, "twice": True}, "pooled": {"pooled": True}}
+         "untied_twice": {"tie": False, "twice": True}, "pooled": {"pooled": True},
+         "reverse_dtype": {"rdtype": F64, "cap": 3.0}}
 
 
 @pytest.mark.parametrize("mode", ["graph", "eager"])
