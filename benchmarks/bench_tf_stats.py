@@ -11,8 +11,15 @@ size of the PyTorch benchmark's), at several batch sizes:
 - fast:    cabs_tf.PerExampleStats(method="fast")   (one forward, one backward)
 - generic: cabs_tf.PerExampleStats(method="generic") (tf.vectorized_map, chunked)
 
-Prints milliseconds per step (median of --reps after a warm-up) and the
+Prints milliseconds per step (median of --reps after a warm-up; the steps of one
+batch size alternate, so that load on a shared machine hits them alike) and the
 ratios to plain; the last lines give the batch-128 ratios.
+
+``--baseline DIR`` adds a column: the fast step of another copy of the adapter
+(a ``cabs_tf`` package directory, e.g. the main branch's exported with
+``git archive main adapters/cabs_tf | tar -x -C /tmp/base``), loaded as a
+separate package and timed in the same run, alternating with the others: a
+before/after comparison side by side.
 
 ``--verify`` adds the cost of the checks that establish the fast path
 (issue 12): the probe ``PerExampleStats.verify`` runs on the host before a step on
@@ -27,13 +34,16 @@ steady state (the look-up, a probe every verify_every steps) and over a run of
     python benchmarks/bench_tf_stats.py --batches 32 128 512 --reps 10
     python benchmarks/bench_tf_stats.py --verify --batches 128 --reps 10
     python benchmarks/bench_tf_stats.py --models gpt --batches 16 64   # the GPT, its default size
+    python benchmarks/bench_tf_stats.py --models cnn --no-generic --baseline /tmp/base/adapters/cabs_tf
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -110,8 +120,20 @@ def plain_step(model: keras.Model):
     return step
 
 
-def stats_step(model: keras.Model, method: str, chunk_size: int):
-    step = cabs_tf.PerExampleStats(model, xent, method=method, chunk_size=chunk_size)
+def load_baseline(path: str):
+    """The ``cabs_tf`` package in directory ``path`` as a separate package ``cabs_tf_baseline``."""
+    init = os.path.join(path, "__init__.py")
+    spec = importlib.util.spec_from_file_location("cabs_tf_baseline", init, submodule_search_locations=[path])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: no package at {path!r} (expected {init})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cabs_tf_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def stats_step(model: keras.Model, method: str, chunk_size: int, adapter=cabs_tf):
+    step = adapter.PerExampleStats(model, xent, method=method, chunk_size=chunk_size)
     fn = tf.function(step)
     return lambda x, y: fn(x, y)[1]
 
@@ -161,14 +183,17 @@ def cold_probe(name: str, b: int) -> None:
           f"the fast step's first call {first_step[1]:.2f} s CPU ({first_step[0]:.2f} s wall)", flush=True)
 
 
-def time_ms(fn, x, y, reps: int) -> float:
-    fn(x, y).numpy()  # trace and warm up
-    out = []
+def time_ms(fns: dict, x, y, reps: int) -> dict[str, float]:
+    """Median ms per call of each function, the functions alternating within each repetition."""
+    for fn in fns.values():
+        fn(x, y).numpy()  # trace and warm up
+    out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(x, y).numpy()  # the one host copy a training step makes
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x, y).numpy()  # the one host copy a training step makes
+            out[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in out.items()}
 
 
 def main() -> None:
@@ -188,6 +213,8 @@ def main() -> None:
     ap.add_argument("--verify-every", type=int, default=VERIFY_EVERY, help="steps between two probes")
     ap.add_argument("--run-steps", type=int, default=1000, help="run length the first probe is amortised over")
     ap.add_argument("--no-generic", action="store_true", help="skip the generic path")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time the fast step of the cabs_tf package in DIR (before/after, same run)")
     ap.add_argument("--cold-probe", action="store_true",
                     help="only the first probe in this fresh process, before any step is traced (as the "
                     "trainer's first step meets it), for the first of --models and --batches; then the fast "
@@ -198,8 +225,11 @@ def main() -> None:
         return
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_physical_devices()]}, reps {args.reps}")
+    base = load_baseline(args.baseline) if args.baseline else None
+    if base is not None:
+        print(f"baseline: {args.baseline}")
     print(f"{'model':5} {'batch':>5} {'plain ms':>9} {'fast ms':>9} {'generic ms':>11} {'fast/plain':>10} "
-          f"{'generic/plain':>13}")
+          f"{'generic/plain':>13}" + (f" {'base fast ms':>12} {'base/plain':>10}" if base else ""))
     at128 = {}
     verified: list[tuple] = []
     rng = np.random.default_rng(0)
@@ -215,6 +245,8 @@ def main() -> None:
             model = mlp() if name == "mlp" else mnist_cnn()
         steps = {"plain": plain_step(model), "fast": stats_step(model, "fast", args.chunk_size),
                  "generic": stats_step(model, "generic", args.chunk_size)}
+        if base is not None:
+            steps["base"] = stats_step(model, "fast", args.chunk_size, adapter=base)
         for b in args.batches:
             if name == "gpt":
                 x = tf.constant(rng.integers(0, args.gpt_vocab, size=(b, args.gpt_seq)).astype("int32"))
@@ -222,14 +254,13 @@ def main() -> None:
             else:
                 x = tf.constant(rng.normal(size=(b, *model.inputs[0].shape[1:])).astype("float32"))
                 y = tf.constant(rng.integers(0, 10, size=(b,)).astype("int32"))
-            ms = {}
-            for k, fn in steps.items():
-                skip = k == "generic" and (args.no_generic or (args.no_generic_above is not None
-                                                              and b > args.no_generic_above))
-                ms[k] = float("nan") if skip else time_ms(fn, x, y, args.reps)
+            skip = args.no_generic or (args.no_generic_above is not None and b > args.no_generic_above)
+            ms = {"generic": float("nan")} | time_ms(
+                {k: fn for k, fn in steps.items() if not (k == "generic" and skip)}, x, y, args.reps)
             r_fast, r_gen = ms["fast"] / ms["plain"], ms["generic"] / ms["plain"]
+            extra = f" {ms['base']:>12.2f} {ms['base'] / ms['plain']:>9.2f}x" if base else ""
             print(f"{name:5} {b:>5} {ms['plain']:>9.2f} {ms['fast']:>9.2f} {ms['generic']:>11.2f} "
-                  f"{r_fast:>9.2f}x {r_gen:>12.2f}x", flush=True)
+                  f"{r_fast:>9.2f}x {r_gen:>12.2f}x" + extra, flush=True)
             if b == 128:
                 at128[name] = (r_fast, r_gen)
             if args.verify:

@@ -9,7 +9,8 @@ ordinary gradient times m) and ONE float64 tensor of the four scalars of
 one device-to-host copy per step. Two exact paths:
 
 - ``fast``: one forward and one backward pass. Each supported layer
-  (Dense, EinsumDense, Conv1D, Conv2D, Embedding, LayerNormalization; an
+  (Dense, EinsumDense, Conv1D, Conv2D, Embedding, ReversibleEmbedding and its
+  ``reverse=True`` calls, keras-hub's PositionEmbedding, LayerNormalization; an
   Embedding's table used as the output projection, ``ops.matmul(h, E.T)``, and
   positions ``pos(arange(T))`` broadcast over the examples are found in the
   traced graph) records its inputs
@@ -91,7 +92,44 @@ __all__ = ["BatchNormTrainingError", "FastPathFallbackWarning", "PforFallbackWar
            "TiedProjection", "UnsupportedModelError", "VERIFY_EVERY"]
 
 
-_FAST_TYPES = (kl.Dense, kl.EinsumDense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization)
+#: Keras's tied embedding (``reverse=True`` projects back with the table; keras-hub's GPT2/Gemma
+#: backbones use it, and keras-hub's own ``ReversibleEmbedding`` is a subclass that changes nothing)
+_REVERSIBLE = getattr(kl, "ReversibleEmbedding", None)
+_FAST_TYPES = tuple(t for t in (kl.Dense, kl.EinsumDense, kl.Conv1D, kl.Conv2D, kl.Embedding, kl.LayerNormalization,
+                                _REVERSIBLE) if t is not None)
+
+
+def _is_reversible(layer: Any) -> bool:
+    """A ``keras.layers.ReversibleEmbedding``, or keras-hub's subclass of it that overrides nothing of its
+    computation (``keras_hub.layers.ReversibleEmbedding``)."""
+    if _REVERSIBLE is None or not isinstance(layer, _REVERSIBLE):
+        return False
+    cls = type(layer)
+    return cls is _REVERSIBLE or (cls.__module__.startswith("keras_hub.") and all(
+        getattr(cls, n) is getattr(_REVERSIBLE, n) for n in ("call", "build", "compute_mask")))
+
+
+def _is_position_embedding(layer: Any) -> bool:
+    """keras-hub's ``PositionEmbedding`` (a learned (sequence_length, d) table whose first T rows,
+    broadcast over the examples, are the layer's output)."""
+    cls = type(layer)
+    return cls.__name__ == "PositionEmbedding" and cls.__module__.startswith("keras_hub.") \
+        and hasattr(layer, "position_embeddings")
+
+
+def _lookup_table(layer: Any) -> Any:
+    """The table of a layer whose calls are lookups (Embedding, ReversibleEmbedding, keras-hub's
+    PositionEmbedding), else None."""
+    if isinstance(layer, kl.Embedding):
+        return layer.embeddings
+    if _is_position_embedding(layer):
+        return layer.position_embeddings
+    return None
+
+
+def _reverse_table(layer: Any) -> Any:
+    """The separate reverse-projection table (d, V) of an untied ReversibleEmbedding, else None."""
+    return getattr(layer, "reverse_embeddings", None) if _is_reversible(layer) and not layer.tie_weights else None
 
 
 class _EinsumRoles:
@@ -189,6 +227,16 @@ class TiedProjection(keras.layers.Layer):
 
     def call(self, h: tf.Tensor) -> tf.Tensor:
         return ops.matmul(h, ops.transpose(self.embedding.embeddings))
+
+
+class _ReverseUse:
+    """Stands for the ``reverse=True`` calls of a ReversibleEmbedding, ``z = h E^T``
+    (tied) or ``z = h R`` (``tie_weights=False``, its own table R (d, V)): recorded
+    like :class:`TiedProjection` calls, grouped with the layer's lookups."""
+
+    def __init__(self, embedding: kl.Embedding) -> None:
+        self.embedding = embedding
+        self.name = f"{embedding.name} (reverse=True)"
 
 
 class _BareTiedUse:
@@ -323,11 +371,15 @@ def _broadcast_sums(z: tf.Tensor, shape: list[int]) -> list[tf.Tensor] | None:
 
 def _fast_refusal(layer: keras.Layer) -> str | None:
     """Why the fast path cannot take this layer (None: it can)."""
-    if type(layer) not in _FAST_TYPES:
+    if _is_position_embedding(layer):
+        return None
+    if type(layer) not in _FAST_TYPES and not _is_reversible(layer):
         return (f"{type(layer).__name__} is not one of Dense, EinsumDense, Conv1D, Conv2D, Embedding, "
-                f"LayerNormalization")
+                f"ReversibleEmbedding, LayerNormalization (or keras-hub's ReversibleEmbedding, PositionEmbedding)")
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
         return "LoRA or quantised weights"
+    if _is_reversible(layer) and layer.mask_zero:
+        return "ReversibleEmbedding with mask_zero=True (it sets its mask inside its call)"
     if isinstance(layer, (kl.Conv1D, kl.Conv2D)):
         if layer.data_format != "channels_last":
             return "data_format='channels_first'"
@@ -411,8 +463,9 @@ class _Recorder:
     """Replaces ``call`` of the supported layers during one forward pass
     (the trace), recording (inputs, pre-activation output) per call."""
 
-    def __init__(self, layers: Sequence[keras.Layer]):
+    def __init__(self, layers: Sequence[keras.Layer], reverse_uses: dict[int, _ReverseUse] | None = None):
         self.layers = list(layers)
+        self.reverse_uses = {} if reverse_uses is None else reverse_uses  # per layer, kept across traces
         self.calls: list[tuple[keras.Layer, tf.Tensor, tf.Tensor]] = []  # (layer, a, z) in call order
 
     def __enter__(self) -> _Recorder:
@@ -432,6 +485,30 @@ class _Recorder:
             if isinstance(layer, TiedProjection):
                 z = ops.matmul(inputs, ops.transpose(layer.embedding.embeddings))
                 rec_append((inputs, z))
+                return z
+            if _is_reversible(layer) and (kwargs.get("reverse") if "reverse" in kwargs else bool(args and args[0])):
+                table = ops.transpose(layer.embeddings) if layer.tie_weights else layer.reverse_embeddings
+                h = inputs
+                if layer.reverse_dtype is not None:
+                    h, table = ops.cast(h, layer.reverse_dtype), ops.cast(table, layer.reverse_dtype)
+                z = ops.matmul(h, table)
+                use = self.reverse_uses.setdefault(id(layer), _ReverseUse(layer))
+                self.calls.append((use, h, z))
+                cap = layer.logit_soft_cap
+                return z if cap is None else ops.multiply(ops.tanh(ops.divide(z, cap)), cap)
+            if _is_position_embedding(layer):
+                if kwargs.get("positions") is not None:
+                    raise UnsupportedModelError(
+                        f"{layer.name!r}: PositionEmbedding called with positions", layer=layer.name,
+                        reason="PositionEmbedding called with explicit positions")
+                start = kwargs.get("start_index", args[0] if args else 0)
+                n_t, d = inputs.shape[-2], inputs.shape[-1]
+                ids = tf.broadcast_to(tf.range(n_t, dtype=tf.int32) + tf.cast(start, tf.int32),
+                                      tf.shape(inputs)[:-1])
+                rows = tf.slice(ops.cast(layer.position_embeddings, layer.compute_dtype),
+                                tf.stack([tf.cast(start, tf.int32), 0]), [n_t, d])
+                z = tf.broadcast_to(rows, tf.shape(inputs))
+                rec_append((ids, z))
                 return z
             if isinstance(layer, kl.Embedding):
                 ids = inputs if inputs.dtype in (tf.int32, tf.int64) else ops.cast(inputs, "int32")
@@ -518,6 +595,63 @@ def _conv_sq_norms(views: list[tf.Tensor], b: tf.Tensor) -> tf.Tensor:
     return tf.add_n(out)
 
 
+#: examples whose per-example conv kernel gradients are computed at once (independent loop iterations)
+_CONV_PARALLEL = 32
+
+
+def _conv_loop_ok(layer: keras.Layer) -> bool:
+    """Whether a conv layer's per-example kernel gradients can come from one
+    ``Conv2DBackpropFilter`` per example: dilation 1 (the CPU kernel refuses
+    dilation rates above 1)."""
+    return all(int(d) == 1 for d in layer.dilation_rate)
+
+
+def _conv_loop(layer: keras.Layer, calls: list[tuple], want_sum: bool) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """``(||g_i||^2 of the kernel, shape (m,), sum_i g_i or None)`` of a conv
+    layer (dilation 1) over all its calls, the per-example kernel gradient
+    ``g_i`` computed by TensorFlow's own filter gradient, ``Conv2DBackpropFilter``,
+    on example i alone (a Conv1D as a conv of height 1; a grouped conv as one
+    conv per group, its kernel's output channels in group order). ``g_i`` is
+    summed over the calls before the norm (shared weights), and never held for
+    more than ``_CONV_PARALLEL`` examples at once. This is the per-example
+    gradient of :func:`linear_sq_norms` on the conv patches without building
+    them: one filter gradient per example costs about what the batch's filter
+    gradient costs."""
+    one_d = isinstance(layer, kl.Conv1D)
+    pairs = [(a[:, None], b[:, None]) if one_d else (a, b) for a, _, b, _ in calls]
+    kh, kw = (1, *layer.kernel_size) if one_d else layer.kernel_size
+    strides = [1, 1, *layer.strides, 1] if one_d else [1, *layer.strides, 1]
+    padding = layer.padding.upper()
+    g = _groups(layer)
+    cg, qg = int(layer.kernel.shape[-2]), int(layer.kernel.shape[-1]) // g
+    dtype = pairs[0][1].dtype
+
+    def example(i: tf.Tensor) -> tf.Tensor:
+        """g_i as (kh, kw, C / groups, Q)."""
+        per_call = []
+        for a, b in pairs:
+            ai, bi = a[i][None], b[i][None]
+            per_call.append(tf.concat([
+                tf.raw_ops.Conv2DBackpropFilter(
+                    input=ai[..., j * cg:(j + 1) * cg], filter_sizes=[kh, kw, cg, qg],
+                    out_backprop=bi[..., j * qg:(j + 1) * qg], strides=strides, padding=padding)
+                for j in range(g)], axis=3) if g > 1 else tf.raw_ops.Conv2DBackpropFilter(
+                    input=ai, filter_sizes=[kh, kw, cg, qg], out_backprop=bi, strides=strides, padding=padding))
+        return tf.add_n(per_call) if len(per_call) > 1 else per_call[0]
+
+    m = tf.shape(pairs[0][0])[0]
+    sq = tf.TensorArray(dtype, size=m)
+    acc = tf.zeros([kh, kw, cg, g * qg], dtype)
+
+    def body(i: tf.Tensor, sq: tf.TensorArray, acc: tf.Tensor) -> tuple:
+        gi = example(i)
+        return i + 1, sq.write(i, tf.reduce_sum(gi * gi)), acc + gi if want_sum else acc
+
+    _, sq, acc = tf.while_loop(lambda i, *_: i < m, body, (tf.constant(0), sq, acc),
+                               parallel_iterations=_CONV_PARALLEL)
+    return sq.stack(), (tf.reshape(acc, layer.kernel.shape) if want_sum else None)
+
+
 def _flat(t: tf.Tensor) -> tf.Tensor:
     """(m, ..., q) -> (m, T, q) with T the product of the middle axes."""
     return tf.reshape(t, [-1, math.prod(t.shape[1:-1]), t.shape[-1]])
@@ -569,20 +703,26 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
     positions, so the calls are concatenated along T. Float16/bfloat16 inputs
     and output gradients (mixed precision) are upcast to float32 first."""
     calls = _wide_calls(calls)
-    if isinstance(layer, kl.Embedding):
+    table = _lookup_table(layer)
+    if table is not None:
         lookups = [c for c in calls if not c[3]]
-        proj = [c for c in calls if c[3]]
-        tokens = b = None
-        if lookups:
-            tokens = tf.concat([tf.reshape(a, [-1, math.prod(a.shape[1:])]) for a, *_ in lookups], axis=1)
-            b = tf.concat([_flat(g) for _, _, g, _ in lookups], axis=1)
-        if not proj:
-            return embedding_sq_norms(tokens, b)
-        h = tf.concat([_flat(a) for a, *_ in proj], axis=1)
-        b2 = tf.concat([_flat(g) for _, _, g, _ in proj], axis=1)
-        if not lookups:
-            return linear_sq_norms(h, b2)
-        return tied_embedding_sq_norms(tokens, b, h, b2)
+        proj = [c for c in calls if c[3] is True]  # z = h E^T
+        untied = [c for c in calls if c[3] == "untied"]  # z = h R, R an untied ReversibleEmbedding's own table
+        out = tf.zeros_like(_flat(calls[0][2])[:, 0, 0])
+        if id(table) in trainable and (lookups or proj):
+            tokens = b = h = b2 = None
+            if lookups:
+                tokens = tf.concat([tf.reshape(a, [-1, math.prod(a.shape[1:])]) for a, *_ in lookups], axis=1)
+                b = tf.concat([_flat(g) for _, _, g, _ in lookups], axis=1)
+            if proj:
+                h = tf.concat([_flat(a) for a, *_ in proj], axis=1)
+                b2 = tf.concat([_flat(g) for _, _, g, _ in proj], axis=1)
+            out = (tied_embedding_sq_norms(tokens, b, h, b2) if lookups and proj
+                   else embedding_sq_norms(tokens, b) if lookups else linear_sq_norms(h, b2))
+        if untied and id(_reverse_table(layer)) in trainable:
+            out = out + linear_sq_norms(tf.concat([_flat(a) for a, *_ in untied], axis=1),
+                                        tf.concat([_flat(g) for _, _, g, _ in untied], axis=1))
+        return out
     if isinstance(layer, kl.EinsumDense):
         return _einsum_sq_norms(layer, calls, trainable)
     b = tf.concat([_flat(g) for _, _, g, _ in calls], axis=1)
@@ -596,6 +736,8 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
         out = tf.zeros_like(b[:, 0, 0])
     elif isinstance(layer, kl.Dense):
         out = linear_sq_norms(tf.concat([_flat(a) for a, *_ in calls], axis=1), b)
+    elif _conv_by_example(layer, calls):
+        out = _conv_loop(layer, calls, want_sum=False)[0]
     else:
         per_call = [_conv_views(layer, a) for a, *_ in calls]
         views = [tf.concat(vs, axis=1) for vs in zip(*per_call)]
@@ -603,6 +745,20 @@ def _layer_sq_norms(layer: keras.Layer, calls: list[tuple], trainable: set[int])
     if layer.bias is not None and id(layer.bias) in trainable:
         out = out + bias_sq_norms(b)
     return out
+
+
+def _conv_by_example(layer: keras.Layer, calls: list[tuple]) -> bool:
+    """Whether a conv layer's kernel term is computed from its per-example
+    gradients (:func:`_conv_loop`, T p q multiply-adds per example and group)
+    rather than the Gram form on the patches (T^2 (p + q)): dilation 1 and the
+    Gram form not cheaper (T: positions over all calls, p = kh kw C / groups,
+    q = Q / groups)."""
+    if not isinstance(layer, (kl.Conv1D, kl.Conv2D)) or not _conv_loop_ok(layer):
+        return False
+    t = sum(math.prod(b.shape[1:-1]) for _, _, b, _ in calls)
+    g = _groups(layer)
+    p, q = math.prod(layer.kernel.shape[:-1]), int(layer.kernel.shape[-1]) // g
+    return not gram_is_cheaper(t, p, q)
 
 
 def _einsum_bias_letters(layer: keras.Layer, roles: _EinsumRoles) -> str:
@@ -649,16 +805,21 @@ def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tenso
     every use of the variable (the accounting check). Computed in >= float32."""
     calls = _wide_calls(calls)
     out: dict[int, tf.Tensor] = {}
-    if isinstance(layer, kl.Embedding):
-        grad = tf.zeros(layer.embeddings.shape, calls[0][2].dtype)
+    table = _lookup_table(layer)
+    if table is not None:
+        grad = tf.zeros(table.shape, calls[0][2].dtype)
         for a, _, g, is_projection in calls:
-            if is_projection:  # z = h E^T: dE = b^T h
+            if is_projection == "untied":  # z = h R: dR = h^T b
+                reverse = _reverse_table(layer)
+                r = tf.matmul(tf.reshape(a, [-1, a.shape[-1]]), tf.reshape(g, [-1, g.shape[-1]]), transpose_a=True)
+                out[id(reverse)] = out[id(reverse)] + r if id(reverse) in out else r
+            elif is_projection:  # z = h E^T: dE = b^T h
                 grad += tf.matmul(tf.reshape(g, [-1, g.shape[-1]]), tf.reshape(a, [-1, a.shape[-1]]),
                                   transpose_a=True)
             else:
                 grad += tf.math.unsorted_segment_sum(tf.reshape(g, [-1, g.shape[-1]]),
-                                                     tf.cast(tf.reshape(a, [-1]), tf.int32), layer.input_dim)
-        out[id(layer.embeddings)] = grad
+                                                     tf.cast(tf.reshape(a, [-1]), tf.int32), int(table.shape[0]))
+        out[id(table)] = grad
         return out
     if isinstance(layer, kl.EinsumDense):
         for a, _, g, _ in calls:
@@ -700,7 +861,7 @@ def _rebuilt_grads(layer: keras.Layer, calls: list[tuple]) -> dict[int, tf.Tenso
 def _example_axis_reason(layer: keras.Layer, a: tf.Tensor, z: tf.Tensor, n: int | None) -> str | None:
     """Why a captured call does not carry the examples on its leading axis of
     length ``n`` (None: it has that axis)."""
-    min_rank = 1 if isinstance(layer, kl.Embedding) else 2
+    min_rank = 1 if _lookup_table(layer) is not None else 2
     if a.shape.rank is None or a.shape.rank < min_rank or z.shape.rank is None or z.shape.rank < 2:
         return (f"it was called on a tensor of shape {tuple(a.shape)} (output {tuple(z.shape)}) without "
                 f"a leading example axis")
@@ -871,10 +1032,14 @@ class PerExampleStats:
         #: per input signature: None (fast path established) or why it fell back to generic
         self.verdicts: dict[tuple, str | None] = {}
         self._structures: dict[tuple, tuple] = {}
+        #: per signature: ids of the conv kernels whose batch gradient the fast step sums from the
+        #: per-example gradients it computes anyway (:func:`_conv_loop`), instead of a second filter gradient
+        self._by_example: dict[tuple, frozenset[int]] = {}
         self._probe_fns: dict[tuple, Any] = {}
         self._probe_layers: dict[tuple, list[str]] = {}
         self._eager_calls: dict[tuple, int] = {}
         self._bare_sentinels: dict[int, _BareTiedUse] = {}  # per Embedding: its table's uses outside the layer
+        self._reverse_uses: dict[int, _ReverseUse] = {}  # per ReversibleEmbedding: its reverse=True calls
         self._fast_graph: Any = None  # the fast path as a tf.function, for eager calls that need a graph
         self._discovered = False  # set while tracing when a capture read the graph (bare ties, broadcast lookups)
         self._graph_only: set[tuple] = set()  # signatures whose fast path reads the graph
@@ -915,7 +1080,7 @@ class PerExampleStats:
             fast = sig in self.verdicts and self.verdicts[sig] is None
         out = None
         if fast:
-            structure = self._structures[sig]
+            structure, by_example = self._structures[sig], self._by_example.get(sig, frozenset())
             run = self._fast
             if tf.executing_eagerly() and sig in self._graph_only:
                 # a table's uses outside its layer are found among a graph's ops: run this call as a graph
@@ -923,7 +1088,7 @@ class PerExampleStats:
                     self._fast_graph = tf.function(self._fast, autograph=False)
                 run = self._fast_graph
             try:
-                out = run(x, y, w, structure)
+                out = run(x, y, w, structure, by_example)
             except _StructureMismatch as e:
                 self._fail(sig, e)
         if out is None:
@@ -1098,6 +1263,10 @@ class PerExampleStats:
         self._structures[self.signature(xk, yk)] = tuple(
             (id(layer), tuple(a.shape[1:]), tuple(z.shape[1:])) for layer, a, z, _ in calls)
         per_layer, layers = self._group(calls)
+        self._by_example[self.signature(xk, yk)] = frozenset(
+            id(layer.kernel) for layer in layers
+            if isinstance(layer, (kl.Conv1D, kl.Conv2D)) and id(layer.kernel) in self._trainable
+            and _conv_by_example(layer, per_layer[id(layer)]))
         sq, rebuilt, layer_s = [], {}, {}
         for layer in layers:
             t = tf.reduce_sum(_layer_sq_norms(layer, per_layer[id(layer)], self._trainable))
@@ -1133,9 +1302,10 @@ class PerExampleStats:
         return fast_s, tf.add_n(ref_v), tf.stack(diffs), tf.stack(scales), fast_layer, ref_layer
 
     # -- fast path: one forward, one backward --------------------------------
-    def _capture(self, x: Nest, y: Nest, w: tf.Tensor) -> tuple:
+    def _capture(self, x: Nest, y: Nest, w: tf.Tensor, skip: frozenset[int] = frozenset()) -> tuple:
         """One forward and backward pass recording every supported layer's calls:
-        ``(losses, total, variable gradients, [(layer, a, z, b)])``. Inside a graph,
+        ``(losses, total, variable gradients, [(layer, a, z, b)])``; the gradients of
+        the variables in ``skip`` (ids) are not formed (None). Inside a graph,
         an Embedding table used as an output projection outside its layer
         (``ops.matmul(h, ops.transpose(emb.embeddings))``) is recorded as a tied
         projection call too (:func:`_bare_tied_uses`)."""
@@ -1152,7 +1322,7 @@ class PerExampleStats:
         with tf.GradientTape() as tape:
             reads = [tf.identity(layer.embeddings.value) for layer in tables]
             scope = keras.StatelessScope([(layer.embeddings, r) for layer, r in zip(tables, reads)])
-            with scope if tables else contextlib.nullcontext(), _Recorder(layers) as rec:
+            with scope if tables else contextlib.nullcontext(), _Recorder(layers, self._reverse_uses) as rec:
                 # a float16 loss (mixed precision) is summed in float32: count, loss sum and S never in float16
                 losses = _wide(self.per_example_loss(x, y))
             if tables:  # the scope held back every variable update of the forward pass (e.g. dropout's seeds)
@@ -1169,18 +1339,21 @@ class PerExampleStats:
             w = tf.cast(w, losses.dtype)
             total = tf.reduce_sum(w * losses)
         self._discovered = self._discovered or bool(bare) or recorded is not rec.calls
+        wanted = [v for v in self.variables if id(v) not in skip]
         grads = tape.gradient(
-            total, self.variables + [z for _, _, z in recorded] + [z for _, _, z, _ in bare],
+            total, wanted + [z for _, _, z in recorded] + [z for _, _, z, _ in bare],
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
-        nv, nc = len(self.variables), len(recorded)
-        var_grads, out_grads, bare_grads = grads[:nv], grads[nv:nv + nc], grads[nv + nc:]
+        nv, nc = len(wanted), len(recorded)
+        found = iter(grads[:nv])
+        var_grads = [None if id(v) in skip else next(found) for v in self.variables]
+        out_grads, bare_grads = grads[nv:nv + nc], grads[nv + nc:]
         calls = [(layer, a, z, b) for (layer, a, z), b in zip(recorded, out_grads)]
         for (sentinel, h, _, fold), b in zip(bare, bare_grads):
             if fold:  # z = reshape(h, (m * T, d)) E^T: its rows are (example, position) in row-major order
                 b = tf.reshape(b, [h.shape[0], -1, b.shape[-1]])
             calls.append((sentinel, h, b, b))
-        return losses, total, [tf.convert_to_tensor(g) for g in var_grads], calls
+        return losses, total, [None if g is None else tf.convert_to_tensor(g) for g in var_grads], calls
 
     def _bare_sentinel(self, embedding: kl.Embedding) -> _BareTiedUse:
         """The one stand-in per Embedding for its table's uses as an output projection."""
@@ -1195,16 +1368,24 @@ class PerExampleStats:
         per_layer: dict[int, list] = {}
         layers = []
         for layer, a, z, b in calls:
-            proj = isinstance(layer, (TiedProjection, _BareTiedUse))
+            proj: bool | str = isinstance(layer, (TiedProjection, _BareTiedUse, _ReverseUse))
+            if isinstance(layer, _ReverseUse) and not layer.embedding.tie_weights:
+                proj = "untied"
             owner = layer.embedding if proj else layer
             if id(owner) not in per_layer:
                 layers.append(owner)
             per_layer.setdefault(id(owner), []).append((a, z, b, proj))
         return per_layer, layers
 
-    def _fast(self, x: Nest, y: Nest, w: tf.Tensor, structure: tuple) -> tuple:
+    def _fast(self, x: Nest, y: Nest, w: tf.Tensor, structure: tuple, by_example: frozenset[int]) -> tuple:
+        """The fast step on an established signature. The kernels in ``by_example``
+        (conv layers whose term :func:`_conv_loop` computes from per-example
+        gradients) get their batch gradient as the sum of those, not from a second
+        filter gradient of the batch: the probe established that the layer's calls
+        are every use of the kernel (the accounting check), so the sum is the
+        gradient (up to the order of the additions)."""
         m = tf.nest.flatten(x)[0].shape[0]
-        losses, total, var_grads, calls = self._capture(x, y, w)
+        losses, total, var_grads, calls = self._capture(x, y, w, by_example)
         seen = tuple((id(layer), tuple(a.shape[1:]), tuple(z.shape[1:])) for layer, a, z, _ in calls)
         bad = [layer.name for layer, a, z, _ in calls if _example_axis_reason(layer, a, z, m) is not None]
         if seen != structure or bad:
@@ -1216,7 +1397,18 @@ class PerExampleStats:
                 f"{where!r}): their example axis is not established. method='generic' is exact for any model.",
                 layer=where, reason="layer calls differ from the probed ones")
         per_layer, layers = self._group(calls)
-        sq = [_layer_sq_norms(layer, per_layer[id(layer)], self._trainable) for layer in layers]
+        sq, summed = [], {}
+        for layer in layers:
+            if id(getattr(layer, "kernel", None)) in by_example:
+                layer_calls = _wide_calls(per_layer[id(layer)])
+                t, summed[id(layer.kernel)] = _conv_loop(layer, layer_calls, want_sum=True)
+                if layer.bias is not None and id(layer.bias) in self._trainable:
+                    t = t + bias_sq_norms(tf.concat([_flat(g) for _, _, g, _ in layer_calls], axis=1))
+                sq.append(t)
+            else:
+                sq.append(_layer_sq_norms(layer, per_layer[id(layer)], self._trainable))
+        var_grads = [g if g is not None else tf.cast(summed[id(v)], v.dtype) if id(v) in summed
+                     else tf.zeros(v.shape, v.dtype) for g, v in zip(var_grads, self.variables)]
         # b already carries the factor w_i, so sq_i = w_i^2 ||g_i||^2 = w_i ||g_i||^2 (0/1 mask)
         s = tf.reduce_sum(tf.add_n([tf.cast(t, losses.dtype) for t in sq])) if sq else tf.zeros([], losses.dtype)
         return tf.reduce_sum(w), total, var_grads, s
