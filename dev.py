@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 TOOLS = ROOT / ".venv-tools"
 #: the default sessions split in two lanes of about equal length (15 minutes each on 2 cores)
-LANES = (("lint", "numpy", "array_api_strict", "torch", "jax"), ("tensorflow", "conformance", "experiments"))
+LANES = (("lint", "numpy", "array_api_strict", "torch", "jax"), ("tensorflow", "conformance", "experiments", "hf"))
 
 
 def _works(py: Path, module: str) -> bool:

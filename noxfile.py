@@ -5,6 +5,8 @@ library's arrays, plus the framework's adapter tests (run in a separate
 pytest process, so that the core tests' float64 settings don't leak).
 conformance: every backend in one environment, the vectors through each.
 experiments: the experiment command end to end on every framework.
+hf: Hugging Face transformers (held-out architectures) on the torch adapter, against the loop.
+keras_hub: a keras-hub GPT-2 on the TF adapter (optional: not in the defaults).
 lint: ruff, and mypy on cabs_core. demo: the README's demo (the default experiment).
 results: the runs of docs/results.md (not a test; not in the defaults; under 30 minutes).
 bench: the torch statistics benchmark beside BackPACK and Opacus (not a test).
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "numpy", "array_api_strict", "torch", "jax", "tensorflow", "conformance", "experiments"]
+nox.options.sessions = ["lint", "numpy", "array_api_strict", "torch", "jax", "tensorflow", "conformance", "experiments",
+                        "hf"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "uv|venv"  # uv: one shared cache, hard links
 
@@ -137,11 +140,21 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def hf(session: nox.Session) -> None:
-    """Small random-init Hugging Face transformers (GPT-2, BERT, DistilBERT) on the torch fast path
-    against the loop over single examples (optional; not in the defaults: it installs transformers)."""
+    """Small random-init Hugging Face transformers on the torch adapter against the loop over single
+    examples: GPT-2, BERT, DistilBERT on the fast path, and 27 held-out architectures through auto."""
     _install_extras(session, "torch,dev")
     _install(session, "transformers")
     session.run(*PYTEST, "tests/hf", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def keras_hub(session: nox.Session) -> None:
+    """A random-init keras-hub GPT2Backbone with its tied ReversibleEmbedding head on the TF fast path
+    against the loop over single examples (optional; not in the defaults: keras-hub pulls tensorflow-text
+    and the full tensorflow wheel beside tensorflow-cpu, the same version)."""
+    _install_extras(session, "tensorflow,dev")
+    _install(session, "keras-hub")
+    session.run(*PYTEST, "tests/keras_hub", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -41,10 +41,11 @@ SUPPORTED = ["linear", "addmm", "matmul", "pos_arange", "pos_buffer", "pos_inpla
              "layer_norm", "sdpa", "mha_bf", "mha_bf_mask", "mha_tm", "mha_tm_mask", "twice", "time_major",
              "sub", "rsub", "imul", "isub", "pos_param", "cls_end", "shared_gamma", "emb_pos", "fold_matmul",
              "scalar", "view_iadd", "rms_norm", "group_norm", "pos_padding", "linear_nobias",
-             "lstm", "gru_tm", "module_tie", "ln_module_scale", "expand_as", "cls_expand_as"]
+             "lstm", "gru_tm", "module_tie", "ln_module_scale", "expand_as", "cls_expand_as",
+             "module_fold", "pos_offset", "beta_contiguous", "matmul_wt"]
 #: pieces the capture must refuse or get right (exact or fallback)
 TRAPS = ["einsum", "where", "w_t", "w_times2", "w_sum", "lora", "mix", "buffer_linear", "scale_t", "prealloc",
-         "add_alpha"]
+         "add_alpha", "module_fold_tm", "pos_written"]
 
 
 class Functional(nn.Module):
@@ -116,8 +117,14 @@ class Functional(nn.Module):
                 param("bb", 1, d)
             elif op == "mix":
                 param("g", d)
-            elif op in ("buffer_linear", "prealloc"):
+            elif op in ("buffer_linear", "prealloc", "matmul_wt"):
                 param("w", d, d)
+            elif op in ("module_fold", "module_fold_tm"):
+                self.mods[f"m{i}"] = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+            elif op in ("pos_offset", "pos_written"):
+                param("table", TABLE, d)
+            elif op == "beta_contiguous":
+                param("beta", d)
         if spec["head"] == "plain":
             self.head_w = nn.Parameter(torch.randn(VOCAB, d) * 0.5)
             self.head_b = nn.Parameter(torch.randn(VOCAB) * 0.1)
@@ -218,7 +225,22 @@ class Functional(nn.Module):
             elif op == "view_iadd":  # in place on a view of the examples' tensor
                 h = 2.0 * h
                 h[:, t // 2:] += self.p(i, "beta")
+            elif op == "module_fold":  # OPT: modules on the examples folded example-major into rows
+                h = torch.tanh(self.mods[f"m{i}"](h.reshape(m * t, d))).view(m, t, d)
+            elif op == "pos_offset":  # BART: arange(T).expand(m, -1) + offset
+                h = h + F.embedding(torch.arange(t, device=h.device).expand(m, -1) + 1, self.p(i, "table"))
+            elif op == "beta_contiguous":  # MPNet: an expanded example-free tensor made contiguous
+                h = h + self.p(i, "beta").expand(m, t, d).contiguous()
+            elif op == "matmul_wt":  # Falcon: x @ W.T
+                h = torch.tanh(h @ self.p(i, "w").T)
             # ---- traps
+            elif op == "module_fold_tm":  # modules on the examples folded time-major: not example-major
+                z = self.mods[f"m{i}"](h.transpose(0, 1).reshape(t * m, d)).view(t, m, d).transpose(0, 1)
+                h = torch.tanh(z) * torch.arange(1, t + 1, dtype=h.dtype, device=h.device).view(1, t, 1)
+            elif op == "pos_written":  # expanded positions copied, then written: no longer an expansion
+                pos = torch.arange(t, device=h.device).expand(m, -1).clone()
+                pos[0] = 0
+                h = h + F.embedding(pos, self.p(i, "table"))
             elif op == "einsum":
                 h = torch.tanh(torch.einsum("mtd,ed->mte", h, self.p(i, "w")))
             elif op == "where":
