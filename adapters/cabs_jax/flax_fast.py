@@ -18,6 +18,13 @@ A DenseGeneral is a Dense over positions (its contracted axes flattened into
 the features, its other non-example axes into positions); a module with its own
 parameters gets its own VJP on each example alone.
 
+Inside ``nn.remat`` and ``nn.scan`` over layers (a lifted module's body is a
+:class:`_Frame`), the zero perturbation and a zero input tap (:func:`_tap`) of each
+layer travel as extra variables of the layer in the ``params`` collection, which
+``nn.scan`` slices per iteration: the backward pass returns each iteration's ``a``
+and ``b``, and each slice of the stacked parameters gets its own norm. Other lifted
+transformations (``nn.vmap``, ...) are refused by name.
+
 Requirements: every parameter belongs to one of the supported layer types or to
 a module whose parameters are all its own, each such layer is called once per
 forward pass (an Embed: once as lookup and once as ``attend``), and every
