@@ -269,14 +269,31 @@ class BroadcastScanClass(nn.Module):
         return nn.Dense(3)(jnp.mean(h, axis=1))
 
 
+class SharedScan(nn.Module):
+    """One scanned stack called twice (shared weights); ``check``: nn.scan's constancy check, for which
+    Flax traces the body twice per call (the recorder allows exactly that many traces)."""
+
+    check: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True}, length=2,
+                       check_constancy_invariants=self.check)
+        stack = scan(name="shared")
+        return nn.Dense(3)(jnp.mean(stack(stack(x, None)[0], None)[0], axis=1))
+
+
 @pytest.mark.parametrize(
     "module, match",
     [
         (SharedRemat(), "shared.*more than once"),
+        (SharedScan(), "shared.*more than once"),
+        (SharedScan(check=False), "shared.*more than once"),
         (BroadcastScanClass(), "variable_broadcast.*shared weights"),
         (BroadcastScan(), "lifted transformation"),
     ],
-    ids=["remat_called_twice", "scan_broadcast_params", "scan_function_form"],
+    ids=["remat_called_twice", "scan_called_twice", "scan_unchecked_called_twice", "scan_broadcast_params",
+         "scan_function_form"],
 )
 def test_shared_weights_under_remat_or_scan_refused_by_name(module: nn.Module, match: str) -> None:
     """Refused while planning (no probe needed); ``"auto"`` is then exact on the generic path (the
