@@ -18,6 +18,13 @@ A DenseGeneral is a Dense over positions (its contracted axes flattened into
 the features, its other non-example axes into positions); a module with its own
 parameters gets its own VJP on each example alone.
 
+Inside ``nn.remat`` and ``nn.scan`` over layers (a lifted module's body is a
+:class:`_Frame`), the zero perturbation and a zero input tap (:func:`_tap`) of each
+layer travel as extra variables of the layer in the ``params`` collection, which
+``nn.scan`` slices per iteration: the backward pass returns each iteration's ``a``
+and ``b``, and each slice of the stacked parameters gets its own norm. Other lifted
+transformations (``nn.vmap``, ...) are refused by name.
+
 Requirements: every parameter belongs to one of the supported layer types or to
 a module whose parameters are all its own, each such layer is called once per
 forward pass (an Embed: once as lookup and once as ``attend``), and every
@@ -32,6 +39,7 @@ layer, and ``method="auto"`` falls back to the generic path with one
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import operator
@@ -42,6 +50,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import Scope, lift
+from flax.core.scope import in_filter
+from flax.core.tracers import current_trace
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
@@ -214,7 +225,7 @@ def _own_params(mod: nn.Module) -> tuple[str, ...]:
         tree = mod.variables.get("params", {}) if mod.scope is not None else {}
     except Exception:  # an unbound module or a scope without variables: nothing to account for here
         return ()
-    own = tuple(sorted(k for k, v in tree.items() if not isinstance(v, Mapping)))
+    own = tuple(sorted(k for k, v in tree.items() if not isinstance(v, Mapping) and not k.startswith(_LIFTED)))
     nested = any(isinstance(v, Mapping) and jax.tree.leaves(v) for v in tree.values())
     return () if nested else own
 
@@ -231,6 +242,11 @@ class Use:
     a: Any
     y: Any
     names: tuple[str, ...] = ()  # the parameters this use accounts for (under ``path``)
+    #: inside nn.remat / nn.scan: the leading axes nn.scan stacks the layer's parameters along (() under
+    #: nn.remat alone; ``a`` and ``y`` are one iteration's); None outside lifted transformations
+    stack: tuple[int, ...] | None = None
+    scans: int = 0  # how many nn.scan the layer runs inside
+    inner: tuple[tuple[str, tuple[int, ...]], ...] = ()  # its parameters' shapes inside the transformations
 
     @property
     def where(self) -> str:
@@ -238,24 +254,169 @@ class Use:
         return name if self.method == "__call__" else f"{name}.{self.method}"
 
 
+#: lifted layers' zero input taps and output perturbations travel through the ``params`` collection
+#: under these names (no Flax module or parameter name contains ':'), so that nn.scan slices them per
+#: iteration and nn.remat passes them in like the layer's own parameters
+_LIFTED = "cabs:"
+_TAP, _PERTURB = _LIFTED + "a:", _LIFTED + "b:"
+
+#: how the refusals name Flax's lifted transformations
+_LIFT_NAMES = {lift.checkpoint: "nn.remat", lift.scan: "nn.scan", lift.vmap: "nn.vmap", lift.jit: "nn.jit"}
+
+
+@jax.custom_vjp
+def _tap(a: jax.Array, zero: jax.Array) -> jax.Array:
+    """Identity in ``a``; the cotangent of ``zero`` is ``a`` itself. The gradient with respect to a
+    zero variable thus returns a layer's input from inside nn.remat or nn.scan (one slice per
+    iteration), where the value itself cannot leave the transformation's trace."""
+    return a
+
+
+def _tap_fwd(a: jax.Array, zero: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return a, a
+
+
+def _tap_bwd(a: jax.Array, ct: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return ct, a
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def _closure(fn: Any) -> dict[str, Any]:
+    """The free variables of a function (those bound)."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    out = {}
+    for name, cell in zip(code.co_freevars if code is not None else (), cells):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    return out
+
+
+def _lift_chain(cls: type, method: str) -> tuple[tuple[tuple[Any, Mapping[str, Any]], ...], type]:
+    """The lifted transformations a class made by ``nn.remat(Block)``, ``nn.scan(Block, ...)``, ...
+    applies to ``method``, outermost first, as (transform, its keyword arguments), and the class
+    they wrap (Flax's ``module_class_lift_transform`` keeps both in the method's closure)."""
+    chain = []
+    while True:
+        cells = _closure(cls.__dict__.get(method))
+        if "transform" not in cells or not isinstance(cells.get("module_class"), type):
+            return tuple(chain), cls
+        chain.append((cells["transform"], dict(cells.get("trafo_kwargs") or {})))
+        cls = cells["module_class"]
+
+
+def _lifted_step(transform: Any, kwargs: Mapping[str, Any], where: str) -> tuple[int, int]:
+    """(traces of the body per call, parameter axes stacked) of an nn.remat or nn.scan the fast path
+    covers; raises for other transformations and configurations, naming them."""
+    name = _LIFT_NAMES.get(transform, f"nn.{getattr(transform, '__name__', 'lifted transformation')}")
+    if transform is lift.checkpoint:
+        if not in_filter(kwargs.get("variables", True), "params"):
+            raise _unsupported(where, "nn.remat that does not lift the 'params' collection")
+        return 1, 0
+    if transform is lift.scan:
+        if kwargs.get("data_transform") is not None:
+            raise _unsupported(where, "nn.scan with a data_transform (it may change the variables)")
+        for what in ("variable_broadcast", "variable_carry"):
+            if in_filter(kwargs.get(what, False), "params"):
+                raise _unsupported(
+                    where, f"nn.scan with 'params' in {what}: the same weights at every iteration (shared weights)"
+                )
+        axes = [ax for f, ax in (kwargs.get("variable_axes") or {}).items() if in_filter(f, "params")]
+        if not axes or type(axes[0]) is not int or axes[0] != 0:
+            raise _unsupported(
+                where, f"nn.scan with variable_axes {axes[0] if axes else None!r} for 'params': the fast path "
+                "needs the layers' parameters stacked along axis 0 (variable_axes={'params': 0})"
+            )
+        return (2 if kwargs.get("check_constancy_invariants", True) else 1), 1
+    raise _unsupported(
+        where, f"a layer inside {name}, a lifted transformation the fast path does not cover (it covers "
+        "nn.remat and nn.scan over layers)"
+    )
+
+
+@dataclass
+class _Frame:
+    """One trace of a body: the forward pass's top level, or one trace of the body of an nn.remat /
+    nn.scan module (nn.scan traces its body twice per call, once for its constancy check)."""
+
+    trace: Any  # flax.core.tracers.current_trace() of this trace (when the recorder checks traces)
+    scans: int = 0  # the nn.scan this body runs inside
+    keys: set[Key] = field(default_factory=set)  # the layer calls in this trace
+    entered: dict[Key, int] = field(default_factory=dict)  # traces of lifted bodies entered from here
+
+
+def _sds(x: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(jnp.shape(x)), jnp.result_type(x))
+
+
 class _Recorder:
     """Method interceptor: records supported layer calls, adds perturbations to their outputs.
 
-    ``trace_of`` (in an abstract trace): an array of the outer trace; a layer
-    whose output lives in another trace runs inside a lifted transformation
-    (nn.remat, nn.vmap, nn.scan, ...), where its input and output gradient
-    cannot be captured.
+    Outside lifted transformations the perturbations are the arrays ``perturbations[key]`` and the
+    inputs are recorded as they are. Inside nn.remat and nn.scan (each call of such a module's body
+    is a :class:`_Frame`) the zero perturbation and a zero input tap (:func:`_tap`) are variables of
+    the layer in the ``params`` collection (``_PERTURB``, ``_TAP`` + method), which nn.scan slices
+    per iteration, so that the gradient returns both per iteration; ``uses`` then holds shapes.
+    ``check`` (in the plan's abstract trace): refuse a layer that runs in a trace other than its
+    frame's (a lifted transformation the recorder did not enter, or another inner trace).
     """
 
-    def __init__(self, perturbations: Mapping[Key, jax.Array] | None = None, trace_of: Any = None) -> None:
+    def __init__(self, perturbations: Mapping[Key, jax.Array] | None = None, check: bool = False) -> None:
         self.perturbations = perturbations
         self.uses: dict[Key, Use] = {}
-        self.outer_trace = getattr(trace_of, "_trace", None)
+        self.check = check
+        self.frames = [_Frame(current_trace() if check else None)]
+        self.calls: list[nn.Module] = []  # the modules whose intercepted methods are running, innermost last
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         mod, method = context.module, context.method_name
         path = _path(mod)
         where = "/".join(path) or type(mod).__name__
+        frame = self._enter(mod, method, path, where)
+        if frame is not None:
+            self.frames.append(frame)
+        self.calls.append(mod)
+        try:
+            return self._intercept(next_fun, args, kwargs, mod, method, path, where)
+        finally:
+            self.calls.pop()
+            if frame is not None:
+                self.frames.pop()
+
+    def _enter(self, mod: nn.Module, method: str, path: tuple[str, ...], where: str) -> _Frame | None:
+        """A new frame if this call is the body of a lifted module (Flax calls a clone of the module
+        bound to the transformation's scope), once the transformations are ones the fast path covers."""
+        if not path or not isinstance(mod.parent, Scope):
+            return None
+        owner = self.calls[-1] if self.calls else None
+        child = None
+        if owner is not None and _path(owner) == path[:-1]:
+            child = getattr(owner, "_state", None) and owner._state.children.get(path[-1])
+        chain, base = _lift_chain(type(child), method) if isinstance(child, nn.Module) else ((), None)
+        if not chain or base is not type(mod):
+            raise _unsupported(
+                where, "runs inside a lifted transformation (nn.remat, nn.vmap, nn.scan, ...) the fast path cannot "
+                "identify (it covers nn.remat and nn.scan applied to a module class)"
+            )
+        traces, scans = 1, 0
+        for transform, trafo_kwargs in chain:
+            t, s = _lifted_step(transform, trafo_kwargs, where)
+            traces, scans = traces * t, scans + s
+        parent, key = self.frames[-1], (path, method)
+        parent.entered[key] = parent.entered.get(key, 0) + 1
+        if parent.entered[key] > traces:
+            raise _unsupported(
+                where, "a module inside nn.remat / nn.scan called more than once per forward pass (shared weights)"
+            )
+        return _Frame(current_trace() if self.check else None, parent.scans + scans)
+
+    def _intercept(
+        self, next_fun: Callable, args: tuple, kwargs: dict, mod: nn.Module, method: str, path: tuple[str, ...],
+        where: str,
+    ) -> Any:
         if isinstance(mod, nn.BatchNorm) and method == "__call__" and _batchnorm_training(mod, args, kwargs):
             raise _batchnorm_error(where)
         kind = _kind(mod)
@@ -272,27 +433,58 @@ class _Recorder:
             )
         if method not in METHODS.get(kind, ("__call__",)):
             raise _unsupported(where, f"{kind}.{method} is not a method the fast path knows")
+        if self.check and current_trace() != self.frames[-1].trace:
+            raise _unsupported(
+                where, "layer runs inside a lifted transformation (nn.remat, nn.vmap, nn.scan, ...) or another inner "
+                "trace the fast path did not enter, where its input and output gradient cannot be captured"
+            )
         key = (path, method)
-        if key in self.uses:
+        frame = self.frames[-1]
+        if key in frame.keys or (len(self.frames) == 1 and key in self.uses):
             raise _unsupported(
                 where, f"{kind}{'' if method == '__call__' else '.' + method} called more than once per forward "
                 "pass (shared weights)"
             )
+        frame.keys.add(key)
         if kwargs or len(args) != 1:
             raise _unsupported(where, f"{kind} called with extra arguments")
         _check_config(kind, mod, where, args[0])
+        if len(self.frames) > 1:
+            return self._lifted(next_fun, args[0], mod, kind, method, path, where, names)
         y = next_fun(*args, **kwargs)
-        if self.outer_trace is not None and getattr(y, "_trace", self.outer_trace) is not self.outer_trace:
-            raise _unsupported(
-                where, "layer runs inside a lifted transformation (nn.remat, nn.vmap, nn.scan, ...), where its "
-                "input and output gradient cannot be captured"
-            )
         if kind == OWN and not hasattr(y, "shape"):
             raise _unsupported(where, f"a module with its own parameters ({', '.join(names)}) returns a "
                                f"{type(y).__name__}, not one array")
         self.uses[key] = Use(path, kind, method, mod.clone(parent=None), args[0], y, names)
         if self.perturbations is not None:
             y = y + self.perturbations[key]
+        return y
+
+    def _lifted(
+        self, next_fun: Callable, a: Any, mod: nn.Module, kind: str, method: str, path: tuple[str, ...], where: str,
+        names: tuple[str, ...],
+    ) -> Any:
+        """A layer call inside nn.remat / nn.scan: input tap and output perturbation as variables."""
+        scope = mod.scope
+        inner = tuple((n, tuple(jnp.shape(scope.get_variable("params", n))))
+                      for n in names if scope.has_variable("params", n))
+        if not inner:  # no parameters (e.g. a LayerNorm without scale and bias): nothing to account for
+            return next_fun(a)
+        if not jnp.issubdtype(jnp.result_type(a), jnp.inexact):
+            raise _unsupported(
+                where, f"{kind} with an input of dtype {jnp.result_type(a)} inside nn.remat / nn.scan (e.g. an "
+                "embedding lookup): the fast path reads layer inputs there through gradients, which integers lack"
+            )
+        if self.perturbations is not None:
+            a = _tap(a, scope.get_variable("params", _TAP + method))
+        y = next_fun(a)
+        if not hasattr(y, "shape"):
+            raise _unsupported(where, f"{kind} returns a {type(y).__name__}, not one array")
+        if self.perturbations is not None:
+            y = y + scope.get_variable("params", _PERTURB + method)
+        self.uses[(path, method)] = Use(
+            path, kind, method, mod.clone(parent=None), _sds(a), _sds(y), names, (), self.frames[-1].scans, inner
+        )
         return y
 
 
@@ -305,11 +497,11 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
     and captured tensors whose leading axis is not of length ``m``."""
 
     def forward(p: PyTree, x: Any) -> Any:
-        recorder = _Recorder(trace_of=jax.tree.leaves(p)[0])
+        recorder = _Recorder(check=True)
         with nn.intercept_methods(recorder):
             floss.module.apply({"params": p, **floss.collections}, x)
         forward.uses = recorder.uses  # type: ignore[attr-defined]
-        return {key: (u.a, u.y) for key, u in recorder.uses.items()}
+        return {key: (u.a, u.y) for key, u in recorder.uses.items() if u.stack is None}  # lifted: shapes already
 
     try:
         shapes = jax.eval_shape(forward, params, x)
@@ -320,7 +512,8 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
             reason="a layer inside a lifted transformation",
         ) from None
     uses = tuple(
-        Use(u.path, u.kind, u.method, u.module, *shapes[key], u.names)
+        Use(u.path, u.kind, u.method, u.module, *shapes[key], u.names) if u.stack is None
+        else dataclasses.replace(u, stack=_stack_of(u, params))
         for key, u in forward.uses.items()  # type: ignore[attr-defined]
     )
     owned = {u.path + (name,) for u in uses for name in u.names}
@@ -346,10 +539,29 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
     return uses
 
 
+def _stack_of(u: Use, params: PyTree) -> tuple[int, ...]:
+    """The leading axes nn.scan stacked a lifted layer's parameters along: the parameters' shapes
+    outside the transformations are these axes (one per nn.scan) and then the shapes inside."""
+    sub = _subtree(params, u.path)
+    stacks = set()
+    for name, inner in u.inner:
+        outer = tuple(jnp.shape(sub[name])) if isinstance(sub, Mapping) and name in sub else None
+        n = len(outer) - len(inner) if outer is not None else -1
+        if outer is None or n != u.scans or outer[n:] != inner:
+            raise _unsupported(
+                u.where, f"its parameter {name!r} has shape {outer} outside nn.remat / nn.scan and {inner} inside: "
+                f"not {u.scans} leading axes of stacked layers"
+            )
+        stacks.add(outer[:n])
+    if len(stacks) != 1:
+        raise _unsupported(u.where, f"its parameters are stacked along different axes {sorted(stacks)}")
+    return stacks.pop()
+
+
 def structure(uses: Plan) -> tuple:
     """What must agree between the probed and the full batch: the layer calls in
-    order and their captured shapes without the example axis."""
-    return tuple((u.path, u.method, tuple(u.a.shape[1:]), tuple(u.y.shape[1:])) for u in uses)
+    order, their captured shapes without the example axis and their stacking by nn.scan."""
+    return tuple((u.path, u.method, tuple(u.a.shape[1:]), tuple(u.y.shape[1:]), u.stack) for u in uses)
 
 
 _PARAM_NAMES = {
@@ -525,6 +737,57 @@ def _path_sq_norms(
     return sq
 
 
+def _unstack(x: Any, stack: tuple[int, ...]) -> Any:
+    """(*stack, ...) -> (prod(stack), ...): one row per stacked layer."""
+    return jnp.reshape(x, (math.prod(stack),) + tuple(jnp.shape(x))[len(stack):])
+
+
+def _nest(path: tuple[str, ...], tree: PyTree) -> PyTree:
+    for name in reversed(path):
+        tree = {name: tree}
+    return tree
+
+
+def _stacked_sq_norms(
+    uses: list[Use], inputs: dict, out_grads: dict, m: int, params: PyTree, collections: Mapping[str, Any]
+) -> jax.Array:
+    """:func:`_path_sq_norms` of a layer stacked by nn.scan: each iteration's parameters are their own,
+    so the norms of the layers stacked along the leading axes add (one layer at a time, ``lax.map``)."""
+    stack = uses[0].stack
+    if not stack:  # outside lifted transformations, or under nn.remat alone
+        return _path_sq_norms(uses, inputs, out_grads, m, params, collections)
+    path = uses[0].path
+    if _constants(collections, path):
+        raise _unsupported(uses[0].where, "constant collections (FlaxLoss.collections) of a layer inside nn.scan")
+    keys = [(u.path, u.method) for u in uses]
+    rows = (
+        {k: _unstack(inputs[k], stack) for k in keys},
+        {k: _unstack(out_grads[k], stack) for k in keys},
+        jax.tree.map(lambda x: _unstack(x, stack), _subtree(params, path)),
+    )
+
+    def one(row: tuple) -> jax.Array:
+        ins, outs, own = row
+        return _path_sq_norms(uses, ins, outs, m, _nest(path, own), {})
+
+    return jnp.sum(jax.lax.map(one, rows), axis=0)
+
+
+def _with_lifted(params: PyTree, extras: Mapping[Key, tuple[jax.Array, jax.Array]]) -> PyTree:
+    """The parameters with each lifted layer's zero output perturbation and input tap added under
+    its path (``_PERTURB``, ``_TAP`` + method), new dicts along those paths."""
+    if not extras:
+        return params
+    out = dict(params)
+    for (path, method), (b, a) in extras.items():
+        node = out
+        for name in path:
+            node[name] = dict(node[name])
+            node = node[name]
+        node[_PERTURB + method], node[_TAP + method] = b, a
+    return out
+
+
 def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, uses: Plan) -> tuple:
     """One forward and backward pass: (BatchStats, parameter gradients, captured
     inputs and output gradients by (path, method), per-example squared norms by path)."""
@@ -532,18 +795,25 @@ def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, us
     dtype = stat_dtype(params)  # count, loss sum and S: >= float32 whatever the parameters' dtype
     w = jnp.asarray(w).astype(dtype)
     x = floss.inputs(batch)
-    zeros = {(u.path, u.method): jnp.zeros(u.y.shape, u.y.dtype) for u in uses}
+    zeros = {(u.path, u.method): jnp.zeros(u.y.shape, u.y.dtype) for u in uses if u.stack is None}
+    # inside nn.remat / nn.scan: (output perturbation, input tap), one slice per stacked layer
+    lifted = {
+        (u.path, u.method): (jnp.zeros(u.stack + u.y.shape, u.y.dtype), jnp.zeros(u.stack + u.a.shape, u.a.dtype))
+        for u in uses if u.stack is not None
+    }
 
-    def weighted_loss(p: PyTree, eps: dict) -> tuple[jax.Array, tuple]:
+    def weighted_loss(p: PyTree, eps: dict, lifted_zeros: dict) -> tuple[jax.Array, tuple]:
         recorder = _Recorder(eps)
         with nn.intercept_methods(recorder):
-            out = floss.module.apply({"params": p, **floss.collections}, x)
+            out = floss.module.apply({"params": _with_lifted(p, lifted_zeros), **floss.collections}, x)
         losses = jax.vmap(floss.output_loss)(out, batch).astype(dtype)
         losses = jnp.where(w != 0, losses, 0)
-        return jnp.sum(w * losses), (losses, {k: u.a for k, u in recorder.uses.items()})
+        return jnp.sum(w * losses), (losses, {k: u.a for k, u in recorder.uses.items() if u.stack is None})
 
-    grads, (losses, inputs) = jax.grad(weighted_loss, argnums=(0, 1), has_aux=True)(params, zeros)
-    param_grads, out_grads = grads
+    grads, (losses, inputs) = jax.grad(weighted_loss, argnums=(0, 1, 2), has_aux=True)(params, zeros, lifted)
+    param_grads, out_grads, lifted_grads = grads
+    for key, (b, a) in lifted_grads.items():  # the gradient of the tap is the layer's input
+        out_grads[key], inputs[key] = b, a
     by_path: dict[tuple[str, ...], list[Use]] = {}
     for u in uses:
         by_path.setdefault(u.path, []).append(u)
@@ -552,7 +822,7 @@ def _fast_parts(floss: FlaxLoss, params: PyTree, batch: PyTree, w: jax.Array, us
     wide_grads = {k: b.astype(compute_dtype(b.dtype)) for k, b in out_grads.items()}
     with jax.default_matmul_precision("highest"):  # no reduced-precision (e.g. TF32) products in the norms
         for path, group in by_path.items():
-            sq_by_path[path] = _path_sq_norms(group, inputs, wide_grads, m, params, floss.collections).astype(dtype)
+            sq_by_path[path] = _stacked_sq_norms(group, inputs, wide_grads, m, params, floss.collections).astype(dtype)
     sq = sum(sq_by_path.values(), jnp.zeros((m,), dtype))
     # b carries the factor w_i, so the norms carry w_i^2 = w_i for a 0/1 mask
     sq_sum = jnp.sum(jnp.where(w != 0, sq, 0))
@@ -594,11 +864,18 @@ def probe_numbers(floss: FlaxLoss, params: PyTree, batch: PyTree) -> tuple:
     for u in uses:  # the layer's own VJP at its captured input and output gradient, summed over its uses
         key = (u.path, u.method)
 
-        def layer(lp: PyTree, a: Any, u: Use = u) -> Any:
-            return u.module.apply({"params": lp, **_constants(floss.collections, u.path)}, a, method=u.method)
+        def layer_grad(row: tuple, u: Use = u) -> PyTree:
+            lp, a, b = row
+            consts = _constants(floss.collections, u.path)
+            _, vjp = jax.vjp(lambda q: u.module.apply({"params": q, **consts}, a, method=u.method), lp)
+            return vjp(b)[0]
 
-        _, vjp = jax.vjp(lambda lp, a=inputs[key], layer=layer: layer(lp, a), _subtree(params, u.path))
-        g = vjp(out_grads[key])[0]
+        row = (_subtree(params, u.path), inputs[key], out_grads[key])
+        if u.stack:  # one layer of the stack at a time
+            g = jax.lax.map(layer_grad, jax.tree.map(lambda x, st=u.stack: _unstack(x, st), row))
+            g = jax.tree.map(lambda x, st=u.stack: x.reshape(st + x.shape[1:]), g)
+        else:
+            g = layer_grad(row)
         rebuilt[u.path] = g if u.path not in rebuilt else jax.tree.map(jnp.add, rebuilt[u.path], g)
     accounting = {}
     for path, g in rebuilt.items():

@@ -276,25 +276,4 @@ def test_own_parameters_outside_a_leaf_module_or_coupling_examples_step_aside() 
         cabs_jax.batch_stats(floss, params, batch, method="fast")
 
 
-class ScanLayer(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        return jnp.tanh(nn.Dense(x.shape[-1])(nn.LayerNorm()(x))), None
-
-
-class ScannedLayers(nn.Module):
-    """Layers stacked with ``nn.scan`` (the usual way to stack transformer blocks)."""
-
-    @nn.compact
-    def __call__(self, x):
-        h = nn.Dense(4)(x)
-        h, _ = nn.scan(ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)()(h, None)
-        return nn.Dense(3)(jnp.mean(h, axis=1))
-
-
-def test_scan_over_layers_steps_aside_cleanly() -> None:
-    """Not on the fast path yet: a layer inside ``nn.scan`` is named, auto is exact on the generic path."""
-    rng = np.random.default_rng(4)
-    batch = (jnp.asarray(rng.normal(size=(5, 3, 2))), jnp.asarray(rng.integers(0, 3, size=5)))
-    floss = FlaxLoss(ScannedLayers(), cross_entropy)
-    _steps_aside(floss, init_f64(ScannedLayers(), batch[0][:1]), batch, "lifted transformation")
+# Layers inside nn.remat and nn.scan (exact on the fast path) and nn.vmap (steps aside): test_lifted.py.
