@@ -9,6 +9,8 @@ must step aside (``"fast"`` raises naming the parameter or layer, ``"auto"`` war
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import cabs_jax
@@ -28,6 +30,18 @@ from cabs_core import CABSController, FastPathFallbackWarning, SamplerState, Uns
 F64 = jnp.float64
 
 
+def build(ctor: Callable[[], nnx.Module], seed: int = 0) -> nnx.Module:
+    """The module ``ctor()`` builds, its shapes traced abstractly (``nnx.eval_shape``) and its variables
+    drawn with NumPy: parameters normal (scale 0.4), other floats (running statistics) in [1, 1.5).
+    NNX's own initialisers would run their random number generation op by op, most of these tests'
+    time on a loaded CPU; the statistics' exactness does not depend on the values."""
+    graphdef, params, rest = nnx.split(nnx.eval_shape(ctor), nnx.Param, ...)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda a: np.asarray(0.4 * rng.standard_normal(a.shape), a.dtype), params)
+    rest = jax.tree.map(lambda a: np.asarray(1.0 + 0.5 * rng.random(a.shape), a.dtype), rest)
+    return nnx.merge(graphdef, params, rest)
+
+
 def _exact_on_fast_path(loss: NNXLoss, batch: Any, mask: np.ndarray | None = None) -> None:
     """fast and auto (without a fallback warning) both equal the float64 loop, on the fast path."""
     want = loop_oracle(loss, loss.params, batch, mask)
@@ -36,11 +50,12 @@ def _exact_on_fast_path(loss: NNXLoss, batch: Any, mask: np.ndarray | None = Non
         warnings.simplefilter("error", FastPathFallbackWarning)
         assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask, method="fast"), want)
         assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask), want)
-    assert probes_run(loss) == 1  # one verdict, the fast path (a fallback would have raised above)
+    assert probes_run(loss) >= 1  # the verdict came from a probe (a fallback would have raised above)
 
 
-def _steps_aside(loss: NNXLoss, batch: Any, match: str, layer: str | None = None) -> None:
-    """fast raises naming ``match``; auto warns once and equals the float64 loop."""
+def _steps_aside(loss: NNXLoss, batch: Any, match: str, layer: str | None = None, exact: bool = True) -> None:
+    """fast raises naming ``match``; auto warns once and (``exact``) equals the float64 loop (skipped where
+    test_nnx.py already compares the generic path on the same model with the loop)."""
     with pytest.raises(UnsupportedModelError, match=match) as err:
         cabs_jax.batch_stats(loss, loss.params, batch, method="fast")
     assert err.value.reason
@@ -48,7 +63,8 @@ def _steps_aside(loss: NNXLoss, batch: Any, match: str, layer: str | None = None
         assert err.value.layer == layer
     with pytest.warns(FastPathFallbackWarning, match=match):
         got = cabs_jax.batch_stats(loss, loss.params, batch)
-    assert_stats_close(got, loop_oracle(loss, loss.params, batch))
+    if exact:
+        assert_stats_close(got, loop_oracle(loss, loss.params, batch))
 
 
 # --------------------------------------------------------------------------------------- a small GPT in NNX
@@ -115,31 +131,30 @@ def _tokens(m: int, t: int, seed: int = 0) -> tuple:
     return tokens, tokens
 
 
+@lru_cache(maxsize=1)
+def gpt() -> tuple[nnx.Module, NNXLoss]:
+    """One GPT (2 blocks) and its loss for the statistics and the trainer test: sequences of 6 tokens in
+    both, so the trainer reuses the probe's verdict and the loop's compilation (the signature has no
+    example axis). Built on first use, inside a test (float64 is on there)."""
+    model = build(lambda: GPT(nnx.Rngs(0)))
+    return model, NNXLoss(model, next_token_loss)
+
+
 def test_gpt_exact_on_the_fast_path_with_t_equal_to_m() -> None:
-    """2 blocks of causal attention, learned positions, tied head, padding; 6 tokens and 6 examples."""
-    model = GPT(nnx.Rngs(0))
+    """2 blocks of causal attention, learned positions, tied head, padding; 6 tokens and 6 examples;
+    the user's module is neither switched nor changed."""
+    model, loss = gpt()
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    loss = NNXLoss(model, next_token_loss)
     _exact_on_fast_path(loss, _tokens(6, 6), np.array([1, 1, 0, 1, 1, 1]))
     after = nnx.state(model, nnx.Param)
-    assert type(model.wte) is nnx.Embed and type(model.blocks[0].attn.query) is nnx.LinearGeneral  # not switched
+    assert type(model.wte) is nnx.Embed and type(model.blocks[0].attn.query) is nnx.LinearGeneral
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
-def test_gpt_under_jit_takes_the_fast_path() -> None:
-    """Inside a caller's jit the probe runs on synthetic values at trace time; the result is exact."""
-    loss = NNXLoss(GPT(nnx.Rngs(1), layers=1), next_token_loss)
-    batch, mask = _tokens(5, 7, seed=2), np.array([1, 0, 1, 1, 1], np.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FastPathFallbackWarning)
-        got = jax.jit(lambda p, b, w: cabs_jax.batch_stats(loss, p, b, w, method="fast"))(loss.params, batch, mask)
-    assert_stats_close(got, loop_oracle(loss, loss.params, batch, mask))
-
-
 def test_gpt_with_positions_on_the_root_module_steps_aside_naming_the_parameter() -> None:
-    loss = NNXLoss(GPT(nnx.Rngs(2), layers=1, root_positions=True), next_token_loss)
-    _steps_aside(loss, _tokens(5, 6, seed=3), "parameter 'pos'", layer="pos")
+    loss = NNXLoss(build(lambda: GPT(nnx.Rngs(2), layers=1, root_positions=True), 2), next_token_loss)
+    _steps_aside(loss, _tokens(5, 6, seed=3), "parameter 'pos'", layer="pos", exact=False)  # test_nnx.py: exact
 
 
 class UntiedUse(nnx.Module):
@@ -154,13 +169,13 @@ class UntiedUse(nnx.Module):
 
 
 def test_an_embedding_used_outside_its_layer_steps_aside() -> None:
-    _steps_aside(NNXLoss(UntiedUse(nnx.Rngs(0)), next_token_loss), _tokens(5, 4, seed=4), "wte")
+    _steps_aside(NNXLoss(build(lambda: UntiedUse(nnx.Rngs(0))), next_token_loss), _tokens(5, 4, seed=4), "wte")
 
 
 def test_trainer_takes_one_fast_step_on_the_gpt_equal_to_sgd_on_the_loop_mean_gradient() -> None:
     tokens = np.asarray(_tokens(40, 6, seed=5)[0])
     data = (tokens, tokens)
-    loss = NNXLoss(GPT(nnx.Rngs(3), layers=1), next_token_loss)
+    loss = gpt()[1]
     controller = CABSController(lr=0.2, bs_min=4, bs_max=20, bs_init=8, mode="reference")
     trainer = CABSTrainer(loss, controller, data, method="fast", seed=1)
     state = trainer.init(loss.params)
@@ -197,23 +212,24 @@ def _classification(m: int, shape: tuple[int, ...], classes: int, seed: int = 0)
 
 
 def test_mlp_exact_on_the_fast_path_and_from_the_module_itself() -> None:
-    model = MLP(nnx.Rngs(0))
+    model = build(lambda: MLP(nnx.Rngs(0)))
     loss = NNXLoss(model, cross_entropy)
     batch, mask = _classification(9, (4,), 3), np.array([1, 1, 0, 1, 1, 1, 0, 1, 1])
     _exact_on_fast_path(loss, batch, mask)
-    got = cabs_jax.batch_stats(loss, model, batch, mask, method="fast")  # the module as params
-    assert_stats_close(got, loop_oracle(loss, loss.params, batch, mask))
+    want = loop_oracle(loss, loss.params, batch, mask)
+    assert_stats_close(cabs_jax.batch_stats(loss, model, batch, mask, method="fast"), want)  # the module as params
+    # inside a caller's jit: the probe runs at trace time on synthetic values of the same shapes
+    jitted = jax.jit(lambda p, b, w: cabs_jax.batch_stats(loss, p, b, w, method="fast"))
+    assert_stats_close(jitted(loss.params, batch, jnp.asarray(mask, F64)), want)
 
 
 class CNN(nnx.Module):
     """Strided and dilated convolutions (SAME, VALID, CIRCULAR), RMSNorm, a learned gate, pooling, dense."""
 
-    def __init__(self, rngs: nnx.Rngs, groups: int = 1, batchnorm: bool = False) -> None:
+    def __init__(self, rngs: nnx.Rngs) -> None:
         self.c1 = nnx.Conv(2, 4, (3, 3), strides=(2, 1), padding="SAME", param_dtype=F64, rngs=rngs)
-        self.c2 = nnx.Conv(4, 4, (2, 2), kernel_dilation=(1, 2), padding="CIRCULAR", feature_group_count=groups,
-                           param_dtype=F64, rngs=rngs)
-        self.norm = (nnx.BatchNorm(4, use_running_average=True, param_dtype=F64, rngs=rngs) if batchnorm
-                     else nnx.RMSNorm(4, param_dtype=F64, rngs=rngs))
+        self.c2 = nnx.Conv(4, 4, (2, 2), kernel_dilation=(1, 2), padding="CIRCULAR", param_dtype=F64, rngs=rngs)
+        self.norm = nnx.RMSNorm(4, param_dtype=F64, rngs=rngs)
         self.c3 = nnx.Conv(4, 3, (2, 2), padding="VALID", use_bias=False, param_dtype=F64, rngs=rngs)
         self.dense = nnx.Linear(3, 5, param_dtype=F64, rngs=rngs)
 
@@ -226,13 +242,31 @@ class CNN(nnx.Module):
 
 def test_cnn_exact_on_the_fast_path() -> None:
     batch = _classification(7, (6, 5, 2), 5, seed=1)
-    _exact_on_fast_path(NNXLoss(CNN(nnx.Rngs(1)), cross_entropy), batch, np.array([1, 0, 1, 1, 1, 1, 0]))
+    loss = NNXLoss(build(lambda: CNN(nnx.Rngs(1)), 1), cross_entropy)
+    _exact_on_fast_path(loss, batch, np.array([1, 0, 1, 1, 1, 1, 0]))
+
+
+class Grouped(nnx.Module):
+    """A grouped 1-D convolution (feature_group_count=2) or an eval-mode BatchNorm between two layers."""
+
+    def __init__(self, rngs: nnx.Rngs, batchnorm: bool = False) -> None:
+        self.c1 = nnx.Conv(2, 4, (2,), param_dtype=F64, rngs=rngs)
+        self.mid = (nnx.BatchNorm(4, use_running_average=True, param_dtype=F64, rngs=rngs) if batchnorm
+                    else nnx.Conv(4, 4, (3,), feature_group_count=2, param_dtype=F64, rngs=rngs))
+        self.dense = nnx.Linear(4, 3, param_dtype=F64, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.dense(jnp.mean(jnp.tanh(self.mid(jnp.tanh(self.c1(x)))), axis=1))
 
 
 def test_grouped_conv_and_eval_batchnorm_step_aside_by_name() -> None:
-    batch = _classification(5, (6, 5, 2), 5, seed=2)
-    _steps_aside(NNXLoss(CNN(nnx.Rngs(2), groups=2), cross_entropy), batch, "feature_group_count", layer="c2")
-    _steps_aside(NNXLoss(CNN(nnx.Rngs(2), batchnorm=True), cross_entropy), batch, "parameter 'norm/")
+    """As in linen: no formula for grouped convolutions, BatchNorm kept off the own-parameters rule
+    (test_nnx.py compares the generic path on an eval-mode BatchNorm CNN with the loop)."""
+    batch = _classification(6, (5, 2), 3, seed=2)
+    _steps_aside(NNXLoss(build(lambda: Grouped(nnx.Rngs(2)), 2), cross_entropy), batch, "feature_group_count",
+                 layer="mid")
+    _steps_aside(NNXLoss(build(lambda: Grouped(nnx.Rngs(2), batchnorm=True), 2), cross_entropy), batch,
+                 "parameter 'mid/", exact=False)
 
 
 class Shared(nnx.Module):
@@ -275,15 +309,16 @@ class Sub(nnx.Linear):
 
 def test_unsupported_uses_step_aside_by_name() -> None:
     batch = _classification(6, (3,), 3, seed=3)
-    _steps_aside(NNXLoss(Shared(nnx.Rngs(0)), cross_entropy), batch, "more than once", layer="lin")
-    _steps_aside(NNXLoss(Remat(nnx.Rngs(0)), cross_entropy), batch, "l1")
-    _steps_aside(NNXLoss(Custom(nnx.Rngs(0), custom=True), cross_entropy), batch, "custom dot_general", layer="l1")
-    _exact_on_fast_path(NNXLoss(Custom(nnx.Rngs(0), custom=False), cross_entropy), batch)
+    _steps_aside(NNXLoss(build(lambda: Shared(nnx.Rngs(0))), cross_entropy), batch, "more than once", layer="lin")
+    _steps_aside(NNXLoss(build(lambda: Remat(nnx.Rngs(0))), cross_entropy), batch, "l1")
+    custom = NNXLoss(build(lambda: Custom(nnx.Rngs(0), custom=True)), cross_entropy)
+    _steps_aside(custom, batch, "custom dot_general", layer="l1")
+    _exact_on_fast_path(NNXLoss(build(lambda: Custom(nnx.Rngs(0), custom=False)), cross_entropy), batch)
 
 
 def test_partly_trainable_layer_takes_the_own_parameters_rule() -> None:
     """wrt = the biases only: the kernels are constants, each Linear's trainable part is its bias."""
-    model = MLP(nnx.Rngs(4))
+    model = build(lambda: MLP(nnx.Rngs(4)), 4)
     loss = NNXLoss(model, cross_entropy, wrt=nnx.All(nnx.Param, nnx.PathContains("bias")))
     assert len(jax.tree.leaves(loss.params)) == 1
     _exact_on_fast_path(loss, _classification(6, (4,), 3, seed=4), np.array([1, 1, 1, 0, 1, 1]))
@@ -346,7 +381,7 @@ class Stack(nnx.Module):
 KINDS = ["linear", "heads", "conv", "conv_strided", "layernorm", "layernorm_scale_only", "rmsnorm", "scale"]
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=3),
     d=st.integers(2, 4),
@@ -361,7 +396,7 @@ def test_generated_stacks_of_supported_layers_equal_the_loop(kinds: list[str], d
     batch = (tokens, jnp.asarray(rng.integers(0, 3, size=m)))
     mask = np.ones(m)
     mask[rng.integers(0, m)] = 0
-    loss = NNXLoss(Stack(kinds, d, seed), cross_entropy)
+    loss = NNXLoss(build(lambda: Stack(kinds, d, seed), seed), cross_entropy)
     want = loop_oracle(loss, loss.params, batch, mask)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastPathFallbackWarning)
