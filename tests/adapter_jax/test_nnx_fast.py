@@ -314,6 +314,12 @@ def test_unsupported_uses_step_aside_by_name() -> None:
     custom = NNXLoss(build(lambda: Custom(nnx.Rngs(0), custom=True)), cross_entropy)
     _steps_aside(custom, batch, "custom dot_general", layer="l1")
     _exact_on_fast_path(NNXLoss(build(lambda: Custom(nnx.Rngs(0), custom=False)), cross_entropy), batch)
+    masked = build(lambda: Grouped(nnx.Rngs(1)))
+    masked.mid = nnx.Conv(4, 4, (3,), mask=jnp.tril(jnp.ones((3, 4, 4))), param_dtype=F64, rngs=nnx.Rngs(1))
+    with pytest.raises(UnsupportedModelError, match="custom mask") as err:  # refused by its configuration
+        masked_loss = NNXLoss(masked, cross_entropy)
+        cabs_jax.batch_stats(masked_loss, masked_loss.params, _classification(6, (5, 2), 3), method="fast")
+    assert err.value.layer == "mid"
 
 
 def test_partly_trainable_layer_takes_the_own_parameters_rule() -> None:
@@ -353,11 +359,13 @@ def _layer(kind: str, d: int, rngs: nnx.Rngs) -> nnx.Module:
         "linear": lambda: nnx.Linear(d, d, param_dtype=F64, rngs=rngs),
         "heads": lambda: Heads(d, rngs),
         "conv": lambda: nnx.Conv(d, d, (3,), padding="CAUSAL", param_dtype=F64, rngs=rngs),
-        "conv_strided": lambda: nnx.Conv(d, d, (2,), strides=(1,), padding="SAME", use_bias=False,
+        "conv_strided": lambda: nnx.Conv(d, d, (2,), strides=(2,), padding="SAME", use_bias=False,
                                          param_dtype=F64, rngs=rngs),
         "layernorm": lambda: nnx.LayerNorm(d, param_dtype=F64, rngs=rngs),
         "layernorm_scale_only": lambda: nnx.LayerNorm(d, use_bias=False, param_dtype=F64, rngs=rngs),
         "rmsnorm": lambda: nnx.RMSNorm(d, param_dtype=F64, rngs=rngs),
+        "groupnorm": lambda: nnx.GroupNorm(d, num_groups=1, param_dtype=F64, rngs=rngs),
+        "conv_reflect": lambda: nnx.Conv(d, d, (2,), padding="REFLECT", param_dtype=F64, rngs=rngs),
         "scale": lambda: Scale(d, rngs),
     }[kind]()
 
@@ -378,7 +386,8 @@ class Stack(nnx.Module):
         return self.head(jnp.mean(h, axis=1))
 
 
-KINDS = ["linear", "heads", "conv", "conv_strided", "layernorm", "layernorm_scale_only", "rmsnorm", "scale"]
+KINDS = ["linear", "heads", "conv", "conv_strided", "conv_reflect", "layernorm", "layernorm_scale_only", "rmsnorm",
+         "groupnorm", "scale"]
 
 
 @settings(max_examples=4, deadline=None)
