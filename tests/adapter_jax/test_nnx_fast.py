@@ -309,8 +309,10 @@ class Sub(nnx.Linear):
 
 def test_unsupported_uses_step_aside_by_name() -> None:
     batch = _classification(6, (3,), 3, seed=3)
-    _steps_aside(NNXLoss(build(lambda: Shared(nnx.Rngs(0))), cross_entropy), batch, "more than once", layer="lin")
-    _steps_aside(NNXLoss(build(lambda: Remat(nnx.Rngs(0))), cross_entropy), batch, "l1")
+    # auto's generic result is compared with the loop once (custom); test_nnx.py does so for shared layers
+    shared = NNXLoss(build(lambda: Shared(nnx.Rngs(0))), cross_entropy)
+    _steps_aside(shared, batch, "more than once", layer="lin", exact=False)
+    _steps_aside(NNXLoss(build(lambda: Remat(nnx.Rngs(0))), cross_entropy), batch, "l1", exact=False)
     custom = NNXLoss(build(lambda: Custom(nnx.Rngs(0), custom=True)), cross_entropy)
     _steps_aside(custom, batch, "custom dot_general", layer="l1")
     _exact_on_fast_path(NNXLoss(build(lambda: Custom(nnx.Rngs(0), custom=False)), cross_entropy), batch)
@@ -390,7 +392,7 @@ KINDS = ["linear", "heads", "conv", "conv_strided", "conv_reflect", "layernorm",
          "groupnorm", "scale"]
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(
     kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=3),
     d=st.integers(2, 4),
