@@ -248,7 +248,7 @@ class _Recorder:
             raise _unsupported(where, f"a module with its own parameters ({', '.join(layer.names)}) returns a "
                                f"{type(y).__name__}, not one array")
         self.uses[key] = NNXUse(layer.path, kind, method, layer.cfg, args[0], y, layer.names,
-                                layer.raw_path, layer.leaves)
+                                raw_path=layer.raw_path, leaves=layer.leaves)
         if self.perturbations is not None:
             y = y + self.perturbations[key]
         return y
@@ -289,7 +289,7 @@ def _plan(nloss: NNXLoss, params: PyTree, x: Any, m: int) -> tuple[NNXUse, ...]:
             reason="a layer inside a lifted transformation",
         ) from None
     uses = tuple(
-        NNXUse(u.path, u.kind, u.method, u.module, *shapes[key], u.names, u.raw_path, u.leaves)
+        NNXUse(u.path, u.kind, u.method, u.module, *shapes[key], u.names, raw_path=u.raw_path, leaves=u.leaves)
         for key, u in forward.uses.items()  # type: ignore[attr-defined]
     )
     owned = {i for u in uses for i in u.leaves}
