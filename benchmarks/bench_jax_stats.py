@@ -21,10 +21,12 @@ the amortised fast step with the checks on against the fast step without them.
     python benchmarks/bench_jax_stats.py --batches 128 --verify --generic-reps 0
     python benchmarks/bench_jax_stats.py --models gpt                     # GPT-style, batches 16 64
     python benchmarks/bench_jax_stats.py --models gpt --gpt-size 2 128 4 64 2048   # a reduced GPT
+    python benchmarks/bench_jax_stats.py --models nnx_gpt --gpt-size 2 128 4 64 2048   # the same GPT in Flax NNX
 
 The GPT-style model (issue 15; ``--gpt-size``, default 4 layers, d_model 256, 4 heads, sequence
 128, vocabulary 8192) has learned positions and a head tied to the token embedding through
-``Embed.attend``; its loss is the mean next-token cross-entropy of each sequence.
+``Embed.attend``; its loss is the mean next-token cross-entropy of each sequence. ``--models nnx_gpt``
+is the same model written in Flax NNX (``cabs_jax.NNXLoss``; ``--verify`` skips it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from cabs_core import reduce_stats
 from cabs_core.exactness import VERIFY_EVERY
@@ -97,6 +100,46 @@ class GPT(nn.Module):
         return embed.attend(nn.LayerNorm()(x))
 
 
+class NNXPositions(nnx.Module):
+    """Learned positions in NNX: a (1, max_len, d) nnx.Param added to the tokens' embeddings."""
+
+    def __init__(self, max_len: int, dim: int, rngs: nnx.Rngs) -> None:
+        self.pos_embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, max_len, dim)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.pos_embedding[:, : x.shape[1]]
+
+
+class NNXBlock(nnx.Module):
+    """Pre-LayerNorm block: causal nnx.MultiHeadAttention and a 4x GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, rngs: nnx.Rngs) -> None:
+        self.ln1, self.ln2 = nnx.LayerNorm(dim, rngs=rngs), nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+        self.up, self.down = nnx.Linear(dim, 4 * dim, rngs=rngs), nnx.Linear(4 * dim, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln1(x), mask=mask)
+        return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+
+class NNXGPT(nnx.Module):
+    """:class:`GPT` in Flax NNX (the same layers, positions and tied head)."""
+
+    def __init__(self, vocab: int, dim: int, heads: int, layers: int, max_len: int, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+        self.positions = NNXPositions(max_len, dim, rngs)
+        self.blocks = nnx.List([NNXBlock(dim, heads, rngs) for _ in range(layers)])
+        self.ln_f = nnx.LayerNorm(dim, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = self.positions(self.embed(tokens))
+        mask = nnx.make_causal_mask(tokens)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.embed.attend(self.ln_f(x))
+
+
 def next_token_loss(logits: jax.Array, example: tuple) -> jax.Array:
     """Mean next-token cross-entropy of one sequence: logits (T, vocab), example (tokens, tokens)."""
     tokens = example[0]
@@ -126,7 +169,7 @@ def best_times(calls: dict[str, tuple], reps: int, min_time: float) -> dict[str,
     return {k: min(t) for k, t in times.items()}
 
 
-def steps(floss: cabs_jax.FlaxLoss, chunk: int) -> tuple[Callable, Callable, Callable]:
+def steps(floss: cabs_jax.FlaxLoss | cabs_jax.NNXLoss, chunk: int) -> tuple[Callable, Callable, Callable]:
     """The plain gradient step and the two statistics steps, jitted."""
 
     @jax.jit
@@ -201,7 +244,7 @@ def _timed(fn: Callable) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
-    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "gpt"])
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "gpt", "nnx_gpt"])
     ap.add_argument("--gpt-batches", type=int, nargs="+", default=[16, 64], help="gpt: batch sizes")
     ap.add_argument("--gpt-size", type=int, nargs=5, default=[4, 256, 4, 128, 8192],
                     metavar=("LAYERS", "D_MODEL", "HEADS", "SEQ", "VOCAB"), help="gpt: its size")
@@ -223,7 +266,7 @@ def main() -> None:
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {jax.devices()[0].device_kind}")
     layers, dim, heads, seq, vocab = args.gpt_size
-    if "gpt" in args.models:
+    if "gpt" in args.models or "nnx_gpt" in args.models:
         print(f"gpt: {layers} layers, d_model {dim}, {heads} heads, sequence {seq}, vocabulary {vocab}, tied head")
     header = (
         f"{'model':5} {'batch':>5} {'plain ms':>9} {'fast ms':>9} {'generic ms':>11} "
@@ -238,14 +281,17 @@ def main() -> None:
             module: nn.Module = GPT(vocab, dim, heads, layers, seq)
             floss = cabs_jax.FlaxLoss(module, next_token_loss)
             params = module.init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))["params"]
+        elif name == "nnx_gpt":
+            floss = cabs_jax.NNXLoss(NNXGPT(vocab, dim, heads, layers, seq, nnx.Rngs(0)), next_token_loss)
+            params = floss.params
         else:
             module = MLP() if name == "mlp" else PaperCNN()
             floss = cabs_jax.FlaxLoss(module, cross_entropy)
             params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
 
         plain, fast, generic = steps(floss, args.chunk)
-        for m in args.gpt_batches if name == "gpt" else args.batches:
-            if name == "gpt":
+        for m in args.gpt_batches if name.endswith("gpt") else args.batches:
+            if name.endswith("gpt"):
                 tokens = jnp.asarray(rng.integers(0, vocab, size=(m, seq)), jnp.int32)
                 batch = (tokens, tokens)
             else:
@@ -264,7 +310,7 @@ def main() -> None:
             else:
                 g_cols = f"{'-':>11} {tf / tp:10.2f}x {'-':>14}"
             print(f"{name:5} {m:5d} {1e3 * tp:9.2f} {1e3 * tf:9.2f} {g_cols}", flush=True)
-            if args.verify:
+            if args.verify and name != "nnx_gpt":
                 first, again, lookup, tf_alt, first_cpu = verify_costs(
                     module, params, batch, np.ones(m, bool), args.reps, fast, (params, batch, mask)
                 )

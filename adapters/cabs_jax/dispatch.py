@@ -11,6 +11,7 @@ from cabs_core import BatchStats, UnsupportedModelError
 
 from .flax_fast import FlaxLoss, fast_stats_unchecked
 from .nnx import NNXLoss, trainable_state
+from .nnx_fast import fast_stats_unchecked as nnx_fast_stats_unchecked
 from .stats import LossFn, PyTree, batch_size_of, generic_stats, stat_dtype
 from .verify import resolve
 
@@ -28,7 +29,7 @@ def batch_stats(
 ) -> BatchStats:
     """Exact :class:`~cabs_core.BatchStats` (m, sum_i l_i, sum_i g_i, S = sum_i ||g_i||^2).
 
-    ``method="fast"`` needs a :class:`FlaxLoss` whose parameters all belong to
+    ``method="fast"`` needs a :class:`FlaxLoss` (or :class:`NNXLoss`) whose parameters all belong to
     Dense/Conv/Embed/LayerNorm layers and whose per-example decomposition the
     probe establishes for this input signature (:mod:`cabs_jax.verify`); else
     it raises :class:`~cabs_core.UnsupportedModelError` naming the layer and the
@@ -37,19 +38,17 @@ def batch_stats(
     :class:`~cabs_core.FastPathFallbackWarning` per signature). ``chunk_size``
     bounds the generic path's memory. Traceable: call it inside ``jax.jit``.
     With an :class:`NNXLoss`, ``params`` is its trainable ``nnx.State`` (or the ``nnx.Module``
-    itself, whose state of the loss's ``wrt`` filter is read); NNX models take the generic path.
+    itself, whose state of the loss's ``wrt`` filter is read); NNX models take the fast path on the
+    layers of :mod:`cabs_jax.nnx_fast` (``nnx.Linear``/``LinearGeneral``/``Conv``/``Embed``/``LayerNorm``
+    and modules whose parameters are all their own) under the same probe.
     """
     if method not in ("auto", "fast", "generic"):
         raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
     params = trainable_state(loss_fn, params)
-    if method == "fast" and isinstance(loss_fn, NNXLoss):
+    if method == "fast" and not isinstance(loss_fn, (FlaxLoss, NNXLoss)):
         raise UnsupportedModelError(
-            "method='fast' is not available for Flax NNX models yet (cabs_jax.NNXLoss): their statistics "
-            "are computed on the exact generic path; use method='auto' or 'generic'",
-            layer=type(loss_fn.module).__name__, reason="no fast path for NNX models")
-    if method == "fast" and not isinstance(loss_fn, FlaxLoss):
-        raise UnsupportedModelError(
-            f"method='fast' needs a cabs_jax.FlaxLoss (a linen module and a per-example output loss), "
+            f"method='fast' needs a cabs_jax.FlaxLoss or NNXLoss (a linen or NNX module and a per-example output "
+            f"loss), "
             f"got {type(loss_fn).__name__}; use method='generic' for other loss functions",
             reason="not a FlaxLoss",
         )
@@ -57,8 +56,10 @@ def batch_stats(
         zero = jnp.zeros((), stat_dtype(params))
         return BatchStats(zero, zero, tuple(jnp.zeros_like(p) for p in jax.tree.leaves(params)), zero)
     eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, batch, mask)))
-    if method != "generic" and isinstance(loss_fn, FlaxLoss):
+    if method != "generic" and isinstance(loss_fn, (FlaxLoss, NNXLoss)):
         if resolve(loss_fn, params, batch, mask, method) == "fast":
+            if isinstance(loss_fn, NNXLoss):
+                return (_nnx_fast_jit if eager else nnx_fast_stats_unchecked)(loss_fn, params, batch, mask)
             return (_fast_jit if eager else fast_stats_unchecked)(loss_fn, params, batch, mask)
     if eager:  # one compiled program rather than one dispatch per operation
         return _generic_jit(loss_fn, params, batch, mask, chunk_size=chunk_size)
@@ -66,6 +67,7 @@ def batch_stats(
 
 
 _fast_jit = jax.jit(fast_stats_unchecked, static_argnums=0)
+_nnx_fast_jit = jax.jit(nnx_fast_stats_unchecked, static_argnums=0)
 _generic_jit = jax.jit(generic_stats, static_argnums=0, static_argnames="chunk_size")
 
 
@@ -84,6 +86,6 @@ class PerExampleStats:
 
     def path(self, params: PyTree, batch: PyTree, mask: Any, *, reprobe: bool) -> Method:
         """The path this batch takes, established on the host before compiling (:mod:`cabs_jax.verify`)."""
-        if self.method == "generic" or not isinstance(self.loss_fn, FlaxLoss):
+        if self.method == "generic" or not isinstance(self.loss_fn, (FlaxLoss, NNXLoss)):
             return self.method
         return resolve(self.loss_fn, params, batch, mask, self.method, reprobe=reprobe)  # type: ignore[return-value]

@@ -6,7 +6,8 @@ state (default: every ``nnx.Param``, an ``nnx.State`` pytree) and the rest (batc
 variables), held constant. ``loss(params, example)`` merges them back
 (``nnx.merge``) into a fresh copy of the module for each evaluation, so the user's module is never
 mutated by a trace; :meth:`NNXLoss.update` writes trained parameters back into it (``nnx.update``).
-The statistics are those of the generic path (``vmap`` of ``grad``, exact; docs/jax.md, "Flax NNX").
+The statistics take the fast path of :mod:`cabs_jax.nnx_fast` where its probe establishes it, else the
+exact generic path (``vmap`` of ``grad``; docs/jax.md, "Flax NNX").
 """
 
 from __future__ import annotations

@@ -52,8 +52,20 @@ from cabs_core import (
     rtol_for,
 )
 
-from .flax_fast import FlaxLoss, _plan, probe_numbers, structure
+from . import flax_fast, nnx_fast
+from .flax_fast import FlaxLoss, structure
+from .nnx import NNXLoss
 from .stats import PyTree, batch_size_of, float_dtype
+
+
+def _plan(floss: FlaxLoss | NNXLoss, params: PyTree, x: Any, m: int) -> tuple:
+    """The fast path's plan of a linen (:mod:`cabs_jax.flax_fast`) or NNX (:mod:`cabs_jax.nnx_fast`) model."""
+    return (nnx_fast._plan if isinstance(floss, NNXLoss) else flax_fast._plan)(floss, params, x, m)
+
+
+def probe_numbers(floss: FlaxLoss | NNXLoss, params: PyTree, batch: PyTree) -> tuple:
+    """What the probe compares, for a linen or an NNX model (``probe_numbers`` of either module)."""
+    return (nnx_fast.probe_numbers if isinstance(floss, NNXLoss) else flax_fast.probe_numbers)(floss, params, batch)
 
 
 @dataclass
