@@ -28,7 +28,11 @@ flow), outputs other than one tensor.
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import sys
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +166,57 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(v.shape) if isinstance(v, Tensor) else None
 
 
+_INLINED: dict[str, types.ModuleType] = {}
+
+
+def _inlinable_functional() -> types.ModuleType:
+    """A stand-in for ``torch.nn.functional`` as seen by ``torch.nn.modules.activation`` (whose
+    ``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward``) during a capture.
+
+    TorchDynamo keeps ``F.multi_head_attention_forward`` as one opaque node, so the uses of
+    ``in_proj_weight`` and ``out_proj`` inside it would be no nodes of the graph. The stand-in's
+    ``multi_head_attention_forward`` is torch's own function (its code object) under another name and
+    module, with ``has_torch_function*`` answering False (as :func:`.ops._reentered` does for the eager
+    capture) and ``_check_key_padding_mask`` a no-op (``torch._check_with`` with a message closure is
+    not traceable; the eager probe ran the real check on the same shapes): TorchDynamo then inlines it
+    and its ``F.linear`` calls become nodes. Registered in ``sys.modules`` because TorchDynamo resolves
+    a function's globals through its module's name."""
+    if "F" not in _INLINED:
+        orig = F.multi_head_attention_forward
+        glob = types.ModuleType("cabs_torch._dynamo_mha_globals")
+        glob.__dict__.update(orig.__globals__)
+        glob.__name__ = "cabs_torch._dynamo_mha_globals"
+        for name in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
+            glob.__dict__[name] = lambda *a, **k: False
+        glob.__dict__["_check_key_padding_mask"] = lambda *a, **k: None
+        code = orig.__code__.replace(co_name="_cabs_mha_forward")
+        if hasattr(code, "co_qualname"):
+            code = code.replace(co_qualname="_cabs_mha_forward")
+        mha = types.FunctionType(code, glob.__dict__, "_cabs_mha_forward", orig.__defaults__, orig.__closure__)
+        mha.__kwdefaults__ = orig.__kwdefaults__
+        mha.__module__ = glob.__name__
+        functional = types.ModuleType("cabs_torch._dynamo_functional")
+        functional.__dict__.update(F.__dict__)
+        functional.__name__ = "cabs_torch._dynamo_functional"
+        functional.multi_head_attention_forward = mha  # type: ignore[attr-defined]
+        sys.modules[glob.__name__] = glob
+        sys.modules[functional.__name__] = functional
+        _INLINED["F"] = functional
+    return _INLINED["F"]
+
+
+@contextlib.contextmanager
+def _mha_inlined() -> Iterator[None]:
+    """``nn.MultiheadAttention`` calls the inlinable copy of its function while the capture traces."""
+    import torch.nn.modules.activation as activation
+    before = activation.F
+    activation.F = _inlinable_functional()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        activation.F = before  # type: ignore[assignment]
+
+
 def _capture(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[fx.GraphModule, list[Any], Any]:
     """The model's forward pass as one TorchDynamo graph (static shapes), the tensors behind its
     placeholders, and the model's output."""
@@ -177,7 +232,7 @@ def _capture(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[fx.GraphModu
 
     fn = _own_code(Caller().call)  # a code object of its own: no cache shared with other captures
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _mha_inlined():
             out = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*inputs)
     except Exception as err:  # dynamo raises many types (Unsupported, graph breaks, user errors)
         raise UnsupportedModelError(

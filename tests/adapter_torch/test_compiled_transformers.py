@@ -1,13 +1,13 @@
 """compile=True on transformers (issue 20, item 2): parameters used by functional operations (a tied
 head F.linear(h, wte.weight), positions looked up from a (1, T) buffer and broadcast, F.layer_norm of a
-LayerNorm subclass, cls_token / pos_embed / LayerScale broadcasts) through the graph-captured compiled
-path (cabs_torch.compiled_graph), against the float64 loop of single-example backward passes, with the
-compiled path TAKEN (a GraphFastStats ran, no warning). The tests compile with aot_eager (AOTAutograd's
-graph, eager kernels): inductor compiled each of them for 200-220 s on the shared 2-core machine, beyond
-the test budget; inductor gave the same statistics on both models (relative difference <= 3e-16 in float64,
-checked by hand, docs/torch.md). nn.MultiheadAttention is not covered there: it
-is refused by name (fast) or answered by the eager fast path with a warning (auto). Tiny models and one
-compilation per test: compiling is slow."""
+LayerNorm subclass, cls_token / pos_embed / LayerScale broadcasts, nn.MultiheadAttention's in_proj_weight
+inside nn.TransformerEncoderLayer in both layouts and with a key-padding mask) through the graph-captured
+compiled path (cabs_torch.compiled_graph), against the float64 loop of single-example backward passes,
+with the compiled path TAKEN (a GraphFastStats ran, no warning); what the graph cannot establish is
+refused. The tests compile with aot_eager (AOTAutograd's graph, eager kernels): inductor compiled the
+nanoGPT and the ViT for 200-220 s each on the shared 2-core machine, beyond the test budget; inductor
+gave the same statistics on both (relative difference of S <= 3e-16 in float64, checked by hand,
+docs/torch.md). Tiny models and one compilation per test: compiling is slow."""
 
 from __future__ import annotations
 
@@ -17,8 +17,22 @@ import pytest
 import torch
 from cabs_torch import FastPathFallbackWarning, PerExampleStats, UnsupportedModelError
 from cabs_torch.compiled_graph import GraphFastStats
-from test_transformers import VOCAB, EncoderModel, NanoGPT, ViTStyle, token_loss
+from test_transformers import VOCAB, EncoderModel, NanoGPT, PaddedAttention, ViTStyle, token_loss
+from torch import nn
 from torch_oracles import assert_stats_match, brute_force, ce
+
+
+class Gated(nn.Module):
+    """x * tanh(gate): an example-free operand computed from a parameter (not a lookup)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.gate = nn.Parameter(torch.randn(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head((self.inp(x) * torch.tanh(self.gate)).mean(1))
 
 
 def compiled_graphs(engine: PerExampleStats) -> list[GraphFastStats]:
@@ -34,7 +48,7 @@ def aot_eager(monkeypatch):
 def assert_compiled_exact(model, x, y, loss, mask: torch.Tensor, backend: str = "aot_eager") -> None:
     """compile=True, method fast: the loop's statistics of the kept rows, from the compiled graph."""
     keep = mask.bool()
-    ref = brute_force(model, loss, x[keep], y[keep])
+    ref = brute_force(model, loss, tuple(t[keep] for t in x) if isinstance(x, tuple) else x[keep], y[keep])
     engine = PerExampleStats(model, loss, method="fast", compile=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastPathFallbackWarning)
@@ -66,14 +80,37 @@ def test_vit_compiled(aot_eager):
     assert_compiled_exact(model, img, y, ce, mask)
 
 
-def test_multihead_attention_is_refused_by_name_and_auto_uses_the_eager_fast_path():
-    """TorchDynamo keeps F.multi_head_attention_forward as one opaque call: its in_proj_weight uses are
-    no graph nodes, so the compiled path cannot establish the decomposition. fast: raises naming it;
-    auto: one warning, and the eager fast path's exact statistics."""
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_layer_compiled(aot_eager, batch_first):
+    """nn.MultiheadAttention inside nn.TransformerEncoderLayer: in_proj_weight through F.linear on a
+    time-major (T, m, d) tensor, the out-projection on the (T * m, d) fold, in the captured graph."""
     torch.manual_seed(4)
-    model = EncoderModel(batch_first=True).double()
+    model = EncoderModel(batch_first).double()
+    x, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    mask = torch.tensor([1, 1, 1, 0, 1, 1], dtype=torch.float64)
+    assert_compiled_exact(model, x, y, ce, mask)
+
+
+def test_multihead_attention_key_padding_mask_compiled(aot_eager):
+    torch.manual_seed(5)
+    model = PaddedAttention().double()
+    m, t = 7, 4
+    x = torch.randn(m, t, 3, dtype=torch.float64)
+    pad = torch.zeros(m, t, dtype=torch.bool)
+    pad[0, 2:] = True
+    pad[3, 1:] = True
+    mask = torch.tensor([1, 0, 1, 1, 1, 1, 0], dtype=torch.float64)
+    assert_compiled_exact(model, (x, pad), torch.randint(0, 3, (m,)), ce, mask)
+
+
+def test_what_the_graph_cannot_establish_is_refused_and_auto_uses_the_eager_fast_path():
+    """An example-free operand computed from a parameter in another way than a lookup (here
+    tanh(gate), which the eager path handles by a batched vector-Jacobian product): fast raises
+    naming it; auto warns once and returns the eager fast path's exact statistics."""
+    torch.manual_seed(3)
+    model = Gated().double()
     x, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
-    with pytest.raises(UnsupportedModelError, match=r"in_proj_weight.*multi_head_attention_forward.*compile=False"):
+    with pytest.raises(UnsupportedModelError, match=r"gate.*compile=False"):
         PerExampleStats(model, ce, method="fast", compile=True)(x, y)
     engine = PerExampleStats(model, ce, method="auto", compile=True)
     with warnings.catch_warnings(record=True) as seen:
