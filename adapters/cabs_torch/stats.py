@@ -59,7 +59,7 @@ from cabs_core.exactness import (
     verify_due,
 )
 
-from .compiled import CompiledFastStats
+from .compiled import FX_TRACE_FAILED, CompiledFastStats
 from .layers import (
     RULES,
     Piece,
@@ -626,7 +626,9 @@ class PerExampleStats:
                         self.model, self.loss_fn, params, {rec.name for rec in records.values()},
                         tie_groups=[[(tuple(p.shape), [(rec.mod, n) for rec, n in uses]) for p, uses in g.params]
                                     for g in plan.tie_groups])
-                except UnsupportedModelError:  # fx cannot trace it: the graph-captured path, per signature
+                except UnsupportedModelError as err:  # fx cannot trace it: the graph-captured path
+                    if err.reason != FX_TRACE_FAILED:
+                        raise
                     plan.compiled = None
         return self._plan
 
