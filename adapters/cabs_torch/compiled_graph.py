@@ -64,12 +64,13 @@ _RMS_NORM = {F.rms_norm} if hasattr(F, "rms_norm") else set()
 _CONV = {torch.conv1d, torch.conv2d, F.conv1d, F.conv2d}
 _ADDMM = {torch.addmm}
 _MATMUL = {torch.matmul, operator.matmul, torch.mm}
-_ADD = {operator.add, operator.iadd, torch.add}
-_SUB = {operator.sub, operator.isub, torch.sub}
-_MUL = {operator.mul, operator.imul, torch.mul}
+# in-place forms (x += pos, x.mul_(gamma)) are left out, so refused: in the graph a later read of x
+# aliases the changed tensor, which would bypass the perturbation or change a product's other factor
+_ADD = {operator.add, torch.add}
+_SUB = {operator.sub, torch.sub}
+_MUL = {operator.mul, torch.mul}
 _CAT = {torch.cat, torch.concat}
-_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul",
-            "matmul": "matmul", "mm": "matmul"}
+_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "matmul": "matmul", "mm": "matmul"}
 _EXPAND_METHODS = {"expand", "expand_as"}
 _CHANNEL_NORMS = {F.group_norm, F.batch_norm, torch.batch_norm, torch.group_norm}
 

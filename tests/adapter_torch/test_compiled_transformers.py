@@ -17,7 +17,7 @@ import pytest
 import torch
 from cabs_torch import FastPathFallbackWarning, PerExampleStats, UnsupportedModelError
 from cabs_torch.compiled_graph import GraphFastStats
-from test_transformers import VOCAB, EncoderModel, NanoGPT, PaddedAttention, ViTStyle, token_loss
+from test_transformers import VOCAB, BertStyle, EncoderModel, NanoGPT, PaddedAttention, ViTStyle, token_loss
 from torch import nn
 from torch_oracles import assert_stats_match, brute_force, ce
 
@@ -120,3 +120,18 @@ def test_what_the_graph_cannot_establish_is_refused_and_auto_uses_the_eager_fast
     assert len(fallbacks) == 1 and "eager fast path" in str(fallbacks[0].message)
     assert list(engine.plan().graphs.values()) == [False] and engine.resolved_method == "fast"
     assert_stats_match(stats, brute_force(model, ce, x, y))
+
+
+def test_in_place_broadcast_is_refused():
+    """BERT's `e += position_embeddings(...)`: in the graph a later read of e aliases the changed tensor,
+    so the compiled path refuses the in-place add (naming it); auto takes the eager fast path, exact."""
+    torch.manual_seed(3)
+    model = BertStyle().double()
+    ids, attention = torch.randint(0, VOCAB, (6, 5)), torch.ones(6, 5, dtype=torch.long)
+    attention[1, 3:] = 0
+    y = torch.randint(0, 3, (6,))
+    with pytest.raises(UnsupportedModelError, match=r"position\.weight.*iadd"):
+        PerExampleStats(model, ce, method="fast", compile=True)((ids, attention), y)
+    with pytest.warns(FastPathFallbackWarning, match="eager fast path"):
+        stats = PerExampleStats(model, ce, method="auto", compile=True)((ids, attention), y)
+    assert_stats_match(stats, brute_force(model, ce, (ids, attention), y))
