@@ -18,12 +18,15 @@ parameters and the perturbations, and the eager path's reductions (module rules,
 broadcasts, ties with their cross terms: :func:`.sums.uses_sq_norm_sums`), run in one function that
 ``torch.compile`` compiles.
 
-Not covered (refused, ``auto`` then takes the eager fast path with a warning): ``nn.MultiheadAttention``
-and ``nn.TransformerEncoderLayer`` (TorchDynamo keeps ``F.multi_head_attention_forward`` as one
-opaque call, so its ``in_proj_weight`` / ``out_proj`` uses are not nodes of the graph), registered
-rules, broadcasts of tensors computed from parameters other than the parameter itself or an embedding
-lookup (the eager path's batched vector-Jacobian product), graph breaks (data-dependent control
-flow), outputs other than one tensor.
+``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``): TorchDynamo keeps
+``F.multi_head_attention_forward`` as one opaque node; during the capture the module calls torch's own
+function under another name, which TorchDynamo inlines (:func:`_inlinable_functional`), so its
+``in_proj_weight`` and ``out_proj`` uses are nodes.
+
+Not covered (refused, ``auto`` then takes the eager fast path with a warning): registered rules,
+broadcasts of tensors computed from parameters other than the parameter itself or an embedding lookup
+(the eager path's batched vector-Jacobian product), in-place broadcasts (``x += pos``), group and batch
+normalisation, graph breaks (data-dependent control flow), outputs other than one tensor.
 """
 
 from __future__ import annotations
