@@ -1,6 +1,7 @@
 """compile=True on transformers (issue 20, item 2): parameters used by functional operations (a tied
 head F.linear(h, wte.weight), positions looked up from a (1, T) buffer and broadcast, F.layer_norm of a
-LayerNorm subclass, cls_token / pos_embed / LayerScale broadcasts, nn.MultiheadAttention's in_proj_weight
+LayerNorm subclass, cls_token / pos_embed / LayerScale broadcasts, Hugging Face's Conv1D (torch.addmm),
+nn.MultiheadAttention's in_proj_weight
 inside nn.TransformerEncoderLayer in both layouts and with a key-padding mask) through the graph-captured
 compiled path (cabs_torch.compiled_graph), against the float64 loop of single-example backward passes,
 with the compiled path TAKEN (a GraphFastStats ran, no warning); what the graph cannot establish is
@@ -17,7 +18,16 @@ import pytest
 import torch
 from cabs_torch import FastPathFallbackWarning, PerExampleStats, UnsupportedModelError
 from cabs_torch.compiled_graph import GraphFastStats
-from test_transformers import VOCAB, BertStyle, EncoderModel, NanoGPT, PaddedAttention, ViTStyle, token_loss
+from test_transformers import (
+    VOCAB,
+    BertStyle,
+    EncoderModel,
+    HFStyleGPT2,
+    NanoGPT,
+    PaddedAttention,
+    ViTStyle,
+    token_loss,
+)
 from torch import nn
 from torch_oracles import assert_stats_match, brute_force, ce
 
@@ -67,6 +77,15 @@ def test_nanogpt_compiled(aot_eager):
     idx = torch.randint(0, VOCAB, (7, 5))
     idx[:, 1] = idx[:, 0]  # repeated ids in each example
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 1], dtype=torch.float64)
+    assert_compiled_exact(model, idx, torch.roll(idx, -1, 1), token_loss, mask)
+
+
+def test_hf_style_gpt2_compiled(aot_eager):
+    """Hugging Face's Conv1D (torch.addmm on the (m * T, d) fold), an nn.Linear head tied to wte."""
+    torch.manual_seed(2)
+    model = HFStyleGPT2().double()
+    idx = torch.randint(0, VOCAB, (6, 4))
+    mask = torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.float64)
     assert_compiled_exact(model, idx, torch.roll(idx, -1, 1), token_loss, mask)
 
 
