@@ -536,7 +536,12 @@ class PerExampleStats:
         change (pad batches to a few sizes, ``CABSController.padding_buckets``).
         Layers: those of the fast path (:data:`.compiled.COMPILED_LAYERS`);
         graphs with convolutions, channel norms or max pooling compile with
-        ``aot_eager`` (an inductor bug: see :mod:`.compiled`). The generic path
+        ``aot_eager`` (an inductor bug: see :mod:`.compiled`). Models with
+        operation-level uses (transformers: tied heads, positions, broadcasts,
+        ``nn.MultiheadAttention``) take :mod:`.compiled_graph` (a TorchDynamo
+        capture matched use for use to the probe; one compilation per batch
+        size); where it cannot establish the probed decomposition, ``fast``
+        raises and ``auto`` warns and uses the eager fast path. The generic path
         is never compiled. The probes run eagerly.
     verify_every: re-probe every ``verify_every`` calls (default
         :data:`cabs_core.exactness.VERIFY_EVERY`); ``None`` or 0: only the first
