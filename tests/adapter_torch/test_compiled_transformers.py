@@ -7,8 +7,8 @@ compiled path (cabs_torch.compiled_graph), against the float64 loop of single-ex
 with the compiled path TAKEN (a GraphFastStats ran, no warning); what the graph cannot establish is
 refused. The tests compile with aot_eager (AOTAutograd's graph, eager kernels): inductor compiled the
 nanoGPT and the ViT for 200-220 s each on the shared 2-core machine, beyond the test budget; inductor
-gave the same statistics on both (relative difference of S <= 3e-16 in float64, checked by hand,
-docs/torch.md). Tiny models and one compilation per test: compiling is slow."""
+gave the same statistics on these models (relative difference of S <= 3e-16 in float64, checked by
+hand, docs/torch.md). Tiny models and one compilation per test: compiling is slow."""
 
 from __future__ import annotations
 
