@@ -23,8 +23,10 @@ Methods, side by side in one process per model (each step includes an SGD update
 - ``opacus_ghost``: Opacus ghost-clipping per-sample norms, when ``opacus`` imports
 
 The column "path taken" says what actually ran: ``fast``, ``compiled
-(<backend>)``, or ``generic`` with the layer and the reason the fast path
-refused (the ``UnsupportedModelError``'s ``layer`` and ``reason``). Times are the minimum over
+(<backend>)`` (the fx-traced path of module layers), ``compiled graph (<backend>)`` (the
+graph-captured path of transformers, ``cabs_torch.compiled_graph``), ``fast (compile
+refused: ...)``, or ``generic`` with the layer and the reason the fast path refused (the
+``UnsupportedModelError``'s ``layer`` and ``reason``). Times are the minimum over
 ``--reps`` steps after one warm-up step (which compiles and probes); methods
 take turns within each repetition. Not a test: nothing here asserts a timing.
 
@@ -157,10 +159,18 @@ def make_step(method: str, model: nn.Module, loss_fn: Callable, x: Tensor, y: Te
         return None, f"generic (fast refused: {_short(where)})"
     fell_back = [w for w in caught if issubclass(w.category, FastPathFallbackWarning)]
     plan = stats.plan()
-    if fell_back or plan.how == "generic":
+    if fell_back and "eager fast path" in str(fell_back[0].message):  # compile=True refused: eager fast
+        path = f"fast (compile refused: {_short(fell_back[0].message)})"
+    elif fell_back or plan.how == "generic":
         path = "generic" + (f" (fallback: {_short(fell_back[0].message)})" if fell_back else "")
     else:
-        path = f"compiled ({plan.compiled.backend})" if plan.compiled is not None else "fast"
+        graphs = [g for g in plan.graphs.values() if g is not False]  # the graph-captured compiled path
+        if graphs:
+            path = f"compiled graph ({graphs[0].backend})"
+        elif plan.compiled is not None and not plan.graphs:
+            path = f"compiled ({plan.compiled.backend})"
+        else:
+            path = "fast"
 
     def step() -> None:
         s = stats(x, y)

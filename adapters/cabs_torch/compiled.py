@@ -58,6 +58,10 @@ from .sums import (
     tied_layers_sq_norm_sums,
 )
 
+#: the ``reason`` of the error :func:`rewrite_for_statistics` raises when torch.fx cannot trace the model
+#: (the graph-captured path of :mod:`.compiled_graph` may still capture it)
+FX_TRACE_FAILED = "torch.fx cannot trace the model"
+
 
 def rewrite_for_statistics(model: nn.Module, layers: set[str]) -> tuple[fx.GraphModule, list[str]]:
     """The model as an fx graph that takes ``(*inputs, *perturbations)`` and
@@ -69,7 +73,8 @@ def rewrite_for_statistics(model: nn.Module, layers: set[str]) -> tuple[fx.Graph
     except Exception as err:  # fx raises many types for untraceable Python
         raise UnsupportedModelError(
             f"compile=True needs a model that torch.fx can trace, and tracing failed: {err}. "
-            f"Use compile=False (the eager fast path handles any control flow)."
+            f"Use compile=False (the eager fast path handles any control flow).",
+            layer=None, reason=FX_TRACE_FAILED,
         ) from err
     graph = gm.graph
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target in layers]

@@ -59,7 +59,7 @@ from cabs_core.exactness import (
     verify_due,
 )
 
-from .compiled import CompiledFastStats
+from .compiled import FX_TRACE_FAILED, CompiledFastStats
 from .layers import (
     RULES,
     Piece,
@@ -490,6 +490,14 @@ class _Plan:
     constants: set[int] = field(default_factory=set)  # ids of frozen parameters and buffers
     op_records: dict[Any, _Record] = field(default_factory=dict)  # operation-level use sites seen so far
     op_sites: dict[Any, Any] = field(default_factory=dict)  # their sites (.ops), by key
+    #: compile=True, per (signature, batch size, probed structure): a .compiled_graph.GraphFastStats, or
+    #: False where the compiled path was refused (the eager fast path answers)
+    graphs: dict[Any, Any] = field(default_factory=dict)
+
+
+def _module_calls_only(structure: tuple[_Call, ...] | list[_Call]) -> bool:
+    """A probed structure of module-layer calls only (no operation-level use, no example-free call)."""
+    return all(c[0].index >= 0 and not (len(c) == 2 and c[1] == "free") for c in structure)
 
 
 def _signature(inputs: tuple[Any, ...], targets: Any, weights: Tensor | None) -> tuple[Any, ...]:
@@ -528,7 +536,12 @@ class PerExampleStats:
         change (pad batches to a few sizes, ``CABSController.padding_buckets``).
         Layers: those of the fast path (:data:`.compiled.COMPILED_LAYERS`);
         graphs with convolutions, channel norms or max pooling compile with
-        ``aot_eager`` (an inductor bug: see :mod:`.compiled`). The generic path
+        ``aot_eager`` (an inductor bug: see :mod:`.compiled`). Models with
+        operation-level uses (transformers: tied heads, positions, broadcasts,
+        ``nn.MultiheadAttention``) take :mod:`.compiled_graph` (a TorchDynamo
+        capture matched use for use to the probe; one compilation per batch
+        size); where it cannot establish the probed decomposition, ``fast``
+        raises and ``auto`` warns and uses the eager fast path. The generic path
         is never compiled. The probes run eagerly.
     verify_every: re-probe every ``verify_every`` calls (default
         :data:`cabs_core.exactness.VERIFY_EVERY`); ``None`` or 0: only the first
@@ -573,7 +586,7 @@ class PerExampleStats:
             params = trainable_parameters(self.model)
             if not params:
                 raise ValueError("the model has no trainable parameters")
-            how = resolve_method(self.model, self.method, ops=not self.compile)
+            how = resolve_method(self.model, self.method)
             rtol = 0.0
             if how == "fast":
                 try:  # the checks' tolerance: the loosest of the parameters' dtypes
@@ -604,17 +617,24 @@ class PerExampleStats:
             plan.param_dims = {d for t in self.model.parameters() for d in t.shape}
             plan.buffer_dims = {d for t in self.model.buffers() for d in t.shape}
             plan.rtol = rtol
-            plan.ops = not self.compile
+            plan.ops = True
             plan.tracked = {id(p): n for p, n in zip(params, plan.names)}
             plan.constants = ({id(p) for p in self.model.parameters() if not p.requires_grad}
                               | {id(b) for b in self.model.buffers()})
             plan.tie_groups = _tie_groups(params, plan.owners)
             self._plan = plan
-            if self.compile and how == "fast":
-                plan.compiled = CompiledFastStats(
-                    self.model, self.loss_fn, params, {rec.name for rec in records.values()},
-                    tie_groups=[[(tuple(p.shape), [(rec.mod, n) for rec, n in uses]) for p, uses in g.params]
-                                for g in plan.tie_groups])
+            if self.compile and how == "fast" and not unsupported_reasons(self.model, ops=False):
+                # module layers only: the fx-traced compiled path (.compiled); a signature whose probe sees
+                # operation-level uses takes the graph-captured one (.compiled_graph) instead
+                try:
+                    plan.compiled = CompiledFastStats(
+                        self.model, self.loss_fn, params, {rec.name for rec in records.values()},
+                        tie_groups=[[(tuple(p.shape), [(rec.mod, n) for rec, n in uses]) for p, uses in g.params]
+                                    for g in plan.tie_groups])
+                except UnsupportedModelError as err:  # fx cannot trace it: the graph-captured path
+                    if err.reason != FX_TRACE_FAILED:
+                        raise
+                    plan.compiled = None
         return self._plan
 
     def __call__(self, inputs: Any, targets: Any = None, mask: Tensor | None = None, *,
@@ -670,9 +690,10 @@ class PerExampleStats:
             verdict = self._probe(plan, sig, inputs, targets, m)
         if verdict is None or not verdict.ok:
             return None
-        if plan.compiled is not None:  # the traced graph is fixed: the probe's calls are its calls
-            structure = verdict.structures[0]
-            return plan.compiled(inputs, targets, weights, m, [tuple(c[3][1:]) for c in structure])
+        if self.compile:
+            result = self._compiled(plan, sig, verdict, inputs, targets, weights, m)
+            if result is not None:
+                return result
         for attempt in range(2):
             try:
                 return self._fast(plan, inputs, targets, weights, m, verdict.expected(m))[:4]
@@ -689,6 +710,33 @@ class PerExampleStats:
                     layer=change.layer, reason=f"layer calls differ between the full and the probe batch: {change}")
                 return self._fail(plan, sig, err)
         return None
+
+    def _compiled(self, plan: _Plan, sig: Any, verdict: _Verdict, inputs: tuple[Any, ...], targets: Any,
+                  weights: Tensor | None, m: int) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor] | None:
+        """compile=True: the fx-traced function for a signature of module layers only, else the graph
+        captured for this signature and batch size (:mod:`.compiled_graph`); None where the eager fast
+        path must answer (the compiled path could not establish the probed decomposition: ``fast``
+        raises, ``auto`` warns once per signature and batch size)."""
+        structure = verdict.structures[0]
+        if plan.compiled is not None and _module_calls_only(structure):  # the traced graph's calls
+            return plan.compiled(inputs, targets, weights, m, [tuple(c[3][1:]) for c in structure])
+        key = (sig, m, structure)
+        graph = plan.graphs.get(key)
+        if graph is None:
+            from .compiled_graph import GraphFastStats
+            try:
+                graph = GraphFastStats(self.model, self.loss_fn, plan, structure, inputs, m)
+            except UnsupportedModelError as err:
+                if self.method == "fast":
+                    raise
+                graph = False
+                warnings.warn(FastPathFallbackWarning(
+                    f"cabs_torch: compile=True uses the eager fast path (exact, not compiled) for this model "
+                    f"and input signature, because {err}"), stacklevel=4)
+            plan.graphs[key] = graph
+        if graph is False:
+            return None
+        return graph(inputs, targets, weights)
 
     def _fail(self, plan: _Plan, sig: Any, err: UnsupportedModelError) -> None:
         """``fast``: raise; ``auto``: warn once and use the generic path for this signature."""
@@ -754,7 +802,7 @@ class PerExampleStats:
             _, _, grads, sq, structure, kept = self._fast(plan, px, py, None, k, None, keep=True)
         except _LossShapeError as err:  # say it for the user's batch, not the probe's
             raise _LossShapeError(err.shape, m, k) from None
-        if plan.compiled is not None:
+        if plan.compiled is not None and _module_calls_only(structure):
             self._check_compiled_calls(plan, structure)
         generic = _loop_sq_norm_sum(self.model, self.loss_fn, px, py, plan.params, k)
         fast_s, generic_s = float(sq), float(generic)  # the probe's host transfer

@@ -97,12 +97,25 @@ def test_functional_tied_projection_is_exact():
     assert_exact_fast(model, x, y)
 
 
-def test_functional_tied_projection_steps_aside_compiled():
-    """compile=True has module hooks only: the functional use is caught by the accounting check."""
+def assert_exact_compiled(model: nn.Module, x, y, monkeypatch, loss=ce) -> None:
+    """compile=True, method fast: the oracle's statistics from the graph-captured compiled path (issue 20;
+    compiled with aot_eager to keep the test short, inductor: tests/adapter_torch/test_compiled_transformers.py)."""
+    from cabs_torch.compiled_graph import GraphFastStats
+    monkeypatch.setattr(GraphFastStats, "_backend", staticmethod(lambda graph: "aot_eager"))
+    engine = PerExampleStats(model, loss, method="fast", compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathFallbackWarning)
+        stats = engine(x, y)
+    assert [g for g in engine.plan().graphs.values() if isinstance(g, GraphFastStats)]  # compiled, not eager
+    assert_stats_match(stats, brute_force(model, loss, x, y))
+
+
+def test_functional_tied_projection_is_exact_compiled(monkeypatch):
+    """compile=True sees the functional use too (issue 20: before, the accounting check refused it)."""
     seeded(0)
     model = FunctionalTied().double()
     x, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 7, (6,))
-    assert_steps_aside(model, x, y, "emb.weight", compile=True)
+    assert_exact_compiled(model, x, y, monkeypatch)
 
 
 @pytest.mark.parametrize("padding_idx", [None, 0])
@@ -226,13 +239,13 @@ class Positional(nn.Module):
 
 
 @pytest.mark.parametrize(("t", "compile"), [(5, False), (6, False), (6, True)])  # T == m == 6: the coincidence
-def test_positional_embedding_broadcast_over_the_batch(t, compile):
-    """Exact on the eager fast path since issue 20 (the broadcast add is seen); compile=True steps aside."""
+def test_positional_embedding_broadcast_over_the_batch(t, compile, monkeypatch):
+    """Exact on the eager fast path since issue 20 (the broadcast add is seen), and with compile=True."""
     seeded(6)
     model = Positional().double()
     x, y = torch.randint(0, 7, (6, t)), torch.randint(0, 3, (6,))
     if compile:
-        assert_steps_aside(model, x, y, "pos", compile=compile)
+        assert_exact_compiled(model, x, y, monkeypatch)
     else:
         assert_exact_fast(model, x, y)
 

@@ -506,19 +506,29 @@ def test_compiled_masked_and_other_batch_sizes(oracle, check):
         check(stats(x2, y2), oracle(model, ce, x2, y2))
 
 
-class Branchy(nn.Module):
+class BranchOnWeights(nn.Module):
+    """Control flow on a parameter's value: the same for every example (the probe accepts it), but
+    neither torch.fx nor TorchDynamo (fullgraph) can capture it as one graph."""
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.fc(x) if x.sum() > 0 else -self.fc(x)  # data-dependent: torch.fx cannot trace it
+        return self.fc(x) if self.fc.weight.sum() > -1e9 else -self.fc(x)
 
 
-def test_compiled_needs_an_fx_traceable_model():
-    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
-    with pytest.raises(UnsupportedModelError, match="torch.fx"):
-        per_example_stats(Branchy(), ce, x, y, compile=True)
+def test_compiled_needs_a_model_without_data_dependent_control_flow(oracle, check):
+    """Neither torch.fx nor TorchDynamo (fullgraph) captures it: fast raises, auto warns and takes the
+    eager fast path."""
+    torch.manual_seed(0)
+    model = BranchOnWeights().double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    with pytest.raises(UnsupportedModelError, match="torch.compile"):
+        per_example_stats(model, ce, x, y, method="fast", compile=True)
+    with pytest.warns(cabs_torch.FastPathFallbackWarning, match="eager fast path"):
+        stats = per_example_stats(model, ce, x, y, compile=True)
+    check(stats, oracle(model, ce, x, y))
 
 
 def test_trainer_compiled_equals_eager():
