@@ -12,7 +12,7 @@ from cabs_core import BatchStats, UnsupportedModelError
 from .flax_fast import FlaxLoss, fast_stats_unchecked
 from .nnx import NNXLoss, trainable_state
 from .stats import LossFn, PyTree, batch_size_of, generic_stats, stat_dtype
-from .verify import resolve
+from .verify import fast_impl, has_fast_path, resolve
 
 Method = Literal["auto", "fast", "generic"]
 
@@ -47,9 +47,9 @@ def batch_stats(
             "method='fast' is not available for Flax NNX models yet (cabs_jax.NNXLoss): their statistics "
             "are computed on the exact generic path; use method='auto' or 'generic'",
             layer=type(loss_fn.module).__name__, reason="no fast path for NNX models")
-    if method == "fast" and not isinstance(loss_fn, FlaxLoss):
+    if method == "fast" and not has_fast_path(loss_fn):
         raise UnsupportedModelError(
-            f"method='fast' needs a cabs_jax.FlaxLoss (a linen module and a per-example output loss), "
+            f"method='fast' needs a cabs_jax.FlaxLoss or EquinoxLoss (a module and a per-example output loss), "
             f"got {type(loss_fn).__name__}; use method='generic' for other loss functions",
             reason="not a FlaxLoss",
         )
@@ -57,8 +57,11 @@ def batch_stats(
         zero = jnp.zeros((), stat_dtype(params))
         return BatchStats(zero, zero, tuple(jnp.zeros_like(p) for p in jax.tree.leaves(params)), zero)
     eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, batch, mask)))
-    if method != "generic" and isinstance(loss_fn, FlaxLoss):
+    if method != "generic" and has_fast_path(loss_fn):
         if resolve(loss_fn, params, batch, mask, method) == "fast":
+            if not isinstance(loss_fn, FlaxLoss):  # e.g. an EquinoxLoss: its own fast path
+                impl = fast_impl(loss_fn)
+                return (impl.fast_stats_jit if eager else impl.fast_stats_unchecked)(loss_fn, params, batch, mask)
             return (_fast_jit if eager else fast_stats_unchecked)(loss_fn, params, batch, mask)
     if eager:  # one compiled program rather than one dispatch per operation
         return _generic_jit(loss_fn, params, batch, mask, chunk_size=chunk_size)
@@ -84,6 +87,6 @@ class PerExampleStats:
 
     def path(self, params: PyTree, batch: PyTree, mask: Any, *, reprobe: bool) -> Method:
         """The path this batch takes, established on the host before compiling (:mod:`cabs_jax.verify`)."""
-        if self.method == "generic" or not isinstance(self.loss_fn, FlaxLoss):
+        if self.method == "generic" or not has_fast_path(self.loss_fn):
             return self.method
         return resolve(self.loss_fn, params, batch, mask, self.method, reprobe=reprobe)  # type: ignore[return-value]

@@ -52,8 +52,29 @@ from cabs_core import (
     rtol_for,
 )
 
-from .flax_fast import FlaxLoss, _plan, probe_numbers, structure
+from . import flax_fast
+from .flax_fast import FlaxLoss, structure
 from .stats import PyTree, batch_size_of, float_dtype
+
+
+def fast_impl(floss: Any) -> Any:
+    """The module implementing the fast path of this loss (``_plan``, ``probe_numbers``,
+    ``fast_stats_unchecked``): the loss's own ``fast_impl`` (e.g. :mod:`cabs_jax.eqx_fast` for an
+    :class:`~cabs_jax.EquinoxLoss`), else :mod:`cabs_jax.flax_fast` (linen)."""
+    return getattr(floss, "fast_impl", None) or flax_fast
+
+
+def has_fast_path(floss: Any) -> bool:
+    """Whether ``floss`` is a loss the fast path knows (a FlaxLoss, or one that names its ``fast_impl``)."""
+    return isinstance(floss, FlaxLoss) or getattr(floss, "fast_impl", None) is not None
+
+
+def _plan(floss: Any, params: PyTree, x: Any, m: int) -> tuple:
+    return fast_impl(floss)._plan(floss, params, x, m)
+
+
+def probe_numbers(floss: Any, params: PyTree, batch: PyTree) -> tuple:
+    return fast_impl(floss).probe_numbers(floss, params, batch)
 
 
 @dataclass
