@@ -48,6 +48,7 @@ from cabs_core import (
     BatchStats,
     UnsupportedModelError,
     bias_sq_norms,
+    embedding_linear_cross_sq_norms,
     embedding_sq_norms,
     linear_sq_norms,
     scale_sq_norms,
@@ -95,12 +96,16 @@ class _Recorder:
         self.y_shape: dict[tuple, list] = {}
         self.calls: dict[int, int] = {}
         self.order: list[tuple[int, int]] = []
+        self.matmul: set[tuple[int, int]] = set()  # the keys that are a raw weight's matrix product
         self.raw: list[tuple[int, str]] = []
+        self.objects = True  # raw weights of Linear/Embedding as _RawWeight (else materialised)
 
-    def key(self, idx: int) -> tuple[int, int]:
+    def key(self, idx: int, matmul: bool = False) -> tuple[int, int]:
         n = self.calls.get(idx, 0)
         self.calls[idx] = n + 1
         self.order.append((idx, n))
+        if matmul:
+            self.matmul.add((idx, n))
         return idx, n
 
 
@@ -159,6 +164,7 @@ class _Tapped(eqx.Module):
     raw: dict
     idx: int = eqx.field(static=True)
     trainable: tuple[str, ...] = eqx.field(static=True)
+    kind: str = eqx.field(static=True)
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         rec = _ACTIVE[-1]
@@ -168,15 +174,60 @@ class _Tapped(eqx.Module):
         return y if rest is None else (y, *rest)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("layer", "anchor", "raw", "idx", "trainable"):
+        if name.startswith("__") or name in ("layer", "anchor", "raw", "idx", "trainable", "kind"):
             raise AttributeError(name)
         value = getattr(self.layer, name)
-        if name in self.trainable:
-            if _ACTIVE:
-                _ACTIVE[-1].raw.append((self.idx, name))
-            if name in self.raw:
-                value = value + self.raw[name]
+        if name not in self.trainable or not _ACTIVE:
+            return value
+        if name in self.raw:
+            return value + self.raw[name]
+        rec = _ACTIVE[-1]
+        if rec.objects and name == "weight" and self.kind in ("Linear", "Embedding"):
+            return _RawWeight(value, self, False)
+        rec.raw.append((self.idx, name))  # planned: materialised through a per-example perturbation
         return value
+
+
+class _RawWeight:
+    """The weight W (out, in) of a recorded Linear or Embedding read as an attribute: ``W @ h``
+    (h a vector) and ``h @ W.T`` (h (..., in)) are recorded as uses y = W a of the weight (a tied
+    head); any other operation raises TypeError, and the plan then materialises the raw uses."""
+
+    def __init__(self, value: jax.Array, owner: _Tapped, transposed: bool) -> None:
+        self.value, self.owner, self.transposed = value, owner, transposed
+
+    @property
+    def T(self) -> _RawWeight:  # noqa: N802  (the array attribute it stands for)
+        return _RawWeight(self.value, self.owner, not self.transposed)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.value.shape)) if self.transposed else tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.value.ndim
+
+    def _use(self, h: Any) -> jax.Array:
+        rec, o = _ACTIVE[-1], self.owner
+        h = jnp.asarray(h)
+        y = jnp.matmul(h, self.value.T)
+        return _tap(rec, rec.key(o.idx, matmul=True), h, y, o.anchor)
+
+    def __matmul__(self, h: Any) -> jax.Array:  # W @ h
+        if self.transposed or jnp.ndim(h) != 1:
+            raise TypeError("only W @ h (h a vector) and h @ W.T of a recorded layer's weight are recorded")
+        return self._use(h)
+
+    def __rmatmul__(self, h: Any) -> jax.Array:  # h @ W.T
+        if not self.transposed or jnp.ndim(h) < 1:
+            raise TypeError("only W @ h (h a vector) and h @ W.T of a recorded layer's weight are recorded")
+        return self._use(h)
+
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -230,6 +281,7 @@ class Use:
     where: str
     layer: Layer | None = None
     leaf: int | None = None  # index in jax.tree.leaves(params) of a materialised array
+    objects: bool = True  # the plan records W @ h / h @ W.T raw uses (False: materialises them)
 
 
 def _layers(eloss: Any, params: PyTree) -> tuple[list[Layer], list[tuple[int, tuple]]]:
@@ -266,7 +318,7 @@ def _model(eloss: Any, params: PyTree, layers: list[Layer], deltas: dict, anchor
     wrapped = [
         _Tapped(_get(module, L.keypath), anchor,
                 {f: deltas[f"raw{L.idx}.{f}"] for f in L.trainable if f"raw{L.idx}.{f}" in deltas},
-                L.idx, L.trainable)
+                L.idx, L.trainable, L.kind)
         for L in layers
     ]
     return eqx.tree_at(lambda mod: [_get(mod, L.keypath) for L in layers], module, replace=wrapped)
@@ -307,9 +359,11 @@ def _plan(eloss: Any, params: PyTree, x: Any, m: int) -> tuple[Use, ...]:
     layers, free = _layers(eloss, params)
     by_idx = {L.idx: L for L in layers}
     rec = _Recorder()
+    objects = True
 
     def forward(p: PyTree, xs: Any) -> Any:
         rec.__init__()
+        rec.objects = objects
         _ACTIVE.append(rec)
         try:
             def one(anchor: jax.Array, xi: Any) -> Any:
@@ -320,24 +374,31 @@ def _plan(eloss: Any, params: PyTree, x: Any, m: int) -> tuple[Use, ...]:
             _ACTIVE.pop()
 
     try:
-        jax.eval_shape(forward, params, x)
+        try:
+            jax.eval_shape(forward, params, x)
+        except (TypeError, ValueError):
+            if not rec.matmul:
+                raise
+            objects = False  # a raw weight used otherwise than W @ h or h @ W.T: materialise its raw uses
+            jax.eval_shape(forward, params, x)
     except jax.errors.UnexpectedTracerError as e:
         raise _inner_trace_error(e) from None
     uses: list[Use] = []
     for key in rec.order:
         L = by_idx[key[0]]
         a, y = _last(rec.a_shape, key, "input", L.where), _last(rec.y_shape, key, "output", L.where)
-        uses.append(Use(L.path, str(key[1]), a, y, L.where, layer=L))
+        uses.append(Use(L.path, f"{key[1]}@" if key in rec.matmul else str(key[1]), a, y, L.where, layer=L,
+                        objects=objects))
     leaves = jax.tree.leaves(params)
     for idx, field_name in dict.fromkeys(rec.raw):
         L = by_idx[idx]
         p = getattr(_get(params, L.keypath), field_name)
         s = jax.ShapeDtypeStruct((m, *jnp.shape(p)), jnp.result_type(p))
-        uses.append(Use(L.path, f"raw:{field_name}", s, s, L.where, layer=L))
+        uses.append(Use(L.path, f"raw:{field_name}", s, s, L.where, layer=L, objects=objects))
     for i, keypath in free:
         s = jax.ShapeDtypeStruct((m, *jnp.shape(leaves[i])), jnp.result_type(leaves[i]))
         path = tuple(_key_name(k) for k in keypath)
-        uses.append(Use(path, "array", s, s, "/".join(path) or "params", leaf=i))
+        uses.append(Use(path, "array", s, s, "/".join(path) or "params", leaf=i, objects=objects))
     materialised = [u for u in uses if u.method == "array" or u.method.startswith("raw:")]
     entries = sum(math.prod(u.a.shape) for u in materialised)
     if entries > MATERIALISE_ENTRIES:
@@ -413,22 +474,42 @@ def _conv_rows(layer: eqx.nn.Conv, a: jax.Array, b: jax.Array, m: int) -> tuple[
     return patches.reshape(m, -1, k, c), b3
 
 
+def _matmul_rows(matmuls: list[tuple[jax.Array, jax.Array]], m: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Inputs (m, T, in) and output gradients (m, T, out) of a weight's ``W @ h`` / ``h @ W.T`` uses."""
+    a3 = jnp.concatenate([a.reshape(m, -1, a.shape[-1]) for a, _ in matmuls], 1).astype(dtype)
+    b3 = jnp.concatenate([b.reshape(m, -1, b.shape[-1]) for _, b in matmuls], 1).astype(dtype)
+    return a3, b3
+
+
 def _layer_sq_norms(L: Layer, layer: eqx.Module, calls: list[tuple[jax.Array, jax.Array]], m: int,
-                    dtype: Any) -> jax.Array:
+                    dtype: Any, matmuls: list[tuple[jax.Array, jax.Array]] = ()) -> jax.Array:
     """Per-example squared norm (m,) of the gradient of the layer's trainable parameters from
-    its calls' records (concatenated along the positions: cross terms between calls included)."""
+    its calls' records (concatenated along the positions: cross terms between calls included) and
+    its weight's recorded matrix products ``matmuls`` (a tied head; Linear and Embedding only)."""
     flat = [_flat(a, b.astype(dtype), L, layer, m) for a, b in calls]
     sq = jnp.zeros((m,), dtype)
     if L.kind == "Linear":
-        a3 = jnp.concatenate([a.reshape(m, -1, 1 if a.ndim == 1 else a.shape[-1]) for a, _ in flat], 1).astype(dtype)
-        b3 = jnp.concatenate([b.reshape(m, -1, 1 if b.ndim == 1 else b.shape[-1]) for _, b in flat], 1)
+        rows = [(a.reshape(m, -1, 1 if a.ndim == 1 else a.shape[-1]).astype(dtype),
+                 b.reshape(m, -1, 1 if b.ndim == 1 else b.shape[-1])) for a, b in flat]
+        if matmuls:
+            rows.append(_matmul_rows(list(matmuls), m, dtype))  # the same orientation y = W a
         if "weight" in L.trainable:
+            a3, b3 = jnp.concatenate([a for a, _ in rows], 1), jnp.concatenate([b for _, b in rows], 1)
             sq = sq + linear_sq_norms(a3, b3)
-        return sq + bias_sq_norms(b3) if "bias" in L.trainable else sq
+        if "bias" in L.trainable and flat:
+            sq = sq + bias_sq_norms(jnp.concatenate([b for _, b in rows[: len(flat)]], 1))
+        return sq
     if L.kind == "Embedding":
-        ids = jnp.concatenate([a.reshape(m, -1) for a, _ in flat], 1)
-        b3 = jnp.concatenate([b.reshape(m, -1, b.shape[-1]) for _, b in flat], 1)
-        return embedding_sq_norms(ids, b3)
+        if flat:
+            ids = jnp.concatenate([a.reshape(m, -1) for a, _ in flat], 1)
+            e3 = jnp.concatenate([b.reshape(m, -1, b.shape[-1]) for _, b in flat], 1)
+            sq = sq + embedding_sq_norms(ids, e3)
+        if matmuls:
+            h3, b3 = _matmul_rows(list(matmuls), m, dtype)
+            sq = sq + linear_sq_norms(h3, b3)
+            if flat:  # the lookup's and the projection's gradients' inner product, no one-hot formed
+                sq = sq + 2 * embedding_linear_cross_sq_norms(ids, e3, h3, b3)
+        return sq
     if L.kind == "Conv":
         rows = [_conv_rows(layer, a.astype(dtype), b, m) for a, b in flat]
         patches = jnp.concatenate([p for p, _ in rows], 1)
@@ -458,7 +539,8 @@ def _layer_parts(eloss: Any, params: PyTree, L: Layer) -> tuple[PyTree, eqx.Modu
     return _get(params, L.keypath), _get(eloss.static, L.keypath)
 
 
-def _raw_cross(eloss: Any, params: PyTree, L: Layer, calls: list, raw: dict, m: int, dtype: Any) -> jax.Array:
+def _raw_cross(eloss: Any, params: PyTree, L: Layer, calls: list, raw: dict, m: int, dtype: Any,
+               matmuls: list = ()) -> jax.Array:
     """sum over calls and positions of <b, J_params layer(a) . R_i>: the inner product (m,) of the
     recorded calls' per-example gradient with the raw uses' per-example gradients ``raw`` {field: R}."""
     lp, ls = _layer_parts(eloss, params, L)
@@ -480,6 +562,9 @@ def _raw_cross(eloss: Any, params: PyTree, L: Layer, calls: list, raw: dict, m: 
             return jnp.sum(dy.astype(dtype) * bi.astype(dtype))
 
         total = total + jax.vmap(one)(af, bf, raw)
+    if matmuls and "weight" in raw:  # sum_t b_t^T R_i a_t
+        a3, b3 = _matmul_rows(list(matmuls), m, dtype)
+        total = total + jnp.einsum("mto,moi,mti->m", b3, raw["weight"].astype(dtype), a3)
     return total
 
 
@@ -496,8 +581,11 @@ def _fast_parts(eloss: Any, params: PyTree, batch: PyTree, w: jax.Array, uses: t
     by_idx = {L.idx: L for L in layers}
     rec = _Recorder()
 
+    objects = uses[0].objects if uses else True
+
     def weighted_loss(p: PyTree, d: dict) -> tuple:
         rec.__init__()
+        rec.objects = objects
         losses = _forward(eloss, p, batch, layers, d, rec).astype(dtype)
         losses = jnp.where(w != 0, losses, 0)
         return jnp.sum(w * losses), losses
@@ -515,18 +603,19 @@ def _fast_parts(eloss: Any, params: PyTree, batch: PyTree, w: jax.Array, uses: t
     wide = compute_dtype(dtype)
     with jax.default_matmul_precision("highest"):
         for L in layers:
-            calls = [records[k] for k in rec.order if k[0] == L.idx]
+            calls = [records[k] for k in rec.order if k[0] == L.idx and k not in rec.matmul]
+            matmuls = [records[k] for k in rec.order if k[0] == L.idx and k in rec.matmul]
             raw = {f: delta_grads[f"raw{L.idx}.{f}"] for f in L.trainable if f"raw{L.idx}.{f}" in delta_grads}
-            if not calls and not raw:
+            if not calls and not matmuls and not raw:
                 continue
             sq = jnp.zeros((m,), wide)
-            if calls:
+            if calls or matmuls:
                 layer = eqx.combine(*_layer_parts(eloss, params, L))
-                sq = sq + _layer_sq_norms(L, layer, calls, m, wide)
+                sq = sq + _layer_sq_norms(L, layer, calls, m, wide, matmuls)
             for r in raw.values():
                 sq = sq + jnp.sum(jnp.square(r.astype(wide)).reshape(m, -1), axis=1)
-            if calls and raw:
-                sq = sq + 2 * _raw_cross(eloss, params, L, calls, raw, m, wide)
+            if (calls or matmuls) and raw:
+                sq = sq + 2 * _raw_cross(eloss, params, L, calls, raw, m, wide, matmuls)
             sq_by_path[L.path] = sq.astype(dtype)
         for u in uses:
             if u.method == "array":
@@ -537,7 +626,7 @@ def _fast_parts(eloss: Any, params: PyTree, batch: PyTree, w: jax.Array, uses: t
     leaves = zip(jax.tree.leaves(param_grads), jax.tree.leaves(params))
     grad_sum = tuple(g.astype(jnp.result_type(p)) for g, p in leaves)
     stats = BatchStats(jnp.sum(w), jnp.sum(w * losses), grad_sum, sq_sum)
-    return stats, param_grads, delta_grads, records, sq_by_path, layers, rec.order
+    return stats, param_grads, delta_grads, records, sq_by_path, layers, rec.order, rec.matmul
 
 
 def probe_numbers(eloss: Any, params: PyTree, batch: PyTree) -> tuple:
@@ -546,7 +635,7 @@ def probe_numbers(eloss: Any, params: PyTree, batch: PyTree) -> tuple:
     its full gradient, the full gradient's norm, its S)."""
     k = batch_size_of(batch)
     uses = _plan(eloss, params, eloss.inputs(batch), k)
-    stats, param_grads, delta_grads, records, sq_by_path, layers, order = _fast_parts(
+    stats, param_grads, delta_grads, records, sq_by_path, layers, order, matmul = _fast_parts(
         eloss, params, batch, jnp.ones((k,), float_dtype(params)), uses)
     generic = generic_stats(eloss, params, batch)
     by_path = {L.path: L for L in layers}
@@ -564,6 +653,10 @@ def probe_numbers(eloss: Any, params: PyTree, batch: PyTree) -> tuple:
                 if key[0] != L.idx:
                     continue
                 a, b = records[key]
+                if key in matmul:  # W @ a: the weight's gradient sum_t b_t a_t^T
+                    g = jnp.einsum("to,ti->oi", b.reshape(-1, b.shape[-1]), a.reshape(-1, a.shape[-1]))
+                    total = eqx.tree_at(lambda x: x.weight, total, total.weight + g)
+                    continue
                 af, bf = _flat(a, b, L, eqx.combine(lp, ls), k)
                 _, vjp = jax.vjp(lambda p, af=af, ls=ls: jax.vmap(eqx.combine(p, ls))(af), lp)
                 total = jax.tree.map(jnp.add, total, vjp(bf)[0])
