@@ -99,6 +99,7 @@ class _Recorder:
         self.matmul: set[tuple[int, int]] = set()  # the keys that are a raw weight's matrix product
         self.raw: list[tuple[int, str]] = []
         self.objects = True  # raw weights of Linear/Embedding as _RawWeight (else materialised)
+        self.made_objects = False  # a _RawWeight was handed out
 
     def key(self, idx: int, matmul: bool = False) -> tuple[int, int]:
         n = self.calls.get(idx, 0)
@@ -183,6 +184,7 @@ class _Tapped(eqx.Module):
             return value + self.raw[name]
         rec = _ACTIVE[-1]
         if rec.objects and name == "weight" and self.kind in ("Linear", "Embedding"):
+            rec.made_objects = True
             return _RawWeight(value, self, False)
         rec.raw.append((self.idx, name))  # planned: materialised through a per-example perturbation
         return value
@@ -284,14 +286,31 @@ class Use:
     objects: bool = True  # the plan records W @ h / h @ W.T raw uses (False: materialises them)
 
 
+def _as_declared(kind: str, layer: eqx.Module) -> bool:
+    """Whether the layer's parameters have the shapes its configuration declares (not, e.g., a stack
+    of layers made with ``eqx.filter_vmap`` to be applied with ``lax.scan``)."""
+    w = jnp.shape(layer.weight) if getattr(layer, "weight", None) is not None else None
+    b = jnp.shape(layer.bias) if getattr(layer, "bias", None) is not None else None
+    if kind == "Linear":
+        size = {"scalar": 1}
+        want_w = (size.get(layer.out_features, layer.out_features), size.get(layer.in_features, layer.in_features))
+        return w == want_w and b in (None, (want_w[0],))
+    if kind == "Conv":
+        want_w = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+        return w == want_w and b in (None, (layer.out_channels,) + (1,) * layer.num_spatial_dims)
+    if kind == "Embedding":
+        return w == (layer.num_embeddings, layer.embedding_size)
+    return w in (None, tuple(layer.shape)) and b in (None, tuple(layer.shape))
+
+
 def _layers(eloss: Any, params: PyTree) -> tuple[list[Layer], list[tuple[int, tuple]]]:
     """The supported layers with trainable parameters, and the other trainable leaves (index, key path)."""
     module = eqx.combine(params, eloss.static)
     found = jax.tree_util.tree_flatten_with_path(module, is_leaf=lambda n: type(n) in KINDS)[0]
     layers = []
     for keypath, node in found:
-        if type(node) not in KINDS:
-            continue
+        if type(node) not in KINDS or not _as_declared(KINDS[type(node)], node):
+            continue  # e.g. layers stacked for lax.scan: their arrays are materialised (or refused)
         kind = KINDS[type(node)]
         sub = _get(params, keypath)
         trainable = tuple(f for f in PARAMS[kind] if getattr(sub, f, None) is not None)
@@ -347,6 +366,20 @@ def _last(store: dict, key: tuple, what: str, where: str) -> Any:
     return store[key][-1]
 
 
+def _foreign(x: Any) -> bool:
+    """Whether ``x`` is a tracer of another trace than the current one (a record made inside an
+    inner trace such as ``lax.scan``'s body). JAX's trace context is internal: where it is not
+    available this check is skipped, and such a record still fails loudly when JAX finds it
+    (an UnexpectedTracerError, which the probe turns into a refusal)."""
+    try:
+        from jax._src import core as _core
+
+        current = _core.trace_ctx.trace
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(x, jax.core.Tracer) and getattr(x, "_trace", current) is not current
+
+
 def _inner_trace_error(e: Exception) -> UnsupportedModelError:
     reason = (f"a layer runs inside an inner trace (lax.scan, jax.checkpoint, lax.cond, ...), where the fast path "
               f"cannot record its input and output gradient ({str(e).splitlines()[0]})")
@@ -377,7 +410,7 @@ def _plan(eloss: Any, params: PyTree, x: Any, m: int) -> tuple[Use, ...]:
         try:
             jax.eval_shape(forward, params, x)
         except (TypeError, ValueError):
-            if not rec.matmul:
+            if not rec.made_objects:
                 raise
             objects = False  # a raw weight used otherwise than W @ h or h @ W.T: materialise its raw uses
             jax.eval_shape(forward, params, x)
@@ -597,6 +630,9 @@ def _fast_parts(eloss: Any, params: PyTree, batch: PyTree, w: jax.Array, uses: t
         for key in rec.order:
             where = by_idx[key[0]].where
             records[key] = (_last(rec.a, key, "input", where), _last(rec.b, key, "output gradient", where))
+            if any(_foreign(v) for v in records[key]):
+                raise _unsupported(where, "it is called inside an inner trace (lax.scan, jax.checkpoint, lax.cond, "
+                                   "...), where the fast path cannot record its input and output gradient")
     except jax.errors.UnexpectedTracerError as e:
         raise _inner_trace_error(e) from None
     sq_by_path: dict[tuple[str, ...], jax.Array] = {}
@@ -629,6 +665,21 @@ def _fast_parts(eloss: Any, params: PyTree, batch: PyTree, w: jax.Array, uses: t
     return stats, param_grads, delta_grads, records, sq_by_path, layers, rec.order, rec.matmul
 
 
+def _catching_inner_traces(fn: Callable) -> Callable:
+    """``fn`` raising :class:`UnsupportedModelError` where a record escaped from an inner trace
+    (a layer inside ``lax.scan``, ``jax.checkpoint``, ``lax.cond``: its records are that trace's)."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except jax.errors.UnexpectedTracerError as e:
+            raise _inner_trace_error(e) from None
+
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+@_catching_inner_traces
 def probe_numbers(eloss: Any, params: PyTree, batch: PyTree) -> tuple:
     """What the probe compares on a small batch (traceable): the fast and the generic S and, per
     layer or array in order of first use, (norm of its gradient rebuilt from the captured terms -
@@ -672,6 +723,7 @@ def probe_numbers(eloss: Any, params: PyTree, batch: PyTree) -> tuple:
     return stats.sq_norm_sum, generic.sq_norm_sum, accounting
 
 
+@_catching_inner_traces
 def fast_stats_unchecked(eloss: Any, params: PyTree, batch: PyTree, weights: jax.Array | None = None) -> BatchStats:
     """The fast path without the probe (the caller has established it for this signature)."""
     m = batch_size_of(batch)
