@@ -60,9 +60,36 @@ def test_mlp_with_padding_is_exact_on_the_fast_path() -> None:
     assert_stats_close(jitted(loss.params, batch, jnp.asarray(mask)), loop_oracle(loss, loss.params, batch, mask))
 
 
+class Reused(eqx.Module):
+    """A Linear called twice and its weight reused as ``W @ h`` (y = W a: the calls' positions and the
+    product's are one layer's), a head whose bias is frozen (filter_spec)."""
+
+    lin: eqx.nn.Linear
+    head: eqx.nn.Linear
+
+    def __init__(self, key: jax.Array) -> None:
+        k1, k2 = jax.random.split(key)
+        self.lin, self.head = eqx.nn.Linear(4, 4, key=k1, dtype=F64), eqx.nn.Linear(4, 3, key=k2, dtype=F64)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.tanh(self.lin(x))
+        h = jnp.tanh(self.lin(h) + self.lin.weight @ (h * h))
+        return self.head(h)
+
+
+def test_a_layer_called_twice_and_its_weight_reused_is_exact_and_frozen_leaves_are_left_out() -> None:
+    model = Reused(jax.random.PRNGKey(1))
+    spec = eqx.tree_at(lambda m: m.head.bias, jax.tree.map(eqx.is_inexact_array, model), replace=False)
+    loss = EquinoxLoss(model, cross_entropy, filter_spec=spec)
+    assert loss.params.head.bias is None
+    assert_fast_exact(loss, data(7, (4,), 3, seed=1), np.array([1, 1, 1, 0, 1, 1, 1], np.float64))
+    methods = [u.method for u in eqx_fast._plan(loss, loss.params, data(7, (4,), 3)[0], 7) if u.path == ("lin",)]
+    assert methods == ["0", "1", "2@"]
+
+
 class CNN(eqx.Module):
-    """conv (stride, dilation, reflect padding), grouped conv, a conv without bias, LayerNorm over
-    (channels, height, width), a frozen layer's weight (filter_spec), a linear head."""
+    """conv (stride, reflect padding), grouped dilated conv, a conv without bias, LayerNorm over
+    (channels, height, width), a linear head."""
 
     c1: eqx.nn.Conv2d
     c2: eqx.nn.Conv2d
@@ -83,15 +110,9 @@ class CNN(eqx.Module):
         return self.head(jnp.ravel(self.norm(self.c3(h))))
 
 
-def test_cnn_with_strides_groups_and_layernorm_is_exact_and_frozen_leaves_are_left_out() -> None:
-    model = CNN(jax.random.PRNGKey(1))
-    assert_fast_exact(EquinoxLoss(model, cross_entropy), data(7, (2, 8, 8), 5, seed=2),
+def test_cnn_with_strides_groups_and_layernorm_is_exact() -> None:
+    assert_fast_exact(EquinoxLoss(CNN(jax.random.PRNGKey(1)), cross_entropy), data(7, (2, 8, 8), 5, seed=2),
                       np.array([1, 1, 1, 0, 1, 1, 1], np.float64))
-    spec = jax.tree.map(eqx.is_inexact_array, model)
-    spec = eqx.tree_at(lambda m: (m.c1.weight, m.head.bias), spec, replace=(False, False))
-    frozen = EquinoxLoss(model, cross_entropy, filter_spec=spec)  # c1's weight and head's bias are constants
-    assert frozen.params.c1.weight is None and frozen.params.head.bias is None
-    assert_fast_exact(frozen, data(7, (2, 8, 8), 5, seed=3))
 
 
 class Conv1dNet(eqx.Module):
@@ -125,7 +146,7 @@ class GPT(eqx.Module):
     head: str = eqx.field(static=True)
 
     def __init__(self, key: jax.Array, head: str = "h @ W.T", vocab: int = 11, d: int = 8, seq: int = 5,
-                 layers: int = 2) -> None:
+                 layers: int = 1) -> None:
         k = jax.random.split(key, 2 + 2 * layers)
         self.embed = eqx.nn.Embedding(vocab, d, key=k[0], dtype=F64)
         self.pos = 0.1 * jax.random.normal(k[1], (seq, d), F64)
@@ -149,12 +170,10 @@ class GPT(eqx.Module):
         h = jax.vmap(self.norm)(h)
         if self.head == "h @ W.T":
             return h @ self.embed.weight.T
-        if self.head == "W @ h":
-            return jax.vmap(lambda v: self.embed.weight @ v)(h)
         return jnp.einsum("td,vd->tv", h, self.embed.weight)  # another raw use: materialised per example
 
 
-@pytest.mark.parametrize("head", ["h @ W.T", "W @ h", "einsum"])
+@pytest.mark.parametrize("head", ["h @ W.T", "einsum"])
 def test_small_gpt_with_tied_head_and_learned_positions_is_exact_on_the_fast_path(head: str) -> None:
     loss = EquinoxLoss(GPT(jax.random.PRNGKey(4), head=head), token_loss)
     batch, mask = tokens(5, 5, 11, seed=5), np.array([1, 0, 1, 1, 1], np.float64)  # T == m
@@ -233,7 +252,7 @@ def test_steps_aside_auto_falls_back_exactly_and_fast_raises(model: type, match:
 
 
 def test_too_much_to_materialise_is_refused_naming_the_array(monkeypatch: pytest.MonkeyPatch) -> None:
-    loss = EquinoxLoss(GPT(jax.random.PRNGKey(7), layers=1), token_loss)
+    loss = EquinoxLoss(GPT(jax.random.PRNGKey(7)), token_loss)
     batch = tokens(6, 5, 11, seed=7)
     monkeypatch.setattr(eqx_fast, "MATERIALISE_ENTRIES", 100)  # positions: 6 x 5 x 8 = 240 entries
     with pytest.raises(UnsupportedModelError, match="pos"):
@@ -285,8 +304,8 @@ LAYER = st.one_of(st.tuples(st.just("linear"), st.booleans()), st.tuples(st.just
                   st.tuples(st.just("norm"), st.booleans()), st.tuples(st.just("attention"), st.booleans()))
 
 
-@settings(max_examples=5, deadline=None)
-@given(kinds=st.lists(LAYER, min_size=1, max_size=3).map(tuple), seq=st.integers(2, 4), seed=st.integers(0, 2**16))
+@settings(max_examples=3, deadline=None)
+@given(kinds=st.lists(LAYER, min_size=1, max_size=2).map(tuple), seq=st.integers(2, 4), seed=st.integers(0, 2**16))
 def test_generated_stacks_of_supported_layers_are_exact(kinds: tuple, seq: int, seed: int) -> None:
     loss = EquinoxLoss(Stack(kinds, 4, jax.random.PRNGKey(seed)), cross_entropy)
     rng = np.random.default_rng(seed)
