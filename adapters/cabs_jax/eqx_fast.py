@@ -167,6 +167,10 @@ class _Tapped(eqx.Module):
     trainable: tuple[str, ...] = eqx.field(static=True)
     kind: str = eqx.field(static=True)
 
+    @property
+    def __class__(self) -> type:  # isinstance(wrapper, eqx.nn.Linear) holds in the user's code, as before
+        return type(self.layer)
+
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         rec = _ACTIVE[-1]
         out = self.layer(x, *args, **kwargs)

@@ -72,6 +72,7 @@ class Reused(eqx.Module):
         self.lin, self.head = eqx.nn.Linear(4, 4, key=k1, dtype=F64), eqx.nn.Linear(4, 3, key=k2, dtype=F64)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        assert isinstance(self.lin, eqx.nn.Linear)  # also the recording wrapper the fast path puts in its place
         h = jnp.tanh(self.lin(x))
         h = jnp.tanh(self.lin(h) + self.lin.weight @ (h * h))
         return self.head(h)
