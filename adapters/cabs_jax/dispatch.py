@@ -29,7 +29,8 @@ def batch_stats(
     """Exact :class:`~cabs_core.BatchStats` (m, sum_i l_i, sum_i g_i, S = sum_i ||g_i||^2).
 
     ``method="fast"`` needs a :class:`FlaxLoss` whose parameters all belong to
-    Dense/Conv/Embed/LayerNorm layers and whose per-example decomposition the
+    Dense/Conv/Embed/LayerNorm layers (or an :class:`EquinoxLoss`: :mod:`cabs_jax.eqx_fast`)
+    and whose per-example decomposition the
     probe establishes for this input signature (:mod:`cabs_jax.verify`); else
     it raises :class:`~cabs_core.UnsupportedModelError` naming the layer and the
     reason. ``"generic"`` works for any ``loss_fn(params, example)``; ``"auto"``

@@ -167,4 +167,5 @@ def test_small_gpt_statistics_equal_a_float64_loop() -> None:
     mask = np.array([1, 0, 1, 1, 1], np.float64)
     want = loop_oracle(loss, loss.params, batch, mask)
     assert float(want.sq_norm_sum) > 0 and loss.params.pos is not None  # the positions are trained
-    assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask), want)
+    # the generic path (the fast path on this model: tests/adapter_jax/test_equinox_fast.py)
+    assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask, method="generic"), want)
