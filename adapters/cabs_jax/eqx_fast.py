@@ -16,12 +16,16 @@ per-example squared norms of the layer's gradient then follow from ``(a, b)`` wi
 :mod:`cabs_core.per_example` (cross terms between positions and between several calls of one layer
 included: the calls are concatenated along the positions).
 
-Every other trainable array (learned positions, a custom module's parameters) and every use of a
-supported layer's parameter outside the layer's call (a tied head ``h @ emb.weight.T`` or
-``emb.weight @ h``, seen through attribute access on the wrapper) gets a per-example zero
-perturbation ``delta_i`` whose gradient is that array's (that use's) per-example gradient,
-materialised: m times the array's size, so it is bounded by :data:`MATERIALISE_ENTRIES`. A raw use
-of a layer's parameter adds ``||R_i||^2 + 2 <G_i, R_i>`` to the layer's norm, the cross term
+A recorded layer's weight read as an attribute (``emb.weight``, ``lin.weight``) is a
+:class:`_RawWeight`: ``h @ W.T`` and ``W @ h`` (a tied head) are recorded as further uses y = W a
+of the weight (for an Embedding: the lookup's term, the projection's term and their cross term,
+:func:`cabs_core.embedding_linear_cross_sq_norms`; for a Linear: more positions of the layer).
+Where a raw weight is used otherwise (``jnp.einsum``, indexing: a TypeError), the plan is traced
+again with raw uses materialised. Every other trainable array (learned positions, a custom
+module's parameters, layers stacked for ``lax.scan``) and every materialised raw use gets a
+per-example zero perturbation ``delta_i`` whose gradient is its per-example gradient: m times the
+array's size, bounded by :data:`MATERIALISE_ENTRIES`. A materialised raw use of a recorded layer's
+parameter adds ``||R_i||^2 + 2 <G_i, R_i>`` to the layer's norm, the cross term
 ``<G_i, R_i> = sum_t <b_it, J_W layer(a_it) R_i>`` from one JVP of the layer.
 
 As for linen (:mod:`cabs_jax.verify`), S is returned only once a probe has established the
