@@ -117,7 +117,8 @@ def test_cnn_with_strides_groups_and_layernorm_is_exact() -> None:
 
 
 class Conv1dNet(eqx.Module):
-    """A grouped Conv1d applied inside an inner vmap (two positions per example), a scalar Linear."""
+    """A grouped Conv1d applied inside an inner vmap over axis 1 with out_axes=2 (two positions per
+    example), a scalar Linear."""
 
     conv: eqx.nn.Conv1d
     out: eqx.nn.Linear
@@ -127,13 +128,13 @@ class Conv1dNet(eqx.Module):
         self.conv = eqx.nn.Conv1d(4, 6, 3, stride=2, groups=2, padding="VALID", key=k1, dtype=F64)
         self.out = eqx.nn.Linear("scalar", 6, key=k2, dtype=F64)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # x (2, 4, 9)
-        h = jnp.tanh(jax.vmap(self.conv)(x))  # (2, 6, 4)
-        return jax.vmap(self.out)(jnp.mean(h, axis=(0, 1)))[:3, 0] + h[0, :3, 0]
+    def __call__(self, x: jax.Array) -> jax.Array:  # x (4, 2, 9): the inner vmap over axis 1
+        h = jnp.tanh(jax.vmap(self.conv, in_axes=1, out_axes=2)(x))  # (6, 4, 2)
+        return jax.vmap(self.out)(jnp.mean(h, axis=(1, 2)))[:3, 0] + h[:3, 0, 0]
 
 
 def test_grouped_conv1d_under_an_inner_vmap_and_a_scalar_linear_are_exact() -> None:
-    assert_fast_exact(EquinoxLoss(Conv1dNet(jax.random.PRNGKey(2)), cross_entropy), data(6, (2, 4, 9), 3, seed=4))
+    assert_fast_exact(EquinoxLoss(Conv1dNet(jax.random.PRNGKey(2)), cross_entropy), data(6, (4, 2, 9), 3, seed=4))
 
 
 class GPT(eqx.Module):
