@@ -292,6 +292,7 @@ class Use:
     layer: Layer | None = None
     leaf: int | None = None  # index in jax.tree.leaves(params) of a materialised array
     objects: bool = True  # the plan records W @ h / h @ W.T raw uses (False: materialises them)
+    stack: None = None  # what flax_fast.structure reads of a linen use inside nn.scan (never here)
 
 
 def _as_declared(kind: str, layer: eqx.Module) -> bool:
