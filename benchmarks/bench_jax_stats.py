@@ -22,11 +22,15 @@ the amortised fast step with the checks on against the fast step without them.
     python benchmarks/bench_jax_stats.py --models gpt                     # GPT-style, batches 16 64
     python benchmarks/bench_jax_stats.py --models gpt --gpt-size 2 128 4 64 2048   # a reduced GPT
     python benchmarks/bench_jax_stats.py --models nnx_gpt --gpt-size 2 128 4 64 2048   # the same GPT in Flax NNX
+    python benchmarks/bench_jax_stats.py --models eqx_mlp eqx_cnn --batches 128  # the same models in Equinox
 
 The GPT-style model (issue 15; ``--gpt-size``, default 4 layers, d_model 256, 4 heads, sequence
 128, vocabulary 8192) has learned positions and a head tied to the token embedding through
 ``Embed.attend``; its loss is the mean next-token cross-entropy of each sequence. ``--models nnx_gpt``
 is the same model written in Flax NNX (``cabs_jax.NNXLoss``; ``--verify`` skips it).
+
+``eqx_mlp`` and ``eqx_cnn`` are the MLP and the paper's CNN written in Equinox (channels first),
+through ``cabs_jax.EquinoxLoss`` (its fast path: ``cabs_jax.eqx_fast``, issue 15).
 """
 
 from __future__ import annotations
@@ -140,6 +144,33 @@ class NNXGPT(nnx.Module):
         return self.embed.attend(self.ln_f(x))
 
 
+def equinox_model(name: str) -> tuple:
+    """(EquinoxLoss, its params, an input's shape) of the MLP or the paper's CNN written in Equinox."""
+    import equinox as eqx
+
+    class Net(eqx.Module):
+        layers: tuple  # eqx_mlp: three Linear; eqx_cnn: two Conv2d, two Linear
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            for layer in self.layers[:-1]:
+                x = jax.nn.relu(layer(jnp.ravel(x) if isinstance(layer, eqx.nn.Linear) else x))
+                x = eqx.nn.MaxPool2d(2, 2)(x) if isinstance(layer, eqx.nn.Conv2d) else x
+            return self.layers[-1](x)
+
+    k = jax.random.split(jax.random.key(0), 4)
+    if name == "eqx_mlp":
+        layers = (eqx.nn.Linear(784, 512, key=k[0]), eqx.nn.Linear(512, 512, key=k[1]),
+                  eqx.nn.Linear(512, 10, key=k[2]))
+        shape = (784,)
+    else:
+        layers = (eqx.nn.Conv2d(1, 32, 5, padding="SAME", key=k[0]), eqx.nn.Conv2d(32, 64, 5, padding="SAME", key=k[1]),
+                  eqx.nn.Linear(7 * 7 * 64, 1024, key=k[2]), eqx.nn.Linear(1024, 10, key=k[3]))
+        shape = (1, 28, 28)
+    module = Net(layers)
+    loss = cabs_jax.EquinoxLoss(module, cross_entropy)
+    return loss, loss.params, shape
+
+
 def next_token_loss(logits: jax.Array, example: tuple) -> jax.Array:
     """Mean next-token cross-entropy of one sequence: logits (T, vocab), example (tokens, tokens)."""
     tokens = example[0]
@@ -169,7 +200,8 @@ def best_times(calls: dict[str, tuple], reps: int, min_time: float) -> dict[str,
     return {k: min(t) for k, t in times.items()}
 
 
-def steps(floss: cabs_jax.FlaxLoss | cabs_jax.NNXLoss, chunk: int) -> tuple[Callable, Callable, Callable]:
+def steps(floss: cabs_jax.FlaxLoss | cabs_jax.NNXLoss | cabs_jax.EquinoxLoss,
+          chunk: int) -> tuple[Callable, Callable, Callable]:
     """The plain gradient step and the two statistics steps, jitted."""
 
     @jax.jit
@@ -244,7 +276,8 @@ def _timed(fn: Callable) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
-    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn", "gpt", "nnx_gpt"])
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn"],
+                    choices=["mlp", "cnn", "gpt", "nnx_gpt", "eqx_mlp", "eqx_cnn"])
     ap.add_argument("--gpt-batches", type=int, nargs="+", default=[16, 64], help="gpt: batch sizes")
     ap.add_argument("--gpt-size", type=int, nargs=5, default=[4, 256, 4, 128, 8192],
                     metavar=("LAYERS", "D_MODEL", "HEADS", "SEQ", "VOCAB"), help="gpt: its size")
@@ -277,6 +310,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     verify_rows = []
     for name in args.models:
+        shape = (28, 28, 1)
         if name == "gpt":
             module: nn.Module = GPT(vocab, dim, heads, layers, seq)
             floss = cabs_jax.FlaxLoss(module, next_token_loss)
@@ -284,6 +318,9 @@ def main() -> None:
         elif name == "nnx_gpt":
             floss = cabs_jax.NNXLoss(NNXGPT(vocab, dim, heads, layers, seq, nnx.Rngs(0)), next_token_loss)
             params = floss.params
+        elif name.startswith("eqx_"):
+            floss, params, shape = equinox_model(name)
+            module = floss.module
         else:
             module = MLP() if name == "mlp" else PaperCNN()
             floss = cabs_jax.FlaxLoss(module, cross_entropy)
@@ -296,7 +333,7 @@ def main() -> None:
                 batch = (tokens, tokens)
             else:
                 batch = (
-                    jnp.asarray(rng.normal(size=(m, 28, 28, 1)), jnp.float32),
+                    jnp.asarray(rng.normal(size=(m, *shape)), jnp.float32),
                     jnp.asarray(rng.integers(0, 10, size=m)),
                 )
             mask = jnp.ones((m,), bool)
@@ -310,7 +347,7 @@ def main() -> None:
             else:
                 g_cols = f"{'-':>11} {tf / tp:10.2f}x {'-':>14}"
             print(f"{name:5} {m:5d} {1e3 * tp:9.2f} {1e3 * tf:9.2f} {g_cols}", flush=True)
-            if args.verify and name != "nnx_gpt":
+            if args.verify and name != "nnx_gpt" and not name.startswith("eqx_"):
                 first, again, lookup, tf_alt, first_cpu = verify_costs(
                     module, params, batch, np.ones(m, bool), args.reps, fast, (params, batch, mask)
                 )

@@ -2,8 +2,9 @@
 
 Exact per-step statistics of docs/spec.md section 4 under ``jax.jit`` (the generic
 ``vmap(grad)`` path for any ``loss(params, example)``, and a fast path for
-Flax linen models of Dense/Conv/Embed/LayerNorm layers and Flax NNX modules of the same layers
-through :class:`NNXLoss`; Equinox modules through :class:`EquinoxLoss` on the
+Flax linen models of Dense/Conv/Embed/LayerNorm layers, Flax NNX modules of the same layers
+through :class:`NNXLoss` (``cabs_jax.nnx_fast``) and Equinox modules through :class:`EquinoxLoss`
+(``cabs_jax.eqx_fast``); any other loss on the
 generic path), batches padded to a
 few bucket sizes with a 0/1 mask so that each bucket compiles once, and a
 trainer built on :class:`cabs_core.loop.CABSLoop` (:class:`CABSTrainer`, :class:`DataParallelCABSTrainer`).

@@ -6,7 +6,9 @@ An Equinox module is a pytree whose leaves are its arrays. ``EquinoxLoss`` parti
 trained) into the trainable part, the ``params`` pytree CABS's statistics and trainer take, and the
 rest, held constant; ``eqx.combine`` puts them back for each evaluation. An Equinox module maps
 ONE example, so the batch's forward pass is its ``jax.vmap``. The statistics are those of the
-generic path (``vmap`` of ``grad``, exact; docs/jax.md, "Equinox").
+generic path (``vmap`` of ``grad``, exact), or of the fast path of :mod:`cabs_jax.eqx_fast` where
+its probe establishes it (``eqx.nn.Linear``, ``Conv``, ``Embedding``, ``LayerNorm``,
+``MultiheadAttention``; docs/jax.md, "Equinox").
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class EquinoxLoss(ModuleLoss):
     (default: item 0, for ``(x, y)`` examples). filter_spec: which leaves are trained (default
     ``eqx.is_inexact_array``); the others are constants. ``params``: the trainable part at
     construction, what ``batch_stats`` and ``CABSTrainer.init`` take (the module itself works too).
-    BatchNorm and Dropout in training mode are refused.
+    BatchNorm and Dropout in training mode are refused. ``method="fast"``/``"auto"`` take the fast
+    path of :mod:`cabs_jax.eqx_fast` where its probe establishes it.
     """
 
     def __init__(self, module: eqx.Module, output_loss: Callable[[Any, PyTree], jax.Array], *,
@@ -65,6 +68,13 @@ class EquinoxLoss(ModuleLoss):
         self.params, self.static = eqx.partition(module, filter_spec)
         if not jax.tree.leaves(self.params):
             raise ValueError(f"the module {type(module).__name__} has no leaves selected by {filter_spec!r}")
+
+    @property
+    def fast_impl(self) -> Any:
+        """The fast path's implementation for Equinox modules (:mod:`cabs_jax.eqx_fast`)."""
+        from . import eqx_fast
+
+        return eqx_fast
 
     def apply(self, params: PyTree, x: Any) -> Any:
         """The module's outputs on a batch of inputs (``vmap`` over the examples), with ``params``."""

@@ -58,14 +58,28 @@ from .nnx import NNXLoss
 from .stats import PyTree, batch_size_of, float_dtype
 
 
-def _plan(floss: FlaxLoss | NNXLoss, params: PyTree, x: Any, m: int) -> tuple:
-    """The fast path's plan of a linen (:mod:`cabs_jax.flax_fast`) or NNX (:mod:`cabs_jax.nnx_fast`) model."""
-    return (nnx_fast._plan if isinstance(floss, NNXLoss) else flax_fast._plan)(floss, params, x, m)
+def fast_impl(floss: Any) -> Any:
+    """The module implementing the fast path of this loss (``_plan``, ``probe_numbers``,
+    ``fast_stats_unchecked``): the loss's own ``fast_impl`` (e.g. :mod:`cabs_jax.eqx_fast` for an
+    :class:`~cabs_jax.EquinoxLoss`), :mod:`cabs_jax.nnx_fast` for an :class:`~cabs_jax.NNXLoss`,
+    else :mod:`cabs_jax.flax_fast` (linen)."""
+    impl = getattr(floss, "fast_impl", None)
+    if impl is not None:
+        return impl
+    return nnx_fast if isinstance(floss, NNXLoss) else flax_fast
 
 
-def probe_numbers(floss: FlaxLoss | NNXLoss, params: PyTree, batch: PyTree) -> tuple:
-    """What the probe compares, for a linen or an NNX model (``probe_numbers`` of either module)."""
-    return (nnx_fast.probe_numbers if isinstance(floss, NNXLoss) else flax_fast.probe_numbers)(floss, params, batch)
+def has_fast_path(floss: Any) -> bool:
+    """Whether ``floss`` is a loss the fast path knows (linen, NNX, or one that names its ``fast_impl``)."""
+    return isinstance(floss, (FlaxLoss, NNXLoss)) or getattr(floss, "fast_impl", None) is not None
+
+
+def _plan(floss: Any, params: PyTree, x: Any, m: int) -> tuple:
+    return fast_impl(floss)._plan(floss, params, x, m)
+
+
+def probe_numbers(floss: Any, params: PyTree, batch: PyTree) -> tuple:
+    return fast_impl(floss).probe_numbers(floss, params, batch)
 
 
 @dataclass
