@@ -43,7 +43,7 @@ import dataclasses
 import itertools
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -527,6 +527,12 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
                 layer="/".join(p),
                 reason="a parameter outside the supported layers",
             )
+    check_example_axis(uses, m)
+    return uses
+
+
+def check_example_axis(uses: Sequence[Use], m: int) -> None:
+    """Refuse a recorded layer whose input or output has no leading axis of the m examples."""
     for u in uses:
         for what, t in (("input", u.a), ("output", u.y)):
             shape = tuple(t.shape)
@@ -536,7 +542,6 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
                     u.where, f"its {what} {shape} has no leading example axis of the batch's {m} examples (a "
                     "time-major or folded layout, a broadcast buffer, or part of the batch)"
                 )
-    return uses
 
 
 def _stack_of(u: Use, params: PyTree) -> tuple[int, ...]:

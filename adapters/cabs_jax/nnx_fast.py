@@ -42,7 +42,7 @@ from flax import nnx
 from cabs_core import BatchStats, UnsupportedModelError
 
 from . import flax_fast
-from .flax_fast import OWN, Use, _check_config, _path_sq_norms, _unsupported
+from .flax_fast import OWN, Use, _check_config, _path_sq_norms, _unsupported, check_example_axis
 from .nnx import NNXLoss
 from .stats import PyTree, batch_size_of, check_weights, compute_dtype, float_dtype, generic_stats, stat_dtype
 
@@ -304,15 +304,7 @@ def _plan(nloss: NNXLoss, params: PyTree, x: Any, m: int) -> tuple[NNXUse, ...]:
                 layer=name,
                 reason="a parameter outside the supported layers",
             )
-    for u in uses:
-        for what, t in (("input", u.a), ("output", u.y)):
-            shape = tuple(t.shape)
-            min_ndim = 1 if (u.kind, u.method, what) == ("Embed", "__call__", "input") or u.kind == OWN else 2
-            if len(shape) < min_ndim or shape[0] != m:
-                raise _unsupported(
-                    u.where, f"its {what} {shape} has no leading example axis of the batch's {m} examples (a "
-                    "time-major or folded layout, a broadcast buffer, or part of the batch)"
-                )
+    check_example_axis(uses, m)
     return uses
 
 
