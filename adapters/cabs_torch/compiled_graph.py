@@ -48,7 +48,7 @@ from cabs_core.exactness import UnsupportedModelError
 
 from .compiled import _is_max_pool, _own_code
 from .layers import Pieces
-from .ops import masked, to_examples
+from .ops import masked, operand_grads, to_examples
 from .sums import (
     FAST_CHUNK_ELEMENTS,
     LossFn,
@@ -111,18 +111,7 @@ def bcast_pieces(site: _Bcast, a: Tensor | None, b: Tensor) -> Pieces:
     b reduced to the operand's shape per example (times the other factor for ``*``); for a lookup,
     ``a`` holds the looked-up ids per example and the result is an embedding piece."""
     n = b.shape[0]
-    if site.kind == "slice":
-        g = b.narrow(site.dim, site.start, site.length)
-    elif site.kind == "mul":
-        assert a is not None
-        g = b * a
-    else:
-        g = b if site.sign == 1.0 else -b
-    full = (1,) * (g.dim() - len(site.shape)) + site.shape
-    dims = [j for j in range(1, g.dim()) if full[j] == 1 and g.shape[j] != 1]
-    if dims:
-        g = g.sum(dims, keepdim=True)
-    g = g.reshape(n, *site.shape)
+    g = operand_grads(site, None if site.lookup else a, b, site.shape)
     if site.lookup:
         assert a is not None
         ids = a.reshape(n, -1)
@@ -434,7 +423,8 @@ class GraphFastStats:
         d = deps.get(src)
         if src.op == "placeholder" and d and len(d) == 1:
             return _Bcast(kind, next(iter(d)), src_shape, **kw), None
-        if src.op == "call_function" and src.target in _EMBEDDING:
+        if src.op == "call_function" and src.target in _EMBEDDING and kind != "mul":
+            # (a lookup's use carries its ids where a product's carries the other factor: products refused)
             ids, w = _arg(src, 0, "input"), _arg(src, 1, "weight")
             dw = deps.get(w) if isinstance(w, fx.Node) else None
             if not (isinstance(w, fx.Node) and w.op == "placeholder" and dw and len(dw) == 1

@@ -206,10 +206,10 @@ class BroadcastSite:
     lookup: FreeLookup | None = None
 
 
-def broadcast_pieces(site: BroadcastSite, a: Tensor | None, b: Tensor) -> Pieces:
-    """Per-example gradients of the parameters behind an example-free operand: the
-    output gradient b (n, ...) reduced to the source's shape per example."""
-    n = b.shape[0]
+def operand_grads(site: Any, a: Tensor | None, b: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Per example, the gradient of a broadcast's example-free operand of ``shape``: the output
+    gradient b (n, ...) (its slice for a ``cat``, times the other factor a for ``*``, negated for a
+    subtracted operand) summed over the axes the operand is broadcast along; (n, *shape)."""
     if site.kind == "slice":
         g = b.narrow(site.dim, site.start, site.length)
     elif site.kind == "mul":
@@ -217,12 +217,18 @@ def broadcast_pieces(site: BroadcastSite, a: Tensor | None, b: Tensor) -> Pieces
         g = b * a
     else:
         g = b if site.sign == 1.0 else -b
-    shape = tuple(site.source.shape)
-    full = (1,) * (g.dim() - len(shape)) + shape  # the source's shape, aligned with g's axes
+    full = (1,) * (g.dim() - len(shape)) + shape  # the operand's shape, aligned with g's axes
     dims = [j for j in range(1, g.dim()) if full[j] == 1 and g.shape[j] != 1]
     if dims:
         g = g.sum(dims, keepdim=True)
-    g = g.reshape(n, *shape)
+    return g.reshape(b.shape[0], *shape)
+
+
+def broadcast_pieces(site: BroadcastSite, a: Tensor | None, b: Tensor) -> Pieces:
+    """Per-example gradients of the parameters behind an example-free operand: the
+    output gradient b (n, ...) reduced to the source's shape per example."""
+    n = b.shape[0]
+    g = operand_grads(site, a, b, tuple(site.source.shape))
     if site.lookup is not None:  # a position table: an embedding piece at the looked-up rows
         ids = site.lookup.ids.reshape(1, -1).expand(n, -1)
         e = g.reshape(n, ids.shape[1], -1)

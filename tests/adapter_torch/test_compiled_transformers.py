@@ -154,3 +154,26 @@ def test_in_place_broadcast_is_refused():
     with pytest.warns(FastPathFallbackWarning, match="eager fast path"):
         stats = PerExampleStats(model, ce, method="auto", compile=True)((ids, attention), y)
     assert_stats_match(stats, brute_force(model, ce, (ids, attention), y))
+
+
+class GatedPositions(nn.Module):
+    """Token embeddings multiplied by a positional lookup: a product with a lookup, which the graph's
+    use record cannot hold (its slot carries the ids); found by review after the merge: it crashed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(11, 8), nn.Embedding(9, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.tok(ids) * self.pos(torch.arange(ids.shape[1]))).mean(1))
+
+
+def test_a_product_with_a_lookup_is_refused_and_auto_stays_exact():
+    torch.manual_seed(4)
+    model = GatedPositions().double()
+    x, y = torch.randint(0, 11, (6, 5)), torch.randint(0, 3, (6,))
+    with pytest.raises(UnsupportedModelError, match="pos"):
+        PerExampleStats(model, ce, method="fast", compile=True)(x, y)
+    with pytest.warns(FastPathFallbackWarning, match="eager fast path"):
+        stats = PerExampleStats(model, ce, method="auto", compile=True)(x, y)
+    assert_stats_match(stats, brute_force(model, ce, x, y))
