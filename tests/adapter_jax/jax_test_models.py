@@ -97,6 +97,24 @@ def assert_stats_close(got: BatchStats, want: BatchStats, rtol: float = 1e-10) -
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=1e-12)
 
 
+def assert_fast_exact(loss: Any, batch: Any, mask: np.ndarray | None = None, *, probes: int | None = None) -> None:
+    """method="fast" (no fallback warning) and "auto" both equal the float64 loop over single examples;
+    the verdict came from the probe (``probes``: how many ran, when the test knows)."""
+    import warnings
+
+    from cabs_jax.verify import probes_run
+
+    from cabs_core import FastPathFallbackWarning
+
+    want = loop_oracle(loss, loss.params, batch, mask)
+    assert float(want.sq_norm_sum) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastPathFallbackWarning)
+        assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask, method="fast"), want)
+        assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask), want)
+    assert probes_run(loss) >= 1 if probes is None else probes_run(loss) == probes
+
+
 def assert_module_loss_exact(loss: Any, module: Any, by_hand: Any, batch: Any, mask: np.ndarray) -> None:
     """A module loss (NNXLoss, EquinoxLoss) against the float64 loop over ``by_hand``, a loss written
     without the module library: from its params, from the module itself, and under jit in chunks."""

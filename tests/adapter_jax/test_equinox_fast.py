@@ -6,8 +6,6 @@ to materialise) and one CABSTrainer step on the fast path."""
 
 from __future__ import annotations
 
-import warnings
-
 import cabs_jax
 import equinox as eqx
 import jax
@@ -18,6 +16,7 @@ from cabs_jax import CABSTrainer, EquinoxLoss, eqx_fast
 from cabs_jax.verify import probes_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax_test_models import assert_fast_exact as exact_on_fast_path
 from jax_test_models import assert_stats_close, cross_entropy, loop_oracle
 
 from cabs_core import CABSController, FastPathFallbackWarning, UnsupportedModelError
@@ -36,14 +35,8 @@ def tokens(n: int, seq: int, vocab: int, seed: int = 0) -> tuple:
 
 
 def assert_fast_exact(loss: EquinoxLoss, batch: tuple, mask: np.ndarray | None = None) -> None:
-    """method="fast" (one established verdict, no fallback) and "auto" equal the float64 loop."""
-    want = loop_oracle(loss, loss.params, batch, mask)
-    assert float(want.sq_norm_sum) > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FastPathFallbackWarning)
-        assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask, method="fast"), want)
-        assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask), want)
-    assert probes_run(loss) == 1  # the verdict is the fast path, established once
+    """method="fast" and "auto" equal the float64 loop, from one established verdict."""
+    exact_on_fast_path(loss, batch, mask, probes=1)
 
 
 def token_loss(logits: jax.Array, example: tuple) -> jax.Array:

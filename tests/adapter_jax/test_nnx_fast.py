@@ -23,7 +23,7 @@ from cabs_jax.verify import probes_run
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax_test_models import assert_stats_close, cross_entropy, loop_oracle
+from jax_test_models import assert_fast_exact, assert_stats_close, cross_entropy, loop_oracle
 
 from cabs_core import CABSController, FastPathFallbackWarning, SamplerState, UnsupportedModelError, next_batch
 
@@ -44,13 +44,7 @@ def build(ctor: Callable[[], nnx.Module], seed: int = 0) -> nnx.Module:
 
 def _exact_on_fast_path(loss: NNXLoss, batch: Any, mask: np.ndarray | None = None) -> None:
     """fast and auto (without a fallback warning) both equal the float64 loop, on the fast path."""
-    want = loop_oracle(loss, loss.params, batch, mask)
-    assert float(want.sq_norm_sum) > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FastPathFallbackWarning)
-        assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask, method="fast"), want)
-        assert_stats_close(cabs_jax.batch_stats(loss, loss.params, batch, mask), want)
-    assert probes_run(loss) >= 1  # the verdict came from a probe (a fallback would have raised above)
+    assert_fast_exact(loss, batch, mask)
 
 
 def _steps_aside(loss: NNXLoss, batch: Any, match: str, layer: str | None = None, exact: bool = True) -> None:
