@@ -503,14 +503,7 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
         forward.uses = recorder.uses  # type: ignore[attr-defined]
         return {key: (u.a, u.y) for key, u in recorder.uses.items() if u.stack is None}  # lifted: shapes already
 
-    try:
-        shapes = jax.eval_shape(forward, params, x)
-    except jax.errors.UnexpectedTracerError as e:
-        raise UnsupportedModelError(
-            f"a layer runs inside a lifted transformation (nn.remat, nn.vmap, nn.scan, ...) or another inner "
-            f"trace, where the fast path cannot capture its input and output gradient ({str(e).splitlines()[0]})",
-            reason="a layer inside a lifted transformation",
-        ) from None
+    shapes = eval_shapes(forward, params, x, "(nn.remat, nn.vmap, nn.scan, ...) ")
     uses = tuple(
         Use(u.path, u.kind, u.method, u.module, *shapes[key], u.names) if u.stack is None
         else dataclasses.replace(u, stack=_stack_of(u, params))
@@ -529,6 +522,19 @@ def _plan(floss: FlaxLoss, params: PyTree, x: Any, m: int) -> Plan:
             )
     check_example_axis(uses, m)
     return uses
+
+
+def eval_shapes(forward: Callable[..., Any], params: PyTree, x: Any, transforms: str = "") -> Any:
+    """``jax.eval_shape`` of a recording forward pass; a layer recorded inside an inner trace
+    (a lifted transformation ``transforms`` names) is refused with its reason."""
+    try:
+        return jax.eval_shape(forward, params, x)
+    except jax.errors.UnexpectedTracerError as e:
+        raise UnsupportedModelError(
+            f"a layer runs inside a lifted transformation {transforms}or another inner trace, where the fast "
+            f"path cannot capture its input and output gradient ({str(e).splitlines()[0]})",
+            reason="a layer inside a lifted transformation",
+        ) from None
 
 
 def check_example_axis(uses: Sequence[Use], m: int) -> None:

@@ -42,7 +42,7 @@ from flax import nnx
 from cabs_core import BatchStats, UnsupportedModelError
 
 from . import flax_fast
-from .flax_fast import OWN, Use, _check_config, _path_sq_norms, _unsupported, check_example_axis
+from .flax_fast import OWN, Use, _check_config, _path_sq_norms, _unsupported, check_example_axis, eval_shapes
 from .nnx import NNXLoss
 from .stats import PyTree, batch_size_of, check_weights, compute_dtype, float_dtype, generic_stats, stat_dtype
 
@@ -280,14 +280,7 @@ def _plan(nloss: NNXLoss, params: PyTree, x: Any, m: int) -> tuple[NNXUse, ...]:
         forward.uses = recorder.uses  # type: ignore[attr-defined]
         return {key: (u.a, u.y) for key, u in recorder.uses.items()}
 
-    try:
-        shapes = jax.eval_shape(forward, params, x)
-    except jax.errors.UnexpectedTracerError as e:
-        raise UnsupportedModelError(
-            f"a layer runs inside a lifted transformation or another inner trace, where the fast path cannot "
-            f"capture its input and output gradient ({str(e).splitlines()[0]})",
-            reason="a layer inside a lifted transformation",
-        ) from None
+    shapes = eval_shapes(forward, params, x)
     uses = tuple(
         NNXUse(u.path, u.kind, u.method, u.module, *shapes[key], u.names, raw_path=u.raw_path, leaves=u.leaves)
         for key, u in forward.uses.items()  # type: ignore[attr-defined]

@@ -24,8 +24,8 @@ from test_transformers import (
     EncoderModel,
     HFStyleGPT2,
     NanoGPT,
-    PaddedAttention,
     ViTStyle,
+    padded_attention_batch,
     token_loss,
 )
 from torch import nn
@@ -111,15 +111,8 @@ def test_transformer_encoder_layer_compiled(aot_eager, batch_first):
 
 
 def test_multihead_attention_key_padding_mask_compiled(aot_eager):
-    torch.manual_seed(5)
-    model = PaddedAttention().double()
-    m, t = 7, 4
-    x = torch.randn(m, t, 3, dtype=torch.float64)
-    pad = torch.zeros(m, t, dtype=torch.bool)
-    pad[0, 2:] = True
-    pad[3, 1:] = True
-    mask = torch.tensor([1, 0, 1, 1, 1, 1, 0], dtype=torch.float64)
-    assert_compiled_exact(model, (x, pad), torch.randint(0, 3, (m,)), ce, mask)
+    model, x, y, mask = padded_attention_batch()
+    assert_compiled_exact(model, x, y, ce, mask)
 
 
 def test_what_the_graph_cannot_establish_is_refused_and_auto_uses_the_eager_fast_path():

@@ -322,7 +322,8 @@ class PaddedAttention(nn.Module):
         return self.head(h.masked_fill(pad.unsqueeze(-1), 0.0).sum(1))
 
 
-def test_multihead_attention_key_padding_mask_and_padding_weights():
+def padded_attention_batch() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """PaddedAttention, its inputs (x, key-padding mask of two examples), targets, padding weights."""
     torch.manual_seed(5)
     model = PaddedAttention().double()
     m, t = 7, 4
@@ -331,7 +332,12 @@ def test_multihead_attention_key_padding_mask_and_padding_weights():
     pad[0, 2:] = True
     pad[3, 1:] = True
     mask = torch.tensor([1, 0, 1, 1, 1, 1, 0], dtype=torch.float64)
-    assert_fast_taken(model, (x, pad), torch.randint(0, 3, (m,)), mask=mask)
+    return model, (x, pad), torch.randint(0, 3, (m,)), mask
+
+
+def test_multihead_attention_key_padding_mask_and_padding_weights():
+    model, x, y, mask = padded_attention_batch()
+    assert_fast_taken(model, x, y, mask=mask)
 
 
 # ----------------------------------------------------------------------------- ViT style
