@@ -15,6 +15,9 @@ Models (random init, random data, float32):
 Methods, side by side in one process per model (each step includes an SGD update):
 
 - ``plain``: forward + backward of the mean loss + SGD update
+- ``plain_compiled``: the same step with forward and backward compiled by ``torch.compile``
+  (``torch.func.grad`` of the mean loss, inductor): what compilation alone gives the plain step,
+  the reference for the compiled statistics (not in the default methods: one more compilation)
 - ``fast``: ``PerExampleStats(method="fast")``; where it refuses the model or the
   input signature (``UnsupportedModelError``), ``method="auto"`` would take the
   generic path: the row says why and shows the generic row's time
@@ -47,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-METHODS = ["plain", "fast", "compiled", "generic", "opacus_ghost"]
+METHODS = ["plain", "plain_compiled", "fast", "compiled", "generic", "opacus_ghost"]
 MODELS = ["gpt", "vit"]
 
 
@@ -143,6 +146,17 @@ def make_step(method: str, model: nn.Module, loss_fn: Callable, x: Tensor, y: Te
             sgd(params, [p.grad for p in params], lr)
         plain()
         return plain, "plain"
+    if method == "plain_compiled":
+        from torch.func import functional_call, grad
+
+        train = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        compiled_grad = torch.compile(grad(lambda ps: loss_fn(functional_call(model, ps, (x,)), y).mean()))
+
+        def plain_compiled() -> None:
+            g = compiled_grad({n: p.detach() for n, p in train.items()})
+            sgd(list(train.values()), [g[n] for n in train], lr)
+        plain_compiled()
+        return plain_compiled, "plain, compiled (inductor)"
     if method == "opacus_ghost":
         return opacus_step(model, loss_fn, x, y, lr)
     from cabs_torch import FastPathFallbackWarning, PerExampleStats, UnsupportedModelError
@@ -244,7 +258,8 @@ def main() -> None:
     ap.add_argument("--models", default="gpt,vit", help=f"comma-separated, of {MODELS}")
     ap.add_argument("--batches", default="16,64", help="comma-separated batch sizes")
     ap.add_argument("--seq", type=int, default=128, help="GPT sequence length")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
+    ap.add_argument("--methods", default=",".join(m for m in METHODS if m != "plain_compiled"),
+                    help=f"comma-separated, of {METHODS}")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
