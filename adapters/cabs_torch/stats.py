@@ -1007,13 +1007,22 @@ class PerExampleStats:
                 x0 = site.xs[0]
                 if probe and (out.dim() == 0 or any(x.dim() == 0 or x.shape[0] != out.shape[0] for x in site.xs)):
                     shapes = [tuple(x.shape) for x in site.xs]
-                    raise _NoRule(f"{site.label}: the examples are not on axis 0 of every example-carrying operand "
-                                  f"({shapes}) and of the output ({tuple(out.shape)}), so the operation cannot be "
-                                  f"replayed per example; method='generic' is exact for any model, method='auto' "
-                                  f"falls back to it", layer=", ".join(site.names),
+                    op = site.label.split("(")[0]
+                    raise _NoRule(f"parameter {', '.join(site.names)} meets the examples in {op}, "
+                                  f"an operation without a rule of its own, and the examples are not on axis 0 of "
+                                  f"every example-carrying operand ({shapes}) and of the output ({tuple(out.shape)}), "
+                                  f"so it cannot be replayed per example (register a rule with "
+                                  f"cabs_torch.register_rule, or use method='generic', exact for any model; "
+                                  f"method='auto' falls back to it)", layer=", ".join(site.names),
                                   reason=f"operands {shapes} -> output {tuple(out.shape)}")
                 spec = spec_of(rec, x0, out, x0.dim() - 1, True)
                 rows = torch.arange(out.shape[0], device=out.device)
+                if probe and spec != (0, 1, 1):
+                    # axis 0 folds the examples only if no other axis is theirs (a time-major (T, k, d), T a
+                    # multiple of k): an axis of length k elsewhere is refused (a probe of another k may decide)
+                    for shape in (*(tuple(x.shape) for x in site.xs), tuple(out.shape)):
+                        if m in shape[1:]:
+                            raise self._rows_error(rec, "input" if shape != tuple(out.shape) else "output", shape, m)
                 if probe:  # the op on one example's rows gives that example's rows of the output (shape)
                     first = to_examples(rows, spec, m)[0].reshape(-1)
                     try:
