@@ -287,7 +287,7 @@ def test_an_op_coupling_the_examples_steps_aside():
     torch.manual_seed(5)
     model = Coupled().double()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
-    assert_steps_aside(model, x, y, "w|S on a probe")
+    assert_steps_aside(model, x, y, r"'w' rebuilt|S on a probe")
 
 
 def test_an_in_place_op_on_an_example_free_tensor_steps_aside():
@@ -306,3 +306,23 @@ def test_a_use_over_the_cap_is_refused_by_name(monkeypatch):
                                     r"OP_VJP_MAX_ELEMENTS = 79")
     monkeypatch.setattr(cabs_ops, "OP_VJP_MAX_ELEMENTS", 80)  # at the cap: taken
     assert_op_vjp_taken(model, x, y)
+
+
+def test_the_compiled_path_refuses_an_operation_vjp_use_cleanly():
+    """compile=True does not cover the rule: ``auto`` warns once and answers with the eager fast path
+    (exact), ``fast`` raises naming the parameter and the op."""
+    torch.manual_seed(8)
+    model = WhereBranch().double()
+    x, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ref = brute_force(model, ce, x, y)
+    engine = PerExampleStats(model, ce, method="auto", compile=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        stats = [engine(x, y), engine(x, y)]
+    fell = [str(w.message) for w in seen if issubclass(w.category, FastPathFallbackWarning)]
+    assert len(fell) == 1 and "eager fast path" in fell[0] and "fill" in fell[0]
+    assert [v.ok for v in engine.plan().verdicts.values()] == [True]  # the eager fast path answered
+    for s in stats:
+        assert_stats_match(s, ref)
+    with pytest.raises(UnsupportedModelError, match=r"fill.*where"):
+        PerExampleStats(model, ce, method="fast", compile=True)(x, y)
