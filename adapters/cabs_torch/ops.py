@@ -52,6 +52,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vjp as _vjp
+from torch.func import vmap as _vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -289,18 +291,21 @@ class VjpSite:
     deps: list[Tensor]  # the trainable parameters behind es
     names: list[str]  # their names in the pieces
     out_rest: tuple[int, ...]  # the output's shape without axis 0
-    out_dtype: torch.dtype
     versions: list[int] = field(default_factory=list)  # the operands' version counters at the call
+    autocast: tuple[str, torch.dtype] | None = None  # the autocast the call ran under (device type, dtype)
 
     def call(self, xs: list[Tensor] | tuple[Tensor, ...], es: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-        """The op on these operands (the call's other arguments unchanged)."""
+        """The op on these operands (the call's other arguments unchanged), under the call's autocast."""
         leaves = list(self.leaves)
         for j, t in zip(self.x_slots, xs):
             leaves[j] = t
         for j, t in zip(self.e_slots, es):
             leaves[j] = t
         args, kwargs = tree_unflatten(leaves, self.tree)
-        return self.func(*args, **kwargs)
+        if self.autocast is None:
+            return self.func(*args, **kwargs)
+        with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
+            return self.func(*args, **kwargs)
 
     @property
     def chains(self) -> bool:
@@ -342,17 +347,31 @@ def op_vjp_pieces(site: VjpSite, a: Tensor, b: Tensor) -> Pieces:
     r = rows.shape[1]
     idx = rows.reshape(-1).to(device=site.xs[0].device)
     xs = tuple(x.index_select(0, idx).reshape(n, r, *x.shape[1:]) for x in site.xs)
-    cot = b.reshape(n, r, *site.out_rest).to(site.out_dtype)
+    cot = b.reshape(n, r, *site.out_rest)
     es = tuple(e.detach() for e in site.es)
 
     def one(xs_i: tuple[Tensor, ...], cot_i: Tensor) -> tuple[Tensor, ...]:
-        _, pull = torch.func.vjp(lambda *e: site.call(xs_i, e), *es)
-        return pull(cot_i)
+        out, pull = _vjp(lambda *e: site.call(xs_i, e), *es)
+        return pull(cot_i.to(out.dtype))  # the replay's dtype (autocast is off here)
+
+    def one_autograd(xs_i: tuple[Tensor, ...], cot_i: Tensor) -> tuple[Tensor, ...]:
+        leaves = [e.requires_grad_() for e in map(torch.Tensor.detach, es)]
+        with torch.enable_grad():
+            out = site.call(xs_i, leaves)
+            grads = torch.autograd.grad(out, leaves, cot_i.to(out.dtype), allow_unused=True)
+        return tuple(torch.zeros_like(e) if g is None else g for e, g in zip(es, grads))
 
     try:
-        grads = torch.func.vmap(one, randomness="error")(xs, cot)
-    except RuntimeError:  # no batching rule for some op of the replay: one example at a time, exact
-        per = [one(tuple(x[i] for x in xs), cot[i]) for i in range(n)]
+        grads = _vmap(one, randomness="error")(xs, cot)
+    except RuntimeError:  # no batching rule for some op of the replay: one example at a time (autograd), exact
+        try:
+            per = [one_autograd(tuple(x[i] for x in xs), cot[i]) for i in range(n)]
+        except Exception as err:
+            from cabs_core.exactness import UnsupportedModelError
+            raise UnsupportedModelError(
+                f"{site.label}: the per-example replay of the operation failed ({type(err).__name__}: {err}); "
+                f"method='generic' is exact for any model, method='auto' falls back to it.",
+                layer=", ".join(site.names), reason="the per-example replay of an operation failed") from err
         grads = tuple(torch.stack([p[j] for p in per]) for j in range(len(es)))
     acc: dict[int, Tensor] = {}
     for e, g, d in zip(site.es, grads, site.e_deps):
@@ -563,7 +582,7 @@ class ParamUses(TorchFunctionMode):
         """An op without a rule: an operation VJP use (:class:`VjpSite`), or refused (in place,
         random, not one tensor out, over :data:`OP_VJP_MAX_ELEMENTS` per example)."""
         tensors = _tensors(args, kwargs)
-        if _writes(func):  # in place: the replay could not see the values before the write
+        if _writes(func) or "out" in kwargs:  # in place: the replay could not see the values before the write
             return self._refuse(func, tensors)
         leaves, tree = tree_flatten((args, kwargs))
         x_slots, e_slots, e_deps = [], [], []
@@ -597,8 +616,11 @@ class ParamUses(TorchFunctionMode):
                         (v.detach() if isinstance(v, Tensor) else v) for j, v in enumerate(leaves)],
                        x_slots, e_slots, [x.detach() for x in xs], es,
                        [[ids.index(i) for i in sorted(d)] for d in e_deps],
-                       params, names, tuple(out.shape[1:]), out.dtype)
+                       params, names, tuple(out.shape[1:]))
         site.versions = [t._version for t in (*site.xs, *site.es)]
+        kind = xs[0].device.type
+        if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):
+            site.autocast = (kind, torch.get_autocast_dtype(kind))
         if site.example_elements() > OP_VJP_MAX_ELEMENTS:
             self.sink.unattributed(
                 f"parameter {', '.join(names)} meets the examples in {op}, an operation without a rule of its own, "

@@ -326,3 +326,18 @@ def test_the_compiled_path_refuses_an_operation_vjp_use_cleanly():
         assert_stats_match(s, ref)
     with pytest.raises(UnsupportedModelError, match=r"fill.*where"):
         PerExampleStats(model, ce, method="fast", compile=True)(x, y)
+
+
+@pytest.mark.parametrize("model_kind", ["einsum", "sdpa_windows"])
+def test_the_one_example_at_a_time_replay_is_exact(monkeypatch, model_kind):
+    """Where vmap has no batching rule for the replay, the examples are replayed one at a time."""
+    def no_vmap(*args, **kwargs):
+        raise RuntimeError("no batching rule (test)")
+
+    monkeypatch.setattr(cabs_ops, "_vmap", no_vmap)
+    torch.manual_seed(9)
+    if model_kind == "einsum":
+        model, x = EinsumModel("derived", 4).double(), torch.randn(6, 4, 3, dtype=torch.float64)
+    else:
+        model, x = RelBiasAttention(4, 3).double(), torch.randn(6, 12, 3, dtype=torch.float64)
+    assert_op_vjp_taken(model, x, torch.randint(0, 3, (6,)))
