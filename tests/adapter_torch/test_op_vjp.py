@@ -223,7 +223,7 @@ class Family(nn.Module):
         return self.head(h.mean(1))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(ops=st.lists(st.sampled_from(PIECES), min_size=1, max_size=4), t=st.integers(2, 4),
        m=st.integers(5, 7), seed=st.integers(0, 2**16))
 def test_generated_models_take_the_fast_path_exactly(ops, t, m, seed):
