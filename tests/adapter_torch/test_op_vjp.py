@@ -6,8 +6,10 @@ float64 against the loop over single examples with the fast path TAKEN (``assert
 ``F.scaled_dot_product_attention`` with a relative-position bias gathered from a table as ``attn_mask``
 (also Swin-like, the examples folded with the windows), a gathered bias ``masked_fill``-ed by the
 examples' padding, padding weights, and a hypothesis-generated family mixing these with supported ops.
-The traps step aside: an op that couples the examples (the probe's checks), an in-place op on an
-example-free tensor, a use over ``OP_VJP_MAX_ELEMENTS`` (``fast`` raises naming the parameter)."""
+The replay one example at a time (where vmap fails) is exact too. The traps step aside: an op that
+couples the examples (the probe's checks), an in-place op on an example-free tensor, a use over
+``OP_VJP_MAX_ELEMENTS`` (``fast`` raises naming the parameter), an op drawing random numbers (attention
+dropout); the compiled path refuses the rule cleanly (``auto``: the eager fast path)."""
 
 from __future__ import annotations
 
@@ -341,3 +343,25 @@ def test_the_one_example_at_a_time_replay_is_exact(monkeypatch, model_kind):
     else:
         model, x = RelBiasAttention(4, 3).double(), torch.randn(6, 12, 3, dtype=torch.float64)
     assert_op_vjp_taken(model, x, torch.randint(0, 3, (6,)))
+
+
+class DropoutRelBias(RelBiasAttention):
+    """Attention dropout in training mode: the op draws random numbers, so a replay would differ."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        m = h.shape[0]
+        q, k, v = self.qkv(h).view(m, self.n, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].permute(2, 0, 1).unsqueeze(0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.5 if self.training else 0.0)
+        return self.head(torch.tanh(a.transpose(1, 2).reshape(m, self.n, D)).mean(1))
+
+
+def test_an_op_drawing_random_numbers_is_refused():
+    torch.manual_seed(10)
+    model = DropoutRelBias(4).double()
+    x, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    assert_op_vjp_taken(model.eval(), x, y)  # the probes run in eval mode: no dropout, taken
+    model.train()
+    with pytest.raises(UnsupportedModelError, match=r"table meets the examples in scaled_dot_product_attention"):
+        PerExampleStats(model, ce, method="fast")(x, y)
