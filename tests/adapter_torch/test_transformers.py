@@ -255,7 +255,7 @@ class TimeMajorPositions(nn.Module):
 
 
 class WhereGate(nn.Module):
-    """torch.where(mask, P, x) with the examples on axis 1 of every operand (time-major): an op
+    """torch.where(mask, x, P) with the examples on axis 1 of every operand (time-major): an op
     without a rule of its own that the operation VJP rule cannot replay per example (it needs them
     on axis 0; tests/adapter_torch/test_op_vjp.py has the batch-major form, on the fast path)."""
 
@@ -399,7 +399,7 @@ def test_vit_style(m):
 
 
 class EinsumLinear(nn.Module):
-    """A custom layer computing through torch.einsum, which the fast path has no rule for."""
+    """A custom layer computing through torch.einsum: no module rule (its einsum is an operation VJP use)."""
 
     def __init__(self, p: int, q: int) -> None:
         super().__init__()
