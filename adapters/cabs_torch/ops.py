@@ -22,8 +22,17 @@ that carries the examples is one *use* of those parameters:
   factor for ``*``); through an example-free embedding lookup it becomes an
   embedding piece (positions), through anything else the parameters' per-example
   gradients come from a batched vector-Jacobian product of that small graph;
-- anything else (an op without a rule meeting the examples) is *unattributed*:
-  the statistics pass stops and the fast path steps aside for that signature.
+- any other op (``torch.einsum``, ``torch.where``, ``F.scaled_dot_product_attention``
+  with a parameter-derived ``attn_mask``, ``masked_fill`` ...) whose example-carrying
+  operands and output have the examples on axis 0 (folded example-major allowed):
+  an *operation VJP* use (:class:`VjpSite`): per example, the gradients of its
+  example-free operands come from a vmapped ``torch.func.vjp`` of that one op on
+  the example's rows, then reach the parameters as for a broadcast. It
+  materialises (examples, *operand shape) per chunk; a use whose one example
+  needs more than :data:`OP_VJP_MAX_ELEMENTS` elements is refused by name;
+- anything else (an in-place op, an op that draws random numbers, examples elsewhere
+  than on axis 0) is *unattributed*: the statistics pass stops and the fast path
+  steps aside for that signature.
 
 Python functions of torch that dispatch to the mode as a whole
 (``F.multi_head_attention_forward``) are run with the mode active inside them,
@@ -43,7 +52,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vjp as _vjp
+from torch.func import vmap as _vmap
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layers import (
     RULES,
@@ -56,7 +68,13 @@ from .layers import (
     rms_norm_pieces,
 )
 
-__all__ = ["OpSite", "ParamUses", "register_rule"]
+__all__ = ["OP_VJP_MAX_ELEMENTS", "OpSite", "ParamUses", "VjpSite", "register_rule"]
+
+#: the most elements one example of an operation VJP use (:class:`VjpSite`) may materialise: the
+#: per-example gradients of the op's example-free operands plus those of the parameters they are
+#: computed from. A use above it is refused by name (``fast`` raises, ``auto`` takes the generic path);
+#: below it, chunks of examples are sized by the fast path's chunk budget (``FAST_CHUNK_ELEMENTS``)
+OP_VJP_MAX_ELEMENTS = 2**24
 
 
 @dataclass(eq=False)
@@ -255,6 +273,130 @@ def _batched_vjp(out: Tensor, leaves: list[Tensor], g: Tensor) -> list[Tensor]:
             for p, r in zip(leaves, res)]
 
 
+@dataclass(eq=False)
+class VjpSite:
+    """One call of an op without a rule in which example-free operands computed from parameters
+    (``es``) meet example-carrying ones (``xs``, kept in the call's layout, the examples' rows on
+    axis 0): the call is replayed per example by :func:`op_vjp_pieces`."""
+
+    label: str
+    func: Callable[..., Any]
+    tree: Any  # the pytree structure of the call's (args, kwargs)
+    leaves: list[Any]  # its leaves, with the operands' slots left None
+    x_slots: list[int]
+    e_slots: list[int]
+    xs: list[Tensor]  # example-carrying operands, detached
+    es: list[Tensor]  # example-free operands (with their graph, for the chain to the parameters)
+    e_deps: list[list[int]]  # per operand in es, the indices of its parameters in deps
+    deps: list[Tensor]  # the trainable parameters behind es
+    names: list[str]  # their names in the pieces
+    out_rest: tuple[int, ...]  # the output's shape without axis 0
+    versions: list[int] = field(default_factory=list)  # the operands' version counters at the call
+    autocast: tuple[str, torch.dtype] | None = None  # the autocast the call ran under (device type, dtype)
+
+    def call(self, xs: list[Tensor] | tuple[Tensor, ...], es: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+        """The op on these operands (the call's other arguments unchanged), under the call's autocast."""
+        leaves = list(self.leaves)
+        for j, t in zip(self.x_slots, xs):
+            leaves[j] = t
+        for j, t in zip(self.e_slots, es):
+            leaves[j] = t
+        args, kwargs = tree_unflatten(leaves, self.tree)
+        if self.autocast is None:
+            return self.func(*args, **kwargs)
+        with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
+            return self.func(*args, **kwargs)
+
+    @property
+    def chains(self) -> bool:
+        """Whether an operand is computed from parameters (not a parameter itself): a VJP of its graph."""
+        return any(len(d) != 1 or self.deps[d[0]] is not e for e, d in zip(self.es, self.e_deps))
+
+    def example_elements(self) -> int:
+        """Elements one example materialises: its operands' gradients, and the parameters' behind them."""
+        chained = {i for e, d in zip(self.es, self.e_deps) if len(d) != 1 or self.deps[d[0]] is not e for i in d}
+        return sum(e.numel() for e in self.es) + sum(self.deps[i].numel() for i in chained)
+
+    def work_per_example(self, a: Tensor | None, b: Tensor) -> int:
+        """Scratch elements per example of :func:`op_vjp_pieces` (for the chunking of the sums)."""
+        rows = max(1, a[0].numel()) if a is not None else 1
+        return sum(rows * math.prod(x.shape[1:]) for x in self.xs) + 2 * b[0].numel() + self.example_elements()
+
+    def check_unchanged(self) -> None:
+        """The operands still hold the call's values (not changed in place after it)."""
+        if [t._version for t in (*self.xs, *self.es)] != self.versions:
+            from cabs_core.exactness import UnsupportedModelError
+            raise UnsupportedModelError(
+                f"{self.label}: an operand of the operation was changed in place after the call, so the "
+                f"per-example replay of the call cannot see its values. method='generic' is exact for any "
+                f"model; method='auto' falls back to it.", layer=", ".join(self.names),
+                reason="an operand changed in place after an operation VJP use")
+
+
+def op_vjp_pieces(site: VjpSite, a: Tensor, b: Tensor) -> Pieces:
+    """Per-example gradients of the parameters behind an operation VJP use: ``a`` holds, per
+    example, the indices of its rows in the call's operands (n, rows...), ``b`` the output
+    gradient (n, rows..., *out_rest). Per example, a ``torch.func.vjp`` of the op on the example's
+    rows (the example-free operands shared) with the example's output gradient, vmapped over the
+    examples (one example at a time where vmap has no batching rule); then each operand's graph
+    to its parameters as for a broadcast (:func:`_batched_vjp`), or the gradient itself for a
+    parameter used directly."""
+    site.check_unchanged()
+    n = b.shape[0]
+    rows = a.reshape(n, -1)
+    r = rows.shape[1]
+    idx = rows.reshape(-1).to(device=site.xs[0].device)
+    xs = tuple(x.index_select(0, idx).reshape(n, r, *x.shape[1:]) for x in site.xs)
+    cot = b.reshape(n, r, *site.out_rest)
+    es = tuple(e.detach() for e in site.es)
+
+    def one(xs_i: tuple[Tensor, ...], cot_i: Tensor) -> tuple[Tensor, ...]:
+        out, pull = _vjp(lambda *e: site.call(xs_i, e), *es)
+        return pull(cot_i.to(out.dtype))  # the replay's dtype (autocast is off here)
+
+    def one_autograd(xs_i: tuple[Tensor, ...], cot_i: Tensor) -> tuple[Tensor, ...]:
+        leaves = [e.requires_grad_() for e in map(torch.Tensor.detach, es)]
+        with torch.enable_grad():
+            out = site.call(xs_i, leaves)
+            grads = torch.autograd.grad(out, leaves, cot_i.to(out.dtype), allow_unused=True)
+        return tuple(torch.zeros_like(e) if g is None else g for e, g in zip(es, grads))
+
+    try:
+        grads = _vmap(one, randomness="error")(xs, cot)
+    except RuntimeError:  # no batching rule for some op of the replay: one example at a time (autograd), exact
+        try:
+            per = [one_autograd(tuple(x[i] for x in xs), cot[i]) for i in range(n)]
+        except Exception as err:
+            from cabs_core.exactness import UnsupportedModelError
+            raise UnsupportedModelError(
+                f"{site.label}: the per-example replay of the operation failed ({type(err).__name__}: {err}); "
+                f"method='generic' is exact for any model, method='auto' falls back to it.",
+                layer=", ".join(site.names), reason="the per-example replay of an operation failed") from err
+        grads = tuple(torch.stack([p[j] for p in per]) for j in range(len(es)))
+    acc: dict[int, Tensor] = {}
+    for e, g, d in zip(site.es, grads, site.e_deps):
+        if len(d) == 1 and site.deps[d[0]] is e:  # the parameter itself
+            parts = [g]
+        else:
+            parts = _batched_vjp(e, [site.deps[i] for i in d], g.to(e.dtype))
+        for i, gi in zip(d, parts):
+            acc[i] = gi if i not in acc else acc[i] + gi
+    return {site.names[i]: ("dense", _wide_float(g).reshape(n, -1)) for i, g in sorted(acc.items())}
+
+
+def _wide_float(t: Tensor) -> Tensor:
+    """bfloat16 / float16 as float32 (the sums of squares' precision); others unchanged."""
+    return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    """The random generators' states an op on ``device`` may draw from (CPU, and the device's)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
 def _reentered(func: Callable[..., Any]) -> Callable[..., Any]:
     """``func`` (a Python function of torch) without its own ``__torch_function__``
     dispatch, so that the mode sees the calls inside it."""
@@ -425,7 +567,7 @@ class ParamUses(TorchFunctionMode):
                     return _reentered(func)(*args, **kwargs)
             finally:
                 del self.hints[len(self.hints) - len(hints):]
-        return self._refuse(func, _tensors(args, kwargs))
+        return self._op_vjp(func, args, kwargs)
 
     def _refuse(self, func: Any, tensors: list[Tensor]) -> Any:
         name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
@@ -435,6 +577,61 @@ class ParamUses(TorchFunctionMode):
             f"(register one with cabs_torch.register_rule, or use method='generic', exact for any model; "
             f"method='auto' falls back to it)", params)
         raise AssertionError("sink.unattributed returned")  # pragma: no cover
+
+    def _op_vjp(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An op without a rule: an operation VJP use (:class:`VjpSite`), or refused (in place,
+        random, not one tensor out, over :data:`OP_VJP_MAX_ELEMENTS` per example)."""
+        tensors = _tensors(args, kwargs)
+        if _writes(func) or "out" in kwargs:  # in place: the replay could not see the values before the write
+            return self._refuse(func, tensors)
+        leaves, tree = tree_flatten((args, kwargs))
+        x_slots, e_slots, e_deps = [], [], []
+        for j, v in enumerate(leaves):
+            if not isinstance(v, Tensor):
+                continue
+            d = self.deps(v)
+            if d is None:
+                x_slots.append(j)
+            elif d and (v.is_floating_point() or v.is_complex()):
+                e_slots.append(j)
+                e_deps.append(d)
+        if not e_slots:  # parameters only through integer or boolean tensors: no gradient reaches them here
+            return func(*args, **kwargs)
+        if not x_slots:  # the examples inside a container the mode does not look into
+            return self._refuse(func, tensors)
+        xs = [leaves[j] for j in x_slots]
+        states = _rng_states(xs[0].device)
+        out = func(*args, **kwargs)
+        if any(not torch.equal(s, t) for s, t in zip(states, _rng_states(xs[0].device))):
+            return self._refuse(func, tensors)  # it draws random numbers (dropout): a replay would differ
+        if not isinstance(out, Tensor):
+            return self._refuse(func, tensors)
+        ids = sorted(frozenset().union(*e_deps), key=lambda i: self.tracked[i])
+        params = [self._params[i] for i in ids]
+        names = [self.tracked[i] for i in ids]
+        es = [leaves[j] for j in e_slots]
+        op = getattr(func, "__name__", None) or repr(func)
+        site = VjpSite(f"{op}({', '.join(names)})", func, tree,
+                       [None if j in x_slots or j in e_slots else
+                        (v.detach() if isinstance(v, Tensor) else v) for j, v in enumerate(leaves)],
+                       x_slots, e_slots, [x.detach() for x in xs], es,
+                       [[ids.index(i) for i in sorted(d)] for d in e_deps],
+                       params, names, tuple(out.shape[1:]))
+        site.versions = [t._version for t in (*site.xs, *site.es)]
+        kind = xs[0].device.type
+        if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):
+            site.autocast = (kind, torch.get_autocast_dtype(kind))
+        if site.example_elements() > OP_VJP_MAX_ELEMENTS:
+            self.sink.unattributed(
+                f"parameter {', '.join(names)} meets the examples in {op}, an operation without a rule of its own, "
+                f"and its per-example replay would materialise {site.example_elements()} gradient elements per "
+                f"example, over the cap cabs_torch.ops.OP_VJP_MAX_ELEMENTS = {OP_VJP_MAX_ELEMENTS} (register a "
+                f"rule with cabs_torch.register_rule, or use method='generic', exact for any model; method='auto' "
+                f"falls back to it)", ", ".join(names))
+        n_calls = self.sink.next_index()
+        self.sites[("opvjp", n_calls)] = site
+        self.sink.op_use(("opvjp", n_calls), site, out)
+        return out
 
     # -- weight ops
 

@@ -68,7 +68,7 @@ from .layers import (
     rule_for,
     tied_sq_norm_sum,
 )
-from .ops import BroadcastSite, OpSite, ParamUses, fold_spec, masked, to_examples
+from .ops import BroadcastSite, OpSite, ParamUses, VjpSite, fold_spec, masked, to_examples
 from .sums import (
     FAST_CHUNK_ELEMENTS,
     LossFn,
@@ -834,7 +834,7 @@ class PerExampleStats:
         difference is a use the fast path does not see."""
         dyn: dict[int, list[tuple[_Record, str]]] = {}
         for rec in kept:
-            if isinstance(rec.mod, (OpSite, BroadcastSite)):
+            if isinstance(rec.mod, (OpSite, BroadcastSite, VjpSite)):
                 for p, pname in _site_params(rec.mod):
                     dyn.setdefault(id(p), []).append((rec, pname))
         # each use's pieces, computed once (a recurrent rule recomputes its layer), and the same with
@@ -998,6 +998,47 @@ class PerExampleStats:
                 capture(rec, a, out, (0, 1, 1), a_key)
 
             @staticmethod
+            def op_use(key: Any, site: VjpSite, out: Tensor) -> None:
+                from .ops import op_vjp_pieces
+                rec = op_record(key, site, op_vjp_pieces)
+                if not (out.requires_grad and out.is_floating_point()):
+                    structure.append((rec,))
+                    return
+                x0 = site.xs[0]
+                if probe and (out.dim() == 0 or any(x.dim() == 0 or x.shape[0] != out.shape[0] for x in site.xs)):
+                    shapes = [tuple(x.shape) for x in site.xs]
+                    op = site.label.split("(")[0]
+                    raise _NoRule(f"parameter {', '.join(site.names)} meets the examples in {op}, "
+                                  f"an operation without a rule of its own, and the examples are not on axis 0 of "
+                                  f"every example-carrying operand ({shapes}) and of the output ({tuple(out.shape)}), "
+                                  f"so it cannot be replayed per example (register a rule with "
+                                  f"cabs_torch.register_rule, or use method='generic', exact for any model; "
+                                  f"method='auto' falls back to it)", layer=", ".join(site.names),
+                                  reason=f"operands {shapes} -> output {tuple(out.shape)}")
+                spec = spec_of(rec, x0, out, x0.dim() - 1, True)
+                rows = torch.arange(out.shape[0], device=out.device)
+                if probe and spec != (0, 1, 1):
+                    # axis 0 folds the examples only if no other axis is theirs (a time-major (T, k, d), T a
+                    # multiple of k): an axis of length k elsewhere is refused (a probe of another k may decide)
+                    for shape in (*(tuple(x.shape) for x in site.xs), tuple(out.shape)):
+                        if m in shape[1:]:
+                            raise self._rows_error(rec, "input" if shape != tuple(out.shape) else "output", shape, m)
+                if probe:  # the op on one example's rows gives that example's rows of the output (shape)
+                    first = to_examples(rows, spec, m)[0].reshape(-1)
+                    try:
+                        with torch.no_grad():
+                            one = site.call([x.index_select(0, first) for x in site.xs],
+                                            [e.detach() for e in site.es])
+                        ok = isinstance(one, Tensor) and tuple(one.shape) == (first.numel(), *site.out_rest)
+                    except RuntimeError:
+                        ok = False
+                    if not ok:
+                        raise self._rows_error(rec, "output", tuple(out.shape), m)
+                a_key = (site.label, tuple(masked(tuple(x.shape), spec, m) for x in site.xs),
+                         tuple(tuple(e.shape) for e in site.es))
+                capture(rec, rows, out, spec, a_key)
+
+            @staticmethod
             def unattributed(message: str, name: str) -> None:
                 if probe:
                     raise _NoRule(message, layer=name, reason=message)
@@ -1059,8 +1100,9 @@ class PerExampleStats:
             device = params[0].device
             dtype = _stat_dtype(device)
             count, loss_sum = _count_and_loss(losses.detach(), weights, dtype)
-            retain = any(isinstance(r.mod, BroadcastSite) and r.mod.lookup is None
-                         and not (len(r.mod.deps) == 1 and r.mod.deps[0] is r.mod.source) for r in used)
+            retain = any((isinstance(r.mod, BroadcastSite) and r.mod.lookup is None
+                          and not (len(r.mod.deps) == 1 and r.mod.deps[0] is r.mod.source))
+                         or (isinstance(r.mod, VjpSite) and r.mod.chains) for r in used)
             grads = torch.autograd.grad(weighted.sum(), [*params, *deferred], allow_unused=True,
                                         retain_graph=retain)
             totals: list[Tensor] = []
@@ -1086,7 +1128,7 @@ class PerExampleStats:
                 h.remove()
             for rec in [*records.values(), *plan.op_records.values()]:
                 rec.reset()
-            for key in [k for k, v in plan.op_sites.items() if isinstance(v, BroadcastSite)]:
+            for key in [k for k, v in plan.op_sites.items() if isinstance(v, (BroadcastSite, VjpSite))]:
                 del plan.op_sites[key]  # they hold the pass's tensors
         if not totals:
             sq = torch.zeros((), dtype=dtype, device=device)
@@ -1172,7 +1214,7 @@ def _trailing_axes(mod: nn.Module) -> int:
 
 def _site_params(site: Any) -> list[tuple[Tensor, str]]:
     """The trainable parameters an operation-level use site covers, with their piece names."""
-    if isinstance(site, BroadcastSite):
+    if isinstance(site, (BroadcastSite, VjpSite)):
         return list(zip(site.deps, site.names))
     return [(p, n) for n, p in site.params.items() if isinstance(p, Tensor) and p.requires_grad]
 

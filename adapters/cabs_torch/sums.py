@@ -145,6 +145,7 @@ def uses_sq_norm_sums(calls: dict[Any, tuple[Rule, list[tuple[Tensor | None, Ten
     first = next(iter(live.values()))[1][0][1]
     n = first.shape[0]
     work = sum(_work_per_example(site, a, b) if isinstance(site, nn.Module) and a is not None
+               else site.work_per_example(a, b) if hasattr(site, "work_per_example")  # an operation VJP use
                else (0 if a is None else a[0].numel()) + 2 * b[0].numel()
                for site, (_, c) in live.items() for a, b in c)
     step = max(1, min(n, chunk_elements // max(1, work)))

@@ -255,7 +255,9 @@ class TimeMajorPositions(nn.Module):
 
 
 class WhereGate(nn.Module):
-    """torch.where(mask, x, P): an op without a rule where a parameter meets the examples."""
+    """torch.where(mask, x, P) with the examples on axis 1 of every operand (time-major): an op
+    without a rule of its own that the operation VJP rule cannot replay per example (it needs them
+    on axis 0; tests/adapter_torch/test_op_vjp.py has the batch-major form, on the fast path)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -264,8 +266,8 @@ class WhereGate(nn.Module):
         self.head = nn.Linear(D, 3)
 
     def forward(self, x):
-        h = self.inp(x)
-        return self.head(torch.where(h > 0, h, self.fill).mean(1))
+        h = self.inp(x).transpose(0, 1)
+        return self.head(torch.where(h > 0, h, self.fill).mean(0))
 
 
 @pytest.mark.parametrize(("model", "name"), [(TimeMajorPositions(4), "pos"), (WhereGate(), "fill")])
@@ -397,7 +399,7 @@ def test_vit_style(m):
 
 
 class EinsumLinear(nn.Module):
-    """A custom layer computing through torch.einsum, which the fast path has no rule for."""
+    """A custom layer computing through torch.einsum: no module rule (its einsum is an operation VJP use)."""
 
     def __init__(self, p: int, q: int) -> None:
         super().__init__()
@@ -432,13 +434,19 @@ def test_registered_module_rule_is_used():
 
     model = WithEinsum(Custom).double()
     x, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
-    with pytest.raises(UnsupportedModelError, match=r"custom\.w.*einsum.*register_rule"):
-        PerExampleStats(model, ce, method="fast")(x, y)  # before: no rule for the einsum
-    register_rule(Custom, einsum_linear_rule)
+    # before: the einsum is an operation VJP use (ops.VjpSite); once registered, the module's rule
+    calls = []
+
+    def counted(mod, a, b):
+        calls.append(mod)
+        return einsum_linear_rule(mod, a, b)
+
+    register_rule(Custom, counted)
     try:
         assert_fast_taken(model, x, y)
     finally:
         RULES.pop(Custom)
+    assert calls and all(mod is model.custom for mod in calls)
 
 
 def test_wrong_registered_rule_is_caught():

@@ -63,25 +63,26 @@ ZOO: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
     "convbert": ("cls", _cls(tr.ConvBertConfig, embedding_size=D, **TEXT), "fast"),
     # a relative-position bias expanded over the examples, made contiguous, added to the scores
     "mpnet": ("cls", _cls(tr.MPNetConfig, **TEXT), "fast"),
-    # its relative-position bias meets the examples in torch.where
+    # its relative-position bias meets the examples in torch.where: an operation VJP use (replayed per example)
     "t5": ("cls", _cls(tr.T5Config, vocab_size=V, d_model=D, d_kv=8, d_ff=2 * D, num_layers=1, num_decoder_layers=1,
-                       num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2), "generic"),
+                       num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2), "fast"),
     # positions: arange(T).expand(m, -1) + offset
     "bart": ("cls", _cls(tr.BartConfig, vocab_size=V, d_model=D, encoder_layers=1, decoder_layers=1,
                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * D,
                          decoder_ffn_dim=2 * D, max_position_embeddings=32, eos_token_id=2, pad_token_id=1,
                          bos_token_id=0), "fast"),
-    # relative-position einsum with a parameter
+    # relative-position einsum with a parameter: an operation VJP use
     "funnel": ("cls", _cls(tr.FunnelConfig, vocab_size=V, block_sizes=[1, 1], d_model=D, n_head=2, d_head=8,
-                           d_inner=2 * D), "generic"),
+                           d_inner=2 * D), "fast"),
     "vit": ("img8", lambda: tr.ViTForImageClassification(tr.ViTConfig(**IMAGE)), "fast"),
     "deit": ("img8", lambda: tr.DeiTForImageClassification(tr.DeiTConfig(**IMAGE)), "fast"),
     "convnext": ("img16", lambda: tr.ConvNextForImageClassification(tr.ConvNextConfig(
         num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3, image_size=16)), "fast"),
-    # its relative-position bias table meets the examples in scaled_dot_product_attention (attn_mask)
+    # its relative-position bias table meets the examples in scaled_dot_product_attention (attn_mask), the
+    # examples folded with the windows into (m * windows, heads, N, d): an operation VJP use
     "swin": ("img16", lambda: tr.SwinForImageClassification(tr.SwinConfig(
         image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4,
-        num_labels=3)), "generic"),
+        num_labels=3)), "fast"),
     "resnet_eval_bn": ("img16", lambda: tr.ResNetForImageClassification(tr.ResNetConfig(
         num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)), "fast"),
     "mobilevit": ("img16", lambda: tr.MobileViTForImageClassification(tr.MobileViTConfig(
