@@ -665,9 +665,15 @@ class ParamUses(TorchFunctionMode):
     def _weight_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str,
                    names: tuple[str, ...], rule: Rule, min_trailing: int) -> Any:
         x, weight, bias = self._bind(args, kwargs, names)[:3]
-        if not (isinstance(x, Tensor) and not self.is_free(x) and self._param_or_none(weight)
-                and self._param_or_none(bias)):
+        if not (isinstance(x, Tensor) and not self.is_free(x)):
             return self._refuse(func, _tensors(args, kwargs))
+        if not (self._param_or_none(weight) and self._param_or_none(bias)):
+            if func is F.linear and self._param_or_none(weight) and isinstance(bias, Tensor) and len(names) == 3:
+                # a bias computed from parameters (BEiT's cat(q_bias, zeros, v_bias)): x W^T, then + bias
+                # as a broadcast of an example-free tensor (its parameters through the bias's own graph)
+                return self._elementwise(torch.add, (self._weight_op(func, (x, weight), {}, label, names, rule,
+                                                                     min_trailing), bias), {})
+            return self._op_vjp(func, args, kwargs)  # a weight computed from parameters (LoRA): replayed
         key, site = self._site(label, {"weight": weight, "bias": bias})
         out = func(*args, **kwargs)
         self.sink.weight_use(key, site, rule, x, out, min_trailing)
@@ -687,7 +693,7 @@ class ParamUses(TorchFunctionMode):
             rule, label = addmm_pieces, "addmm" if func is torch.addmm else "matmul"
         if not (ok and isinstance(x, Tensor) and x.dim() >= 2 and not self.is_free(x) and isinstance(weight, Tensor)
                 and weight.dim() == 2 and self._param_or_none(weight) and self._param_or_none(bias)):
-            return self._refuse(func, _tensors(args, kwargs))
+            return self._op_vjp(func, args, kwargs)  # another product with a parameter: replayed per example
         key, site = self._site(label, {"weight": weight, "bias": bias})
         out = func(*args, **kwargs)
         self.sink.weight_use(key, site, rule, x, out, 1)
@@ -696,8 +702,10 @@ class ParamUses(TorchFunctionMode):
     def _embedding(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         ids, weight = self._bind(args, kwargs, ("input", "weight"))
         padding_idx, refused = _embedding_options(args, kwargs)
-        if refused or not isinstance(ids, Tensor) or not self._param_or_none(weight):
+        if refused or not isinstance(ids, Tensor):
             return self._refuse(func, _tensors(args, kwargs))
+        if not self._param_or_none(weight):  # a table computed from parameters: replayed per example
+            return self._op_vjp(func, args, kwargs)
         key, site = self._site("embedding", {"weight": weight}, padding_idx,
                                {"padding_idx": padding_idx, "scale_grad_by_freq": False, "sparse": False})
         out = func(*args, **kwargs)
@@ -708,9 +716,10 @@ class ParamUses(TorchFunctionMode):
               names: tuple[str, ...], rule: Rule) -> Any:
         vals = dict(zip(names, self._bind(args, kwargs, names)))
         x, weight, bias = vals["input"], vals.get("weight"), vals.get("bias")
-        if not (isinstance(x, Tensor) and not self.is_free(x) and self._param_or_none(weight)
-                and self._param_or_none(bias)):
+        if not (isinstance(x, Tensor) and not self.is_free(x)):
             return self._refuse(func, _tensors(args, kwargs))
+        if not (self._param_or_none(weight) and self._param_or_none(bias)):  # Gemma's (1 + weight): replayed
+            return self._op_vjp(func, args, kwargs)
         config = {k: v for k, v in vals.items() if k not in ("input", "weight", "bias")}
         if "normalized_shape" in config:
             shape = config["normalized_shape"]

@@ -987,15 +987,23 @@ class PerExampleStats:
                     structure.append((rec,))
                     return
                 src = tuple(site.source.shape)
+                spec = (0, 1, 1)
                 if probe:
-                    bad = (out.dim() == 0 or out.shape[0] != m or m in src
+                    # the examples on axis 0, or folded into it example-major when no other axis is theirs
+                    # (Swin's (m * windows, heads, N, N) attention scores plus a relative-position bias)
+                    folded = (out.dim() > 0 and out.shape[0] != m and out.shape[0] % m == 0
+                              and m not in out.shape[1:])
+                    spec = (0, 1, out.shape[0] // m) if folded else spec
+                    bad = (out.dim() == 0 or (out.shape[0] != m and not folded) or m in src
                            or len(src) > out.dim() or (len(src) == out.dim() and src[0] != 1)
-                           or (a is not None and (a.dim() != out.dim() or a.shape[0] != m)))
+                           or (a is not None and (a.dim() != out.dim() or a.shape[0] != out.shape[0])))
                     if bad:
                         shape = tuple(out.shape) if a is None else tuple(a.shape)
                         raise self._rows_error(rec, "output" if a is None else "input", shape, m)
-                a_key = (site.kind, src, None if a is None else masked(tuple(a.shape), (0, 1, 1), m))
-                capture(rec, a, out, (0, 1, 1), a_key)
+                else:  # where the probe found the examples for this call
+                    spec = spec_of(rec, out, out, 0, True)
+                a_key = (site.kind, src, None if a is None else masked(tuple(a.shape), spec, m))
+                capture(rec, a, out, spec, a_key)
 
             @staticmethod
             def op_use(key: Any, site: VjpSite, out: Tensor) -> None:
