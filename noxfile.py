@@ -7,6 +7,7 @@ conformance: every backend in one environment, the vectors through each.
 experiments: the experiment command end to end on every framework.
 hf: Hugging Face transformers (held-out architectures) on the torch adapter, against the loop.
 keras_hub: a keras-hub GPT-2 on the TF adapter (optional: not in the defaults).
+timm: timm vision models on the torch adapter (optional: torch 2.14.1, beside the torchvision it needs).
 lint: ruff, and mypy on cabs_core. demo: the README's demo (the default experiment).
 results: the runs of docs/results.md (not a test; not in the defaults; under 30 minutes).
 bench: the torch statistics benchmark beside BackPACK and Opacus (not a test).
@@ -145,6 +146,22 @@ def hf(session: nox.Session) -> None:
     _install_extras(session, "torch,dev")
     _install(session, "transformers")
     session.run(*PYTEST, "tests/hf", *session.posargs)
+
+
+#: timm imports torchvision, whose PyPI wheel does not import beside the CPU torch 2.13 of constraints.txt:
+#: the timm session takes the pair that imports together (a CUDA build that runs on the CPU, about 5.5 GB)
+TIMM_TORCH = ("torch==2.14.1", "torchvision==0.29.1")
+
+
+@nox.session(python=PYTHON, venv_backend="venv")  # pip: it takes that pair from the machine's disk, uv downloads it
+def timm(session: nox.Session) -> None:
+    """Small random-init timm models (ViT, DeiT, CaiT, BEiT, Swin, ConvNeXt, Mixer, ResMLP, EfficientNet) on the
+    torch adapter against the loop over single examples (optional; not in the defaults: torch 2.14.1)."""
+    pins = Path(session.create_tmp(), "constraints-timm.txt")
+    pins.write_text("".join(line for line in Path("constraints.txt").read_text().splitlines(keepends=True)
+                            if not line.startswith(("torch==", "torchvision=="))))
+    session.install("-c", str(pins), ".[torch,dev]", *TIMM_TORCH, "timm")
+    session.run(*PYTEST, "tests/timm", *session.posargs)
 
 
 @nox.session(python=PYTHON)
