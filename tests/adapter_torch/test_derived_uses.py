@@ -4,9 +4,9 @@ timm's vision transformers (written here, so that CI covers them without timm): 
 computed bias as a broadcast), a LoRA weight ``W + A @ B`` in ``F.linear`` and a parameter on the left
 of a product (``W @ x``), both replayed per example (the operation VJP rule), and Swin's explicit
 ``scores + relative_position_bias`` on attention scores whose axis 0 folds the examples with their
-windows (a broadcast on a folded axis). Float64, against the loop over single examples, the fast path
-taken (``assert_fast_taken``); a second batch of another size with padding goes through the same
-engine."""
+windows (a broadcast on a folded axis), and a norm weight ``1 + w`` (replayed). Float64, against
+the loop over single examples, the fast path taken (``assert_fast_taken``); a second batch of another
+size with padding goes through the same engine."""
 
 from __future__ import annotations
 
@@ -70,6 +70,19 @@ class LeftProduct(nn.Module):
         return self.head(torch.tanh(self.mix @ h).mean(1))
 
 
+class OffsetNorm(nn.Module):
+    """``F.layer_norm(x, (D,), 1 + w, b)``: a norm weight computed from a parameter (Gemma's scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, D)
+        self.w, self.b = nn.Parameter(torch.randn(D) * 0.3), nn.Parameter(torch.randn(D) * 0.3)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(F.layer_norm(torch.tanh(self.inp(x)), (D,), 1 + self.w, self.b).mean(1))
+
+
 class SwinWindows(nn.Module):
     """Window attention with an explicit ``scores + bias``: the windows of every example folded into
     axis 0 (m * windows, heads, N, N), the bias gathered from a table by relative position."""
@@ -113,6 +126,11 @@ def test_beit_qkv_bias_computed_from_parameters():
 def test_lora_weight_in_linear():
     torch.manual_seed(0)
     _check(LoraLinear().double(), 4)
+
+
+def test_norm_weight_computed_from_a_parameter():
+    torch.manual_seed(0)
+    _check(OffsetNorm().double(), 4)
 
 
 def test_parameter_on_the_left_of_a_product():
