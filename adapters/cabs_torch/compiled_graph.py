@@ -297,6 +297,7 @@ class GraphFastStats:
         self._rewrite(gm, uses)
         self._group(plan)
         self._step = torch.compile(_own_code(self._step_fn), backend=self.backend, **compile_options)
+        self._zeros: list[Tensor] | None = None  # the zero perturbations, one per use node
 
     # ------------------------------------------------------------------------- the graph's uses
 
@@ -642,8 +643,11 @@ class GraphFastStats:
         feed = [None if k in ("param", "input") else
                 (buffers[v] if k == "buffer" else (named[v].detach() if k == "frozen" else v))
                 for k, v in self.feed]
-        perturbations = [torch.zeros(shape, dtype=dt, device=self.params[0].device) for shape, dt in self.pert_shapes]
-        return self._step(train, feed, inputs, targets, weights, perturbations)
+        device = self.params[0].device
+        if self._zeros is None or any(z.device != device for z in self._zeros[:1]):
+            # made once: the step never writes them, it only differentiates with respect to them
+            self._zeros = [torch.zeros(shape, dtype=dt, device=device) for shape, dt in self.pert_shapes]
+        return self._step(train, feed, inputs, targets, weights, self._zeros)
 
 
 __all__ = ["GraphFastStats", "bcast_pieces"]
