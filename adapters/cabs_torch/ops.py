@@ -164,6 +164,10 @@ _KEEPS_EXPANSION = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, torc
 _MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm}
 _TRANSPOSES = {Tensor.T.__get__, Tensor.mT.__get__, Tensor.t, torch.t, Tensor.transpose, torch.transpose}  # type: ignore[attr-defined]
 _GETTERS = (Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__)  # type: ignore[attr-defined]
+# ops whose output's length depends on the values of their inputs (h[mask] is Tensor.__getitem__ with a boolean index)
+_DATA_SHAPED = {torch.masked_select, Tensor.masked_select, torch.nonzero, Tensor.nonzero, torch.argwhere,
+                Tensor.argwhere, torch.unique, Tensor.unique, torch.unique_consecutive, Tensor.unique_consecutive,
+                torch.repeat_interleave, Tensor.repeat_interleave}
 
 
 def _writes(func: Any) -> bool:
@@ -435,10 +439,12 @@ class ParamUses(TorchFunctionMode):
         self._lookups: dict[int, tuple[weakref.ref[Tensor], FreeLookup]] = {}  # lookup output -> the lookup
         self._transposed: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # W.T -> W (a 2-D parameter)
         self._params: dict[int, Tensor] = {}
+        self._ragged: dict[int, weakref.ref[Tensor]] = {}  # tensors whose rows depend on the data (h[mask])
         self.sites: dict[Any, Any] = {}
 
     def clear(self) -> None:
         self._free.clear()
+        self._ragged.clear()
         self._expanded.clear()
         self._lookups.clear()
         self._transposed.clear()
@@ -464,6 +470,30 @@ class ParamUses(TorchFunctionMode):
     def is_free(self, t: Tensor) -> bool:
         return self.deps(t) is not None
 
+    def is_ragged(self, t: Tensor) -> bool:
+        """Whether ``t``'s number of rows depends on the data (``h[mask]``, ``masked_select``, ``nonzero``,
+        and what is computed from such a tensor with a shape of its own): the rows of one example there
+        are not a fixed block, so no per-example rule can place them."""
+        e = self._ragged.get(id(t))
+        return e is not None and e() is t
+
+    def _mark_ragged(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        outs = _outputs(out)
+        tensors = _tensors(args, kwargs)
+        if not outs or not tensors:
+            return
+        shaped = func in _DATA_SHAPED or (func is torch.where and len(args) + len(kwargs) == 1) or (
+            func is Tensor.__getitem__ and any(t.dtype in (torch.bool, torch.uint8) for t in tensors[1:]))
+        if not shaped:
+            ragged = [t for t in tensors if self.is_ragged(t)]
+            if not ragged:
+                return
+            # a result shaped like a regular operand (torch.zeros_like(h).masked_scatter(mask, z)) is regular
+            regular = {tuple(t.shape) for t in tensors if not self.is_ragged(t)}
+            outs = [t for t in outs if tuple(t.shape) not in regular]
+        for t in outs:
+            self._ragged[id(t)] = weakref.ref(t)
+
     def _mark(self, out: Any, deps: frozenset[int]) -> None:
         for t in _outputs(out):
             if id(t) not in self.tracked:
@@ -475,6 +505,11 @@ class ParamUses(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _GETTERS:
             return func(*args, **kwargs)
+        out = self._dispatch(func, args, kwargs)
+        self._mark_ragged(func, args, kwargs, out)
+        return out
+
+    def _dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         tensors = _tensors(args, kwargs)
         if not tensors:  # a factory: example-free
             out = func(*args, **kwargs)
@@ -484,7 +519,21 @@ class ParamUses(TorchFunctionMode):
         if all(d is not None for d in deps):
             return self._free_call(func, args, kwargs, frozenset().union(*deps))  # type: ignore[arg-type]
         if not any(deps):  # no parameter meets the examples here
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if _writes(func) and isinstance(args[0], Tensor) and self._free.pop(id(args[0]), None) is not None:
+                # the examples written into an example-free tensor (buf[mask] = h): it carries them now
+                self._expanded.pop(id(args[0]), None)
+                self._lookups.pop(id(args[0]), None)
+            return out
+        ragged = [t for t in tensors if self.is_ragged(t) and not self.is_free(t)]
+        if ragged:  # h[mask] @ W: the rows of one example there are not a block a rule can place
+            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+            params = self._names(tensors)
+            self.sink.unattributed(
+                f"parameter {params} meets the examples in {name} on a tensor of shape {tuple(ragged[0].shape)} "
+                f"whose rows depend on the data (selected by a boolean mask, masked_select, nonzero, ...), so "
+                f"the rows of one example there cannot be placed (use method='generic', exact for any model; "
+                f"method='auto' falls back to it)", params)
         return self._use(func, args, kwargs)
 
     def _free_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], deps: frozenset[int]) -> Any:

@@ -921,10 +921,19 @@ class PerExampleStats:
         def spec_of(rec: _Record, a: Tensor, out: Tensor, min_trailing: int, folds: bool) -> tuple[int, int, int]:
             pos = len(structure)
             if not probe:  # where the probe found the examples for this call
-                for st in expected:
-                    if pos < len(st) and st[pos][0] is rec and len(st[pos]) == 4:
-                        return st[pos][1]
-                return (0, 1, 1)
+                spec = next((st[pos][1] for st in expected
+                             if pos < len(st) and st[pos][0] is rec and len(st[pos]) == 4), (0, 1, 1))
+                if None not in masked(tuple(a.shape), spec, m):  # not the probed layout (rows depend on the data?)
+                    raise _StructureChanged(f"layer {rec.name!r} got an input of shape {tuple(a.shape)} without "
+                                            f"the {m} examples where the probe found them", rec.name)
+                return spec
+            if mode is not None and mode.is_ragged(a):
+                raise UnsupportedModelError(
+                    f"layer {rec.name!r} ({type(rec.mod).__name__}) was called on a tensor of shape {tuple(a.shape)} "
+                    f"whose rows depend on the data (selected by a boolean mask, masked_select, nonzero, ...), so "
+                    f"the rows of one example there cannot be placed. method='generic' is exact for any model; "
+                    f"method='auto' falls back to it.", layer=rec.name,
+                    reason=f"input of shape {tuple(a.shape)} with data-dependent rows")
             hints = mode.hints if mode is not None else []
             spec = fold_spec(tuple(a.shape), m, hints, folds, min_trailing)
             if spec is None:

@@ -1,0 +1,202 @@
+"""Adversarial tests of the operation VJP rule of the eager fast path (issue 20, ``cabs_torch.ops.VjpSite``).
+
+A hypothesis family of small float64 models mixes ops the rule now takes (``torch.maximum``/``where``/
+``lerp``/``atan2``/``masked_fill`` with a parameter, ``gather``/``index_select``/``__getitem__`` of a
+parameter table by the examples' ids, ``einsum`` on rows folded example-major, ``F.conv1d`` and
+``F.scaled_dot_product_attention`` with a parameter operand, an ``einsum`` tied with a Linear, a
+parameter used by two such ops and a broadcast) with traps (a reduction over the examples, an
+expanded operand, rows selected by a boolean mask). Several batches of sizes 1..7 (padding weights on
+some) go through ONE engine, so that calls after the probe are checked too: each equals the float64 loop
+over single examples, and a fallback is loud (``fast`` raises UnsupportedModelError).
+
+The explicit regression tests below are the cases the search found: rows selected by a boolean mask
+(``h[mask]``, packed sequences of data-dependent length) were taken as examples folded example-major, so
+a later batch whose lengths differed gave a wrong S (same row total) or crashed (another total)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cabs_torch import FastPathFallbackWarning, PerExampleStats, UnsupportedModelError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch_oracles import brute_force, ce
+
+D, VOCAB, T, TABLE = 4, 6, 4, 9
+
+#: pieces the rule takes: the fast path must stay exact (checked against the loop)
+PIECES = ["maximum", "where", "lerp", "atan2", "masked_fill", "gather", "index_select", "getitem", "fold_einsum",
+          "conv1d", "sdpa_mask", "einsum_tie", "twice", "op_and_bcast"]
+#: traps: exact or a loud fallback
+TRAPS = ["sum0", "expand_where", "packed", "packed_lin", "setitem_free"]
+
+
+class OpVjpModel(nn.Module):
+    """tokens (m, T), 0 the padding id -> embedding -> tanh -> the pieces -> sum over T -> a head."""
+
+    def __init__(self, ops: list[str]) -> None:
+        super().__init__()
+        self.ops = ops
+        self.emb = nn.Embedding(VOCAB, D)
+        self.head = nn.Linear(D, 3)
+        self.lin = nn.Linear(D, D)
+        self.p = nn.Parameter(torch.randn(D) * 0.5)
+        self.W = nn.Parameter(torch.randn(D, D) * 0.5)
+        self.tab = nn.Parameter(torch.randn(TABLE, D) * 0.5)
+        self.row = nn.Parameter(torch.randn(1, D) * 0.5)
+
+    def forward(self, tok: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.emb(tok))
+        m = tok.shape[0]
+        ids = (tok * 2 + 1) % TABLE
+        for op in self.ops:
+            if op == "maximum":
+                h = torch.maximum(h, self.p)
+            elif op == "where":
+                h = torch.where(h > 0, torch.tanh(self.p) * 2, h)
+            elif op == "lerp":
+                h = torch.lerp(h, self.row, torch.sigmoid(h))
+            elif op == "atan2":
+                h = torch.atan2(h, self.p * self.p + 1)
+            elif op == "masked_fill":
+                h = h * self.p.masked_fill(h > 0.3, 0.5)
+            elif op == "gather":
+                h = h * torch.gather(self.tab, 0, ids.reshape(-1, 1).expand(-1, D)).view(m, T, D)
+            elif op == "index_select":
+                h = h + torch.index_select(self.tab, 0, ids.reshape(-1)).view(m, T, D)
+            elif op == "getitem":
+                h = h * self.tab[ids]
+            elif op == "fold_einsum":
+                h = torch.tanh(torch.einsum("nd,de->ne", h.reshape(m * T, D), self.W)).view(m, T, D)
+            elif op == "conv1d":
+                h = F.conv1d(h.transpose(1, 2), self.W[:, :, None].repeat(1, 1, 2), padding=1)[..., :T].transpose(1, 2)
+            elif op == "sdpa_mask":
+                q = h.view(m, T, 2, D // 2).transpose(1, 2)
+                h = F.scaled_dot_product_attention(q, q, q, attn_mask=self.tab[:T, :T]).transpose(1, 2).reshape(h.shape)
+            elif op == "einsum_tie":
+                h = torch.tanh(self.lin(h) + torch.einsum("btd,ed->bte", h, self.lin.weight))
+            elif op == "twice":
+                h = torch.maximum(torch.maximum(h, self.p), h * 0.5 + self.p)
+            elif op == "op_and_bcast":
+                h = torch.maximum(h, self.p) * self.p
+            elif op == "sum0":  # couples the examples
+                h = h * torch.maximum(h, self.p).sum(0, keepdim=True)
+            elif op == "expand_where":
+                h = torch.where(h > 0, self.row.expand(m, T, D), h)
+            elif op in ("packed", "packed_lin"):  # the non-padding tokens' rows: (N, D), N depends on the data
+                mask = tok != 0
+                sel = h[mask]
+                sel = torch.maximum(sel, self.p) if op == "packed" else self.lin(sel)
+                h = torch.zeros_like(h).masked_scatter(mask[..., None], sel)
+            elif op == "setitem_free":  # the examples written into a tensor made by a factory
+                buf = torch.zeros(m, T, D, dtype=h.dtype)
+                buf[:, :] = h
+                h = torch.maximum(buf, self.p)
+        return self.head(h.sum(1))
+
+
+def _batch(m: int, lengths: list[int] | None = None) -> torch.Tensor:
+    tok = torch.randint(1, VOCAB, (m, T))
+    if lengths is not None:  # padding after each example's length
+        tok = tok * (torch.arange(T)[None] < torch.tensor(lengths)[:, None])
+    return tok
+
+
+def _reference(model: nn.Module, tok: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> dict:
+    keep = slice(None) if mask is None else mask.bool()
+    return brute_force(model, ce, tok[keep], y[keep])
+
+
+def run_batches(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                method: str = "auto") -> list[bool]:
+    """All batches through one engine; each result equals the loop over single examples (relative 1e-9).
+    Returns, per call, whether it warned of a fallback."""
+    engine = PerExampleStats(model, ce, method=method)
+    warned = []
+    for tok, y, mask in batches:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats = engine(tok, y, mask)
+        warned.append(any(issubclass(w.category, FastPathFallbackWarning) for w in caught))
+        ref = _reference(model, tok, y, mask)
+        assert float(stats.sq_norm_sum) == pytest.approx(ref["sq_norm_sum"], rel=1e-9)
+        for g, r in zip(stats.grad_sum, ref["grad_sum"]):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    return warned
+
+
+def assert_exact_or_loud(model: nn.Module, batches: list) -> list[bool]:
+    """``auto`` exact on every batch; where it fell back, ``fast`` raises on the same batches."""
+    warned = run_batches(model, batches)
+    if any(warned):
+        with pytest.raises(UnsupportedModelError):
+            run_batches(model, batches, method="fast")
+    return warned
+
+
+# ----------------------------------------------------------------------------- the regressions
+
+
+def _packed_batches() -> list:
+    """Probe batch: every example 2 tokens long (the rows fold as blocks of 2); then a batch of the same row
+    total with other lengths (a wrong S before the fix), then one of another total (a crash before it)."""
+    y = torch.randint(0, 3, (5,))
+    return [(_batch(5, [2, 2, 2, 2, 2]), y, None), (_batch(5, [1, 3, 2, 2, 2]), y, None),
+            (_batch(5, [1, 3, 2, 2, 4]), y, None)]
+
+
+@pytest.mark.parametrize("op", ["packed", "packed_lin"])
+def test_rows_selected_by_a_boolean_mask_are_refused(op):
+    """h[mask] has data-dependent rows: an op-VJP use (torch.maximum with a parameter) or a Linear module on
+    them is refused at the probe (loud), and every batch is exact."""
+    torch.manual_seed(0)
+    model = OpVjpModel([op]).double()
+    batches = _packed_batches()
+    assert assert_exact_or_loud(model, batches)[0]
+    engine = PerExampleStats(model, ce, method="fast")
+    with pytest.raises(UnsupportedModelError, match="rows depend on the data"):
+        engine(*batches[0][:2])
+
+
+def test_factory_tensor_written_with_examples_carries_them():
+    """buf = torch.zeros(...); buf[:, :] = h: buf carries the examples from then on, so torch.maximum(buf, p)
+    is an operation VJP use (the fast path taken, exact), not an example-free computation."""
+    torch.manual_seed(0)
+    model = OpVjpModel(["setitem_free"]).double()
+    y = torch.randint(0, 3, (5,))
+    assert run_batches(model, [(_batch(5), y, None), (_batch(5), y, None)]) == [False, False]
+    engine = PerExampleStats(model, ce, method="fast")
+    engine(_batch(5), y)
+    assert engine.plan().verdicts and all(v.ok for v in engine.plan().verdicts.values())
+
+
+# ----------------------------------------------------------------------------- the property
+
+
+@st.composite
+def specs(draw):
+    ops = draw(st.lists(st.sampled_from(PIECES + TRAPS), min_size=1, max_size=3))
+    calls = []
+    for _ in range(draw(st.integers(2, 3))):
+        m = draw(st.integers(1, 7))
+        lengths = draw(st.lists(st.integers(0, T), min_size=m, max_size=m)) if draw(st.booleans()) else None
+        masked = m > 1 and draw(st.booleans())
+        calls.append((m, lengths, masked))
+    return ops, calls, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(specs())
+def test_op_vjp_models_are_exact_or_loud_across_batches(spec):
+    ops, calls, seed = spec
+    torch.manual_seed(seed)
+    model = OpVjpModel(ops).double()
+    batches = []
+    for m, lengths, masked in calls:
+        mask = (torch.arange(m) % 3 != 1).double() if masked else None
+        batches.append((_batch(m, lengths), torch.randint(0, 3, (m,)), mask))
+    assert_exact_or_loud(model, batches)
