@@ -297,14 +297,18 @@ class VjpSite:
     out_rest: tuple[int, ...]  # the output's shape without axis 0
     versions: list[int] = field(default_factory=list)  # the operands' version counters at the call
     autocast: tuple[str, torch.dtype] | None = None  # the autocast the call ran under (device type, dtype)
+    #: per operand in es, None, or for an operand expanded along the rows (``W.expand(m, d, d)``,
+    #: ``token.expand_as(h)``) its shape without axis 0: es then holds the expansion's source, and a
+    #: replay on r rows passes ``source.expand(r, *rest)``
+    e_rest: list[tuple[int, ...] | None] = field(default_factory=list)
 
     def call(self, xs: list[Tensor] | tuple[Tensor, ...], es: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         """The op on these operands (the call's other arguments unchanged), under the call's autocast."""
         leaves = list(self.leaves)
         for j, t in zip(self.x_slots, xs):
             leaves[j] = t
-        for j, t in zip(self.e_slots, es):
-            leaves[j] = t
+        for j, t, rest in zip(self.e_slots, es, self.e_rest or [None] * len(es)):
+            leaves[j] = t if rest is None else t.expand(xs[0].shape[0], *rest)
         args, kwargs = tree_unflatten(leaves, self.tree)
         if self.autocast is None:
             return self.func(*args, **kwargs)
@@ -658,7 +662,19 @@ class ParamUses(TorchFunctionMode):
         ids = sorted(frozenset().union(*e_deps), key=lambda i: self.tracked[i])
         params = [self._params[i] for i in ids]
         names = [self.tracked[i] for i in ids]
-        es = [leaves[j] for j in e_slots]
+        es, e_rest = [], []
+        rows = xs[0].shape[0] if xs[0].dim() else 1
+        for j in e_slots:
+            v, src = leaves[j], self.expanded_source(leaves[j])
+            if src is not None and rows != 1 and v.dim() and v.shape[0] == rows and (
+                    src.dim() < v.dim() or src.shape[0] == 1):
+                # expanded along the rows (W.expand(m, d, d) in a bmm): every row the source's values, so
+                # one example's rows are the source expanded to them (and no operand grows with m)
+                es.append(src)
+                e_rest.append(tuple(v.shape[1:]))
+            else:
+                es.append(v)
+                e_rest.append(None)
         op = getattr(func, "__name__", None) or repr(func)
         site = VjpSite(f"{op}({', '.join(names)})", func, tree,
                        [None if j in x_slots or j in e_slots else
@@ -666,6 +682,7 @@ class ParamUses(TorchFunctionMode):
                        x_slots, e_slots, [x.detach() for x in xs], es,
                        [[ids.index(i) for i in sorted(d)] for d in e_deps],
                        params, names, tuple(out.shape[1:]))
+        site.e_rest = e_rest
         site.versions = [t._version for t in (*site.xs, *site.es)]
         kind = xs[0].device.type
         if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):

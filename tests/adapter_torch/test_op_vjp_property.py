@@ -30,9 +30,10 @@ D, VOCAB, T, TABLE = 4, 6, 4, 9
 
 #: pieces the rule takes: the fast path must stay exact (checked against the loop)
 PIECES = ["maximum", "where", "lerp", "atan2", "masked_fill", "gather", "index_select", "getitem", "fold_einsum",
-          "conv1d", "sdpa_mask", "einsum_tie", "twice", "op_and_bcast"]
+          "conv1d", "sdpa_mask", "einsum_tie", "twice", "op_and_bcast", "expand_where", "expand_as_where",
+          "bmm_expand", "fold_expand", "diff_prepend", "setitem_free"]
 #: traps: exact or a loud fallback
-TRAPS = ["sum0", "expand_where", "packed", "packed_lin", "setitem_free"]
+TRAPS = ["sum0", "packed", "packed_lin", "stack_dim0"]
 
 
 class OpVjpModel(nn.Module):
@@ -85,8 +86,18 @@ class OpVjpModel(nn.Module):
                 h = torch.maximum(h, self.p) * self.p
             elif op == "sum0":  # couples the examples
                 h = h * torch.maximum(h, self.p).sum(0, keepdim=True)
-            elif op == "expand_where":
+            elif op == "expand_where":  # an operand expanded along the examples
                 h = torch.where(h > 0, self.row.expand(m, T, D), h)
+            elif op == "expand_as_where":  # BEiT-like mask token
+                h = torch.where(tok[..., None] == 1, torch.tanh(self.row).expand_as(h), h)
+            elif op == "bmm_expand":  # a weight expanded over the batch
+                h = torch.tanh(torch.bmm(h, self.W.expand(m, D, D)))
+            elif op == "fold_expand":  # expanded over the rows folded example-major
+                h = torch.maximum(h.reshape(m * T, D), self.p.expand(m * T, D)).view(m, T, D)
+            elif op == "diff_prepend":  # an expanded parameter as the first row of each example
+                h = torch.diff(h, dim=1, prepend=self.row[None].expand(m, 1, D))
+            elif op == "stack_dim0":  # the examples on axis 1 of the output
+                h = torch.stack([h, self.p.expand_as(h)], 0).sum(0)
             elif op in ("packed", "packed_lin"):  # the non-padding tokens' rows: (N, D), N depends on the data
                 mask = tok != 0
                 sel = h[mask]
@@ -172,6 +183,20 @@ def test_factory_tensor_written_with_examples_carries_them():
     engine = PerExampleStats(model, ce, method="fast")
     engine(_batch(5), y)
     assert engine.plan().verdicts and all(v.ok for v in engine.plan().verdicts.values())
+
+
+@pytest.mark.parametrize("op", ["expand_where", "expand_as_where", "bmm_expand", "fold_expand", "diff_prepend"])
+def test_operand_expanded_along_the_examples_is_taken(op):
+    """An example-free operand expanded along the rows (``W.expand(m, d, d)`` in a bmm, a mask token
+    ``expand_as(h)`` in a where) is replayed as its source expanded to one example's rows: the fast path is
+    taken (it fell back before: the replay broadcast the whole batch's expansion against one example),
+    exact on batches of other sizes and with padding weights through the same engine."""
+    torch.manual_seed(0)
+    model = OpVjpModel([op]).double()
+    y = torch.randint(0, 3, (7,))
+    batches = [(_batch(5), y[:5], None), (_batch(7), y, None), (_batch(6), y[:6], torch.tensor([1., 0, 1, 1, 0, 1]))]
+    assert run_batches(model, batches) == [False, False, False]
+    assert run_batches(model, batches, method="fast") == [False, False, False]
 
 
 # ----------------------------------------------------------------------------- the property
