@@ -57,6 +57,8 @@ from torch.func import vmap as _vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from cabs_core.exactness import UnsupportedModelError
+
 from .layers import (
     RULES,
     Pieces,
@@ -165,9 +167,19 @@ _MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm}
 _TRANSPOSES = {Tensor.T.__get__, Tensor.mT.__get__, Tensor.t, torch.t, Tensor.transpose, torch.transpose}  # type: ignore[attr-defined]
 _GETTERS = (Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__)  # type: ignore[attr-defined]
 # ops whose output's length depends on the values of their inputs (h[mask] is Tensor.__getitem__ with a boolean index)
+_RESHAPES = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.unflatten, torch.unflatten}
 _DATA_SHAPED = {torch.masked_select, Tensor.masked_select, torch.nonzero, Tensor.nonzero, torch.argwhere,
                 Tensor.argwhere, torch.unique, Tensor.unique, torch.unique_consecutive, Tensor.unique_consecutive,
                 torch.repeat_interleave, Tensor.repeat_interleave}
+
+
+def _data_shaped(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the call's output has a length that depends on its inputs' values (``h[mask]``, ``nonzero``)."""
+    if func in _DATA_SHAPED:
+        return True
+    if func is torch.where:
+        return len(args) + len(kwargs) == 1
+    return func is Tensor.__getitem__ and any(t.dtype in (torch.bool, torch.uint8) for t in _tensors(args[1:], kwargs))
 
 
 def _writes(func: Any) -> bool:
@@ -192,6 +204,11 @@ def _outputs(out: Any) -> list[Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for t in out if isinstance(t, Tensor)]
     return []
+
+
+class ReplayFailed(UnsupportedModelError):
+    """The per-example replay of an operation VJP use failed after the probe (an operand changed in place,
+    an op whose per-example shapes differ from the probe's): the call falls back (``fast`` raises)."""
 
 
 class Unattributed(Exception):
@@ -333,8 +350,7 @@ class VjpSite:
     def check_unchanged(self) -> None:
         """The operands still hold the call's values (not changed in place after it)."""
         if [t._version for t in (*self.xs, *self.es)] != self.versions:
-            from cabs_core.exactness import UnsupportedModelError
-            raise UnsupportedModelError(
+            raise ReplayFailed(
                 f"{self.label}: an operand of the operation was changed in place after the call, so the "
                 f"per-example replay of the call cannot see its values. method='generic' is exact for any "
                 f"model; method='auto' falls back to it.", layer=", ".join(self.names),
@@ -375,8 +391,7 @@ def op_vjp_pieces(site: VjpSite, a: Tensor, b: Tensor) -> Pieces:
         try:
             per = [one_autograd(tuple(x[i] for x in xs), cot[i]) for i in range(n)]
         except Exception as err:
-            from cabs_core.exactness import UnsupportedModelError
-            raise UnsupportedModelError(
+            raise ReplayFailed(
                 f"{site.label}: the per-example replay of the operation failed ({type(err).__name__}: {err}); "
                 f"method='generic' is exact for any model, method='auto' falls back to it.",
                 layer=", ".join(site.names), reason="the per-example replay of an operation failed") from err
@@ -438,6 +453,7 @@ class ParamUses(TorchFunctionMode):
         self.sink = sink
         self.skip: set[int] = set()
         self.hints: list[tuple[int, int]] = []
+        self.batch: int | None = None  # the number of examples of the pass (the probe's k in a probe)
         self._free: dict[int, tuple[weakref.ref[Tensor], frozenset[int]]] = {}
         self._expanded: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # expanded tensor -> its source
         self._lookups: dict[int, tuple[weakref.ref[Tensor], FreeLookup]] = {}  # lookup output -> the lookup
@@ -482,19 +498,24 @@ class ParamUses(TorchFunctionMode):
         return e is not None and e() is t
 
     def _mark_ragged(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        shaped = _data_shaped(func, args, kwargs)
+        if not (shaped or self._ragged):
+            return
         outs = _outputs(out)
         tensors = _tensors(args, kwargs)
         if not outs or not tensors:
             return
-        shaped = func in _DATA_SHAPED or (func is torch.where and len(args) + len(kwargs) == 1) or (
-            func is Tensor.__getitem__ and any(t.dtype in (torch.bool, torch.uint8) for t in tensors[1:]))
         if not shaped:
             ragged = [t for t in tensors if self.is_ragged(t)]
             if not ragged:
                 return
-            # a result shaped like a regular operand (torch.zeros_like(h).masked_scatter(mask, z)) is regular
+            # a result shaped like a regular operand (torch.zeros_like(h).masked_scatter(mask, z)) is regular,
+            # and so are the rows laid out by the model as (examples, ...) (BART's and T5's classification
+            # heads: h[eos_mask].view(m, -1, d), which they check has as many rows per example)
             regular = {tuple(t.shape) for t in tensors if not self.is_ragged(t)}
-            outs = [t for t in outs if tuple(t.shape) not in regular]
+            laid_out = func in _RESHAPES and self.batch is not None
+            outs = [t for t in outs if tuple(t.shape) not in regular
+                    and not (laid_out and t.dim() >= 2 and t.shape[0] == self.batch)]
         for t in outs:
             self._ragged[id(t)] = weakref.ref(t)
 
@@ -635,7 +656,9 @@ class ParamUses(TorchFunctionMode):
         """An op without a rule: an operation VJP use (:class:`VjpSite`), or refused (in place,
         random, not one tensor out, over :data:`OP_VJP_MAX_ELEMENTS` per example)."""
         tensors = _tensors(args, kwargs)
-        if _writes(func) or "out" in kwargs:  # in place: the replay could not see the values before the write
+        if _writes(func) or "out" in kwargs or _data_shaped(func, args, kwargs):
+            # in place: the replay could not see the values before the write; p[mask]: the rows of an
+            # example in the output depend on the data
             return self._refuse(func, tensors)
         leaves, tree = tree_flatten((args, kwargs))
         x_slots, e_slots, e_deps = [], [], []

@@ -68,7 +68,7 @@ from .layers import (
     rule_for,
     tied_sq_norm_sum,
 )
-from .ops import BroadcastSite, OpSite, ParamUses, VjpSite, fold_spec, masked, to_examples
+from .ops import BroadcastSite, OpSite, ParamUses, ReplayFailed, VjpSite, fold_spec, masked, to_examples
 from .sums import (
     FAST_CHUNK_ELEMENTS,
     LossFn,
@@ -697,6 +697,8 @@ class PerExampleStats:
         for attempt in range(2):
             try:
                 return self._fast(plan, inputs, targets, weights, m, verdict.expected(m))[:4]
+            except ReplayFailed as err:  # the decomposition the probe verified does not hold for this batch
+                return self._fail(plan, sig, err)
             except _StructureChanged as change:
                 if attempt == 0:  # a new way of calling the layers: probe it on this batch
                     verdict = self._probe(plan, sig, inputs, targets, m)
@@ -1056,6 +1058,7 @@ class PerExampleStats:
         if mode is not None:
             mode.sink = Sink()
             mode.sites = plan.op_sites
+            mode.batch = m
 
         def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if mode is None:
