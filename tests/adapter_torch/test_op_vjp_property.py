@@ -277,9 +277,11 @@ def specs(draw):
     return ops, calls, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(specs())
 def test_op_vjp_models_are_exact_or_loud_across_batches(spec):
+    """Exact or loud on every batch; a model of pieces the rule takes never falls back (a silent loss of
+    coverage is noticed)."""
     ops, calls, seed = spec
     torch.manual_seed(seed)
     model = OpVjpModel(ops).double()
@@ -287,4 +289,6 @@ def test_op_vjp_models_are_exact_or_loud_across_batches(spec):
     for m, lengths, masked in calls:
         mask = (torch.arange(m) % 3 != 1).double() if masked else None
         batches.append((_batch(m, lengths), torch.randint(0, 3, (m,)), mask))
-    assert_exact_or_loud(model, batches)
+    warned = assert_exact_or_loud(model, batches)
+    if all(op in PIECES for op in ops):
+        assert not any(warned), f"a model of pieces the rule takes fell back: {ops}"
