@@ -173,15 +173,6 @@ _DATA_SHAPED = {torch.masked_select, Tensor.masked_select, torch.nonzero, Tensor
                 torch.repeat_interleave, Tensor.repeat_interleave}
 
 
-def _data_shaped(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether the call's output has a length that depends on its inputs' values (``h[mask]``, ``nonzero``)."""
-    if func in _DATA_SHAPED:
-        return True
-    if func is torch.where:
-        return len(args) + len(kwargs) == 1
-    return func is Tensor.__getitem__ and any(t.dtype in (torch.bool, torch.uint8) for t in _tensors(args[1:], kwargs))
-
-
 def _writes(func: Any) -> bool:
     """Whether ``func`` changes its first argument in place (``add_``, ``x[i] = v``, ``x += v``)."""
     name = getattr(func, "__name__", "")
@@ -497,8 +488,17 @@ class ParamUses(TorchFunctionMode):
         e = self._ragged.get(id(t))
         return e is not None and e() is t
 
+    def _data_shaped(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether the call's output has a length that depends on the values of a tensor that carries the
+        examples (``h[mask]``, ``nonzero(mask)``; not ``h[:, keep]`` with an example-free ``keep``)."""
+        if func is Tensor.__getitem__:
+            return any(t.dtype in (torch.bool, torch.uint8) and not self.is_free(t) for t in _tensors(args[1:], kwargs))
+        if func in _DATA_SHAPED or (func is torch.where and len(args) + len(kwargs) == 1):
+            return any(not self.is_free(t) for t in _tensors(args, kwargs))
+        return False
+
     def _mark_ragged(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        shaped = _data_shaped(func, args, kwargs)
+        shaped = self._data_shaped(func, args, kwargs)
         if not (shaped or self._ragged):
             return
         outs = _outputs(out)
@@ -656,7 +656,7 @@ class ParamUses(TorchFunctionMode):
         """An op without a rule: an operation VJP use (:class:`VjpSite`), or refused (in place,
         random, not one tensor out, over :data:`OP_VJP_MAX_ELEMENTS` per example)."""
         tensors = _tensors(args, kwargs)
-        if _writes(func) or "out" in kwargs or _data_shaped(func, args, kwargs):
+        if _writes(func) or "out" in kwargs or self._data_shaped(func, args, kwargs):
             # in place: the replay could not see the values before the write; p[mask]: the rows of an
             # example in the output depend on the data
             return self._refuse(func, tensors)

@@ -31,7 +31,8 @@ D, VOCAB, T, TABLE = 4, 6, 4, 9
 #: pieces the rule takes: the fast path must stay exact (checked against the loop)
 PIECES = ["maximum", "where", "lerp", "atan2", "masked_fill", "gather", "index_select", "getitem", "fold_einsum",
           "conv1d", "sdpa_mask", "einsum_tie", "twice", "op_and_bcast", "expand_where", "expand_as_where",
-          "bmm_expand", "fold_expand", "diff_prepend", "setitem_free", "eos_view", "mix_left"]
+          "bmm_expand", "fold_expand", "diff_prepend", "setitem_free", "eos_view", "mix_left",
+          "keep_mask"]
 #: traps: exact or a loud fallback
 TRAPS = ["sum0", "packed", "packed_lin", "stack_dim0", "select_param", "mix_t"]
 
@@ -50,6 +51,7 @@ class OpVjpModel(nn.Module):
         self.tab = nn.Parameter(torch.randn(TABLE, D) * 0.5)
         self.row = nn.Parameter(torch.randn(1, D) * 0.5)
         self.mix = nn.Parameter(torch.randn(T, T) * 0.5)
+        self.register_buffer("keep", torch.tensor([True, False, True, True]))
         self.mutate = False  # changes an operand of an operation VJP use in place after the call
 
     def forward(self, tok: torch.Tensor) -> torch.Tensor:
@@ -105,6 +107,8 @@ class OpVjpModel(nn.Module):
                 h = torch.tanh(self.mix @ h)
             elif op == "mix_t":  # the rows of all examples as the columns of the right operand
                 h = torch.tanh((self.W @ h.reshape(m * T, D).T).T).view(m, T, D)
+            elif op == "keep_mask":  # positions kept by an example-free mask: the same rows for every example
+                h = h * torch.maximum(h[:, self.keep], self.p).sum(1, keepdim=True)
             elif op == "stack_dim0":  # the examples on axis 1 of the output
                 h = torch.stack([h, self.p.expand_as(h)], 0).sum(0)
             elif op in ("packed", "packed_lin"):  # the non-padding tokens' rows: (N, D), N depends on the data
@@ -202,14 +206,15 @@ def test_factory_tensor_written_with_examples_carries_them():
 
 
 @pytest.mark.parametrize("op", ["expand_where", "expand_as_where", "bmm_expand", "fold_expand", "diff_prepend",
-                                "mix_left"])
+                                "mix_left", "keep_mask"])
 def test_operand_expanded_along_the_examples_is_taken(op):
     """An example-free operand expanded along the rows (``W.expand(m, d, d)`` in a bmm, a mask token
     ``expand_as(h)`` in a where) is replayed as its source expanded to one example's rows, and a parameter
     as the left operand of a matmul (``P @ h``, token mixing) is an operation VJP use: the fast path is
     taken (both fell back before: the replay broadcast the whole batch's expansion against one example;
     ``P @ h`` was refused as a matmul whose left operand carries no examples), exact on batches of other
-    sizes and with padding weights through the same engine."""
+    sizes and with padding weights through the same engine. Positions kept by an example-free boolean mask
+    (``h[:, keep]``) are the same rows for every example, not rows that depend on the data."""
     torch.manual_seed(0)
     model = OpVjpModel([op]).double()
     y = torch.randint(0, 3, (7,))
