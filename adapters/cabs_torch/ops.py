@@ -27,12 +27,15 @@ that carries the examples is one *use* of those parameters:
   operands and output have the examples on axis 0 (folded example-major allowed):
   an *operation VJP* use (:class:`VjpSite`): per example, the gradients of its
   example-free operands come from a vmapped ``torch.func.vjp`` of that one op on
-  the example's rows, then reach the parameters as for a broadcast. It
-  materialises (examples, *operand shape) per chunk; a use whose one example
-  needs more than :data:`OP_VJP_MAX_ELEMENTS` elements is refused by name;
+  the example's rows, then reach the parameters as for a broadcast (an operand
+  expanded along the rows, ``W.expand(m, d, d)``, is replayed as its source
+  expanded to the example's rows). It materialises (examples, *operand shape)
+  per chunk; a use whose one example needs more than :data:`OP_VJP_MAX_ELEMENTS`
+  elements is refused by name;
 - anything else (an in-place op, an op that draws random numbers, examples elsewhere
-  than on axis 0) is *unattributed*: the statistics pass stops and the fast path
-  steps aside for that signature.
+  than on axis 0, rows selected by the data such as ``h[mask]`` whose rows per
+  example are no fixed block) is *unattributed*: the statistics pass stops and the
+  fast path steps aside for that signature.
 
 Python functions of torch that dispatch to the mode as a whole
 (``F.multi_head_attention_forward``) are run with the mode active inside them,
