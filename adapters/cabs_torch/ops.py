@@ -524,8 +524,8 @@ class ParamUses(TorchFunctionMode):
 
     def _mark(self, out: Any, deps: frozenset[int]) -> None:
         for t in _outputs(out):
-            if id(t) not in self.tracked:
-                self._free[id(t)] = (weakref.ref(t), deps)
+            if id(t) not in self.tracked:  # p.detach(), p.data, computed under no_grad: no gradient reaches p
+                self._free[id(t)] = (weakref.ref(t), deps if t.requires_grad else frozenset())
 
     # -- dispatch
 

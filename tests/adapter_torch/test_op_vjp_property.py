@@ -32,7 +32,7 @@ D, VOCAB, T, TABLE = 4, 6, 4, 9
 PIECES = ["maximum", "where", "lerp", "atan2", "masked_fill", "gather", "index_select", "getitem", "fold_einsum",
           "conv1d", "sdpa_mask", "einsum_tie", "twice", "op_and_bcast", "expand_where", "expand_as_where",
           "bmm_expand", "fold_expand", "diff_prepend", "setitem_free", "eos_view", "mix_left",
-          "keep_mask"]
+          "keep_mask", "detached", "no_grad", "detached_bcast"]
 #: traps: exact or a loud fallback
 TRAPS = ["sum0", "packed", "packed_lin", "stack_dim0", "select_param", "mix_t"]
 
@@ -109,6 +109,14 @@ class OpVjpModel(nn.Module):
                 h = torch.tanh((self.W @ h.reshape(m * T, D).T).T).view(m, T, D)
             elif op == "keep_mask":  # positions kept by an example-free mask: the same rows for every example
                 h = h * torch.maximum(h[:, self.keep], self.p).sum(1, keepdim=True)
+            elif op == "detached":  # no gradient reaches p through p.detach()
+                h = torch.where(h > 0, self.p.detach() * 2, h) + torch.maximum(h, self.p)
+            elif op == "no_grad":
+                with torch.no_grad():
+                    w = self.W * 2
+                h = torch.tanh(torch.einsum("btd,de->bte", h, w))
+            elif op == "detached_bcast":
+                h = h * torch.tanh(self.row.detach()) + torch.lerp(h, self.row, 0.5)
             elif op == "stack_dim0":  # the examples on axis 1 of the output
                 h = torch.stack([h, self.p.expand_as(h)], 0).sum(0)
             elif op in ("packed", "packed_lin"):  # the non-padding tokens' rows: (N, D), N depends on the data
@@ -263,6 +271,18 @@ def test_an_operand_changed_in_place_after_the_probe_falls_back():
         with pytest.warns(FastPathFallbackWarning, match="changed in place"):
             stats = engine(tok, y, verify=False)
         assert float(stats.sq_norm_sum) == pytest.approx(brute_force(model, ce, tok, y)["sq_norm_sum"], rel=1e-9)
+
+
+@pytest.mark.parametrize("op", ["detached", "no_grad", "detached_bcast"])
+def test_tensors_detached_from_the_parameters_are_constants(op):
+    """p.detach() * 2 in a torch.where, W * 2 computed under torch.no_grad in an einsum, a detached row in a
+    broadcast: no gradient reaches the parameter through them, so they are constants of the pass (the
+    statistics crashed before: the batched VJP of their graph found no graph)."""
+    torch.manual_seed(0)
+    model = OpVjpModel([op]).double()
+    y = torch.randint(0, 3, (7,))
+    batches = [(_batch(5), y[:5], None), (_batch(7), y, torch.tensor([1., 0, 1, 1, 0, 1, 1]))]
+    assert run_batches(model, batches, method="fast") == [False, False]
 
 
 # ----------------------------------------------------------------------------- the property
