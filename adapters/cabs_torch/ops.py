@@ -170,6 +170,8 @@ _MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm}
 _TRANSPOSES = {Tensor.T.__get__, Tensor.mT.__get__, Tensor.t, torch.t, Tensor.transpose, torch.transpose}  # type: ignore[attr-defined]
 _GETTERS = (Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__)  # type: ignore[attr-defined]
 # ops whose output's length depends on the values of their inputs (h[mask] is Tensor.__getitem__ with a boolean index)
+# methods that read only the dtype, device or shape of their second argument
+_READS_META_OF_OTHER = {Tensor.type_as, Tensor.to, Tensor.view_as, Tensor.reshape_as}
 _RESHAPES = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.unflatten, torch.unflatten}
 _DATA_SHAPED = {torch.masked_select, Tensor.masked_select, torch.nonzero, Tensor.nonzero, torch.argwhere,
                 Tensor.argwhere, torch.unique, Tensor.unique, torch.unique_consecutive, Tensor.unique_consecutive,
@@ -612,6 +614,12 @@ class ParamUses(TorchFunctionMode):
         if func is Tensor.expand_as and len(args) == 2 and not kwargs and self.is_free(args[0]):
             # p.expand_as(h): only h's shape is read, so the values stay example-free: p.expand(h.shape)
             return self._free_call(Tensor.expand, (args[0], tuple(args[1].shape)), {}, self.deps(args[0]))
+        if func in _READS_META_OF_OTHER and len(args) == 2 and self.is_free(args[0]) \
+                and isinstance(args[1], Tensor):
+            # p.type_as(h), p.to(h), p.view_as(h[0]): only h's dtype, device or shape is read
+            out = func(*args, **kwargs)
+            self._mark(out, self.deps(args[0]))  # type: ignore[arg-type]
+            return out
         if func in FUNCTION_RULES:
             return self._registered(func, args, kwargs)
         if func is F.linear:

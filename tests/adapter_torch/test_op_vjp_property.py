@@ -32,7 +32,8 @@ D, VOCAB, T, TABLE = 4, 6, 4, 9
 PIECES = ["maximum", "where", "lerp", "atan2", "masked_fill", "gather", "index_select", "getitem", "fold_einsum",
           "conv1d", "sdpa_mask", "einsum_tie", "twice", "op_and_bcast", "expand_where", "expand_as_where",
           "bmm_expand", "fold_expand", "diff_prepend", "setitem_free", "eos_view", "mix_left",
-          "keep_mask", "detached", "no_grad", "detached_bcast"]
+          "keep_mask", "detached", "no_grad", "detached_bcast",
+          "type_as"]
 #: traps: exact or a loud fallback
 TRAPS = ["sum0", "packed", "packed_lin", "stack_dim0", "select_param", "mix_t"]
 
@@ -117,6 +118,8 @@ class OpVjpModel(nn.Module):
                 h = torch.tanh(torch.einsum("btd,de->bte", h, w))
             elif op == "detached_bcast":
                 h = h * torch.tanh(self.row.detach()) + torch.lerp(h, self.row, 0.5)
+            elif op == "type_as":  # only the examples' dtype, device or shape is read
+                h = h * self.p.type_as(h) + torch.maximum(h, self.p.to(h)) + self.W.view_as(h[0]).sum(0)
             elif op == "stack_dim0":  # the examples on axis 1 of the output
                 h = torch.stack([h, self.p.expand_as(h)], 0).sum(0)
             elif op in ("packed", "packed_lin"):  # the non-padding tokens' rows: (N, D), N depends on the data
@@ -273,11 +276,13 @@ def test_an_operand_changed_in_place_after_the_probe_falls_back():
         assert float(stats.sq_norm_sum) == pytest.approx(brute_force(model, ce, tok, y)["sq_norm_sum"], rel=1e-9)
 
 
-@pytest.mark.parametrize("op", ["detached", "no_grad", "detached_bcast"])
+@pytest.mark.parametrize("op", ["detached", "no_grad", "detached_bcast",
+          "type_as"])
 def test_tensors_detached_from_the_parameters_are_constants(op):
     """p.detach() * 2 in a torch.where, W * 2 computed under torch.no_grad in an einsum, a detached row in a
     broadcast: no gradient reaches the parameter through them, so they are constants of the pass (the
-    statistics crashed before: the batched VJP of their graph found no graph)."""
+    statistics crashed before: the batched VJP of their graph found no graph). p.type_as(h), p.to(h),
+    W.view_as(h[0]) read only the examples' dtype or shape: example-free (they fell back before)."""
     torch.manual_seed(0)
     model = OpVjpModel([op]).double()
     y = torch.randint(0, 3, (7,))
