@@ -691,7 +691,7 @@ class ParamUses(TorchFunctionMode):
         out = func(*args, **kwargs)
         if any(not torch.equal(s, t) for s, t in zip(states, _rng_states(xs[0].device))):
             return self._refuse(func, tensors)  # it draws random numbers (dropout): a replay would differ
-        if not isinstance(out, Tensor):
+        if not isinstance(out, Tensor) or out.is_complex():  # several outputs; a complex one (torch.polar)
             return self._refuse(func, tensors)
         ids = sorted(frozenset().union(*e_deps), key=lambda i: self.tracked[i])
         params = [self._params[i] for i in ids]

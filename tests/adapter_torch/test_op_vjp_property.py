@@ -35,7 +35,7 @@ PIECES = ["maximum", "where", "lerp", "atan2", "masked_fill", "gather", "index_s
           "keep_mask", "detached", "no_grad", "detached_bcast",
           "type_as"]
 #: traps: exact or a loud fallback
-TRAPS = ["sum0", "packed", "packed_lin", "stack_dim0", "select_param", "mix_t"]
+TRAPS = ["sum0", "packed", "packed_lin", "stack_dim0", "select_param", "mix_t", "polar"]
 
 
 class OpVjpModel(nn.Module):
@@ -120,6 +120,8 @@ class OpVjpModel(nn.Module):
                 h = h * torch.tanh(self.row.detach()) + torch.lerp(h, self.row, 0.5)
             elif op == "type_as":  # only the examples' dtype, device or shape is read
                 h = h * self.p.type_as(h) + torch.maximum(h, self.p.to(h)) + self.W.view_as(h[0]).sum(0)
+            elif op == "polar":  # a complex output: refused by name
+                h = torch.view_as_real(torch.polar(self.p.abs() + 0.1, h)).sum(-1)
             elif op == "stack_dim0":  # the examples on axis 1 of the output
                 h = torch.stack([h, self.p.expand_as(h)], 0).sum(0)
             elif op in ("packed", "packed_lin"):  # the non-padding tokens' rows: (N, D), N depends on the data
@@ -254,6 +256,17 @@ def test_a_parameter_selected_by_the_examples_mask_is_refused():
     one_each = torch.tensor([[1, 2, 3, 4], [2, 1, 2, 2], [3, 3, 1, 5], [1, 4, 4, 4], [5, 5, 5, 1]])
     uneven = torch.tensor([[1, 1, 3, 4], [2, 3, 2, 2], [3, 3, 1, 5], [1, 4, 4, 4], [5, 5, 5, 1]])  # also 5 in all
     assert assert_exact_or_loud(model, [(one_each, y, None), (uneven, y, None)])[0]
+
+
+def test_an_operation_with_a_complex_output_is_refused_by_name():
+    """torch.polar(|p|, h): a complex output, refused as an operation without a rule (before: not captured,
+    and the accounting check refused it as 'no use of it was seen')."""
+    torch.manual_seed(0)
+    model = OpVjpModel(["polar"]).double()
+    y = torch.randint(0, 3, (5,))
+    assert assert_exact_or_loud(model, [(_batch(5), y, None)]) == [True]
+    with pytest.raises(UnsupportedModelError, match="meets the examples in .*polar"):
+        PerExampleStats(model, ce, method="fast")(_batch(5), y)
 
 
 def test_an_operand_changed_in_place_after_the_probe_falls_back():
