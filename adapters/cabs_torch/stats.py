@@ -925,7 +925,7 @@ class PerExampleStats:
             if not probe:  # where the probe found the examples for this call
                 spec = next((st[pos][1] for st in expected
                              if pos < len(st) and st[pos][0] is rec and len(st[pos]) == 4), (0, 1, 1))
-                if None not in masked(tuple(a.shape), spec, m):  # not the probed layout (rows depend on the data?)
+                if None not in masked(tuple(a.shape), spec, m):  # not there (rows per example vary between batches)
                     raise _StructureChanged(f"layer {rec.name!r} got an input of shape {tuple(a.shape)} without "
                                             f"the {m} examples where the probe found them", rec.name)
                 return spec

@@ -35,7 +35,7 @@ PIECES = ["maximum", "where", "lerp", "atan2", "masked_fill", "gather", "index_s
           "keep_mask", "detached", "no_grad", "detached_bcast",
           "type_as"]
 #: traps: exact or a loud fallback
-TRAPS = ["sum0", "packed", "packed_lin", "stack_dim0", "select_param", "mix_t", "polar"]
+TRAPS = ["sum0", "packed", "packed_lin", "stack_dim0", "select_param", "mix_t", "polar", "trim", "trim_lin"]
 
 
 class OpVjpModel(nn.Module):
@@ -122,6 +122,12 @@ class OpVjpModel(nn.Module):
                 h = h * self.p.type_as(h) + torch.maximum(h, self.p.to(h)) + self.W.view_as(h[0]).sum(0)
             elif op == "polar":  # a complex output: refused by name
                 h = torch.view_as_real(torch.polar(self.p.abs() + 0.1, h)).sum(-1)
+            elif op in ("trim", "trim_lin"):  # positions cut to the batch's longest example: n read from the data
+                n = max(1, int((tok != 0).sum(1).max()))
+                rows = h[:, :n].reshape(m * n, D)  # the same n rows per example, folded example-major
+                rows = torch.maximum(rows, self.p) if op == "trim" else self.lin(rows)
+                rows = rows * (tok[:, :n] != 0).reshape(m * n, 1)  # padding rows out: each example on its own
+                h = h + F.pad(rows.view(m, n, D), (0, 0, 0, T - n))
             elif op == "stack_dim0":  # the examples on axis 1 of the output
                 h = torch.stack([h, self.p.expand_as(h)], 0).sum(0)
             elif op in ("packed", "packed_lin"):  # the non-padding tokens' rows: (N, D), N depends on the data
@@ -204,6 +210,18 @@ def test_rows_selected_by_a_boolean_mask_are_refused(op):
     engine = PerExampleStats(model, ce, method="fast")
     with pytest.raises(UnsupportedModelError, match="rows depend on the data"):
         engine(*batches[0][:2])
+
+
+@pytest.mark.parametrize("op", ["trim", "trim_lin"])
+def test_folded_rows_of_another_length_after_the_probe_fall_back(op):
+    """Positions cut to the batch's longest example (n from the data, the same n for every example): a later
+    batch of another n folds n' rows per example, which the probe's layout (n rows) does not place; the call
+    falls back with a warning (``fast`` raises) instead of crashing in the unflatten of the captured rows."""
+    torch.manual_seed(0)
+    model = OpVjpModel([op]).double()
+    y = torch.randint(0, 3, (5,))
+    batches = [(_batch(5, [2, 1, 2, 2, 1]), y, None), (_batch(5, [3, 1, 2, 2, 1]), y, None)]
+    assert assert_exact_or_loud(model, batches) == [False, True]
 
 
 def test_factory_tensor_written_with_examples_carries_them():
