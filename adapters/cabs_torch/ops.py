@@ -787,9 +787,7 @@ class ParamUses(TorchFunctionMode):
             rule, label = addmm_pieces, "addmm" if func is torch.addmm else "matmul"
         if not (ok and isinstance(x, Tensor) and x.dim() >= 2 and not self.is_free(x) and isinstance(weight, Tensor)
                 and weight.dim() == 2 and self._param_or_none(weight) and self._param_or_none(bias)):
-            if func in _MATMUL and isinstance(x, Tensor) and self.is_free(x):
-                return self._op_vjp(func, args, kwargs)  # P @ h (token mixing): the examples on the right
-            return self._refuse(func, _tensors(args, kwargs))
+            return self._op_vjp(func, args, kwargs)  # another product with a parameter: replayed per example
         key, site = self._site(label, {"weight": weight, "bias": bias})
         out = func(*args, **kwargs)
         self.sink.weight_use(key, site, rule, x, out, 1)
