@@ -27,12 +27,15 @@ that carries the examples is one *use* of those parameters:
   operands and output have the examples on axis 0 (folded example-major allowed):
   an *operation VJP* use (:class:`VjpSite`): per example, the gradients of its
   example-free operands come from a vmapped ``torch.func.vjp`` of that one op on
-  the example's rows, then reach the parameters as for a broadcast. It
-  materialises (examples, *operand shape) per chunk; a use whose one example
-  needs more than :data:`OP_VJP_MAX_ELEMENTS` elements is refused by name;
+  the example's rows, then reach the parameters as for a broadcast (an operand
+  expanded along the rows, ``W.expand(m, d, d)``, is replayed as its source
+  expanded to the example's rows). It materialises (examples, *operand shape)
+  per chunk; a use whose one example needs more than :data:`OP_VJP_MAX_ELEMENTS`
+  elements is refused by name;
 - anything else (an in-place op, an op that draws random numbers, examples elsewhere
-  than on axis 0) is *unattributed*: the statistics pass stops and the fast path
-  steps aside for that signature.
+  than on axis 0, rows selected by the data such as ``h[mask]`` whose rows per
+  example are no fixed block) is *unattributed*: the statistics pass stops and the
+  fast path steps aside for that signature.
 
 Python functions of torch that dispatch to the mode as a whole
 (``F.multi_head_attention_forward``) are run with the mode active inside them,
@@ -56,6 +59,8 @@ from torch.func import vjp as _vjp
 from torch.func import vmap as _vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from cabs_core.exactness import UnsupportedModelError
 
 from .layers import (
     RULES,
@@ -164,6 +169,13 @@ _KEEPS_EXPANSION = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, torc
 _MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm}
 _TRANSPOSES = {Tensor.T.__get__, Tensor.mT.__get__, Tensor.t, torch.t, Tensor.transpose, torch.transpose}  # type: ignore[attr-defined]
 _GETTERS = (Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__)  # type: ignore[attr-defined]
+# ops whose output's length depends on the values of their inputs (h[mask] is Tensor.__getitem__ with a boolean index)
+# methods that read only the dtype, device or shape of their second argument
+_READS_META_OF_OTHER = {Tensor.type_as, Tensor.to, Tensor.view_as, Tensor.reshape_as}
+_RESHAPES = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.unflatten, torch.unflatten}
+_DATA_SHAPED = {torch.masked_select, Tensor.masked_select, torch.nonzero, Tensor.nonzero, torch.argwhere,
+                Tensor.argwhere, torch.unique, Tensor.unique, torch.unique_consecutive, Tensor.unique_consecutive,
+                torch.repeat_interleave, Tensor.repeat_interleave}
 
 
 def _writes(func: Any) -> bool:
@@ -188,6 +200,11 @@ def _outputs(out: Any) -> list[Tensor]:
     if isinstance(out, (list, tuple)):
         return [t for t in out if isinstance(t, Tensor)]
     return []
+
+
+class ReplayFailed(UnsupportedModelError):
+    """The per-example replay of an operation VJP use failed after the probe (an operand changed in place,
+    an op whose per-example shapes differ from the probe's): the call falls back (``fast`` raises)."""
 
 
 class Unattributed(Exception):
@@ -293,14 +310,18 @@ class VjpSite:
     out_rest: tuple[int, ...]  # the output's shape without axis 0
     versions: list[int] = field(default_factory=list)  # the operands' version counters at the call
     autocast: tuple[str, torch.dtype] | None = None  # the autocast the call ran under (device type, dtype)
+    #: per operand in es, None, or for an operand expanded along the rows (``W.expand(m, d, d)``,
+    #: ``token.expand_as(h)``) its shape without axis 0: es then holds the expansion's source, and a
+    #: replay on r rows passes ``source.expand(r, *rest)``
+    e_rest: list[tuple[int, ...] | None] = field(default_factory=list)
 
     def call(self, xs: list[Tensor] | tuple[Tensor, ...], es: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         """The op on these operands (the call's other arguments unchanged), under the call's autocast."""
         leaves = list(self.leaves)
         for j, t in zip(self.x_slots, xs):
             leaves[j] = t
-        for j, t in zip(self.e_slots, es):
-            leaves[j] = t
+        for j, t, rest in zip(self.e_slots, es, self.e_rest or [None] * len(es)):
+            leaves[j] = t if rest is None else t.expand(xs[0].shape[0], *rest)
         args, kwargs = tree_unflatten(leaves, self.tree)
         if self.autocast is None:
             return self.func(*args, **kwargs)
@@ -325,8 +346,7 @@ class VjpSite:
     def check_unchanged(self) -> None:
         """The operands still hold the call's values (not changed in place after it)."""
         if [t._version for t in (*self.xs, *self.es)] != self.versions:
-            from cabs_core.exactness import UnsupportedModelError
-            raise UnsupportedModelError(
+            raise ReplayFailed(
                 f"{self.label}: an operand of the operation was changed in place after the call, so the "
                 f"per-example replay of the call cannot see its values. method='generic' is exact for any "
                 f"model; method='auto' falls back to it.", layer=", ".join(self.names),
@@ -367,8 +387,7 @@ def op_vjp_pieces(site: VjpSite, a: Tensor, b: Tensor) -> Pieces:
         try:
             per = [one_autograd(tuple(x[i] for x in xs), cot[i]) for i in range(n)]
         except Exception as err:
-            from cabs_core.exactness import UnsupportedModelError
-            raise UnsupportedModelError(
+            raise ReplayFailed(
                 f"{site.label}: the per-example replay of the operation failed ({type(err).__name__}: {err}); "
                 f"method='generic' is exact for any model, method='auto' falls back to it.",
                 layer=", ".join(site.names), reason="the per-example replay of an operation failed") from err
@@ -430,15 +449,18 @@ class ParamUses(TorchFunctionMode):
         self.sink = sink
         self.skip: set[int] = set()
         self.hints: list[tuple[int, int]] = []
+        self.batch: int | None = None  # the number of examples of the pass (the probe's k in a probe)
         self._free: dict[int, tuple[weakref.ref[Tensor], frozenset[int]]] = {}
         self._expanded: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # expanded tensor -> its source
         self._lookups: dict[int, tuple[weakref.ref[Tensor], FreeLookup]] = {}  # lookup output -> the lookup
         self._transposed: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}  # W.T -> W (a 2-D parameter)
         self._params: dict[int, Tensor] = {}
+        self._ragged: dict[int, weakref.ref[Tensor]] = {}  # tensors whose rows depend on the data (h[mask])
         self.sites: dict[Any, Any] = {}
 
     def clear(self) -> None:
         self._free.clear()
+        self._ragged.clear()
         self._expanded.clear()
         self._lookups.clear()
         self._transposed.clear()
@@ -464,10 +486,48 @@ class ParamUses(TorchFunctionMode):
     def is_free(self, t: Tensor) -> bool:
         return self.deps(t) is not None
 
+    def is_ragged(self, t: Tensor) -> bool:
+        """Whether ``t``'s number of rows depends on the data (``h[mask]``, ``masked_select``, ``nonzero``,
+        and what is computed from such a tensor with a shape of its own): the rows of one example there
+        are not a fixed block, so no per-example rule can place them."""
+        e = self._ragged.get(id(t))
+        return e is not None and e() is t
+
+    def _data_shaped(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether the call's output has a length that depends on the values of a tensor that carries the
+        examples (``h[mask]``, ``nonzero(mask)``; not ``h[:, keep]`` with an example-free ``keep``)."""
+        if func is Tensor.__getitem__:
+            return any(t.dtype in (torch.bool, torch.uint8) and not self.is_free(t) for t in _tensors(args[1:], kwargs))
+        if func in _DATA_SHAPED or (func is torch.where and len(args) + len(kwargs) == 1):
+            return any(not self.is_free(t) for t in _tensors(args, kwargs))
+        return False
+
+    def _mark_ragged(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        shaped = self._data_shaped(func, args, kwargs)
+        if not (shaped or self._ragged):
+            return
+        outs = _outputs(out)
+        tensors = _tensors(args, kwargs)
+        if not outs or not tensors:
+            return
+        if not shaped:
+            ragged = [t for t in tensors if self.is_ragged(t)]
+            if not ragged:
+                return
+            # a result shaped like a regular operand (torch.zeros_like(h).masked_scatter(mask, z)) is regular,
+            # and so are the rows laid out by the model as (examples, ...) (BART's and T5's classification
+            # heads: h[eos_mask].view(m, -1, d), which they check has as many rows per example)
+            regular = {tuple(t.shape) for t in tensors if not self.is_ragged(t)}
+            laid_out = func in _RESHAPES and self.batch is not None
+            outs = [t for t in outs if tuple(t.shape) not in regular
+                    and not (laid_out and t.dim() >= 2 and t.shape[0] == self.batch)]
+        for t in outs:
+            self._ragged[id(t)] = weakref.ref(t)
+
     def _mark(self, out: Any, deps: frozenset[int]) -> None:
         for t in _outputs(out):
-            if id(t) not in self.tracked:
-                self._free[id(t)] = (weakref.ref(t), deps)
+            if id(t) not in self.tracked:  # p.detach(), p.data, computed under no_grad: no gradient reaches p
+                self._free[id(t)] = (weakref.ref(t), deps if t.requires_grad else frozenset())
 
     # -- dispatch
 
@@ -475,6 +535,11 @@ class ParamUses(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _GETTERS:
             return func(*args, **kwargs)
+        out = self._dispatch(func, args, kwargs)
+        self._mark_ragged(func, args, kwargs, out)
+        return out
+
+    def _dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         tensors = _tensors(args, kwargs)
         if not tensors:  # a factory: example-free
             out = func(*args, **kwargs)
@@ -484,7 +549,21 @@ class ParamUses(TorchFunctionMode):
         if all(d is not None for d in deps):
             return self._free_call(func, args, kwargs, frozenset().union(*deps))  # type: ignore[arg-type]
         if not any(deps):  # no parameter meets the examples here
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if _writes(func) and isinstance(args[0], Tensor) and self._free.pop(id(args[0]), None) is not None:
+                # the examples written into an example-free tensor (buf[mask] = h): it carries them now
+                self._expanded.pop(id(args[0]), None)
+                self._lookups.pop(id(args[0]), None)
+            return out
+        ragged = [t for t in tensors if self.is_ragged(t) and not self.is_free(t)]
+        if ragged:  # h[mask] @ W: the rows of one example there are not a block a rule can place
+            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+            params = self._names(tensors)
+            self.sink.unattributed(
+                f"parameter {params} meets the examples in {name} on a tensor of shape {tuple(ragged[0].shape)} "
+                f"whose rows depend on the data (selected by a boolean mask, masked_select, nonzero, ...), so "
+                f"the rows of one example there cannot be placed (use method='generic', exact for any model; "
+                f"method='auto' falls back to it)", params)
         return self._use(func, args, kwargs)
 
     def _free_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], deps: frozenset[int]) -> Any:
@@ -535,6 +614,12 @@ class ParamUses(TorchFunctionMode):
         if func is Tensor.expand_as and len(args) == 2 and not kwargs and self.is_free(args[0]):
             # p.expand_as(h): only h's shape is read, so the values stay example-free: p.expand(h.shape)
             return self._free_call(Tensor.expand, (args[0], tuple(args[1].shape)), {}, self.deps(args[0]))
+        if func in _READS_META_OF_OTHER and len(args) == 2 and self.is_free(args[0]) \
+                and isinstance(args[1], Tensor):
+            # p.type_as(h), p.to(h), p.view_as(h[0]): only h's dtype, device or shape is read
+            out = func(*args, **kwargs)
+            self._mark(out, self.deps(args[0]))  # type: ignore[arg-type]
+            return out
         if func in FUNCTION_RULES:
             return self._registered(func, args, kwargs)
         if func is F.linear:
@@ -582,7 +667,9 @@ class ParamUses(TorchFunctionMode):
         """An op without a rule: an operation VJP use (:class:`VjpSite`), or refused (in place,
         random, not one tensor out, over :data:`OP_VJP_MAX_ELEMENTS` per example)."""
         tensors = _tensors(args, kwargs)
-        if _writes(func) or "out" in kwargs:  # in place: the replay could not see the values before the write
+        if _writes(func) or "out" in kwargs or self._data_shaped(func, args, kwargs):
+            # in place: the replay could not see the values before the write; p[mask]: the rows of an
+            # example in the output depend on the data
             return self._refuse(func, tensors)
         leaves, tree = tree_flatten((args, kwargs))
         x_slots, e_slots, e_deps = [], [], []
@@ -604,12 +691,24 @@ class ParamUses(TorchFunctionMode):
         out = func(*args, **kwargs)
         if any(not torch.equal(s, t) for s, t in zip(states, _rng_states(xs[0].device))):
             return self._refuse(func, tensors)  # it draws random numbers (dropout): a replay would differ
-        if not isinstance(out, Tensor):
+        if not isinstance(out, Tensor) or out.is_complex():  # several outputs; a complex one (torch.polar)
             return self._refuse(func, tensors)
         ids = sorted(frozenset().union(*e_deps), key=lambda i: self.tracked[i])
         params = [self._params[i] for i in ids]
         names = [self.tracked[i] for i in ids]
-        es = [leaves[j] for j in e_slots]
+        es, e_rest = [], []
+        rows = xs[0].shape[0] if xs[0].dim() else 1
+        for j in e_slots:
+            v, src = leaves[j], self.expanded_source(leaves[j])
+            if src is not None and rows != 1 and v.dim() and v.shape[0] == rows and (
+                    src.dim() < v.dim() or src.shape[0] == 1):
+                # expanded along the rows (W.expand(m, d, d) in a bmm): every row the source's values, so
+                # one example's rows are the source expanded to them (and no operand grows with m)
+                es.append(src)
+                e_rest.append(tuple(v.shape[1:]))
+            else:
+                es.append(v)
+                e_rest.append(None)
         op = getattr(func, "__name__", None) or repr(func)
         site = VjpSite(f"{op}({', '.join(names)})", func, tree,
                        [None if j in x_slots or j in e_slots else
@@ -617,6 +716,7 @@ class ParamUses(TorchFunctionMode):
                        x_slots, e_slots, [x.detach() for x in xs], es,
                        [[ids.index(i) for i in sorted(d)] for d in e_deps],
                        params, names, tuple(out.shape[1:]))
+        site.e_rest = e_rest
         site.versions = [t._version for t in (*site.xs, *site.es)]
         kind = xs[0].device.type
         if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):

@@ -68,7 +68,7 @@ from .layers import (
     rule_for,
     tied_sq_norm_sum,
 )
-from .ops import BroadcastSite, OpSite, ParamUses, VjpSite, fold_spec, masked, to_examples
+from .ops import BroadcastSite, OpSite, ParamUses, ReplayFailed, VjpSite, fold_spec, masked, to_examples
 from .sums import (
     FAST_CHUNK_ELEMENTS,
     LossFn,
@@ -697,6 +697,8 @@ class PerExampleStats:
         for attempt in range(2):
             try:
                 return self._fast(plan, inputs, targets, weights, m, verdict.expected(m))[:4]
+            except ReplayFailed as err:  # the decomposition the probe verified does not hold for this batch
+                return self._fail(plan, sig, err)
             except _StructureChanged as change:
                 if attempt == 0:  # a new way of calling the layers: probe it on this batch
                     verdict = self._probe(plan, sig, inputs, targets, m)
@@ -921,10 +923,19 @@ class PerExampleStats:
         def spec_of(rec: _Record, a: Tensor, out: Tensor, min_trailing: int, folds: bool) -> tuple[int, int, int]:
             pos = len(structure)
             if not probe:  # where the probe found the examples for this call
-                for st in expected:
-                    if pos < len(st) and st[pos][0] is rec and len(st[pos]) == 4:
-                        return st[pos][1]
-                return (0, 1, 1)
+                spec = next((st[pos][1] for st in expected
+                             if pos < len(st) and st[pos][0] is rec and len(st[pos]) == 4), (0, 1, 1))
+                if None not in masked(tuple(a.shape), spec, m):  # not there (rows per example vary between batches)
+                    raise _StructureChanged(f"layer {rec.name!r} got an input of shape {tuple(a.shape)} without "
+                                            f"the {m} examples where the probe found them", rec.name)
+                return spec
+            if mode is not None and mode.is_ragged(a):
+                raise UnsupportedModelError(
+                    f"layer {rec.name!r} ({type(rec.mod).__name__}) was called on a tensor of shape {tuple(a.shape)} "
+                    f"whose rows depend on the data (selected by a boolean mask, masked_select, nonzero, ...), so "
+                    f"the rows of one example there cannot be placed. method='generic' is exact for any model; "
+                    f"method='auto' falls back to it.", layer=rec.name,
+                    reason=f"input of shape {tuple(a.shape)} with data-dependent rows")
             hints = mode.hints if mode is not None else []
             spec = fold_spec(tuple(a.shape), m, hints, folds, min_trailing)
             if spec is None:
@@ -1055,6 +1066,7 @@ class PerExampleStats:
         if mode is not None:
             mode.sink = Sink()
             mode.sites = plan.op_sites
+            mode.batch = m
 
         def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if mode is None:

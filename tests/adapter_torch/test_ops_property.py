@@ -306,14 +306,22 @@ def run_and_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
 
 def one_probe_size_meets_a_created_length(model: nn.Module, spec: dict[str, Any]) -> bool:
     """A model that lengthens T (cls tokens) may create a length equal to the probe size k; the probe
-    then tries a second size, which a small batch may not have (k = m = 2): a fallback is due there."""
+    then tries a second size, which a small batch may not have (k = m = 2), or which the next cls token's
+    length meets too (T = 2, two cls tokens: lengths 3 and 4, probes of 3 and 4): a fallback is due there."""
     if not any(op in ("cls", "cls_end", "cls_expand_as") for op in spec["ops"]):
         return False
     strict = {d for b in model.buffers() for d in b.shape} | {spec["t"]}
     params = {d for p in model.parameters() for d in p.shape}
+    created, t = set(), spec["t"]
+    for op in spec["ops"]:
+        if op in ("cls", "cls_end", "cls_expand_as"):
+            t += 2 if op == "cls_end" else 1
+            created.add(t)
     k = probe_batch_size(spec["m"], strict | params) or probe_batch_size(spec["m"], strict)
-    return k is not None and (probe_batch_size(spec["m"], strict | params | {k})
-                              or probe_batch_size(spec["m"], strict | {k})) is None
+    if k is None:
+        return False
+    k2 = probe_batch_size(spec["m"], strict | params | {k}) or probe_batch_size(spec["m"], strict | {k})
+    return k2 is None or (k in created and k2 in created)
 
 
 @st.composite
