@@ -240,6 +240,12 @@ class BroadcastSite:
     length: int = 0
     lookup: FreeLookup | None = None
 
+    @property
+    def chains(self) -> bool:
+        """Whether the source is computed from parameters (not a parameter, not a lookup): a batched VJP
+        of its graph, which the backward pass must keep."""
+        return self.lookup is None and not (len(self.deps) == 1 and self.deps[0] is self.source)
+
 
 def operand_grads(site: Any, a: Tensor | None, b: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Per example, the gradient of a broadcast's example-free operand of ``shape``: the output
@@ -270,7 +276,7 @@ def broadcast_pieces(site: BroadcastSite, a: Tensor | None, b: Tensor) -> Pieces
         if site.lookup.padding_idx is not None:
             e = e * (ids != site.lookup.padding_idx).unsqueeze(-1).to(e.dtype)
         return {site.names[0]: ("emb", ids, e)}
-    if len(site.deps) == 1 and site.deps[0] is site.source:  # the parameter itself
+    if not site.chains:  # the parameter itself
         return {site.names[0]: ("dense", g.reshape(n, -1))}
     grads = _batched_vjp(site.source, site.deps, g)
     return {name: ("dense", gr.reshape(n, -1)) for name, gr in zip(site.names, grads)}
@@ -328,14 +334,19 @@ class VjpSite:
         with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
             return self.func(*args, **kwargs)
 
+    def is_param(self, j: int) -> bool:
+        """Whether operand ``es[j]`` is a parameter itself (its gradient is the parameter's)."""
+        d = self.e_deps[j]
+        return len(d) == 1 and self.deps[d[0]] is self.es[j]
+
     @property
     def chains(self) -> bool:
         """Whether an operand is computed from parameters (not a parameter itself): a VJP of its graph."""
-        return any(len(d) != 1 or self.deps[d[0]] is not e for e, d in zip(self.es, self.e_deps))
+        return not all(map(self.is_param, range(len(self.es))))
 
     def example_elements(self) -> int:
         """Elements one example materialises: its operands' gradients, and the parameters' behind them."""
-        chained = {i for e, d in zip(self.es, self.e_deps) if len(d) != 1 or self.deps[d[0]] is not e for i in d}
+        chained = {i for j, d in enumerate(self.e_deps) if not self.is_param(j) for i in d}
         return sum(e.numel() for e in self.es) + sum(self.deps[i].numel() for i in chained)
 
     def work_per_example(self, a: Tensor | None, b: Tensor) -> int:
@@ -393,14 +404,20 @@ def op_vjp_pieces(site: VjpSite, a: Tensor, b: Tensor) -> Pieces:
                 layer=", ".join(site.names), reason="the per-example replay of an operation failed") from err
         grads = tuple(torch.stack([p[j] for p in per]) for j in range(len(es)))
     acc: dict[int, Tensor] = {}
-    for e, g, d in zip(site.es, grads, site.e_deps):
-        if len(d) == 1 and site.deps[d[0]] is e:  # the parameter itself
+    for j, (e, g, d) in enumerate(zip(site.es, grads, site.e_deps)):
+        if site.is_param(j):
             parts = [g]
         else:
             parts = _batched_vjp(e, [site.deps[i] for i in d], g.to(e.dtype))
         for i, gi in zip(d, parts):
             acc[i] = gi if i not in acc else acc[i] + gi
     return {site.names[i]: ("dense", _wide_float(g).reshape(n, -1)) for i, g in sorted(acc.items())}
+
+
+def ragged_rows(shape: tuple[int, ...]) -> str:
+    """Why a tensor whose rows depend on the data cannot be captured (the end of a refusal's sentence)."""
+    return (f"on a tensor of shape {shape} whose rows depend on the data (selected by a boolean mask, "
+            f"masked_select, nonzero, ...), so the rows of one example there cannot be placed")
 
 
 def _wide_float(t: Tensor) -> Tensor:
@@ -560,10 +577,8 @@ class ParamUses(TorchFunctionMode):
             name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
             params = self._names(tensors)
             self.sink.unattributed(
-                f"parameter {params} meets the examples in {name} on a tensor of shape {tuple(ragged[0].shape)} "
-                f"whose rows depend on the data (selected by a boolean mask, masked_select, nonzero, ...), so "
-                f"the rows of one example there cannot be placed (use method='generic', exact for any model; "
-                f"method='auto' falls back to it)", params)
+                f"parameter {params} meets the examples in {name} {ragged_rows(tuple(ragged[0].shape))} (use "
+                f"method='generic', exact for any model; method='auto' falls back to it)", params)
         return self._use(func, args, kwargs)
 
     def _free_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], deps: frozenset[int]) -> Any:
@@ -721,10 +736,11 @@ class ParamUses(TorchFunctionMode):
         kind = xs[0].device.type
         if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):
             site.autocast = (kind, torch.get_autocast_dtype(kind))
-        if site.example_elements() > OP_VJP_MAX_ELEMENTS:
+        elements = site.example_elements()
+        if elements > OP_VJP_MAX_ELEMENTS:
             self.sink.unattributed(
                 f"parameter {', '.join(names)} meets the examples in {op}, an operation without a rule of its own, "
-                f"and its per-example replay would materialise {site.example_elements()} gradient elements per "
+                f"and its per-example replay would materialise {elements} gradient elements per "
                 f"example, over the cap cabs_torch.ops.OP_VJP_MAX_ELEMENTS = {OP_VJP_MAX_ELEMENTS} (register a "
                 f"rule with cabs_torch.register_rule, or use method='generic', exact for any model; method='auto' "
                 f"falls back to it)", ", ".join(names))
@@ -768,7 +784,7 @@ class ParamUses(TorchFunctionMode):
         if not (isinstance(x, Tensor) and not self.is_free(x)):
             return self._refuse(func, _tensors(args, kwargs))
         if not (self._param_or_none(weight) and self._param_or_none(bias)):
-            if func is F.linear and self._param_or_none(weight) and isinstance(bias, Tensor) and len(names) == 3:
+            if func is F.linear and self._param_or_none(weight) and isinstance(bias, Tensor):
                 # a bias computed from parameters (BEiT's cat(q_bias, zeros, v_bias)): x W^T, then + bias
                 # as a broadcast of an example-free tensor (its parameters through the bias's own graph)
                 return self._elementwise(torch.add, (self._weight_op(func, (x, weight), {}, label, names, rule,

@@ -68,7 +68,17 @@ from .layers import (
     rule_for,
     tied_sq_norm_sum,
 )
-from .ops import BroadcastSite, OpSite, ParamUses, ReplayFailed, VjpSite, fold_spec, masked, to_examples
+from .ops import (
+    BroadcastSite,
+    OpSite,
+    ParamUses,
+    ReplayFailed,
+    VjpSite,
+    fold_spec,
+    masked,
+    ragged_rows,
+    to_examples,
+)
 from .sums import (
     FAST_CHUNK_ELEMENTS,
     LossFn,
@@ -931,10 +941,8 @@ class PerExampleStats:
                 return spec
             if mode is not None and mode.is_ragged(a):
                 raise UnsupportedModelError(
-                    f"layer {rec.name!r} ({type(rec.mod).__name__}) was called on a tensor of shape {tuple(a.shape)} "
-                    f"whose rows depend on the data (selected by a boolean mask, masked_select, nonzero, ...), so "
-                    f"the rows of one example there cannot be placed. method='generic' is exact for any model; "
-                    f"method='auto' falls back to it.", layer=rec.name,
+                    f"layer {rec.name!r} ({type(rec.mod).__name__}) was called {ragged_rows(tuple(a.shape))}. "
+                    f"method='generic' is exact for any model; method='auto' falls back to it.", layer=rec.name,
                     reason=f"input of shape {tuple(a.shape)} with data-dependent rows")
             hints = mode.hints if mode is not None else []
             spec = fold_spec(tuple(a.shape), m, hints, folds, min_trailing)
@@ -1120,9 +1128,7 @@ class PerExampleStats:
             device = params[0].device
             dtype = _stat_dtype(device)
             count, loss_sum = _count_and_loss(losses.detach(), weights, dtype)
-            retain = any((isinstance(r.mod, BroadcastSite) and r.mod.lookup is None
-                          and not (len(r.mod.deps) == 1 and r.mod.deps[0] is r.mod.source))
-                         or (isinstance(r.mod, VjpSite) and r.mod.chains) for r in used)
+            retain = any(isinstance(r.mod, (BroadcastSite, VjpSite)) and r.mod.chains for r in used)
             grads = torch.autograd.grad(weighted.sum(), [*params, *deferred], allow_unused=True,
                                         retain_graph=retain)
             totals: list[Tensor] = []
